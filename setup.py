@@ -1,0 +1,28 @@
+"""vim_jax: ViT-VQGAN + VIM (Yu et al., ICLR 2022) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vim_jax",
+    version="0.1.0",
+    description="Vector-quantized Image Modeling with Improved VQGAN, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vim_jax", "vim_jax.*"]),
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml-collections>=1.1",
+        "clu>=0.0.12",
+        "tensorboard>=2.20",
+        # tf.summary backs clu's TensorBoard writer and tfds' decoders.
+        "tensorflow-cpu>=2.20",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "numpy>=2.0",
+        "pillow>=10",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

@@ -1,0 +1,55 @@
+"""Orbax checkpointing of train states: async periodic saves, keep-N, exact resume.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash or
+kill mid-save never leaves a half-written checkpoint in place of the last good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """Saves and restores a train-state pytree under `directory` (a local or gs:// path)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = directory
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory) if "://" not in directory else directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, force: bool = False) -> bool:
+    """Starts an async save of `state` at `step`; returns whether one was started."""
+    saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if saved:
+      log.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state):
+    """Restores `step` into arrays shaped and sharded as `abstract_state` (a pytree of
+    jax.ShapeDtypeStruct with shardings)."""
+    log.info("checkpoint: restoring step %d from %s", step, self.directory)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(shape_tree, sharding_tree):
+  """ShapeDtypeStructs carrying the target shardings, as orbax restore expects."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shape_tree, sharding_tree)

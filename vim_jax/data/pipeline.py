@@ -1,0 +1,163 @@
+"""The input pipeline: deterministic, per-process batches from an indexable source.
+
+Every batch is a pure function of (seed, step): training positions step*B .. step*B+B-1 walk
+through a fresh permutation of the source each epoch, and the augmentation of each example is
+seeded by (seed, step, position). Resuming at step s therefore reproduces exactly the batches
+an uninterrupted run would have seen, with nothing to checkpoint but the step.
+
+Each process loads only its own 1/process_count of the global batch (multi-host), using a
+thread pool, and batches are prefetched in a background thread. Corrupt images are replaced by
+the next readable example, counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from vim_jax.data import preprocess, sources
+
+log = logging.getLogger(__name__)
+
+
+class InputPipeline:
+  """Batches of {'image': float32 [b, S, S, 3] in [-1, 1], 'label': int32 [b],
+  'mask': float32 [b]} for this process (b = global_batch_size / process_count).
+
+  train=True: infinite, shuffled, augmented. train=False: one ordered pass over the source,
+  the last batch padded with mask 0.
+  """
+
+  def __init__(self, source, global_batch_size: int, image_size: int, seed: int, train: bool,
+               random_flip: bool = True, process_index: int = 0, process_count: int = 1,
+               num_workers: int = 8, max_examples: int | None = None):
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch size {global_batch_size} is not divisible by "
+                       f"{process_count} processes; change config.batch_size.")
+    if len(source) == 0:
+      raise ValueError("the data source is empty.")
+    self.source, self.global_batch_size, self.image_size = source, global_batch_size, image_size
+    self.seed, self.train, self.random_flip = seed, train, random_flip
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch_size = global_batch_size // process_count
+    self.num_examples = len(source) if not max_examples or max_examples < 0 else min(
+        len(source), max_examples)
+    self.skipped_images = 0
+    self._skip_lock = threading.Lock()
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
+    self._perm_cache: tuple[int, np.ndarray] | None = None
+
+  @property
+  def num_classes(self) -> int:
+    return self.source.num_classes
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Training: batches per pass over the data; eval: batches in the one pass."""
+    return math.ceil(self.num_examples / self.global_batch_size)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if self._perm_cache is None or self._perm_cache[0] != epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._perm_cache = (epoch, rng.permutation(self.num_examples))
+    return self._perm_cache[1]
+
+  def _global_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and validity mask of the global batch at `step`: both [B]."""
+    positions = step * self.global_batch_size + np.arange(self.global_batch_size)
+    if not self.train:
+      valid = positions < self.num_examples
+      return np.where(valid, positions, 0), valid
+    epochs = positions // self.num_examples
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      indices[sel] = self._permutation(int(epoch))[positions[sel] % self.num_examples]
+    return indices, np.ones_like(positions, dtype=bool)
+
+  def _load(self, index: int, step: int, position: int) -> tuple[np.ndarray, int]:
+    for attempt in range(100):
+      candidate = (index + attempt) % len(self.source)
+      try:
+        example = self.source[candidate]
+        break
+      except sources.CorruptImageError as e:
+        with self._skip_lock:
+          self.skipped_images += 1
+        log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped_images, e)
+    else:
+      raise RuntimeError(f"100 consecutive unreadable images from index {index}; is the "
+                         "dataset path right?")
+    rng = np.random.default_rng([self.seed, step, position]) if self.train else None
+    image = preprocess.preprocess_image(example["image"], self.image_size, rng, self.random_flip)
+    return image, example["label"]
+
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch at `step`."""
+    indices, valid = self._global_indices(step)
+    lo = self.process_index * self.local_batch_size
+    sl = slice(lo, lo + self.local_batch_size)
+    positions = np.arange(lo, lo + self.local_batch_size)
+    futures = [self._pool.submit(self._load, int(i), step, int(p))
+               for i, p in zip(indices[sl], positions)]
+    images, labels = zip(*(f.result() for f in futures))
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
+            "mask": valid[sl].astype(np.float32)}
+
+  def iterate(self, start_step: int = 0, num_steps: int | None = None,
+              prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """Local batches for steps start_step, start_step+1, ... (eval: to the end of the pass),
+    prepared `prefetch` batches ahead in a background thread."""
+    if num_steps is None:
+      num_steps = self.steps_per_epoch - start_step if not self.train else 1 << 62
+    stop = start_step + num_steps
+    out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    done = threading.Event()
+
+    def producer():
+      try:
+        for step in range(start_step, stop):
+          if done.is_set():
+            return
+          out.put(("batch", self.local_batch(step)))
+        out.put(("end", None))
+      except BaseException as e:  # surfaced in the consumer
+        out.put(("error", e))
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+      while True:
+        kind, item = out.get()
+        if kind == "end":
+          return
+        if kind == "error":
+          raise item
+        yield item
+    finally:
+      done.set()
+      while thread.is_alive():  # unblock a producer waiting on a full queue
+        try:
+          out.get_nowait()
+        except queue.Empty:
+          thread.join(timeout=0.05)
+
+
+def build_pipelines(config, process_index: int = 0, process_count: int = 1):
+  """(train, eval) InputPipelines from config.data, config.batch_size, config.image_size."""
+  d = config.data
+  train_source = sources.build_source(d, "train", config.image_size, config.seed)
+  eval_source = sources.build_source(d, "eval", config.image_size, config.seed)
+  common = dict(image_size=config.image_size, process_index=process_index,
+                process_count=process_count, num_workers=d.num_workers)
+  train = InputPipeline(train_source, config.batch_size, seed=config.seed, train=True,
+                        random_flip=d.random_flip, **common)
+  evaluation = InputPipeline(eval_source, config.eval_batch_size, seed=config.seed, train=False,
+                             max_examples=config.num_eval_images, **common)
+  return train, evaluation

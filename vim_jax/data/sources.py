@@ -1,0 +1,163 @@
+"""Indexable image sources: the embedded shapes dataset, tfds datasets, folders of images.
+
+A source has len() and __getitem__(i) -> {'image': uint8 [H, W, 3], 'label': int}, and the
+attribute `num_classes`. Random access is what makes every batch a pure function of
+(seed, step), and so makes resume exact without checkpointing an iterator.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from vim_jax.data import shapes
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class CorruptImageError(Exception):
+  """An example whose image could not be decoded; the pipeline skips and counts it."""
+
+
+class ShapesSource:
+  """The embedded dataset (see data/shapes.py)."""
+
+  def __init__(self, split: str, num_examples: int, resolution: int, seed: int,
+               num_classes: int = len(shapes.CLASS_NAMES)):
+    self.split, self.num_examples, self.resolution = split, num_examples, resolution
+    self.seed, self.num_classes = seed, num_classes
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, index: int):
+    image, label = shapes.render_example(self.seed, self.split, int(index), self.resolution,
+                                         self.num_classes)
+    return {"image": image, "label": label}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Converts grayscale, palette and alpha images to RGB (alpha composited over white)."""
+  if image.mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")
+  if image.mode in ("RGBA", "LA"):
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def decode_image_file(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] from an image file; CorruptImageError if it cannot be decoded."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return np.asarray(to_rgb(image), dtype=np.uint8)
+  except Exception as e:  # PIL raises many types for broken files
+    raise CorruptImageError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+class FolderSource:
+  """Images under a folder, searched recursively (jpg/jpeg/png, any case).
+
+  Labels follow the ImageFolder convention: the sorted names of the folder's immediate
+  subfolders are the classes (files directly in the folder get label 0). A deterministic
+  fraction of files, chosen by a hash of the relative path, forms the 'eval' split.
+  """
+
+  def __init__(self, folder: str, split: str, eval_fraction: float = 0.02):
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(
+          f"data.folder={folder!r} is not a directory; point --config.data.folder at a folder "
+          "of .jpg/.png images (subfolders become class labels).")
+    if split not in ("train", "eval"):
+      raise ValueError(f"folder split {split!r}: expected 'train' or 'eval'.")
+    class_names = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    class_index = {name: i for i, name in enumerate(class_names)}
+    files, labels = [], []
+    for root, dirs, names in os.walk(folder):
+      dirs.sort()
+      for name in sorted(names):
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        rel = os.path.relpath(os.path.join(root, name), folder)
+        in_eval = (zlib.crc32(rel.encode()) % 10_000) < eval_fraction * 10_000
+        if in_eval != (split == "eval"):
+          continue
+        files.append(os.path.join(folder, rel))
+        top = rel.split(os.sep)[0]
+        labels.append(class_index.get(top, 0))
+    if not files:
+      raise ValueError(
+          f"no {'/'.join(IMAGE_EXTENSIONS)} images for split {split!r} under {folder!r} "
+          f"(eval_fraction={eval_fraction}); add images or change data.folder_eval_fraction.")
+    self.files, self.labels = files, labels
+    self.num_classes = max(1, len(class_names))
+    self.class_names = class_names
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, index: int):
+    return {"image": decode_image_file(self.files[index]), "label": self.labels[index]}
+
+
+TFDS_HELP = (
+    "tfds datasets are read with random access (tfds.data_source), which needs the ArrayRecord "
+    "file format. Prepare it once with\n"
+    "  tfds build {name} --data_dir=$TFDS_DATA_DIR --file_format=array_record\n"
+    "For imagenet2012, first download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+    "from image-net.org into $TFDS_DATA_DIR/downloads/manual/.")
+
+
+class TfdsSource:
+  """A split of a tfds dataset, read with random access."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               image_key: str = "image", label_key: str = "label"):
+    import tensorflow_datasets as tfds  # heavy; only when used
+
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+    try:
+      self.data = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:
+      raise RuntimeError(f"could not open tfds dataset {name!r} split {split!r} in "
+                         f"data_dir={data_dir!r}: {e}\n" + TFDS_HELP.format(name=name)) from e
+    self.image_key, self.label_key = image_key, label_key
+    label_feature = self.data.dataset_info.features[label_key] if label_key else None
+    self.num_classes = getattr(label_feature, "num_classes", 1) or 1
+
+  def __len__(self):
+    return len(self.data)
+
+  def __getitem__(self, index: int):
+    try:
+      example = self.data[int(index)]
+      image = np.asarray(example[self.image_key], dtype=np.uint8)
+    except Exception as e:
+      raise CorruptImageError(f"tfds example {index}: {type(e).__name__}: {e}") from e
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    label = int(example[self.label_key]) if self.label_key else 0
+    return {"image": image[..., :3], "label": label}
+
+
+def build_source(data_config, split: str, image_size: int, seed: int):
+  """The source named by config.data for split 'train' or 'eval'."""
+  kind = data_config.source
+  if kind == "shapes":
+    size = data_config.shapes_train_size if split == "train" else data_config.shapes_eval_size
+    return ShapesSource(split, size, data_config.get("shapes_resolution") or image_size,
+                        data_config.shapes_seed, data_config.num_classes)
+  if kind == "folder":
+    return FolderSource(data_config.folder, split, data_config.folder_eval_fraction)
+  if kind == "tfds":
+    tfds_split = data_config.train_split if split == "train" else data_config.eval_split
+    return TfdsSource(data_config.name, tfds_split, data_config.data_dir or None,
+                      data_config.image_key, data_config.label_key)
+  raise ValueError(f"data.source={kind!r}; expected 'shapes', 'tfds' or 'folder'.")

@@ -1,0 +1,62 @@
+"""Entry point: python -m vim_jax.main --config=configs/<file>.py[:variant] --workdir=DIR
+
+The config's `trainer` field picks the trainer; `--config.key=value` overrides any field (the
+config is locked, so a misspelt key fails and lists the valid ones). Rerunning the same command
+with the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging as py_logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+TRAINERS = {
+    "vitvq": "vim_jax.train_vitvq",  # stage 1: the ViT-VQGAN tokenizer
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a variant: configs/vitvq_base.py:tiny",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard logs and images; "
+    "rerun with the same one to resume.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def hide_gpus_from_tensorflow():
+  """TF is only used for summaries and tfds; keep it off the accelerators JAX needs."""
+  try:
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+  except Exception:  # pylint: disable=broad-except; TF absent or already initialised
+    pass
+
+
+class QuietLibraries(py_logging.Filter):
+  """Drops INFO lines from orbax, which logs several per checkpoint; warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  config = _CONFIG.value
+  if config.trainer not in TRAINERS:
+    raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
+  hide_gpus_from_tensorflow()
+  logging.info("config:\n%s", config)
+  trainer = importlib.import_module(TRAINERS[config.trainer])
+  trainer.train_and_evaluate(config, os.path.expanduser(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

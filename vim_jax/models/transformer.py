@@ -1,0 +1,150 @@
+"""The one Transformer block stack shared by the ViT-VQGAN encoder, decoder and VIM.
+
+Pre-LayerNorm blocks (LN -> attention -> residual, LN -> MLP -> residual) followed by a final
+LayerNorm. The attention width (heads x head_dim) is independent of the model width, because
+the paper's Large model has width 1280 but 16 heads of 64.
+
+Every parameter carries logical axis names (see `vim_jax/parallel.py` for the rules that map
+them to mesh axes), and the residual stream is constrained to
+('act_batch', 'act_length', 'act_embed') so that data, FSDP and tensor parallel layouts are
+config changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+  """Sizes of one Transformer stack.
+
+  num_heads * head_dim is the attention width; it need not equal `width`.
+  """
+
+  num_layers: int
+  width: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  dropout: float = 0.0
+  causal: bool = False
+  remat: bool = False
+
+
+def dense_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def zeros_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      dtype=dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=zeros_init(("embed",)),
+      name=name,
+  )
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+  """Sharding hint for a token stream [B, L, D]."""
+  return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with its own attention width.
+
+  Kernels are plain params with 3-D logical axes and an einsum, because nn.DenseGeneral with
+  3-D logical kernel axes fails under jax.set_mesh (measured with flax 0.12).
+  """
+
+  num_heads: int
+  head_dim: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]."""
+    width = x.shape[-1]
+    h, k = self.num_heads, self.head_dim
+
+    def project(name):
+      kernel = self.param(name + "_kernel", dense_init(("embed", "heads", "kv")), (width, h, k))
+      bias = self.param(name + "_bias", zeros_init(("heads", "kv")), (h, k))
+      y = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+      return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+    q, key, value = project("query"), project("key"), project("value")
+    # jax.nn.dot_product_attention picks cuDNN flash attention on GPU, XLA elsewhere; softmax
+    # runs in float32 inside it.
+    out = jax.nn.dot_product_attention(q, key, value, is_causal=self.causal)
+    out_kernel = self.param("out_kernel", dense_init(("heads", "kv", "embed")), (h, k, width))
+    out_bias = self.param("out_bias", zeros_init(("embed",)), (width,))
+    y = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
+    return y + out_bias.astype(self.dtype)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]."""
+    width = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init(("embed", "mlp")),
+                 bias_init=zeros_init(("mlp",)), name="fc1")(x)
+    y = nn.with_logical_constraint(y, ("act_batch", "act_length", "act_mlp"))
+    y = nn.gelu(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init(("mlp", "embed")),
+                    bias_init=zeros_init(("embed",)), name="fc2")(y)
+
+
+class TransformerBlock(nn.Module):
+  config: StackConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]."""
+    cfg = self.config
+    y = layer_norm(self.dtype, "ln_attention")(x)
+    y = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.causal, self.dtype,
+                           name="attention")(y)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    x = constrain_tokens(x + y)
+    y = layer_norm(self.dtype, "ln_mlp")(x)
+    y = MlpBlock(cfg.mlp_dim, cfg.dropout, self.dtype, name="mlp")(y, deterministic)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    return constrain_tokens(x + y)
+
+
+class Transformer(nn.Module):
+  """num_layers pre-LN blocks and a final LayerNorm."""
+
+  config: StackConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]."""
+    block_cls = TransformerBlock
+    if self.config.remat:
+      block_cls = nn.remat(TransformerBlock, static_argnums=(2,))
+    x = constrain_tokens(x.astype(self.dtype))
+    for i in range(self.config.num_layers):
+      x = block_cls(self.config, self.dtype, name=f"block_{i:02d}")(x, deterministic)
+    return layer_norm(self.dtype, "ln_final")(x)

@@ -1,0 +1,225 @@
+"""ViT-VQGAN: ViT encoder, factorized l2-normalized quantizer, ViT decoder (stage 1).
+
+Images are in [-1, 1], shape [B, H, W, 3]. With patch size p the token grid is
+h x w = H/p x W/p. The decoder predicts p*p*3 values per token, or p*p*6 when the logit-Laplace
+loss is on: a location mu and a log-scale log b per pixel channel, both in logit space; the
+reconstruction is then sigmoid(mu) mapped back to [-1, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vim_jax.models import quantizer as quantizer_lib
+from vim_jax.models import transformer
+
+Dtype = Any
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C] in raster order."""
+  b, height, width, c = images.shape
+  p = patch_size
+  x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (height // p) * (width // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
+  """[B, h*w, p*p*C] -> [B, h*p, w*p, C]; inverse of patchify."""
+  b, _, d = tokens.shape
+  h, w = grid
+  p = patch_size
+  c = d // (p * p)
+  x = tokens.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c)
+
+
+def logit_laplace_reconstruction(mu: jax.Array, eps: float) -> jax.Array:
+  """Mean image in [-1, 1] from logit-space locations mu (inputs were squashed by eps)."""
+  x01 = (jax.nn.sigmoid(mu.astype(jnp.float32)) - eps) / (1.0 - 2.0 * eps)
+  return jnp.clip(x01, 0.0, 1.0) * 2.0 - 1.0
+
+
+class OutputFFN(nn.Module):
+  """Linear-tanh-Linear head at the output of a stack (paper Sec. 3.1)."""
+
+  hidden_dim: int
+  out_dim: int
+  out_axis: str
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, D] -> [B, L, out_dim]."""
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype,
+                 kernel_init=transformer.dense_init(("embed", "mlp")),
+                 bias_init=transformer.zeros_init(("mlp",)), name="hidden")(x)
+    x = jnp.tanh(x)
+    return nn.Dense(self.out_dim, dtype=self.dtype,
+                    kernel_init=transformer.dense_init(("mlp", self.out_axis)),
+                    bias_init=transformer.zeros_init((self.out_axis,)), name="out")(x)
+
+
+def position_embedding(module: nn.Module, length: int, width: int) -> jax.Array:
+  init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed"))
+  return module.param("position_embedding", init, (length, width))
+
+
+class Encoder(nn.Module):
+  """Patch embedding, position embedding, Transformer, output FFN, factorized projection."""
+
+  stack: transformer.StackConfig
+  patch_size: int
+  num_tokens: int
+  code_dim: int
+  output_ffn_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    """images: [B, H, W, 3] -> latents [B, N, code_dim] float32."""
+    width = self.stack.width
+    x = patchify(images.astype(self.dtype), self.patch_size)
+    x = nn.Dense(width, dtype=self.dtype, kernel_init=transformer.dense_init(("patch", "embed")),
+                 bias_init=transformer.zeros_init(("embed",)), name="patch_embedding")(x)
+    x = x + position_embedding(self, self.num_tokens, width).astype(self.dtype)
+    x = transformer.Transformer(self.stack, self.dtype, name="transformer")(x, deterministic)
+    x = OutputFFN(self.output_ffn_dim, width, "embed", self.dtype, name="output_ffn")(x)
+    x = nn.Dense(self.code_dim, dtype=jnp.float32,
+                 kernel_init=transformer.dense_init(("embed", "code_dim")),
+                 bias_init=transformer.zeros_init(("code_dim",)), name="to_code")(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """Projection up from the code, position embedding, Transformer, output FFN to pixels."""
+
+  stack: transformer.StackConfig
+  patch_size: int
+  grid: tuple[int, int]
+  out_channels: int
+  output_ffn_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, codes: jax.Array, deterministic: bool = True) -> jax.Array:
+    """codes: [B, N, code_dim] -> pixels [B, H, W, out_channels] float32."""
+    width = self.stack.width
+    x = nn.Dense(width, dtype=self.dtype, kernel_init=transformer.dense_init(("code_dim", "embed")),
+                 bias_init=transformer.zeros_init(("embed",)), name="from_code")(codes)
+    x = x + position_embedding(self, self.grid[0] * self.grid[1], width).astype(self.dtype)
+    x = transformer.Transformer(self.stack, self.dtype, name="transformer")(x, deterministic)
+    pixels_per_token = self.patch_size * self.patch_size * self.out_channels
+    x = OutputFFN(self.output_ffn_dim, pixels_per_token, "patch", self.dtype,
+                  name="output_ffn")(x)
+    return unpatchify(x.astype(jnp.float32), self.grid, self.patch_size)
+
+
+def stack_from_config(cfg: ml_collections.ConfigDict) -> transformer.StackConfig:
+  return transformer.StackConfig(
+      num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
+      head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.get("dropout", 0.0),
+      remat=cfg.get("remat", False))
+
+
+class ViTVQGAN(nn.Module):
+  """The stage-1 tokenizer. Build it with `ViTVQGAN.from_config(config)`."""
+
+  encoder_stack: transformer.StackConfig
+  decoder_stack: transformer.StackConfig
+  image_size: int
+  patch_size: int
+  codebook_size: int
+  code_dim: int
+  l2_normalize: bool = True
+  beta: float = 0.25
+  logit_laplace: bool = True
+  logit_laplace_eps: float = 0.1
+  encoder_output_ffn_dim: int = 0  # 0: the stack's mlp_dim
+  decoder_output_ffn_dim: int = 0
+  dtype: Dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "ViTVQGAN":
+    """Builds the model from the `model` section of a stage-1 config (and its image_size)."""
+    m = config.model
+    if config.image_size % m.patch_size:
+      raise ValueError(
+          f"image_size={config.image_size} is not a multiple of model.patch_size="
+          f"{m.patch_size}; pick sizes with image_size % patch_size == 0.")
+    return cls(
+        encoder_stack=stack_from_config(m.encoder), decoder_stack=stack_from_config(m.decoder),
+        image_size=config.image_size, patch_size=m.patch_size, codebook_size=m.codebook_size,
+        code_dim=m.code_dim, l2_normalize=m.l2_normalize, beta=m.beta,
+        logit_laplace=m.logit_laplace, logit_laplace_eps=m.logit_laplace_eps,
+        encoder_output_ffn_dim=m.encoder.output_ffn_dim,
+        decoder_output_ffn_dim=m.decoder.output_ffn_dim, dtype=jnp.dtype(m.dtype))
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    side = self.image_size // self.patch_size
+    return (side, side)
+
+  def setup(self):
+    h, w = self.grid
+    self.encoder = Encoder(
+        self.encoder_stack, self.patch_size, h * w, self.code_dim,
+        self.encoder_output_ffn_dim or self.encoder_stack.mlp_dim, self.dtype)
+    self.quantizer = quantizer_lib.VectorQuantizer(
+        self.codebook_size, self.code_dim, self.l2_normalize, self.beta)
+    self.decoder = Decoder(
+        self.decoder_stack, self.patch_size, self.grid, 6 if self.logit_laplace else 3,
+        self.decoder_output_ffn_dim or self.decoder_stack.mlp_dim, self.dtype)
+
+  def _check_images(self, images: jax.Array):
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(
+          f"expected images of shape [B, {self.image_size}, {self.image_size}, 3], got "
+          f"{images.shape}; resize inputs to the config's image_size.")
+
+  def encode(self, images: jax.Array, deterministic: bool = True):
+    """images [B, H, W, 3] -> (codes [B, N, d], indices [B, h, w], quantizer aux dict)."""
+    self._check_images(images)
+    z = self.encoder(images, deterministic)
+    codes, indices, aux = self.quantizer(z)
+    return codes, indices.reshape(images.shape[0], *self.grid), aux
+
+  def decode(self, codes: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+    """codes [B, N, d] -> {'reconstruction': [B, H, W, 3] in [-1, 1], and when logit-Laplace
+    is on, 'mu' and 'log_scale': [B, H, W, 3] in logit space}."""
+    raw = self.decoder(codes, deterministic)
+    if not self.logit_laplace:
+      return {"reconstruction": raw}
+    mu, log_scale = raw[..., :3], raw[..., 3:]
+    return {"reconstruction": logit_laplace_reconstruction(mu, self.logit_laplace_eps),
+            "mu": mu, "log_scale": log_scale}
+
+  def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+    """Reconstructs images [B, H, W, 3]; returns decode()'s dict plus indices [B, h, w] and the
+    quantizer's vq_loss, counts, codebook_usage and perplexity."""
+    codes, indices, aux = self.encode(images, deterministic)
+    return {**self.decode(codes, deterministic), "indices": indices, **aux}
+
+  def encode_to_indices(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] in [-1, 1] -> int32 token indices [B, h, w]."""
+    return self.encode(images)[1]
+
+  def decode_from_indices(self, indices: jax.Array) -> jax.Array:
+    """int indices [B, h, w] -> images [B, H, W, 3] in [-1, 1]."""
+    codes = self.quantizer.embed(indices.reshape(indices.shape[0], -1))
+    return self.decode(codes)["reconstruction"]
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def count_params_by_stack(params) -> dict[str, int]:
+  """Parameter counts of the encoder, quantizer and decoder subtrees."""
+  params = params.get("params", params)
+  return {name: count_params(params[name]) for name in ("encoder", "quantizer", "decoder")}
