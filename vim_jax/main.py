@@ -8,8 +8,10 @@ with the same workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging as py_logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
 
@@ -38,6 +40,50 @@ def hide_gpus_from_tensorflow():
     pass
 
 
+def load_config_file(spec: str):
+  """Loads 'path/to/config.py[:variant]' the way --config does."""
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_vim_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)
+
+
+def unknown_override_message(argv: list[str]) -> str | None:
+  """For each --config.a.b=v whose key does not exist, the valid keys at that level."""
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if not specs:
+    return None
+  try:
+    config = load_config_file(specs[-1])
+  except Exception:  # pylint: disable=broad-except; the flag parser reports it itself
+    return None
+  problems = []
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, key in enumerate(path):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        where = ".".join(path[:depth]) or "(top level)"
+        problems.append(f"unknown config key {'.'.join(path)!r}: {where} has keys "
+                        f"{sorted(keys)}")
+        break
+      node = node[key]
+  return "\n".join(problems) or None
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a readable error for misspelt --config.* overrides."""
+  message = unknown_override_message(argv)
+  if message:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+  return flags.FLAGS(argv)
+
+
 class QuietLibraries(py_logging.Filter):
   """Drops INFO lines from orbax, which logs several per checkpoint; warnings still show."""
 
@@ -59,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -57,11 +57,12 @@ class Progress:
   """
 
   def __init__(self, start_step: int, total_steps: int, global_batch_size: int,
-               flops_per_step_per_device: float, tokens_per_example: int = 0):
+               flops_per_step_per_device: float, num_devices: int,
+               tokens_per_example: int = 0):
     self.total_steps, self.batch = total_steps, global_batch_size
     self.flops = flops_per_step_per_device
     self.tokens_per_example = tokens_per_example
-    self.devices = jax.device_count()
+    self.devices = num_devices
     self.last_step, self.last_time = start_step, time.perf_counter()
     self.start_step, self.start_time = start_step, self.last_time
 

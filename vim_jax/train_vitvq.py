@@ -8,6 +8,7 @@ config.mesh and config.axis_rules change the layout.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -35,6 +36,15 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a call of train_and_evaluate leaves behind (besides the workdir)."""
+
+  state: TrainState
+  train_metrics: list[dict[str, float]]  # host means at each log point, with "step"
+  eval_metrics: dict[str, float] | None  # the last evaluation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,8 +91,8 @@ def make_train_step(model, tx, schedule, config) -> Callable:
     metrics = {
         "loss": total,
         **{f"loss_{name}": value for name, value in terms.items()},
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
         "codebook_usage": outputs["codebook_usage"],
         "perplexity": outputs["perplexity"],
@@ -136,11 +146,13 @@ def evaluate(eval_fn, params, eval_pipeline: pipeline.InputPipeline, mesh,
   for local in eval_pipeline.iterate():
     batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
     out = eval_fn(params, batch)
-    out = multihost_utils.process_allgather(out, tiled=True)
     mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
-    if first is None:
-      images = multihost_utils.process_allgather(local["image"], tiled=True)
-      first = (images[mask], np.asarray(out["reconstruction"])[mask])
+    if first is None:  # only the first batch's images travel to the host, for the grids
+      images, recons = multihost_utils.process_allgather(
+          (batch["image"], out["reconstruction"]), tiled=True)
+      first = (np.asarray(images)[mask], np.asarray(recons)[mask])
+    out = multihost_utils.process_allgather(
+        {k: out[k] for k in ("psnr", "ssim", "l1", "l2", "indices")}, tiled=True)
     for key in ("psnr", "ssim", "l1", "l2"):
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(out[key], np.float64)[mask]))
     all_indices.append(np.asarray(out["indices"])[mask])
@@ -163,11 +175,12 @@ def evaluate(eval_fn, params, eval_pipeline: pipeline.InputPipeline, mesh,
 # The main loop.
 # ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       should_stop: Callable[[int], bool] | None = None) -> TrainState:
+                       should_stop: Callable[[int], bool] | None = None,
+                       devices: list[jax.Device] | None = None) -> RunResult:
   """Trains stage 1 for config.total_steps, resuming from workdir's latest checkpoint.
 
   should_stop(step) -> True makes the loop save a checkpoint after `step` and return early
-  (preemption; tests interrupt runs with it).
+  (preemption; tests interrupt runs with it). devices: the mesh's devices (default: all).
   """
   # --- Logging --------------------------------------------------------------------------------
   is_main = jax.process_index() == 0
@@ -176,11 +189,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  log.info("devices: %d x %s, processes: %d", jax.device_count(), jax.devices()[0].platform,
-           jax.process_count())
+  log.info("devices: %d x %s, processes: %d", len(devices or jax.devices()),
+           jax.devices()[0].platform, jax.process_count())
 
   # --- Mesh -----------------------------------------------------------------------------------
-  mesh = parallel.create_mesh(config.mesh)
+  mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.axis_rules(config)
   dp = parallel.data_parallel_size(mesh)
   log.info("mesh: %s", dict(mesh.shape))
@@ -252,9 +265,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return metrics
 
   # --- Loop -------------------------------------------------------------------------------------
-  progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step)
+  progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step,
+                                mesh.size)
   last_saved = latest
   history: list[dict] = []
+  logged: list[dict[str, float]] = []
+  eval_metrics = None
   train_iter = train_data.iterate(start_step)
   step = start_step
   while step < config.total_steps:
@@ -272,6 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_lib.check_finite(scalars["loss"], step, last_saved)
       scalars.update(progress.update(step))
       scalars["data/skipped_images"] = train_data.skipped_images
+      logged.append({"step": step, **scalars})
       writer.write_scalars(step, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()})
       log.info("step %d/%d: loss %.4f, l2 %.4g, usage %.3f, %.2f steps/s, "
                "%.1f img/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
@@ -281,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                train_lib.format_duration(progress.eta_seconds(step)))
 
     if step % config.eval_every == 0 or is_last:
-      run_eval(step)
+      eval_metrics = run_eval(step)
 
     if step % config.checkpoint_every == 0 or is_last or stop_now:
       loss = float(jax.device_get(metrics["loss"]))
@@ -295,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt.close()
   writer.flush()
   train_iter.close()
-  return state
+  return RunResult(state, logged, eval_metrics)
 
 
 def summarize_for_tests(state: TrainState) -> dict[str, np.ndarray]:

@@ -1,0 +1,40 @@
+"""Parameter counts of the shipped stage-1 configs next to the paper's (abstract init only).
+
+  python benchmarks/param_counts.py
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from vim_jax import config_base  # noqa: E402
+from vim_jax.main import load_config_file  # noqa: E402
+from vim_jax.models import vitvqgan  # noqa: E402
+
+ROWS = [("SS", "vitvq_small.py", "small", "small"), ("BB", "vitvq_base.py", "base", "base"),
+        ("SL", "vitvq_large.py", "small", "large")]
+
+
+def main():
+  print("| config | encoder (ours / paper) | decoder (ours / paper) | quantizer | total |")
+  print("|---|---|---|---|---|")
+  for name, file, enc, dec in ROWS:
+    config = load_config_file(os.path.join(ROOT, "configs", file))
+    model = vitvqgan.ViTVQGAN.from_config(config)
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    counts = vitvqgan.count_params_by_stack(
+        nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), images)))
+    paper = config_base.PAPER_PARAMS_PER_STACK
+    print(f"| {name} ({file}) | {counts['encoder'] / 1e6:.1f}M / {paper[enc] / 1e6:.0f}M "
+          f"| {counts['decoder'] / 1e6:.1f}M / {paper[dec] / 1e6:.0f}M "
+          f"| {counts['quantizer'] / 1e6:.2f}M | {sum(counts.values()) / 1e6:.1f}M |")
+
+
+if __name__ == "__main__":
+  main()

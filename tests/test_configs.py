@@ -1,0 +1,112 @@
+"""Shipped configs: they build, have the paper's sizes, and misspelt overrides fail clearly."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vim_jax import config_base
+from vim_jax.main import load_config_file
+from vim_jax.models import vitvqgan
+
+from conftest import REPO_ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
+CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+STAGE1 = {"vitvq_small.py": ("small", "small"), "vitvq_base.py": ("base", "base"),
+          "vitvq_large.py": ("small", "large")}
+
+
+def _abstract_counts(config):
+  model = vitvqgan.ViTVQGAN.from_config(config)
+  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  return vitvqgan.count_params_by_stack(nn.meta.unbox(variables))
+
+
+# Every config with no variant, and the :tiny variant of each config that has one.
+CONFIG_ARGS = [p for p in CONFIGS] + [p + ":tiny" for p in CONFIGS
+                                      if not p.endswith("quickstart.py")]
+
+
+@pytest.mark.parametrize("spec", CONFIG_ARGS, ids=os.path.basename)
+def test_every_config_builds_abstractly(spec):
+  path, _, variant = spec.partition(":")
+  name = os.path.basename(path)
+  config = load_config_file(path + (f":{variant}" if variant else ""))
+  counts = _abstract_counts(config)
+  print(f"{name}:{variant or ''} parameters {counts}")
+  assert counts["encoder"] > 0 and counts["decoder"] > 0
+  assert counts["quantizer"] == config.model.codebook_size * config.model.code_dim
+
+
+@pytest.mark.parametrize("name", sorted(STAGE1))
+def test_paper_sizes_and_parameter_counts(name):
+  config = load_config_file(os.path.join(REPO_ROOT, "configs", name))
+  enc, dec = STAGE1[name]
+  assert (config.image_size, config.model.patch_size) == (256, 8)
+  assert (config.model.codebook_size, config.model.code_dim, config.model.beta) == (8192, 32, 0.25)
+  assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.peak_lr) == (0.9, 0.99, 1e-4)
+  assert (config.optimizer.warmup_steps, config.optimizer.end_lr) == (50_000, 5e-5)
+  assert (config.batch_size, config.total_steps, config.data.name) == (256, 500_000, "imagenet2012")
+  counts = _abstract_counts(config)
+  # The paper's counts (32M / 91M / 599M) are per stack.
+  for stack, size in (("encoder", enc), ("decoder", dec)):
+    paper = config_base.PAPER_PARAMS_PER_STACK[size]
+    assert abs(counts[stack] - paper) / paper < 0.15, (stack, counts[stack], paper)
+
+
+def _run_main(args, timeout=300):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, like a user's run
+  return subprocess.run([sys.executable, "-m", "vim_jax.main", *args], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_misspelt_override_fails_listing_valid_keys(tmp_path):
+  proc = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={tmp_path}",
+                    "--config.model.codebok_size=16"])
+  assert proc.returncode != 0
+  assert "unknown config key 'model.codebok_size'" in proc.stderr
+  assert "'codebook_size'" in proc.stderr and "'code_dim'" in proc.stderr
+
+
+def test_unknown_variant_fails():
+  with pytest.raises(ValueError, match="variant 'huge'"):
+    load_config_file(os.path.join(REPO_ROOT, "configs", "vitvq_base.py:huge"))
+
+
+def _event_tags(workdir):
+  import tensorflow as tf
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def test_tiny_config_end_to_end_through_main(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={workdir}",
+                    "--config.total_steps=10", "--config.eval_every=5",
+                    "--config.checkpoint_every=5"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "eval at step 10" in proc.stderr and "TFLOP/s/device" in proc.stderr
+  assert "per-device memory" in proc.stderr and "ETA" in proc.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+  assert os.path.exists(os.path.join(workdir, "images", "reconstructions_00000010.png"))
+  tags = _event_tags(workdir)
+  for tag in ("train/loss", "train/loss_logit_laplace", "train/learning_rate", "train/grad_norm",
+              "train/codebook_usage", "train/perplexity", "train/images_per_sec_per_device",
+              "train/tflops_per_sec_per_device", "eval/psnr", "eval/ssim", "eval/codebook_usage",
+              "eval/codebook_usage_per_256", "eval/inputs_and_reconstructions"):
+    assert tag in tags, (tag, sorted(tags))
+  # Rerunning the finished command resumes at the end and trains nothing more.
+  again = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={workdir}",
+                     "--config.total_steps=10"])
+  assert again.returncode == 0 and "resumed at step 10" in again.stderr

@@ -1,0 +1,156 @@
+"""Input pipeline: tfds (mock imagenet2012), image folders with bad files, the embedded data."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vim_jax.data import pipeline, preprocess, shapes, sources
+
+
+def _check_batch(batch, b, size):
+  assert batch["image"].shape == (b, size, size, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert batch["label"].shape == (b,) and batch["label"].dtype == np.int32
+
+
+def test_tfds_imagenet2012_mock_data():
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    train = sources.TfdsSource("imagenet2012", "train")
+    val = sources.TfdsSource("imagenet2012", "validation")
+    assert train.num_classes == 1000 and len(train) == 24 and len(val) == 24
+    pipe = pipeline.InputPipeline(train, global_batch_size=8, image_size=16, seed=0, train=True)
+    batch = pipe.local_batch(0)
+    _check_batch(batch, 8, 16)
+    assert np.all((batch["label"] >= 0) & (batch["label"] < 1000))
+    # Same step, same batch: the resume guarantee.
+    again = pipeline.InputPipeline(train, 8, 16, seed=0, train=True).local_batch(0)
+    np.testing.assert_array_equal(batch["image"], again["image"])
+
+
+def test_tfds_missing_dataset_names_the_fix(tmp_path):
+  with pytest.raises(RuntimeError, match="tfds build imagenet2012"):
+    sources.TfdsSource("imagenet2012", "train", data_dir=str(tmp_path))
+
+
+def _write_folder(root):
+  rng = np.random.default_rng(0)
+  os.makedirs(root / "cats")
+  os.makedirs(root / "dogs" / "nested")
+  Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / "cats" / "rgb.png")
+  Image.fromarray(np.full((24, 24), 77, np.uint8), mode="L").save(root / "cats" / "gray.jpg")
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[..., 0] = 255  # red, fully transparent -> composited over white
+  Image.fromarray(rgba, mode="RGBA").save(root / "dogs" / "alpha.png")
+  Image.fromarray(rng.integers(0, 255, (18, 18, 3), dtype=np.uint8)).convert("P").save(
+      root / "dogs" / "nested" / "palette.PNG")
+  (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+  (root / "cats" / "notes.txt").write_text("ignored")
+
+
+def test_folder_source_converts_modes_and_skips_corrupt_files(tmp_path):
+  _write_folder(tmp_path)
+  source = sources.FolderSource(str(tmp_path), "train", eval_fraction=0.0)
+  assert len(source) == 5 and source.num_classes == 2
+  assert source.class_names == ["cats", "dogs"]
+  by_name = {os.path.basename(f): i for i, f in enumerate(source.files)}
+  gray = source[by_name["gray.jpg"]]["image"]
+  assert gray.shape == (24, 24, 3) and np.all(gray == gray[..., :1])
+  alpha = source[by_name["alpha.png"]]["image"]
+  np.testing.assert_array_equal(alpha[0, 0], [255, 255, 255])
+  assert source[by_name["palette.PNG"]]["image"].shape == (18, 18, 3)
+  assert source[by_name["palette.PNG"]]["label"] == 1
+  with pytest.raises(sources.CorruptImageError, match="broken.jpg"):
+    source[by_name["broken.jpg"]]
+
+  pipe = pipeline.InputPipeline(source, global_batch_size=5, image_size=16, seed=0, train=False)
+  batches = list(pipe.iterate())
+  assert len(batches) == 1
+  _check_batch(batches[0], 5, 16)
+  assert pipe.skipped_images == 1  # the corrupt file was replaced by the next readable one
+
+
+def test_folder_source_errors_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data.folder"):
+    sources.FolderSource(str(tmp_path / "missing"), "train")
+  with pytest.raises(ValueError, match="no .jpg"):
+    sources.FolderSource(str(tmp_path), "train")
+
+
+def test_folder_eval_split_is_disjoint_and_deterministic(tmp_path):
+  for i in range(40):
+    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i:03d}.png")
+  train = sources.FolderSource(str(tmp_path), "train", eval_fraction=0.25)
+  evaluation = sources.FolderSource(str(tmp_path), "eval", eval_fraction=0.25)
+  assert not set(train.files) & set(evaluation.files)
+  assert len(train) + len(evaluation) == 40 and len(evaluation) > 0
+  assert sources.FolderSource(str(tmp_path), "eval", eval_fraction=0.25).files == evaluation.files
+
+
+def test_shapes_are_deterministic_and_labelled():
+  a, la = shapes.render_example(7, "train", 11, 48)
+  b, lb = shapes.render_example(7, "train", 11, 48)
+  np.testing.assert_array_equal(a, b)
+  assert la == lb == 11 % len(shapes.CLASS_NAMES)
+  assert a.shape == (48, 48, 3) and a.dtype == np.uint8
+  assert not np.array_equal(a, shapes.render_example(7, "eval", 11, 48)[0])
+  assert not np.array_equal(a, shapes.render_example(8, "train", 11, 48)[0])
+  big, _ = shapes.render_example(7, "train", 11, 256)  # any resolution
+  assert big.shape == (256, 256, 3)
+
+
+def test_shapes_classes_differ_in_pixels():
+  """The shape (not just colour) is visible: the foreground masks of classes differ."""
+  masks = {}
+  for label in range(len(shapes.CLASS_NAMES)):
+    x = np.linspace(-0.5, 0.5, 64)
+    yy, xx = np.meshgrid(x, x, indexing="ij")
+    masks[label] = shapes._shape_sdf(shapes.CLASS_NAMES[label], xx, yy, 0.3) < 0
+  for i in masks:
+    for j in masks:
+      if i < j:
+        assert np.mean(masks[i] != masks[j]) > 0.02, (shapes.CLASS_NAMES[i], shapes.CLASS_NAMES[j])
+
+
+def test_train_batches_are_a_function_of_step_and_split_over_processes():
+  source = sources.ShapesSource("train", 40, 16, seed=3)
+  whole = pipeline.InputPipeline(source, 8, 16, seed=5, train=True)
+  parts = [pipeline.InputPipeline(source, 8, 16, seed=5, train=True, process_index=p,
+                                  process_count=2) for p in range(2)]
+  for step in (0, 4, 7):  # step 5 crosses into the second epoch (40 examples / 8)
+    full = whole.local_batch(step)
+    halves = [p.local_batch(step) for p in parts]
+    np.testing.assert_array_equal(full["image"], np.concatenate([h["image"] for h in halves]))
+  # One epoch visits every example exactly once.
+  seen = np.concatenate([whole._global_indices(s)[0] for s in range(5)])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(40))
+  # Iteration from a later step yields the same batches as direct access (resume).
+  it = whole.iterate(start_step=3, num_steps=2)
+  np.testing.assert_array_equal(next(it)["image"], whole.local_batch(3)["image"])
+  np.testing.assert_array_equal(next(it)["image"], whole.local_batch(4)["image"])
+
+
+def test_eval_pass_pads_last_batch_with_mask():
+  source = sources.ShapesSource("eval", 10, 16, seed=3)
+  pipe = pipeline.InputPipeline(source, 4, 16, seed=0, train=False)
+  batches = list(pipe.iterate())
+  assert len(batches) == 3
+  np.testing.assert_array_equal(batches[-1]["mask"], [1, 1, 0, 0])
+  first = np.concatenate([b["image"] for b in batches])[:10]
+  expected = np.stack([preprocess.preprocess_image(source[i]["image"], 16, None, False)
+                       for i in range(10)])
+  np.testing.assert_array_equal(first, expected)
+
+
+def test_preprocess_resizes_crops_and_scales():
+  image = np.zeros((40, 80, 3), np.uint8)
+  image[:, 40:] = 255
+  out = preprocess.preprocess_image(image, 20, None, random_flip=False)
+  assert out.shape == (20, 20, 3)
+  # Centre crop of the resized 20x40 image covers columns 10..30: left half black, right white.
+  assert out[:, :8].max() == -1.0 and out[:, 12:].min() == 1.0
+  flipped = preprocess.preprocess_image(image, 40, np.random.default_rng(0), random_flip=True)
+  assert flipped.shape == (40, 40, 3)
+  assert preprocess.to_uint8(out).dtype == np.uint8

@@ -1,0 +1,88 @@
+"""Stage-1 trainer: 1 vs 8 devices, exact resume, NaN guard, evaluation helpers."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from vim_jax import train_vitvq
+
+
+def _short(config, steps=2):
+  config.update(total_steps=steps, log_every=1, eval_every=1000, checkpoint_every=1000,
+                num_eval_images=16)
+  return config
+
+
+def _max_param_diff(a, b):
+  pa, pb = train_vitvq.summarize_for_tests(a.state), train_vitvq.summarize_for_tests(b.state)
+  assert pa.keys() == pb.keys()
+  return max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "data2_fsdp2_tensor2"])
+def test_eight_devices_match_one(tiny_config, tmp_path, mesh):
+  config = _short(tiny_config)
+  one = train_vitvq.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+  config.mesh.update(**mesh)
+  eight = train_vitvq.train_and_evaluate(config, str(tmp_path / "eight"))
+  assert len(jax.tree.leaves(eight.state.params)[0].sharding.device_set) == 8
+  for a, b in zip(one.train_metrics, eight.train_metrics):
+    assert a["step"] == b["step"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+  assert _max_param_diff(one, eight) < 1e-5
+  if mesh["tensor"] == 2:  # the layout is really sharded, not replicated
+    kernel = eight.state.params["encoder"]["transformer"]["block_00"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 2, kernel.shape[1] // 2)
+
+
+def test_resume_is_exact(tiny_config, tmp_path):
+  config = _short(tiny_config, steps=4)
+  straight = train_vitvq.train_and_evaluate(config, str(tmp_path / "straight"))
+  interrupted_dir = str(tmp_path / "interrupted")
+  first = train_vitvq.train_and_evaluate(config, interrupted_dir, should_stop=lambda s: s == 2)
+  assert int(first.state.step) == 2
+  resumed = train_vitvq.train_and_evaluate(config, interrupted_dir)
+  assert int(resumed.state.step) == 4
+  assert [m["step"] for m in resumed.train_metrics] == [3, 4]
+  assert resumed.train_metrics[-1]["loss"] == straight.train_metrics[-1]["loss"]
+  assert _max_param_diff(straight, resumed) == 0.0
+  # Running again after the end trains nothing and returns the same state.
+  again = train_vitvq.train_and_evaluate(config, interrupted_dir)
+  assert _max_param_diff(straight, again) == 0.0 and again.train_metrics == []
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+  config = _short(tiny_config, steps=6)
+  config.update(checkpoint_every=2, log_every=2)
+  workdir = str(tmp_path / "nan")
+  train_vitvq.train_and_evaluate(config, workdir, should_stop=lambda s: s == 2)
+  config.optimizer.peak_lr = 1e30  # blows the parameters up on the next steps
+  with pytest.raises(FloatingPointError, match=r"at step 4.*last good checkpoint is step 2"):
+    train_vitvq.train_and_evaluate(config, workdir)
+  from vim_jax import checkpoint
+  assert checkpoint.Checkpointer(workdir + "/checkpoints").latest_step() == 2
+
+
+def test_evaluation_reports_every_metric(tiny_config, tmp_path):
+  config = _short(tiny_config, steps=2)
+  config.update(eval_every=2, num_eval_images=20, eval_batch_size=8, eval_usage_chunk=8)
+  result = train_vitvq.train_and_evaluate(config, str(tmp_path / "eval"))
+  m = result.eval_metrics
+  assert m["num_images"] == 20  # the padded last batch is masked out
+  for key in ("psnr", "ssim", "l1", "l2", "codebook_usage", "codebook_usage_per_8", "perplexity"):
+    assert math.isfinite(m[key]), key
+  assert 0 < m["codebook_usage"] <= 1 and 1 <= m["perplexity"] <= 256
+  assert m["psnr"] == pytest.approx(-10 * math.log10(m["l2"] / 4), abs=3.0)  # same ballpark
+
+
+def test_usage_per_chunk_matches_definition():
+  rng = np.random.default_rng(0)
+  indices = rng.integers(0, 50, size=(10, 2, 2))
+  expected = np.mean([np.unique(indices[s:s + 4]).size / 100 for s in (0, 4)])
+  assert train_vitvq.usage_per_chunk(indices, 100, 4) == pytest.approx(expected)
+  assert train_vitvq.usage_per_chunk(indices[:3], 100, 4) == pytest.approx(
+      np.unique(indices[:3]).size / 100)
