@@ -24,5 +24,11 @@ setup(
         "numpy>=2.0",
         "pillow>=10",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # torch only reads the published .pth weights (LPIPS/VGG16) for conversion.
+        "convert": ["torch>=2.0"],
+        # The tests build random-weight .pth files and compare against PyTorch; 2.13.0 is the
+        # CPU wheel our CI machines carry.
+        "test": ["pytest>=8", "torch==2.13.0"],
+    },
 )

@@ -33,7 +33,7 @@ def main():
   logging.basicConfig(level=logging.WARNING)
   rows = []
   for code_dim, l2 in SETTINGS:
-    config = quickstart.get_config()
+    config = quickstart.get_config("stage1")
     config.model.update(code_dim=code_dim, l2_normalize=l2)
     config.update(total_steps=args.steps, eval_every=args.steps, checkpoint_every=args.steps,
                   log_every=args.steps)
@@ -44,7 +44,7 @@ def main():
 
   print(f"\nCodebook ablation: quickstart tokenizer, {args.steps} steps, codebook "
         f"{config.model.codebook_size}, eval on {rows[0][1]['num_images']} images")
-  print(f"| setting | usage (eval set) | usage per 256 images | perplexity | PSNR dB |")
+  print("| setting | usage (eval set) | usage per 256 images | perplexity | PSNR dB |")
   print("|---|---|---|---|---|")
   for name, m in rows:
     print(f"| {name} | {100 * m['codebook_usage']:.1f}% | {100 * m['codebook_usage_per_256']:.1f}% "

@@ -1,4 +1,4 @@
-"""Parameter counts of the shipped stage-1 configs next to the paper's (abstract init only).
+"""Parameter counts of the shipped configs next to the paper's (abstract init only).
 
   python benchmarks/param_counts.py
 """
@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 
 from vim_jax import config_base  # noqa: E402
 from vim_jax.main import load_config_file  # noqa: E402
+from vim_jax.models import vim as vim_lib  # noqa: E402
 from vim_jax.models import vitvqgan  # noqa: E402
 
 ROWS = [("SS", "vitvq_small.py", "small", "small"), ("BB", "vitvq_base.py", "base", "base"),
@@ -34,6 +35,18 @@ def main():
     print(f"| {name} ({file}) | {counts['encoder'] / 1e6:.1f}M / {paper[enc] / 1e6:.0f}M "
           f"| {counts['decoder'] / 1e6:.1f}M / {paper[dec] / 1e6:.0f}M "
           f"| {counts['quantizer'] / 1e6:.2f}M | {sum(counts.values()) / 1e6:.1f}M |")
+
+  print("\n| config | VIM params (ours / paper) |")
+  print("|---|---|")
+  for size in ("base", "large"):
+    config = load_config_file(os.path.join(ROOT, "configs", f"vim_{size}.py"))
+    model = vim_lib.VIM.from_config(config, vocab_size=8192, num_tokens=1024)
+    variables = jax.eval_shape(model.init, jax.random.key(0),
+                               jax.ShapeDtypeStruct((1, 1024), jnp.int32),
+                               jax.ShapeDtypeStruct((1,), jnp.int32))
+    n = vitvqgan.count_params(nn.meta.unbox(variables))
+    print(f"| VIM-{size} (vim_{size}.py) | {n / 1e6:.0f}M / "
+          f"{config_base.PAPER_VIM_PARAMS[size] / 1e6:.0f}M |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 
 from vim_jax import config_base
 from vim_jax.main import load_config_file
+from vim_jax.models import classifier as classifier_lib
+from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
 
 from conftest import REPO_ROOT
@@ -23,6 +25,24 @@ STAGE1 = {"vitvq_small.py": ("small", "small"), "vitvq_base.py": ("base", "base"
 
 
 def _abstract_counts(config):
+  """Parameter counts from an abstract init (no memory), for any trainer's config."""
+  if config.trainer == "quickstart":
+    counts = {f"stage1_{k}": v for k, v in _abstract_counts(config.stage1).items()}
+    counts.update(classifier=_abstract_counts(config.classifier)["classifier"],
+                  vim=_abstract_counts(config.stage2)["vim"])
+    return counts
+  if config.trainer == "classifier":
+    model = classifier_lib.ConvClassifier(6, tuple(config.model.widths))
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    return {"classifier": vitvqgan.count_params(jax.eval_shape(model.init, jax.random.key(0),
+                                                                 images))}
+  if config.trainer == "vim":
+    grid = config.image_size // (4 if config.image_size == 32 else 8)
+    model = vim_lib.VIM.from_config(config, vocab_size=8192, num_tokens=grid * grid)
+    tokens = jax.ShapeDtypeStruct((1, grid * grid), jnp.int32)
+    labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens, labels)
+    return {"vim": vitvqgan.count_params(nn.meta.unbox(variables))}
   model = vitvqgan.ViTVQGAN.from_config(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
@@ -31,7 +51,8 @@ def _abstract_counts(config):
 
 # Every config with no variant, and the :tiny variant of each config that has one.
 CONFIG_ARGS = [p for p in CONFIGS] + [p + ":tiny" for p in CONFIGS
-                                      if not p.endswith("quickstart.py")]
+                                      if os.path.basename(p).startswith(("vitvq", "vim"))]
+CONFIG_ARGS += [p + ":stage1" for p in CONFIGS if p.endswith("quickstart.py")]
 
 
 @pytest.mark.parametrize("spec", CONFIG_ARGS, ids=os.path.basename)
@@ -41,6 +62,9 @@ def test_every_config_builds_abstractly(spec):
   config = load_config_file(path + (f":{variant}" if variant else ""))
   counts = _abstract_counts(config)
   print(f"{name}:{variant or ''} parameters {counts}")
+  assert all(v > 0 for v in counts.values())
+  if config.trainer != "vitvq":
+    return
   assert counts["encoder"] > 0 and counts["decoder"] > 0
   assert counts["quantizer"] == config.model.codebook_size * config.model.code_dim
 
@@ -59,6 +83,20 @@ def test_paper_sizes_and_parameter_counts(name):
   for stack, size in (("encoder", enc), ("decoder", dec)):
     paper = config_base.PAPER_PARAMS_PER_STACK[size]
     assert abs(counts[stack] - paper) / paper < 0.15, (stack, counts[stack], paper)
+
+
+@pytest.mark.parametrize("size", ["base", "large"])
+def test_vim_paper_sizes_and_parameter_counts(size):
+  config = load_config_file(os.path.join(REPO_ROOT, "configs", f"vim_{size}.py"))
+  expected = config_base.VIM_SIZES[size]
+  assert {k: config.model[k] for k in expected} == expected
+  assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.peak_lr) == (0.9, 0.96, 4.5e-4)
+  assert (config.optimizer.warmup_steps, config.optimizer.decay_start) == (5000, 80_000)
+  assert (config.optimizer.end_lr, config.batch_size, config.model.dropout) == (1e-5, 1024, 0.1)
+  count = _abstract_counts(config)["vim"]
+  paper = config_base.PAPER_VIM_PARAMS[size]
+  print(f"VIM-{size}: {count / 1e6:.0f}M parameters (paper {paper / 1e6:.0f}M)")
+  assert abs(count - paper) / paper < 0.10
 
 
 def _run_main(args, timeout=300):

@@ -154,3 +154,18 @@ def test_preprocess_resizes_crops_and_scales():
   flipped = preprocess.preprocess_image(image, 40, np.random.default_rng(0), random_flip=True)
   assert flipped.shape == (40, 40, 3)
   assert preprocess.to_uint8(out).dtype == np.uint8
+
+
+def test_simple_style_uses_the_palette_and_solid_backgrounds():
+  style = shapes.ShapesStyle(num_colors=4, gradient=False, min_radius=0.2, max_radius=0.3)
+  palette = np.round(shapes.PALETTE[:4] * 255).astype(np.uint8)
+  for i in range(12):
+    image, _ = shapes.render_example(0, "train", i, 32, style=style)
+    corners = image[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert np.all(corners == corners[0])  # solid background
+    assert any(np.array_equal(corners[0], p) for p in palette)
+    # Every fully covered pixel has a palette colour (only the 1-pixel edge is blended).
+    colours = {tuple(c) for c in image.reshape(-1, 3)}
+    assert sum(any(np.array_equal(np.array(c), p) for p in palette) for c in colours) >= 2
+  with pytest.raises(ValueError, match="num_colors=1"):
+    shapes.render_example(0, "train", 0, 32, style=shapes.ShapesStyle(num_colors=1))

@@ -40,7 +40,10 @@ def test_eight_devices_match_one(tiny_config, tmp_path, mesh):
 
 
 def test_resume_is_exact(tiny_config, tmp_path):
+  """With the GAN, generator EMA and LeCam on, so every checkpointed field is exercised."""
   config = _short(tiny_config, steps=4)
+  config.ema_decay = 0.9
+  config.discriminator.lecam_weight = 0.1
   straight = train_vitvq.train_and_evaluate(config, str(tmp_path / "straight"))
   interrupted_dir = str(tmp_path / "interrupted")
   first = train_vitvq.train_and_evaluate(config, interrupted_dir, should_stop=lambda s: s == 2)
@@ -50,6 +53,9 @@ def test_resume_is_exact(tiny_config, tmp_path):
   assert [m["step"] for m in resumed.train_metrics] == [3, 4]
   assert resumed.train_metrics[-1]["loss"] == straight.train_metrics[-1]["loss"]
   assert _max_param_diff(straight, resumed) == 0.0
+  for field in ("disc_params", "disc_opt_state", "ema_params", "lecam_ema", "opt_state"):
+    a, b = getattr(straight.state, field), getattr(resumed.state, field)
+    assert not _changed(a, b), field
   # Running again after the end trains nothing and returns the same state.
   again = train_vitvq.train_and_evaluate(config, interrupted_dir)
   assert _max_param_diff(straight, again) == 0.0 and again.train_metrics == []
@@ -86,3 +92,56 @@ def test_usage_per_chunk_matches_definition():
   assert train_vitvq.usage_per_chunk(indices, 100, 4) == pytest.approx(expected)
   assert train_vitvq.usage_per_chunk(indices[:3], 100, 4) == pytest.approx(
       np.unique(indices[:3]).size / 100)
+
+
+def _changed(a, b):
+  return any(not np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _one_step(config):
+  """Initial state and the state after one train step, built with the trainer's functions."""
+  import flax.linen as nn
+  config.optimizer.warmup_steps = 0  # lr > 0 at step 0, so one step moves the tokenizer
+  models = train_vitvq.build_models(config)
+  tx, schedule, disc_tx = train_vitvq.build_optimizers(config)
+  init = train_vitvq.make_init_fn(models, tx, disc_tx, config, init_batch=1)
+  state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  step = jax.jit(train_vitvq.make_train_step(models, tx, schedule, disc_tx, config))
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  new_state, metrics = step(state, {"image": images}, {})
+  return state, new_state, metrics
+
+
+def test_one_step_updates_generator_and_discriminator(tiny_config):
+  tiny_config.update(ema_decay=0.5)
+  tiny_config.discriminator.lecam_weight = 0.1
+  state, new, metrics = _one_step(tiny_config)
+  assert _changed(state.params, new.params)
+  assert _changed(state.disc_params, new.disc_params)
+  assert _changed(state.ema_params, new.ema_params)
+  # EMA after one step: 0.5 * init + 0.5 * new params.
+  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new.ema_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert float(metrics["disc/r1_penalty"]) > 0  # step 0 is an R1 step
+  assert float(new.lecam_ema["real"]) == pytest.approx(0.01 * float(metrics["disc/logits_real"]),
+                                                        rel=1e-5)
+  for key in ("loss_adversarial", "disc/loss", "disc/logits_real", "disc/logits_fake"):
+    assert math.isfinite(float(metrics[key])), key
+
+
+def test_discriminator_start_step_delays_the_game(tiny_config):
+  tiny_config.discriminator.start_step = 5
+  state, new, metrics = _one_step(tiny_config)
+  assert not _changed(state.disc_params, new.disc_params)
+  assert not _changed(state.disc_opt_state, new.disc_opt_state)
+  assert float(metrics["loss_adversarial"]) == 0.0
+  assert _changed(state.params, new.params)
+
+
+def test_gan_off_builds_no_discriminator(tiny_config):
+  tiny_config.loss.adversarial = 0.0
+  state, new, metrics = _one_step(tiny_config)
+  assert new.disc_params is None and "disc/loss" not in metrics
+  assert "loss_adversarial" not in metrics

@@ -34,7 +34,7 @@ def vit_stack(size: str) -> ml_collections.ConfigDict:
 
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      source="tfds",  # 'tfds' | 'folder' | 'shapes' (embedded, generated in code)
+      source="tfds",  # 'tfds' | 'folder' | 'shapes' (embedded, generated in code) | 'tokens'
       # tfds: read with tfds.data_source (ArrayRecord format, see README).
       name="imagenet2012",
       data_dir="",  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -50,7 +50,12 @@ def data_config() -> ml_collections.ConfigDict:
       shapes_eval_size=512,
       shapes_seed=1234,
       shapes_resolution=0,  # render size; 0 = image_size (rendered size is then resized)
+      shapes_num_colors=0,  # 0 = any RGB colour; k = a palette of k colours (2..12)
+      shapes_gradient=True,  # gradient backgrounds (else solid)
+      shapes_radius=(0.15, 0.28),  # shape radius range, in image widths
       num_classes=6,  # shapes classes (1..6)
+      # tokens: stage 2 only, tokens written by vim_jax.tools.pretokenize.
+      tokens_dir="",
       random_flip=True,
       num_workers=16,  # decoding threads per process
   ))
@@ -75,9 +80,30 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
       logit_laplace_eps=0.1,  # inputs squashed to [eps, 1 - eps] before the logit
       dtype="bfloat16",  # compute dtype; params stay float32
   ))
-  # Weights of each loss term (paper: 1.0 L2 + 0.1 logit-Laplace + VQ; perceptual and
-  # adversarial terms come with their own issue).
-  c.loss = ml_collections.ConfigDict(dict(l2=1.0, logit_laplace=0.1, vq=1.0))
+  # Weights of each loss term: L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-Laplace
+  # + 1.0 L_2 (paper). A weight of 0 removes the term and, for perceptual/adversarial, its
+  # network.
+  c.loss = ml_collections.ConfigDict(dict(
+      l2=1.0, logit_laplace=0.1, vq=1.0, perceptual=0.1, adversarial=0.1))
+  # LPIPS (VGG16, v0.1) Flax weights made by `python -m vim_jax.tools.convert_lpips`. Needed when
+  # loss.perceptual > 0; when the file exists, eval also reports eval/lpips.
+  c.perceptual_weights = "weights/lpips_vgg16_v0.1.msgpack"
+  # StyleGAN2 discriminator, trained in the same step as the tokenizer from start_step on.
+  c.discriminator = ml_collections.ConfigDict(dict(
+      # Width at resolution r: min(max_channels, channel_base // r). 64 x image_size gives 64
+      # channels at full resolution, StyleGAN2's 256 px setting; scale it with image_size.
+      channel_base=16384,
+      max_channels=512,
+      mbstd_group_size=4,
+      loss="non_saturating",  # or 'hinge'
+      r1_gamma=10.0,  # R1 weight gamma (penalty gamma / 2 * E||grad D(x)||^2) [choice]
+      r1_interval=16,  # lazy R1 every N steps (StyleGAN2)
+      lecam_weight=0.0,  # LeCam regularisation (Tseng et al. 2021); 0 = off
+      lecam_ema_decay=0.99,
+      start_step=0,  # the authors train G and D together from step 0
+      lr=1e-4, b1=0.9, b2=0.99,  # Adam, constant lr
+  ))
+  c.ema_decay = 0.0  # EMA of the tokenizer's params for eval (e.g. 0.999); 0 = off
   c.optimizer = ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.99, eps=1e-8,
       peak_lr=1e-4, warmup_steps=50_000, end_lr=5e-5,  # linear warmup, cosine to end_lr
@@ -104,20 +130,132 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
 
 
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a stage-1 config to a CPU smoke size on the embedded dataset (seconds)."""
+  """Shrinks a stage-1 config to a CPU smoke size on the embedded dataset (seconds).
+
+  The adversarial term stays on (with a small discriminator); the perceptual term is off
+  because it needs converted LPIPS weights (turn it on with --config.loss.perceptual=0.1 once
+  --config.perceptual_weights points at a file)."""
   c.image_size = 32
   for stack in (c.model.encoder, c.model.decoder):
     stack.update(num_layers=2, width=64, num_heads=2, head_dim=32, mlp_dim=128, output_ffn_dim=0)
   c.model.update(patch_size=4, codebook_size=256, code_dim=8, dtype="float32")
   c.data.update(source="shapes", shapes_train_size=2048, shapes_eval_size=64, num_workers=4)
   c.optimizer.update(peak_lr=1e-3, warmup_steps=5, end_lr=1e-4)
+  c.loss.perceptual = 0.0
+  c.discriminator.update(channel_base=256, max_channels=64, r1_interval=4, lr=1e-3)
   c.update(batch_size=16, eval_batch_size=16, total_steps=20, log_every=5, eval_every=10,
            checkpoint_every=10, num_grid_images=8)
   return c
 
 
-def parse_variant(arg: str | None, allowed=("tiny",)) -> str:
-  arg = (arg or "").strip()
-  if arg and arg not in allowed:
-    raise ValueError(f"config variant {arg!r}; expected one of {list(allowed)} or none.")
-  return arg
+STAGE1_VARIANTS = ("tiny", "noperceptual")
+
+
+def parse_variant(arg: str | None, allowed=STAGE1_VARIANTS) -> set[str]:
+  """'tiny,noperceptual' -> {'tiny', 'noperceptual'}; unknown names are an error."""
+  names = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  unknown = names - set(allowed)
+  if unknown:
+    raise ValueError(f"config variant {sorted(unknown)[0]!r}; expected a comma-separated subset "
+                     f"of {list(allowed)} or none.")
+  return names
+
+
+def apply_stage1_variants(c: ml_collections.ConfigDict, variants: set[str]):
+  """noperceptual: the paper's tokenizer for representation learning (VGG saw ImageNet
+  labels, so a linear probe on its tokens would leak them). tiny: CPU smoke size."""
+  if "noperceptual" in variants:
+    c.loss.perceptual = 0.0
+  if "tiny" in variants:
+    c = make_tiny(c)
+  return c
+
+
+# Paper (stage 2): blocks and widths [paper?]; heads and MLP dims unverified (we use 96-wide
+# heads for Base, 64-wide for Large, MLP = 4 x width).
+VIM_SIZES = {
+    "base": dict(num_layers=24, width=1536, num_heads=16, head_dim=96, mlp_dim=6144),
+    "large": dict(num_layers=36, width=2048, num_heads=32, head_dim=64, mlp_dim=8192),
+}
+PAPER_VIM_PARAMS = {"base": 650e6, "large": 1697e6}
+PAPER_PROBE_BLOCK = {"base": 10, "large": 15}
+
+
+def stage2_config(size: str) -> ml_collections.ConfigDict:
+  """VIM with the paper's stage-2 hyperparameters on ImageNet 256 (class-conditional)."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "vim"
+  c.seed = 0
+  c.image_size = 256
+  c.tokenizer_workdir = ""  # a stage-1 workdir (required)
+  c.model = ml_collections.ConfigDict(dict(
+      **VIM_SIZES[size],
+      dropout=0.1,
+      num_classes=1000,  # 0 = unconditional
+      dtype="bfloat16",
+      remat=True,
+  ))
+  c.label_dropout = 0.1  # replace the class by the null class, for classifier-free guidance
+  c.optimizer = ml_collections.ConfigDict(dict(
+      b1=0.9, b2=0.96, eps=1e-8,
+      peak_lr=4.5e-4, warmup_steps=5_000,  # linear warmup
+      decay_start=80_000, end_lr=1e-5,  # then exponential decay to end_lr at total_steps
+      weight_decay=0.0, grad_clip_norm=1.0,
+  ))
+  c.data = data_config()
+  c.batch_size = 1024
+  c.total_steps = 450_000
+  c.eval_batch_size = 256
+  c.num_eval_images = 10_000
+  c.log_every = 100
+  c.eval_every = 10_000
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+  c.num_grid_images = 16  # samples drawn at each eval
+  c.sampling = ml_collections.ConfigDict(dict(
+      temperature=1.0, top_k=0, top_p=1.0,  # the paper samples at temperature 1, no filtering
+      guidance_scale=1.0,  # classifier-free guidance; 1 = off
+  ))
+  c.probe = ml_collections.ConfigDict(dict(
+      block=PAPER_PROBE_BLOCK[size],  # features: mean over the sequence of this block's output
+      steps=5_000, batch_size=1024, lr=1e-3, weight_decay=0.0,
+      num_train_images=-1, num_eval_images=-1,  # -1 = whole split
+  ))
+  # FSDP by default: VIM-Large's params and Adam state do not fit replicated.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.axis_rules = parallel.DEFAULT_AXIS_RULES
+  return c
+
+
+def make_tiny_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CPU smoke size on the embedded data (needs a tiny tokenizer workdir)."""
+  c.image_size = 32
+  c.model.update(num_layers=2, width=64, num_heads=2, head_dim=32, mlp_dim=128, num_classes=6,
+                 dtype="float32", remat=False)
+  c.data.update(source="shapes", shapes_train_size=2048, shapes_eval_size=64, num_workers=4)
+  c.optimizer.update(peak_lr=1e-3, warmup_steps=5, decay_start=10)
+  c.update(batch_size=16, eval_batch_size=16, num_eval_images=32, total_steps=20, log_every=5,
+           eval_every=10, checkpoint_every=10, num_grid_images=8)
+  c.probe.update(block=1, steps=50, batch_size=32, num_train_images=256, num_eval_images=64)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  return c
+
+
+def classifier_config() -> ml_collections.ConfigDict:
+  """The small conv classifier (vim_jax/train_classifier.py) on the embedded shapes data."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "classifier"
+  c.seed = 0
+  c.image_size = 32
+  c.model = ml_collections.ConfigDict(dict(widths=(16, 32, 64)))
+  c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=1e-4))
+  c.data = data_config()
+  c.data.update(source="shapes", shapes_train_size=50_000, shapes_eval_size=512, num_workers=4)
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_eval_images = -1
+  c.total_steps = 1000
+  c.log_every = 100
+  c.keep_checkpoints = 1
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c

@@ -74,3 +74,48 @@ def weighted_total(terms: Mapping[str, jax.Array], weights: Mapping[str, float])
     raise KeyError(f"loss terms {missing} have no weight in config.loss (has {sorted(weights)}); "
                    "add e.g. --config.loss.<name>=1.0")
   return sum(weights[name] * value for name, value in terms.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial terms. Logits are [B] float32.
+# ----------------------------------------------------------------------------------------------
+GAN_LOSSES = ("non_saturating", "hinge")
+
+
+def _check_gan_loss(kind: str):
+  if kind not in GAN_LOSSES:
+    raise ValueError(f"discriminator.loss={kind!r}; expected one of {GAN_LOSSES}.")
+
+
+def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str) -> jax.Array:
+  """Non-saturating: softplus(-D(x)) + softplus(D(G(z))); hinge: relu(1 - D(x)) + relu(1 + D(G(z)))."""
+  _check_gan_loss(kind)
+  if kind == "hinge":
+    return jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits))
+  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def generator_adversarial_loss(fake_logits: jax.Array, kind: str) -> jax.Array:
+  """Non-saturating: softplus(-D(G(z))); hinge: -D(G(z))."""
+  _check_gan_loss(kind)
+  if kind == "hinge":
+    return -jnp.mean(fake_logits)
+  return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def r1_penalty(discriminator_fn, real_images: jax.Array) -> jax.Array:
+  """R1 (Mescheder et al. 2018): E_x ||grad_x D(x)||^2 over real images [B, H, W, C].
+
+  The mean over the batch of the squared gradient norm of each example's logit (examples are
+  independent, so the gradient of the summed logits gives every per-example gradient).
+  Callers scale it by gamma / 2.
+  """
+  grads = jax.grad(lambda x: jnp.sum(discriminator_fn(x)))(real_images)
+  return jnp.mean(jnp.sum(jnp.square(grads.astype(jnp.float32)), axis=(1, 2, 3)))
+
+
+def lecam_regularizer(real_logits: jax.Array, fake_logits: jax.Array, ema_real: jax.Array,
+                      ema_fake: jax.Array) -> jax.Array:
+  """LeCam (Tseng et al. 2021): E||D(x) - ema_fake||^2 + E||D(G(z)) - ema_real||^2."""
+  return (jnp.mean(jnp.square(real_logits - ema_fake))
+          + jnp.mean(jnp.square(fake_logits - ema_real)))

@@ -20,6 +20,9 @@ from ml_collections import config_flags  # noqa: E402
 
 TRAINERS = {
     "vitvq": "vim_jax.train_vitvq",  # stage 1: the ViT-VQGAN tokenizer
+    "vim": "vim_jax.train_vim",  # stage 2: the autoregressive transformer
+    "classifier": "vim_jax.train_classifier",  # scores samples (rejection sampling)
+    "quickstart": "vim_jax.quickstart",  # all of the above on the embedded data
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

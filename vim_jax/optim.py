@@ -27,3 +27,16 @@ def adamw(opt_config, schedule: optax.Schedule) -> optax.GradientTransformation:
   chain.append(optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
                            weight_decay=opt_config.weight_decay, mask=decay_matrices_only))
   return optax.chain(*chain)
+
+
+def warmup_exponential_schedule(opt_config, total_steps: int) -> optax.Schedule:
+  """VIM's schedule: linear warmup to peak_lr, constant until decay_start, then exponential
+  decay reaching end_lr at total_steps."""
+  warmup = min(opt_config.warmup_steps, max(total_steps - 1, 0))
+  decay_start = min(max(opt_config.decay_start, warmup), max(total_steps - 1, 0))
+  warm = optax.linear_schedule(0.0, opt_config.peak_lr, max(warmup, 1))
+  decay = optax.exponential_decay(
+      opt_config.peak_lr, transition_steps=max(total_steps - decay_start, 1),
+      decay_rate=opt_config.end_lr / opt_config.peak_lr, transition_begin=decay_start - warmup,
+      end_value=opt_config.end_lr)
+  return optax.join_schedules([warm, decay], [warmup])

@@ -44,6 +44,9 @@ DEFAULT_AXIS_RULES = (
     ("code_dim", None),
     ("codebook", None),
     ("vocab", "tensor"),
+    ("classes", None),
+    ("conv_in", None),  # the discriminator and LPIPS convs are small: replicated
+    ("conv_out", None),
 )
 
 

@@ -7,10 +7,23 @@ import logging
 import math
 import time
 
+from typing import Any
+
+import flax
 import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """A model's params and optimizer state at a step (stage 2, the classifier). Stage 1 keeps
+  its own, with the GAN fields."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
 
 
 def compile_step(jitted, *args):
@@ -105,3 +118,71 @@ def check_finite(loss: float, step: int, last_checkpoint: int | None):
     raise FloatingPointError(
         f"loss is {loss} at step {step}; stopping without saving ({where}). Lower "
         "optimizer.peak_lr or set optimizer.grad_clip_norm, then rerun to resume.")
+
+
+def open_workdir(workdir: str, config):
+  """Creates the workdir, writes config.json (process 0) and returns the metric writer.
+
+  Only process 0 writes TensorBoard summaries; the others just log.
+  """
+  import os
+
+  from clu import metric_writers
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  return metric_writers.create_default_writer(workdir, just_logging=not is_main)
+
+
+def check_divisible(mesh, **batch_sizes):
+  """Every batch size must split evenly over the data-parallel devices."""
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, size in batch_sizes.items():
+    if size % dp:
+      raise ValueError(f"config.{name}={size} is not divisible by the data-parallel size {dp} "
+                       f"(mesh {dict(mesh.shape)}); use a multiple of {dp}.")
+
+
+def create_or_restore_state(init_fn, seed: int, mesh, rules, ckpt):
+  """The sharded train state: restored from ckpt's latest step, else freshly initialised.
+
+  init_fn(rng) returns a state whose params carry logical-axis boxes. Returns
+  (state, state_shardings, abstract_state, latest_step_or_None).
+  """
+  import flax.linen as nn
+
+  from vim_jax import checkpoint, parallel
+  with parallel.tracing_context(mesh, rules):
+    boxed_shapes = jax.eval_shape(init_fn, jax.random.key(seed))
+  shardings = parallel.logical_shardings(boxed_shapes, mesh, rules)
+  abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed_shapes), shardings)
+  latest = ckpt.latest_step()
+  if latest is None:
+    with parallel.tracing_context(mesh, rules):
+      state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(
+          jax.random.key(seed))
+  else:
+    state = ckpt.restore(latest, abstract)
+  log.info("%s at step %d", "starting" if latest is None else "resumed", int(state.step))
+  return state, shardings, abstract, latest
+
+
+def write_train_window(writer, step: int, history: list[dict], progress: Progress,
+                       last_checkpoint: int | None, skipped_images: int) -> dict[str, float]:
+  """Closes a logging window: means of its step metrics, the NaN guard, throughput, and the
+  TensorBoard write (names without a '/' go under train/). Returns the scalars with 'step'."""
+  scalars = mean_metrics(history)
+  check_finite(scalars["loss"], step, last_checkpoint)
+  scalars.update(progress.update(step))
+  scalars["data/skipped_images"] = skipped_images
+  writer.write_scalars(step, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()})
+  return {"step": step, **scalars}
+
+
+def save_if_finite(ckpt, step: int, state, last_loss, last_checkpoint: int | None) -> int:
+  """Saves `state` unless the last step's loss is NaN/inf (which stops the run instead)."""
+  check_finite(float(jax.device_get(last_loss)), step, last_checkpoint)
+  ckpt.save(step, state, force=True)
+  return step

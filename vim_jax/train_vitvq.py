@@ -15,17 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, parameter_overview
+from clu import parameter_overview
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vim_jax import checkpoint, image_metrics, losses, optim, parallel, train_lib, visualize
 from vim_jax.data import pipeline
+from vim_jax.models import discriminator as discriminator_lib
+from vim_jax.models import lpips as lpips_lib
 from vim_jax.models import vitvqgan
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,15 @@ log = logging.getLogger(__name__)
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a stage-1 checkpoint holds. The GAN fields are None when unused."""
+
   step: jax.Array
-  params: Any
+  params: Any  # the tokenizer (generator)
   opt_state: Any
+  disc_params: Any = None  # discriminator, when loss.adversarial > 0
+  disc_opt_state: Any = None
+  ema_params: Any = None  # EMA of the tokenizer params, when ema_decay > 0 (used for eval)
+  lecam_ema: Any = None  # {'real', 'fake'} EMAs of D's logits, when LeCam is on
 
 
 @dataclasses.dataclass
@@ -47,47 +56,96 @@ class RunResult:
   eval_metrics: dict[str, float] | None  # the last evaluation
 
 
-# ----------------------------------------------------------------------------------------------
-# Model, optimizer and the pure step functions.
-# ----------------------------------------------------------------------------------------------
-def build_model(config: ml_collections.ConfigDict) -> vitvqgan.ViTVQGAN:
-  return vitvqgan.ViTVQGAN.from_config(config)
+@dataclasses.dataclass(frozen=True)
+class Stage1Models:
+  """The networks of the stage-1 objective; the optional ones are None when their loss is off."""
+
+  tokenizer: vitvqgan.ViTVQGAN
+  discriminator: discriminator_lib.StyleGANDiscriminator | None
+  lpips: lpips_lib.LPIPS | None
 
 
-def build_optimizer(config: ml_collections.ConfigDict):
+# ----------------------------------------------------------------------------------------------
+# Models, optimizers and the pure step functions.
+# ----------------------------------------------------------------------------------------------
+def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
+  d = config.discriminator
+  disc = None
+  if config.loss.adversarial > 0:
+    disc = discriminator_lib.StyleGANDiscriminator(
+        config.image_size, d.channel_base, d.max_channels, d.mbstd_group_size,
+        jnp.dtype(config.model.dtype))
+  wants_lpips = config.loss.perceptual > 0 or (
+      config.perceptual_weights and os.path.exists(config.perceptual_weights))
+  return Stage1Models(vitvqgan.ViTVQGAN.from_config(config), disc,
+                      lpips_lib.LPIPS(jnp.dtype(config.model.dtype)) if wants_lpips else None)
+
+
+def build_optimizers(config: ml_collections.ConfigDict):
+  """(tokenizer optimizer, its schedule, discriminator optimizer)."""
   schedule = optim.warmup_cosine_schedule(config.optimizer, config.total_steps)
-  return optim.adamw(config.optimizer, schedule), schedule
+  d = config.discriminator
+  disc_tx = optax.adam(d.lr, b1=d.b1, b2=d.b2)  # constant lr [choice]
+  return optim.adamw(config.optimizer, schedule), schedule, disc_tx
 
 
-def make_init_fn(model: vitvqgan.ViTVQGAN, tx: optax.GradientTransformation, init_batch: int):
+def make_init_fn(models: Stage1Models, tx, disc_tx, config, init_batch: int):
   """rng -> TrainState whose params carry logical-axis boxes (unbox after sharding)."""
+  tokenizer = models.tokenizer
 
   def init(rng):
-    images = jnp.zeros((init_batch, model.image_size, model.image_size, 3), jnp.float32)
-    params = model.init(rng, images)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    rng_g, rng_d = jax.random.split(rng)
+    images = jnp.zeros((init_batch, tokenizer.image_size, tokenizer.image_size, 3), jnp.float32)
+    params = tokenizer.init(rng_g, images)["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    if models.discriminator is not None:
+      disc_params = models.discriminator.init(rng_d, images)["params"]
+      state = state.replace(disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params))
+      if config.discriminator.lecam_weight > 0:
+        state = state.replace(lecam_ema={"real": jnp.zeros(()), "fake": jnp.zeros(())})
+    if config.ema_decay > 0:
+      state = state.replace(ema_params=params)
+    return state
 
   return init
 
 
-def make_train_step(model, tx, schedule, config) -> Callable:
-  """(state, batch) -> (state, metrics); batch['image']: [B, S, S, 3] in [-1, 1]."""
+def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Callable:
+  """(state, batch, lpips_params) -> (state, metrics).
+
+  batch['image']: [B, S, S, 3] in [-1, 1]. The tokenizer and the discriminator are updated in
+  the same step: G on the weighted sum of its terms (the discriminator frozen), then D on the
+  real images and the (stopped) reconstructions of this step.
+  """
   weights = config.loss.to_dict()
+  d_cfg = config.discriminator
+  tokenizer, disc, lpips = models.tokenizer, models.discriminator, models.lpips
   base_rng = jax.random.key(config.seed)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, lpips_params):
     rng = jax.random.fold_in(base_rng, state.step)
     images = batch["image"]
+    disc_active = state.step >= d_cfg.start_step  # an option delays the adversarial game
 
-    def loss_fn(params):
-      outputs = model.apply({"params": params}, images, deterministic=False,
-                            rngs={"dropout": rng})
-      terms = losses.reconstruction_terms(outputs, images, model.logit_laplace_eps)
+    def generator_loss(params):
+      outputs = tokenizer.apply({"params": params}, images, deterministic=False,
+                                rngs={"dropout": rng})
+      recon = outputs["reconstruction"]
+      terms = losses.reconstruction_terms(outputs, images, tokenizer.logit_laplace_eps)
+      if config.loss.perceptual > 0:
+        frozen = jax.lax.stop_gradient(lpips_params)
+        terms["perceptual"] = jnp.mean(lpips.apply({"params": frozen}, images, recon))
+      if disc is not None:
+        fake_logits = disc.apply({"params": state.disc_params}, recon)
+        terms["adversarial"] = jnp.where(
+            disc_active, losses.generator_adversarial_loss(fake_logits, d_cfg.loss), 0.0)
       return losses.weighted_total(terms, weights), (terms, outputs)
 
-    (total, (terms, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, outputs)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {
         "loss": total,
         **{f"loss_{name}": value for name, value in terms.items()},
@@ -97,20 +155,65 @@ def make_train_step(model, tx, schedule, config) -> Callable:
         "codebook_usage": outputs["codebook_usage"],
         "perplexity": outputs["perplexity"],
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    if disc is not None:
+      fakes = jax.lax.stop_gradient(outputs["reconstruction"])
+      is_r1_step = state.step % d_cfg.r1_interval == 0
+
+      def discriminator_loss(disc_params):
+        d_fn = lambda x: disc.apply({"params": disc_params}, x)
+        real_logits, fake_logits = d_fn(images), d_fn(fakes)
+        adversarial = losses.discriminator_loss(real_logits, fake_logits, d_cfg.loss)
+        # Lazy R1: every r1_interval steps, scaled by the interval (StyleGAN2).
+        r1 = jax.lax.cond(is_r1_step, lambda: losses.r1_penalty(d_fn, images),
+                          lambda: jnp.zeros((), jnp.float32)) * d_cfg.r1_interval
+        d_total = adversarial + 0.5 * d_cfg.r1_gamma * r1
+        lecam = jnp.zeros(())
+        if state.lecam_ema is not None:
+          lecam = losses.lecam_regularizer(real_logits, fake_logits, state.lecam_ema["real"],
+                                           state.lecam_ema["fake"])
+          d_total = d_total + d_cfg.lecam_weight * lecam
+        return d_total, dict(adversarial=adversarial, r1=r1, lecam=lecam,
+                             real=jnp.mean(real_logits), fake=jnp.mean(fake_logits))
+
+      (d_total, d_aux), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+          state.disc_params)
+      d_updates, d_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(disc_active, a, b), new, old)
+      new_state = new_state.replace(
+          disc_params=keep(optax.apply_updates(state.disc_params, d_updates), state.disc_params),
+          disc_opt_state=keep(d_opt_state, state.disc_opt_state))
+      if state.lecam_ema is not None:
+        decay = d_cfg.lecam_ema_decay
+        new_state = new_state.replace(lecam_ema={
+            "real": decay * state.lecam_ema["real"] + (1 - decay) * d_aux["real"],
+            "fake": decay * state.lecam_ema["fake"] + (1 - decay) * d_aux["fake"]})
+      metrics.update({
+          "disc/loss": d_total, "disc/loss_adversarial": d_aux["adversarial"],
+          # Window means of r1_penalty are mean R1 values: it is interval x R1 on R1 steps.
+          "disc/r1_penalty": d_aux["r1"], "disc/lecam": d_aux["lecam"],
+          "disc/logits_real": d_aux["real"], "disc/logits_fake": d_aux["fake"],
+          "disc/grad_norm": optax.tree.norm(d_grads)})
+
+    if state.ema_params is not None:
+      decay = config.ema_decay
+      new_state = new_state.replace(ema_params=jax.tree.map(
+          lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params))
+    return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model) -> Callable:
-  """(params, batch) -> per-image metrics [B], indices [B, h, w], reconstructions."""
+def make_eval_step(models: Stage1Models) -> Callable:
+  """(params, batch, lpips_params) -> per-image metrics [B], indices [B, h, w],
+  reconstructions."""
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, lpips_params):
     images = batch["image"]
-    outputs = model.apply({"params": params}, images)
+    outputs = models.tokenizer.apply({"params": params}, images)
     recon = outputs["reconstruction"]
     diff = recon.astype(jnp.float32) - images
-    return {
+    out = {
         "psnr": image_metrics.psnr(images, recon),
         "ssim": image_metrics.ssim(images, recon),
         "l1": jnp.mean(jnp.abs(diff), axis=(1, 2, 3)),
@@ -118,6 +221,9 @@ def make_eval_step(model) -> Callable:
         "indices": outputs["indices"],
         "reconstruction": recon,
     }
+    if models.lpips is not None:
+      out["lpips"] = models.lpips.apply({"params": lpips_params}, images, recon)
+    return out
 
   return eval_step
 
@@ -134,7 +240,7 @@ def usage_per_chunk(indices: np.ndarray, codebook_size: int, chunk: int) -> floa
   return float(np.mean(used))
 
 
-def evaluate(eval_fn, params, eval_pipeline: pipeline.InputPipeline, mesh,
+def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipeline, mesh,
              codebook_size: int, usage_chunk: int = 256):
   """Runs one pass over the eval split.
 
@@ -145,15 +251,16 @@ def evaluate(eval_fn, params, eval_pipeline: pipeline.InputPipeline, mesh,
   count = 0
   for local in eval_pipeline.iterate():
     batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
-    out = eval_fn(params, batch)
+    out = eval_fn(params, batch, lpips_params)
     mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
     if first is None:  # only the first batch's images travel to the host, for the grids
       images, recons = multihost_utils.process_allgather(
           (batch["image"], out["reconstruction"]), tiled=True)
       first = (np.asarray(images)[mask], np.asarray(recons)[mask])
-    out = multihost_utils.process_allgather(
-        {k: out[k] for k in ("psnr", "ssim", "l1", "l2", "indices")}, tiled=True)
-    for key in ("psnr", "ssim", "l1", "l2"):
+    per_image = [k for k in ("psnr", "ssim", "l1", "l2", "lpips") if k in out]
+    out = multihost_utils.process_allgather({k: out[k] for k in per_image + ["indices"]},
+                                            tiled=True)
+    for key in per_image:
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(out[key], np.float64)[mask]))
     all_indices.append(np.asarray(out["indices"])[mask])
     count += int(mask.sum())
@@ -184,23 +291,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   # --- Logging --------------------------------------------------------------------------------
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  writer = train_lib.open_workdir(workdir, config)
   log.info("devices: %d x %s, processes: %d", len(devices or jax.devices()),
            jax.devices()[0].platform, jax.process_count())
 
   # --- Mesh -----------------------------------------------------------------------------------
   mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.axis_rules(config)
-  dp = parallel.data_parallel_size(mesh)
   log.info("mesh: %s", dict(mesh.shape))
-  for name, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
-    if size % dp:
-      raise ValueError(f"config.{name}={size} is not divisible by the data-parallel size {dp} "
-                       f"(mesh {dict(mesh.shape)}); use a multiple of {dp}.")
+  train_lib.check_divisible(mesh, batch_size=config.batch_size,
+                            eval_batch_size=config.eval_batch_size)
 
   # --- Input ----------------------------------------------------------------------------------
   train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
@@ -208,28 +308,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.info("data: %s, %d train / %d eval examples, %d classes", config.data.source,
            train_data.num_examples, eval_data.num_examples, train_data.num_classes)
 
-  # --- Model and optimizer --------------------------------------------------------------------
-  model = build_model(config)
-  tx, schedule = build_optimizer(config)
-  init_fn = make_init_fn(model, tx, init_batch=dp)
+  # --- Models and optimizers ------------------------------------------------------------------
+  models = build_models(config)
+  tx, schedule, disc_tx = build_optimizers(config)
+  init_fn = make_init_fn(models, tx, disc_tx, config,
+                         init_batch=parallel.data_parallel_size(mesh))
+  replicated = NamedSharding(mesh, P())
+  lpips_params = {}
+  if models.lpips is not None:  # frozen, replicated, passed to the steps as an argument
+    lpips_params = jax.device_put(lpips_lib.load_params(config.perceptual_weights)["params"],
+                                  replicated)
+    log.info("LPIPS weights: %s", config.perceptual_weights)
 
   # --- Sharded state: fresh or resumed ----------------------------------------------------------
-  with parallel.tracing_context(mesh, rules):
-    boxed_shapes = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  state_shardings = parallel.logical_shardings(boxed_shapes, mesh, rules)
-  state_shapes = nn.meta.unbox(boxed_shapes)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    with parallel.tracing_context(mesh, rules):
-      state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)(
-          jax.random.key(config.seed))
-  else:
-    state = ckpt.restore(latest, checkpoint.abstract_with_shardings(state_shapes,
-                                                                    state_shardings))
+  state, state_shardings, abstract_state, latest = train_lib.create_or_restore_state(
+      init_fn, config.seed, mesh, rules, ckpt)
   start_step = int(state.step)
-  log.info("%s at step %d", "starting" if latest is None else "resumed", start_step)
   counts = vitvqgan.count_params_by_stack(state.params)
+  if state.disc_params is not None:
+    counts["discriminator"] = vitvqgan.count_params(state.disc_params)
   log.info("parameters: %s (total %.2fM)", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()},
            sum(counts.values()) / 1e6)
   if is_main:
@@ -239,22 +337,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = parallel.batch_sharding(mesh)
   image_spec = lambda b: {"image": jax.ShapeDtypeStruct(
       (b, config.image_size, config.image_size, 3), jnp.float32, sharding=batch_sharding)}
-  abstract_state = checkpoint.abstract_with_shardings(state_shapes, state_shardings)
-  train_step = jax.jit(make_train_step(model, tx, schedule, config),
-                       in_shardings=(state_shardings, batch_sharding),
+  train_step = jax.jit(make_train_step(models, tx, schedule, disc_tx, config),
+                       in_shardings=(state_shardings, batch_sharding, replicated),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding))
+  eval_step = jax.jit(make_eval_step(models),
+                      in_shardings=(state_shardings.params, batch_sharding, replicated))
   with parallel.tracing_context(mesh, rules):
-    train_step, flops_per_step = train_lib.compile_step(train_step, abstract_state,
-                                                        image_spec(config.batch_size))
+    train_step, flops_per_step = train_lib.compile_step(
+        train_step, abstract_state, image_spec(config.batch_size), lpips_params)
     eval_step, _ = train_lib.compile_step(eval_step, abstract_state.params,
-                                          image_spec(config.eval_batch_size))
+                                          image_spec(config.eval_batch_size), lpips_params)
   log.info(train_lib.describe_memory(train_step, "train step"))
   log.info("train step: %.3f GFLOP per device per step (XLA cost analysis)", flops_per_step / 1e9)
 
   def run_eval(step: int):
-    metrics, (images, recons) = evaluate(eval_step, state.params, eval_data, mesh,
-                                         model.codebook_size, config.eval_usage_chunk)
+    eval_params = state.ema_params if state.ema_params is not None else state.params
+    metrics, (images, recons) = evaluate(eval_step, eval_params, lpips_params, eval_data, mesh,
+                                         models.tokenizer.codebook_size, config.eval_usage_chunk)
     log.info("eval at step %d on %d images: %s", step, metrics["num_images"],
              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -276,20 +375,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   while step < config.total_steps:
     local = next(train_iter)
     batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch, lpips_params)
     history.append(metrics)
     step += 1
     is_last = step == config.total_steps
     stop_now = should_stop is not None and should_stop(step)
 
     if step % config.log_every == 0 or is_last or stop_now:
-      scalars = train_lib.mean_metrics(history)
+      scalars = train_lib.write_train_window(writer, step, history, progress, last_saved,
+                                             train_data.skipped_images)
       history = []
-      train_lib.check_finite(scalars["loss"], step, last_saved)
-      scalars.update(progress.update(step))
-      scalars["data/skipped_images"] = train_data.skipped_images
-      logged.append({"step": step, **scalars})
-      writer.write_scalars(step, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()})
+      logged.append(scalars)
       log.info("step %d/%d: loss %.4f, l2 %.4g, usage %.3f, %.2f steps/s, "
                "%.1f img/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
                scalars["loss"], scalars["loss_l2"], scalars["codebook_usage"],
@@ -301,10 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       eval_metrics = run_eval(step)
 
     if step % config.checkpoint_every == 0 or is_last or stop_now:
-      loss = float(jax.device_get(metrics["loss"]))
-      train_lib.check_finite(loss, step, last_saved)
-      ckpt.save(step, state, force=True)
-      last_saved = step
+      last_saved = train_lib.save_if_finite(ckpt, step, state, metrics["loss"], last_saved)
     if stop_now:
       log.info("stop requested: saved step %d, exiting the loop", step)
       break

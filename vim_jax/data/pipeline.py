@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class InputPipeline:
   """Batches of {'image': float32 [b, S, S, 3] in [-1, 1], 'label': int32 [b],
-  'mask': float32 [b]} for this process (b = global_batch_size / process_count).
+  'mask': float32 [b]} for this process (b = global_batch_size / process_count); from a
+  pre-tokenized source, 'tokens': int32 [b, N] instead of 'image'.
 
   train=True: infinite, shuffled, augmented. train=False: one ordered pass over the source,
   the last batch padded with mask 0.
@@ -81,7 +82,7 @@ class InputPipeline:
       indices[sel] = self._permutation(int(epoch))[positions[sel] % self.num_examples]
     return indices, np.ones_like(positions, dtype=bool)
 
-  def _load(self, index: int, step: int, position: int) -> tuple[np.ndarray, int]:
+  def _load(self, index: int, step: int, position: int) -> dict[str, np.ndarray]:
     for attempt in range(100):
       candidate = (index + attempt) % len(self.source)
       try:
@@ -94,9 +95,11 @@ class InputPipeline:
     else:
       raise RuntimeError(f"100 consecutive unreadable images from index {index}; is the "
                          "dataset path right?")
+    if "tokens" in example:  # a pre-tokenized source: nothing to preprocess
+      return {"tokens": np.asarray(example["tokens"], np.int32), "label": example["label"]}
     rng = np.random.default_rng([self.seed, step, position]) if self.train else None
     image = preprocess.preprocess_image(example["image"], self.image_size, rng, self.random_flip)
-    return image, example["label"]
+    return {"image": image, "label": example["label"]}
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of the global batch at `step`."""
@@ -106,9 +109,11 @@ class InputPipeline:
     positions = np.arange(lo, lo + self.local_batch_size)
     futures = [self._pool.submit(self._load, int(i), step, int(p))
                for i, p in zip(indices[sl], positions)]
-    images, labels = zip(*(f.result() for f in futures))
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
-            "mask": valid[sl].astype(np.float32)}
+    examples = [f.result() for f in futures]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "label"}
+    batch["label"] = np.asarray([e["label"] for e in examples], np.int32)
+    batch["mask"] = valid[sl].astype(np.float32)
+    return batch
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None,
               prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:

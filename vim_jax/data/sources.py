@@ -26,16 +26,17 @@ class ShapesSource:
   """The embedded dataset (see data/shapes.py)."""
 
   def __init__(self, split: str, num_examples: int, resolution: int, seed: int,
-               num_classes: int = len(shapes.CLASS_NAMES)):
+               num_classes: int = len(shapes.CLASS_NAMES),
+               style: shapes.ShapesStyle = shapes.ShapesStyle()):
     self.split, self.num_examples, self.resolution = split, num_examples, resolution
-    self.seed, self.num_classes = seed, num_classes
+    self.seed, self.num_classes, self.style = seed, num_classes, style
 
   def __len__(self):
     return self.num_examples
 
   def __getitem__(self, index: int):
     image, label = shapes.render_example(self.seed, self.split, int(index), self.resolution,
-                                         self.num_classes)
+                                         self.num_classes, self.style)
     return {"image": image, "label": label}
 
 
@@ -147,17 +148,52 @@ class TfdsSource:
     return {"image": image[..., :3], "label": label}
 
 
+class TokenSource:
+  """Image tokens written by `python -m vim_jax.tools.pretokenize`: shards of
+  {split}-NNNNN.tokens.npy (int32 [n, N]) and .labels.npy, memory-mapped."""
+
+  def __init__(self, folder: str, split: str):
+    import glob
+    import json
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(
+          f"data.tokens_dir={folder!r} has no meta.json; write it with `python -m "
+          "vim_jax.tools.pretokenize --config=<vim config> --out=<dir>`.")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    shards = sorted(glob.glob(os.path.join(folder, f"{split}-*.tokens.npy")))
+    if not shards:
+      raise FileNotFoundError(f"no {split}-*.tokens.npy shards in {folder!r}.")
+    self.tokens = [np.load(p, mmap_mode="r") for p in shards]
+    self.labels = [np.load(p.replace(".tokens.npy", ".labels.npy")) for p in shards]
+    self.offsets = np.cumsum([0] + [len(t) for t in self.tokens])
+    self.num_classes = self.meta["num_classes"]
+
+  def __len__(self):
+    return int(self.offsets[-1])
+
+  def __getitem__(self, index: int):
+    shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+    i = int(index - self.offsets[shard])
+    return {"tokens": np.asarray(self.tokens[shard][i]), "label": int(self.labels[shard][i])}
+
+
 def build_source(data_config, split: str, image_size: int, seed: int):
   """The source named by config.data for split 'train' or 'eval'."""
   kind = data_config.source
   if kind == "shapes":
     size = data_config.shapes_train_size if split == "train" else data_config.shapes_eval_size
+    style = shapes.ShapesStyle(data_config.shapes_num_colors, data_config.shapes_gradient,
+                               *data_config.shapes_radius)
     return ShapesSource(split, size, data_config.get("shapes_resolution") or image_size,
-                        data_config.shapes_seed, data_config.num_classes)
+                        data_config.shapes_seed, data_config.num_classes, style)
   if kind == "folder":
     return FolderSource(data_config.folder, split, data_config.folder_eval_fraction)
   if kind == "tfds":
     tfds_split = data_config.train_split if split == "train" else data_config.eval_split
     return TfdsSource(data_config.name, tfds_split, data_config.data_dir or None,
                       data_config.image_key, data_config.label_key)
-  raise ValueError(f"data.source={kind!r}; expected 'shapes', 'tfds' or 'folder'.")
+  if kind == "tokens":
+    return TokenSource(data_config.tokens_dir, split)
+  raise ValueError(f"data.source={kind!r}; expected 'shapes', 'tfds', 'folder' or 'tokens'.")

@@ -62,7 +62,7 @@ def constrain_tokens(x: jax.Array) -> jax.Array:
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention with its own attention width.
+  """Self-attention with its own attention width, and a KV cache for decoding.
 
   Kernels are plain params with 3-D logical axes and an einsum, because nn.DenseGeneral with
   3-D logical kernel axes fails under jax.set_mesh (measured with flax 0.12).
@@ -74,8 +74,15 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, D] -> [B, L, D]."""
+  def __call__(self, x: jax.Array, decode_index: jax.Array | None = None,
+               cache_length: int = 0) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D].
+
+    With decode_index (an int32 scalar), x holds the L tokens at positions
+    decode_index .. decode_index + L - 1: their keys and values are written into the 'cache'
+    collection ([B, cache_length, H, K]) and the queries attend to every cached position up to
+    their own (causal decoding with a KV cache).
+    """
     width = x.shape[-1]
     h, k = self.num_heads, self.head_dim
 
@@ -86,9 +93,22 @@ class MultiHeadAttention(nn.Module):
       return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "act_kv"))
 
     q, key, value = project("query"), project("key"), project("value")
-    # jax.nn.dot_product_attention picks cuDNN flash attention on GPU, XLA elsewhere; softmax
-    # runs in float32 inside it.
-    out = jax.nn.dot_product_attention(q, key, value, is_causal=self.causal)
+    if decode_index is None:
+      # jax.nn.dot_product_attention picks cuDNN flash attention on GPU, XLA elsewhere; softmax
+      # runs in float32 inside it.
+      out = jax.nn.dot_product_attention(q, key, value, is_causal=self.causal)
+    else:
+      b, length = x.shape[:2]
+      shape = (b, cache_length, h, k)
+      cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
+      cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
+      start = (0, decode_index, 0, 0)
+      cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+      query_pos = decode_index + jnp.arange(length)
+      mask = jnp.arange(cache_length)[None, :] <= query_pos[:, None]  # [L, cache_length]
+      out = jax.nn.dot_product_attention(q, cached_key.value, cached_value.value,
+                                         mask=mask[None, None])
     out_kernel = self.param("out_kernel", dense_init(("heads", "kv", "embed")), (h, k, width))
     out_bias = self.param("out_bias", zeros_init(("embed",)), (width,))
     y = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
@@ -118,12 +138,13 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool, decode_index=None,
+               cache_length: int = 0) -> jax.Array:
     """x: [B, L, D] -> [B, L, D]."""
     cfg = self.config
     y = layer_norm(self.dtype, "ln_attention")(x)
     y = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.causal, self.dtype,
-                           name="attention")(y)
+                           name="attention")(y, decode_index, cache_length)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = constrain_tokens(x + y)
     y = layer_norm(self.dtype, "ln_mlp")(x)
@@ -139,12 +160,25 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    """x: [B, L, D] -> [B, L, D]."""
+  def __call__(self, x: jax.Array, deterministic: bool = True, decode_index=None,
+               cache_length: int = 0, capture_block: int | None = None):
+    """x: [B, L, D] -> [B, L, D].
+
+    decode_index / cache_length: KV-cached decoding (see MultiHeadAttention).
+    capture_block: also return the output of that block (1-based, before the final LayerNorm),
+    as (output, captured); used for linear probes.
+    """
     block_cls = TransformerBlock
-    if self.config.remat:
-      block_cls = nn.remat(TransformerBlock, static_argnums=(2,))
+    if self.config.remat and decode_index is None:
+      block_cls = nn.remat(TransformerBlock, static_argnums=(2, 4))
+    if capture_block is not None and not 1 <= capture_block <= self.config.num_layers:
+      raise ValueError(f"capture_block={capture_block}; expected 1..{self.config.num_layers}.")
     x = constrain_tokens(x.astype(self.dtype))
+    captured = None
     for i in range(self.config.num_layers):
-      x = block_cls(self.config, self.dtype, name=f"block_{i:02d}")(x, deterministic)
-    return layer_norm(self.dtype, "ln_final")(x)
+      x = block_cls(self.config, self.dtype, name=f"block_{i:02d}")(
+          x, deterministic, decode_index, cache_length)
+      if capture_block == i + 1:
+        captured = x
+    out = layer_norm(self.dtype, "ln_final")(x)
+    return out if capture_block is None else (out, captured)

@@ -1,0 +1,94 @@
+"""StyleGAN2 discriminator, GAN losses and regularisers against closed forms."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vim_jax import losses
+from vim_jax.models import discriminator as disc_lib
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+def test_output_shapes_and_depth_scale_with_image_size(size):
+  d = disc_lib.StyleGANDiscriminator(size, channel_base=1024, max_channels=64)
+  images = jax.ShapeDtypeStruct((4, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(d.init, jax.random.key(0), images)
+  blocks = [k for k in variables["params"] if k.startswith("block_")]
+  assert len(blocks) == int(np.log2(size)) - 2  # down to 4x4
+  out = jax.eval_shape(d.apply, variables, images)
+  assert out.shape == (4,) and out.dtype == jnp.float32
+
+
+def test_forward_runs_and_rejects_wrong_sizes():
+  d = disc_lib.StyleGANDiscriminator(32, channel_base=256, max_channels=32)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  params = nn.meta.unbox(d.init(jax.random.key(1), x))
+  logits = d.apply(params, x)
+  assert logits.shape == (4,) and np.all(np.isfinite(np.asarray(logits)))
+  with pytest.raises(ValueError, match="built for 32x32"):
+    d.apply(params, jnp.zeros((4, 64, 64, 3)))
+
+
+def test_blur_preserves_constants_and_mass():
+  x = jnp.full((1, 8, 8, 2), 3.0)
+  np.testing.assert_allclose(np.asarray(disc_lib.blur(x))[:, 2:-2, 2:-2], 3.0, rtol=1e-6)
+  delta = jnp.zeros((1, 9, 9, 1)).at[0, 4, 4, 0].set(1.0)
+  np.testing.assert_allclose(float(disc_lib.blur(delta).sum()), 1.0, rtol=1e-6)
+
+
+def test_minibatch_stddev_matches_numpy():
+  x = np.random.default_rng(0).normal(size=(8, 2, 2, 3)).astype(np.float32)
+  out = np.asarray(disc_lib.minibatch_stddev(jnp.asarray(x), group_size=4))
+  groups = x.reshape(4, 2, 2, 2, 3)
+  expected = np.sqrt(groups.var(axis=0) + 1e-8).mean(axis=(1, 2, 3))  # [2]
+  np.testing.assert_allclose(out[..., :3], x)
+  for i in range(8):
+    np.testing.assert_allclose(out[i, ..., 3], expected[i % 2], rtol=1e-5)
+
+
+def test_gan_losses_match_closed_forms():
+  real, fake = np.array([2.0, -1.0]), np.array([0.5, -3.0])
+  softplus = lambda z: np.log1p(np.exp(z))
+  assert float(losses.discriminator_loss(real, fake, "non_saturating")) == pytest.approx(
+      softplus(-real).mean() + softplus(fake).mean(), rel=1e-6)
+  assert float(losses.generator_adversarial_loss(fake, "non_saturating")) == pytest.approx(
+      softplus(-fake).mean(), rel=1e-6)
+  assert float(losses.discriminator_loss(real, fake, "hinge")) == pytest.approx(
+      np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean())
+  assert float(losses.generator_adversarial_loss(fake, "hinge")) == pytest.approx(-fake.mean())
+  with pytest.raises(ValueError, match="wasserstein"):
+    losses.discriminator_loss(real, fake, "wasserstein")
+  assert float(losses.lecam_regularizer(real, fake, 1.0, -1.0)) == pytest.approx(
+      np.mean((real + 1) ** 2) + np.mean((fake - 1) ** 2))
+
+
+def test_r1_penalty_analytic_for_a_quadratic_discriminator():
+  w = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
+  d_fn = lambda x: jnp.sum(w * x**2, axis=(1, 2, 3)) / 2  # grad_x = w * x
+  x = jax.random.normal(jax.random.key(1), (3, 4, 4, 3))
+  expected = np.mean(np.sum(np.asarray(w * x) ** 2, axis=(1, 2, 3)))
+  assert float(losses.r1_penalty(d_fn, x)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_r1_penalty_matches_finite_differences_on_the_discriminator():
+  """Minibatch-stddev couples the examples, so this checks the gradient of the summed logits
+  (what R1 differentiates), in float64."""
+  with jax.enable_x64(True):
+    d = disc_lib.StyleGANDiscriminator(8, channel_base=64, max_channels=8, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), dtype=jnp.float64)
+    params = nn.meta.unbox(d.init(jax.random.key(1), x))
+    d64 = lambda z: d.apply(params, z)
+    x64 = x.astype(jnp.float64)
+    eps = 1e-5
+    grads = np.zeros(x.shape)
+    flat = np.asarray(x64).reshape(-1)
+    for i in range(flat.size):  # central differences of sum_b D(x_b)
+      e = np.zeros_like(flat)
+      e[i] = eps
+      up = float(jnp.sum(d64(jnp.asarray((flat + e).reshape(x.shape)))))
+      down = float(jnp.sum(d64(jnp.asarray((flat - e).reshape(x.shape)))))
+      grads.reshape(-1)[i] = (up - down) / (2 * eps)
+    expected = np.mean(np.sum(grads**2, axis=(1, 2, 3)))
+    assert float(losses.r1_penalty(d64, x64)) == pytest.approx(expected, rel=1e-6)

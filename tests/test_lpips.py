@@ -1,0 +1,166 @@
+"""LPIPS: conversion of the published PyTorch layouts, equality with PyTorch, the missing-file
+error, and the perceptual loss through vim_jax.main."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vim_jax.models import lpips
+from vim_jax.tools import convert_lpips
+
+from conftest import REPO_ROOT
+
+VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256),
+             (12, 256, 256), (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512),
+             (24, 512, 512), (26, 512, 512), (28, 512, 512)]
+
+
+def make_published_files(directory, seed=0):
+  """Random weights in torchvision's vgg16 layout and the lpips package's v0.1 head layout."""
+  g = torch.Generator().manual_seed(seed)
+  vgg = {}
+  for i, cin, cout in VGG_CONVS:
+    vgg[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** .5
+    vgg[f"features.{i}.bias"] = torch.randn(cout, generator=g) * 0.01
+  vgg["classifier.0.weight"] = torch.zeros(4, 8)  # present in the real file, ignored
+  head = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+          for k, c in enumerate(lpips.TAP_CHANNELS)}
+  vgg_path, head_path = os.path.join(directory, "vgg16.pth"), os.path.join(directory, "vgg.pth")
+  torch.save(vgg, vgg_path)
+  torch.save(head, head_path)
+  return vgg, head, vgg_path, head_path
+
+
+def torch_lpips(vgg, head, x, y):
+  """Independent LPIPS v0.1 in PyTorch (NCHW), following the lpips package's definition."""
+  shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
+  scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+
+  def features(z):
+    z = (z - shift) / scale
+    taps = []
+    for i, _, _ in VGG_CONVS:
+      if i in (5, 10, 17, 24):
+        z = F.max_pool2d(z, 2, 2)
+      z = F.relu(F.conv2d(z, vgg[f"features.{i}.weight"], vgg[f"features.{i}.bias"], padding=1))
+      if i in (2, 7, 14, 21, 28):
+        taps.append(z)
+    return taps
+
+  total = 0
+  for k, (fx, fy) in enumerate(zip(features(x), features(y))):
+    nx = fx / (torch.sqrt(torch.sum(fx**2, dim=1, keepdim=True)) + 1e-10)
+    ny = fy / (torch.sqrt(torch.sum(fy**2, dim=1, keepdim=True)) + 1e-10)
+    d = F.conv2d((nx - ny) ** 2, head[f"lin{k}.model.1.weight"])
+    total = total + d.mean(dim=(2, 3))
+  return total[:, 0]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("lpips"))
+  vgg, head, vgg_path, head_path = make_published_files(directory)
+  out = os.path.join(directory, "lpips.msgpack")
+  convert_lpips.main([f"--vgg16={vgg_path}", f"--lpips_head={head_path}", f"--output={out}"])
+  return vgg, head, out
+
+
+def test_flax_lpips_equals_pytorch(converted):
+  vgg, head, path = converted
+  params = lpips.load_params(path)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (3, 48, 48, 3)).astype(np.float32)
+  y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
+  ours = np.asarray(lpips.LPIPS().apply(params, jnp.asarray(x), jnp.asarray(y)))
+  to_nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    ref = torch_lpips(vgg, head, to_nchw(x), to_nchw(y)).numpy()
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
+  assert np.all(ref > 0)
+
+
+def test_distance_is_zero_for_identical_images_and_grows_with_noise(converted):
+  params = lpips.load_params(converted[2])
+  model = lpips.LPIPS()
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  assert np.allclose(np.asarray(model.apply(params, x, x)), 0.0, atol=1e-7)
+  dists = []
+  for sigma in (0.05, 0.2, 0.5):
+    noisy = jnp.clip(x + sigma * jax.random.normal(jax.random.key(1), x.shape), -1, 1)
+    dists.append(np.asarray(model.apply(params, x, noisy)))
+  assert np.all(dists[0] < dists[1]) and np.all(dists[1] < dists[2])
+
+
+def test_no_gradient_reaches_the_frozen_weights(converted):
+  params = lpips.load_params(converted[2])
+  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
+  def loss(p, y):
+    return jnp.sum(lpips.LPIPS().apply(jax.lax.stop_gradient(p), x, y))
+  g_params, g_y = jax.grad(loss, argnums=(0, 1))(params, x * 0.5)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(g_params))
+  assert float(jnp.abs(g_y).max()) > 0
+
+
+def test_converter_rejects_wrong_layouts(converted):
+  vgg, head, _ = converted
+  vgg_np = {k: v.numpy() for k, v in vgg.items()}
+  head_np = {k: v.numpy() for k, v in head.items()}
+  with pytest.raises(KeyError, match="features.0.weight"):
+    convert_lpips.convert({k: v for k, v in vgg_np.items() if k != "features.0.weight"}, head_np)
+  with pytest.raises(KeyError, match="lin0.model.1.weight"):
+    convert_lpips.convert(vgg_np, {"lin0.weight": head_np["lin0.model.1.weight"]})
+  bad = dict(head_np, **{"lin1.model.1.weight": np.zeros((1, 3, 1, 1), np.float32)})
+  with pytest.raises(ValueError, match=r"expected \(1, 128, 1, 1\)"):
+    convert_lpips.convert(vgg_np, bad)
+
+
+def test_missing_weights_error_names_path_and_commands(tiny_config, tmp_path):
+  from vim_jax import train_vitvq
+  tiny_config.loss.perceptual = 0.1
+  tiny_config.perceptual_weights = str(tmp_path / "nowhere.msgpack")
+  with pytest.raises(FileNotFoundError) as e:
+    train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert "nowhere.msgpack" in str(e.value)
+  assert "python -m vim_jax.tools.convert_lpips" in str(e.value)
+
+
+def test_tiny_full_objective_through_main(converted, tmp_path):
+  """All five loss terms, with LPIPS converted from random-weight published-layout files."""
+  workdir = str(tmp_path / "full")
+  args = [sys.executable, "-m", "vim_jax.main", "--config=configs/vitvq_base.py:tiny",
+          f"--workdir={workdir}", "--config.loss.perceptual=0.1",
+          f"--config.perceptual_weights={converted[2]}", "--config.total_steps=6",
+          "--config.eval_every=6", "--config.checkpoint_every=3", "--config.log_every=3",
+          "--config.ema_decay=0.9"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "LPIPS weights:" in proc.stderr and "lpips=" in proc.stderr
+  from test_configs import _event_tags
+  tags = _event_tags(workdir)
+  for tag in ("train/loss_perceptual", "train/loss_adversarial", "train/loss_logit_laplace",
+              "train/loss_l2", "train/loss_vq", "disc/loss", "disc/logits_real",
+              "disc/logits_fake", "disc/r1_penalty", "eval/lpips"):
+    assert tag in tags, (tag, sorted(tags))
+
+
+def test_resume_is_exact_with_the_perceptual_loss(converted, tiny_config, tmp_path):
+  from vim_jax import train_vitvq
+  tiny_config.update(total_steps=4, log_every=1, eval_every=1000, checkpoint_every=1000,
+                     num_eval_images=16, perceptual_weights=converted[2])
+  tiny_config.loss.perceptual = 0.1
+  straight = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "a"))
+  train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "b"), should_stop=lambda s: s == 2)
+  resumed = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "b"))
+  assert [m["step"] for m in resumed.train_metrics] == [3, 4]
+  assert resumed.train_metrics[-1]["loss_perceptual"] == straight.train_metrics[-1]["loss_perceptual"]
+  for a, b in zip(jax.tree.leaves((straight.state.params, straight.state.disc_params)),
+                  jax.tree.leaves((resumed.state.params, resumed.state.disc_params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,122 @@
+"""VIM and its sampler: cached decoding equals the full forward pass; sampling controls."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vim_jax import sampling
+from vim_jax.models import transformer
+from vim_jax.models import vim as vim_lib
+
+V, N, C = 32, 12, 3
+
+
+def _model(num_classes=C):
+  stack = transformer.StackConfig(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64,
+                                  causal=True)
+  model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=num_classes)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, N), jnp.int32),
+                                    jnp.zeros((2,), jnp.int32)))["params"]
+  return model, params
+
+
+def test_cached_decoding_gives_the_full_forward_logits():
+  model, params = _model()
+  tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
+  labels = jnp.array([0, 2])
+  full = model.apply({"params": params}, tokens, labels)
+  cache = sampling.init_cache(model, 2)
+  previous = jnp.zeros((2,), jnp.int32)
+  for i in range(N):
+    logits, mutated = model.apply({"params": params, "cache": cache}, previous, labels,
+                                  jnp.int32(i), method=vim_lib.VIM.decode, mutable=["cache"])
+    cache = mutated["cache"]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, i]), atol=2e-5, rtol=1e-5)
+    previous = tokens[:, i]
+
+
+def test_logits_are_causal_and_conditioned_on_the_class():
+  model, params = _model()
+  tokens = jax.random.randint(jax.random.key(1), (1, N), 0, V)
+  base = model.apply({"params": params}, tokens, jnp.array([0]))
+  changed = model.apply({"params": params}, tokens.at[:, 6:].set(0), jnp.array([0]))
+  np.testing.assert_allclose(base[:, :7], changed[:, :7], atol=1e-6)  # logits i see tokens < i
+  other_class = model.apply({"params": params}, tokens, jnp.array([1]))
+  assert not np.allclose(base[:, 0], other_class[:, 0])
+
+
+def test_greedy_sampling_is_deterministic_and_matches_the_uncached_sampler():
+  model, params = _model()
+  labels = jnp.array([0, 1, 2])
+  greedy = sampling.SamplingConfig(temperature=0.0)
+  a = sampling.sample_tokens(model, params, labels, jax.random.key(0), greedy)
+  b = sampling.sample_tokens(model, params, labels, jax.random.key(7), greedy)
+  np.testing.assert_array_equal(a, b)
+  ref = sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(0), greedy)
+  np.testing.assert_array_equal(a, ref)
+  # Greedy tokens are the argmax of the full forward pass on the sampled sequence.
+  logits = model.apply({"params": params}, a, labels)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_fixed_seed_reproduces_samples_and_seeds_differ():
+  model, params = _model()
+  labels = jnp.array([0, 1])
+  cfg = sampling.SamplingConfig(temperature=1.0)
+  a = sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
+  b = sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
+  c = sampling.sample_tokens(model, params, labels, jax.random.key(4), cfg)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  ref = sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(3), cfg)
+  np.testing.assert_array_equal(a, ref)  # same key: the cache changes speed, not samples
+
+
+def test_top_k_and_top_p_never_emit_excluded_tokens():
+  logits = jax.random.normal(jax.random.key(0), (4, V)) * 3
+  top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
+  filtered = sampling.filter_logits(logits, top_k=3)
+  draws = jax.random.categorical(jax.random.key(1), filtered, shape=(2000, 4))
+  for row in range(4):
+    assert set(np.asarray(draws[:, row]).tolist()) <= set(top3[row].tolist())
+  probs = np.asarray(jax.nn.softmax(logits))
+  filtered = np.asarray(sampling.filter_logits(logits, top_p=0.5))
+  for row in range(4):
+    order = np.argsort(-probs[row])
+    mass_before = np.cumsum(probs[row][order]) - probs[row][order]
+    allowed = set(order[mass_before < 0.5].tolist())
+    kept = set(np.nonzero(filtered[row] > np.finfo(np.float32).min)[0].tolist())
+    assert kept == allowed and len(kept) >= 1
+  # The sampler honours them too: with top_k=1 sampling is greedy.
+  model, params = _model()
+  labels = jnp.array([0, 1])
+  top1 = sampling.sample_tokens(model, params, labels, jax.random.key(5),
+                                sampling.SamplingConfig(temperature=1.0, top_k=1))
+  greedy = sampling.sample_tokens(model, params, labels, jax.random.key(5),
+                                  sampling.SamplingConfig(temperature=0.0))
+  np.testing.assert_array_equal(top1, greedy)
+
+
+def test_guidance_scale_one_equals_conditional_and_others_change_samples():
+  model, params = _model()
+  labels = jnp.array([0, 1, 2])
+  plain = sampling.sample_tokens(model, params, labels, jax.random.key(2),
+                                 sampling.SamplingConfig(temperature=0.0))
+  guided = sampling.sample_tokens(model, params, labels, jax.random.key(2),
+                                  sampling.SamplingConfig(temperature=0.0, guidance_scale=5.0))
+  assert plain.shape == guided.shape == (3, N)
+  assert not np.array_equal(plain, guided)
+
+
+def test_unconditional_model_ignores_labels_and_features_shape():
+  model, params = _model(num_classes=0)
+  tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
+  a = model.apply({"params": params}, tokens, jnp.array([0, 5]))
+  b = model.apply({"params": params}, tokens, None)
+  np.testing.assert_allclose(a, b)
+  feats = model.apply({"params": params}, tokens, None, 1, method=vim_lib.VIM.features)
+  assert feats.shape == (2, 32)
+  with pytest.raises(ValueError, match="capture_block=3"):
+    model.apply({"params": params}, tokens, None, 3, method=vim_lib.VIM.features)

@@ -1,0 +1,143 @@
+"""Linear probe on VIM features (paper Sec. 4.3): representation learning from a frozen VIM.
+
+Features of an image: its tokens run through the frozen VIM (with the null condition, so a
+class-conditional model sees no label), the output of one block averaged over the sequence.
+A linear softmax classifier is trained on the train split's features with optax; top-1 on the
+eval split is the probe accuracy.
+
+  python -m vim_jax.probe --workdir=workdirs/vim [--blocks=2,4]
+
+prints a table of top-1 per block (default: config.probe.block and the last block).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from jax.experimental import multihost_utils
+
+from vim_jax import parallel, train_vim
+from vim_jax.data import pipeline, sources
+from vim_jax.models import vim as vim_lib
+from vim_jax.models import vitvqgan
+
+log = logging.getLogger(__name__)
+
+
+def extract_features(trained: train_vim.TrainedVIM, data: pipeline.InputPipeline,
+                     blocks: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+  """One ordered pass over `data`: ({block: features [N, D]}, labels [N])."""
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  model, tok = trained.model, trained.tokenizer
+
+  @jax.jit
+  def features(params, tok_params, images):
+    tokens = tok.model.apply({"params": tok_params}, images,
+                             method=vitvqgan.ViTVQGAN.encode_to_indices)
+    tokens = tokens.reshape(tokens.shape[0], -1)
+    null = jnp.full((tokens.shape[0],), model.null_label, jnp.int32)
+    return {b: model.apply({"params": params}, tokens, null, b, method=vim_lib.VIM.features)
+            for b in blocks}
+
+  params = jax.device_put(trained.params, replicated)
+  tok_params = jax.device_put(tok.params, replicated)
+  feats: dict[int, list] = {b: [] for b in blocks}
+  labels = []
+  for local in data.iterate():
+    images = parallel.global_batch_from_local({"image": local["image"]}, mesh)["image"]
+    out = multihost_utils.process_allgather(features(params, tok_params, images), tiled=True)
+    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+    for b in blocks:
+      feats[b].append(np.asarray(out[b])[mask])
+    labels.append(multihost_utils.process_allgather(local["label"], tiled=True)[mask])
+  return {b: np.concatenate(f) for b, f in feats.items()}, np.concatenate(labels)
+
+
+def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray,
+                       eval_y: np.ndarray, num_classes: int, steps: int, batch_size: int,
+                       lr: float, weight_decay: float = 0.0, seed: int = 0) -> float:
+  """Trains softmax(x W + b) with Adam on standardised features; returns eval top-1."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # statistics of the train split only
+  train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
+  params = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+  opt_state = tx.init(params)
+  train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y)
+
+  @jax.jit
+  def step(params, opt_state, rng):
+    idx = jax.random.randint(rng, (batch_size,), 0, train_x.shape[0])
+
+    def loss_fn(p):
+      logits = train_x[idx] @ p["w"] + p["b"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, train_y[idx]).mean()
+
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  rng = jax.random.key(seed)
+  for i in range(steps):
+    params, opt_state = step(params, opt_state, jax.random.fold_in(rng, i))
+  predictions = np.argmax(np.asarray(eval_x @ params["w"] + params["b"]), -1)
+  return float(np.mean(predictions == eval_y))
+
+
+def run_probe(workdir: str, blocks: list[int] | None = None) -> dict[int, float]:
+  """Probe accuracy for each block of a stage-2 workdir, using its config.probe settings."""
+  trained = train_vim.load_vim(workdir)
+  config, p = trained.config, trained.config.probe
+  last = trained.model.stack.num_layers
+  blocks = sorted(set(blocks or [p.block, last]))
+  built = {split: sources.build_source(config.data, split, config.image_size, config.seed)
+           for split in ("train", "eval")}
+  passes = {
+      split: pipeline.InputPipeline(
+          built[split], config.eval_batch_size, config.image_size, config.seed, train=False,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          num_workers=config.data.num_workers,
+          max_examples=p.num_train_images if split == "train" else p.num_eval_images)
+      for split in ("train", "eval")}
+  train_feats, train_y = extract_features(trained, passes["train"], blocks)
+  eval_feats, eval_y = extract_features(trained, passes["eval"], blocks)
+  num_classes = built["train"].num_classes
+  results = {}
+  for b in blocks:
+    results[b] = train_linear_probe(train_feats[b], train_y, eval_feats[b], eval_y, num_classes,
+                                    p.steps, p.batch_size, p.lr, p.weight_decay, config.seed)
+    log.info("linear probe, block %d of %d: top-1 %.4f (%d train / %d eval images)", b, last,
+             results[b], len(train_y), len(eval_y))
+  return results
+
+
+def format_table(results: dict[int, float], num_layers: int) -> str:
+  rows = ["| block | top-1 |", "|---|---|"]
+  rows += [f"| {b} of {num_layers} | {100 * acc:.1f}% |" for b, acc in sorted(results.items())]
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  blocks = [int(b) for b in FLAGS.blocks.split(",")] if FLAGS.blocks else None
+  results = run_probe(FLAGS.workdir, blocks)
+  trained_layers = train_vim.load_vim(FLAGS.workdir).model.stack.num_layers
+  print(format_table(results, trained_layers))
+  with open(os.path.join(FLAGS.workdir, "probe.json"), "w") as f:
+    json.dump({str(k): v for k, v in results.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A stage-2 (VIM) workdir.")
+  flags.DEFINE_string("blocks", "", "Comma-separated 1-based blocks to probe; default "
+                      "config.probe.block and the last block.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -1,0 +1,176 @@
+"""Sample images from a trained VIM (stage 2), optionally with classifier rejection sampling.
+
+  python -m vim_jax.sample --workdir=workdirs/vim --num_samples=64 [--classes=0,3]
+      [--classifier_workdir=workdirs/classifier --acceptance=0.5] [--out=DIR]
+
+Writes to --out (default WORKDIR/samples): samples.png (a grid, one column per class),
+samples.npz (images uint8 [N, S, S, 3], labels int [N]) for evaluation, and results.json
+with the class accuracy of the samples under the classifier, when one is given. With
+--classifier_workdir and --acceptance < 1, rejection sampling (paper Sec. 4.2): for each
+requested class, draw ceil(n / acceptance) candidates and keep the n that the classifier
+gives the highest probability of that class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from vim_jax import parallel, sampling, train_classifier, train_vim, visualize
+from vim_jax.data import preprocess
+
+log = logging.getLogger(__name__)
+
+
+def generate(trained: train_vim.TrainedVIM, labels: np.ndarray, seed: int,
+             sampling_config: sampling.SamplingConfig, batch_size: int = 64) -> np.ndarray:
+  """uint8 images [N, S, S, 3] for int labels [N], in batches sharded over all devices.
+
+  Each batch gets its own key folded from `seed`, so a seed reproduces the samples.
+  """
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  dp = parallel.data_parallel_size(mesh)
+  batch_size = max(dp, batch_size // dp * dp)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sample_fn = jax.jit(train_vim.make_sample_fn(trained.model, trained.tokenizer.model,
+                                               sampling_config),
+                      in_shardings=(replicated, replicated, parallel.batch_sharding(mesh), None))
+  params = jax.device_put(trained.params, replicated)
+  tok_params = jax.device_put(trained.tokenizer.params, replicated)
+  out = []
+  for i, start in enumerate(range(0, len(labels), batch_size)):
+    chunk = labels[start:start + batch_size]
+    padded = np.resize(chunk, batch_size).astype(np.int32)  # the last batch repeats labels
+    images = sample_fn(params, tok_params, jax.device_put(padded, parallel.batch_sharding(mesh)),
+                       jax.random.fold_in(jax.random.key(seed), i))
+    out.append(preprocess.to_uint8(np.asarray(images))[:len(chunk)])
+    log.info("sampled %d / %d", min(start + batch_size, len(labels)), len(labels))
+  return np.concatenate(out)
+
+
+def class_probabilities(classifier, params, images: np.ndarray, batch_size: int = 256):
+  """Softmax probabilities [N, C] of uint8 images [N, S, S, 3]."""
+  predict = jax.jit(lambda p, x: jax.nn.softmax(classifier.apply({"params": p}, x), -1))
+  probs = [predict(params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
+           for i in range(0, len(images), batch_size)]
+  return np.concatenate([np.asarray(p) for p in probs])
+
+
+def rejection_sample(trained, labels: np.ndarray, seed: int, sampling_config, classifier,
+                     classifier_params, acceptance: float, batch_size: int = 64):
+  """Keeps, per class, the n of ceil(n / acceptance) candidates most likely to be that class.
+
+  Returns (images uint8 [N, S, S, 3] in the order of `labels`, probability of the requested
+  class for each kept image [N]).
+  """
+  if not 0 < acceptance <= 1:
+    raise ValueError(f"acceptance={acceptance}; expected a rate in (0, 1].")
+  images = np.zeros((len(labels), *(trained.config.image_size,) * 2, 3), np.uint8)
+  scores = np.zeros(len(labels), np.float32)
+  for c in np.unique(labels):
+    where = np.nonzero(labels == c)[0]
+    m = math.ceil(len(where) / acceptance)
+    candidates = generate(trained, np.full(m, c, np.int32), seed * 1009 + int(c),
+                          sampling_config, batch_size)
+    p = class_probabilities(classifier, classifier_params, candidates)[:, c]
+    best = np.argsort(-p)[:len(where)]
+    images[where], scores[where] = candidates[best], p[best]
+  return images, scores
+
+
+def class_accuracy(classifier, classifier_params, images, labels) -> float:
+  probs = class_probabilities(classifier, classifier_params, images)
+  return float(np.mean(np.argmax(probs, -1) == labels))
+
+
+def requested_labels(num_samples: int, num_classes: int, classes: str) -> np.ndarray:
+  """Class-balanced labels: the given comma-separated classes, or all, cycled."""
+  if num_classes == 0:
+    return np.zeros(num_samples, np.int32)
+  chosen = [int(c) for c in classes.split(",")] if classes else list(range(num_classes))
+  bad = [c for c in chosen if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"classes {bad} are outside 0..{num_classes - 1}.")
+  return np.resize(np.asarray(chosen, np.int32), num_samples)
+
+
+def sample_and_report(trained, out_dir: str, labels: np.ndarray, seed: int, sampling_config,
+                      classifier_workdir: str = "", acceptance: float = 1.0,
+                      batch_size: int = 64) -> dict:
+  """Writes samples.png / samples.npz / results.json under out_dir; returns the results."""
+  os.makedirs(out_dir, exist_ok=True)
+  images = generate(trained, labels, seed, sampling_config, batch_size)
+  results = {"num_samples": int(len(labels)), "seed": seed, "step": trained.step,
+             "sampling": sampling_config.__dict__}
+  if classifier_workdir:
+    classifier, classifier_params = train_classifier.load_classifier(classifier_workdir)
+    results["class_accuracy"] = class_accuracy(classifier, classifier_params, images, labels)
+    if acceptance < 1:
+      rejected, _ = rejection_sample(trained, labels, seed, sampling_config, classifier,
+                                     classifier_params, acceptance, batch_size)
+      results["acceptance"] = acceptance
+      results["class_accuracy_rejection"] = class_accuracy(classifier, classifier_params,
+                                                           rejected, labels)
+      np.savez(os.path.join(out_dir, "samples_rejection.npz"), images=rejected, labels=labels)
+      save_grid(rejected, labels, os.path.join(out_dir, "samples_rejection.png"))
+  np.savez(os.path.join(out_dir, "samples.npz"), images=images, labels=labels)
+  save_grid(images, labels, os.path.join(out_dir, "samples.png"))
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  log.info("samples written to %s: %s", out_dir, results)
+  return results
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path: str):
+  """One column per class (rows = samples of that class), up to 8 rows."""
+  classes = np.unique(labels)
+  per_class = [images[labels == c][:8] for c in classes]
+  rows = min(len(p) for p in per_class)
+  ordered = np.stack([per_class[j][i] for i in range(rows) for j in range(len(classes))])
+  visualize.save_png(visualize.tile(ordered, columns=len(classes)), path)
+
+
+def define_flags():
+  """The CLI flags (defined only when run as a program, so importing this module is free)."""
+  flags.DEFINE_string("workdir", None, "A stage-2 (VIM) workdir.")
+  flags.DEFINE_string("out", "", "Output folder; default WORKDIR/samples.")
+  flags.DEFINE_integer("num_samples", 64, "How many samples (class-balanced).")
+  flags.DEFINE_string("classes", "", "Comma-separated class ids; default all classes.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same samples.")
+  flags.DEFINE_integer("batch_size", 64, "Samples per device batch (rounded to the device count).")
+  flags.DEFINE_float("temperature", None, "Default: the run's config.sampling.temperature.")
+  flags.DEFINE_integer("top_k", None, "0 = off. Default: the run's config.")
+  flags.DEFINE_float("top_p", None, "1 = off. Default: the run's config.")
+  flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance; 1 = off.")
+  flags.DEFINE_string("classifier_workdir", "", "A classifier workdir (configs/classifier.py) "
+                      "to score samples and for rejection sampling.")
+  flags.DEFINE_float("acceptance", 1.0, "Rejection sampling acceptance rate (paper: 0.5); 1 = "
+                     "no rejection.")
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  trained = train_vim.load_vim(FLAGS.workdir)
+  s = trained.config.sampling
+  pick = lambda flag, default: default if flag is None else flag
+  sampling_config = sampling.SamplingConfig(
+      pick(FLAGS.temperature, s.temperature), pick(FLAGS.top_k, s.top_k),
+      pick(FLAGS.top_p, s.top_p), pick(FLAGS.guidance_scale, s.guidance_scale))
+  labels = requested_labels(FLAGS.num_samples, trained.model.num_classes, FLAGS.classes)
+  results = sample_and_report(trained, FLAGS.out or os.path.join(FLAGS.workdir, "samples"),
+                              labels, FLAGS.seed, sampling_config, FLAGS.classifier_workdir,
+                              FLAGS.acceptance, FLAGS.batch_size)
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -1,0 +1,142 @@
+"""Trainer for the small image classifier used to score samples (rejection sampling, sample
+accuracy) where no pretrained classifier exists, e.g. on the embedded shapes dataset.
+
+`train_and_evaluate(config, workdir)` trains with Adam and cross-entropy, evaluates top-1 on the
+eval split, and checkpoints like the other trainers; `load_classifier(workdir)` restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vim_jax import checkpoint, parallel, train_lib
+from vim_jax.data import pipeline
+from vim_jax.models import classifier as classifier_lib
+
+log = logging.getLogger(__name__)
+
+
+TrainState = train_lib.TrainState
+
+
+def build_model(config, num_classes: int) -> classifier_lib.ConvClassifier:
+  return classifier_lib.ConvClassifier(num_classes, tuple(config.model.widths))
+
+
+def build_optimizer(config):
+  schedule = optax.cosine_decay_schedule(config.optimizer.lr, max(config.total_steps, 1))
+  return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)
+
+
+def make_init_fn(model, tx, image_size: int):
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return init
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_stop=None,
+                       devices=None):
+  """Returns {'accuracy': eval top-1, 'num_images': ...} after config.total_steps."""
+  # --- Logging, mesh, input -------------------------------------------------------------------
+  writer = train_lib.open_workdir(workdir, config)
+  mesh = parallel.create_mesh(config.mesh, devices)
+  train_lib.check_divisible(mesh, batch_size=config.batch_size,
+                            eval_batch_size=config.eval_batch_size)
+  train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
+                                                   jax.process_count())
+  # --- Model, optimizer, state ----------------------------------------------------------------
+  model = build_model(config, train_data.num_classes)
+  tx = build_optimizer(config)
+  replicated = NamedSharding(mesh, P())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  init = make_init_fn(model, tx, config.image_size)
+  shapes = jax.eval_shape(init, jax.random.key(config.seed))
+  shardings = jax.tree.map(lambda _: replicated, shapes)
+  latest = ckpt.latest_step()
+  state = (jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed)) if latest is None
+           else ckpt.restore(latest, checkpoint.abstract_with_shardings(shapes, shardings)))
+
+  # --- Steps ----------------------------------------------------------------------------------
+  @jax.jit
+  def train_step(state, batch):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["image"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state), {"loss": loss, "accuracy": acc})
+
+  @jax.jit
+  def predict(params, images):
+    return jnp.argmax(model.apply({"params": params}, images), -1)
+
+  # --- Loop -----------------------------------------------------------------------------------
+  step, history = int(state.step), []
+  for local in train_data.iterate(step, config.total_steps - step):
+    batch = parallel.global_batch_from_local({"image": local["image"], "label": local["label"]},
+                                             mesh)
+    state, metrics = train_step(state, batch)
+    history.append(metrics)
+    step += 1
+    if step % config.log_every == 0 or step == config.total_steps:
+      scalars = train_lib.mean_metrics(history)
+      history = []
+      train_lib.check_finite(scalars["loss"], step, latest)
+      writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+      log.info("classifier step %d/%d: loss %.4f, accuracy %.3f", step, config.total_steps,
+               scalars["loss"], scalars["accuracy"])
+    if should_stop is not None and should_stop(step):
+      break
+  correct = count = 0
+  for local in eval_data.iterate():
+    images = parallel.global_batch_from_local({"image": local["image"]}, mesh)["image"]
+    pred = np.asarray(multihost_utils.process_allgather(predict(state.params, images), tiled=True))
+    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+    labels = multihost_utils.process_allgather(local["label"], tiled=True)
+    correct += int(np.sum((pred == labels)[mask]))
+    count += int(mask.sum())
+  result = {"accuracy": correct / count, "num_images": count}
+  log.info("classifier eval top-1 %.4f on %d images", result["accuracy"], count)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+  ckpt.save(step, state, force=True)
+  ckpt.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "num_classes.json"), "w") as f:
+      json.dump({"num_classes": train_data.num_classes}, f)
+  writer.flush()
+  return result
+
+
+def load_classifier(workdir: str):
+  """(model, params) of a classifier workdir's latest checkpoint, params on device 0."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  path = os.path.join(workdir, "num_classes.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} has no finished classifier run (missing "
+                            "num_classes.json); train one with configs/classifier.py.")
+  with open(path) as f:
+    num_classes = json.load(f)["num_classes"]
+  model = build_model(config, num_classes)
+  tx = build_optimizer(config)
+  shapes = jax.eval_shape(make_init_fn(model, tx, config.image_size), jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
+      shapes, jax.tree.map(lambda _: device, shapes)))
+  ckpt.close()
+  return model, state.params
