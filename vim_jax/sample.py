@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -28,30 +29,45 @@ from vim_jax.data import preprocess
 log = logging.getLogger(__name__)
 
 
+class Sampler:
+  """A VIM and its tokenizer compiled once for sampling, sharded over all devices' batch axes.
+
+  batches(labels, seed) streams uint8 images [<= batch_size, S, S, 3]; batch i uses the key
+  fold_in(key(seed), i), so a seed reproduces the samples."""
+
+  def __init__(self, trained: train_vim.TrainedVIM, sampling_config: sampling.SamplingConfig,
+               batch_size: int = 64):
+    self.trained = trained
+    self.mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+    dp = parallel.data_parallel_size(self.mesh)
+    self.batch_size = max(dp, batch_size // dp * dp)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.label_sharding = parallel.batch_sharding(self.mesh)
+    self._sample = jax.jit(
+        train_vim.make_sample_fn(trained.model, trained.tokenizer.model, sampling_config),
+        in_shardings=(replicated, replicated, self.label_sharding, None))
+    self._params = jax.device_put(trained.params, replicated)
+    self._tok_params = jax.device_put(trained.tokenizer.params, replicated)
+
+  def batches(self, labels: np.ndarray, seed: int) -> Iterator[np.ndarray]:
+    for i, start in enumerate(range(0, len(labels), self.batch_size)):
+      chunk = labels[start:start + self.batch_size]
+      padded = np.resize(chunk, self.batch_size).astype(np.int32)  # the last batch repeats
+      images = self._sample(self._params, self._tok_params,
+                            jax.device_put(padded, self.label_sharding),
+                            jax.random.fold_in(jax.random.key(seed), i))
+      log.debug("sampled %d / %d", min(start + self.batch_size, len(labels)), len(labels))
+      yield preprocess.to_uint8(np.asarray(images))[:len(chunk)]
+
+  def generate(self, labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 images [N, S, S, 3] for int labels [N]."""
+    return np.concatenate(list(self.batches(labels, seed)))
+
+
 def generate(trained: train_vim.TrainedVIM, labels: np.ndarray, seed: int,
              sampling_config: sampling.SamplingConfig, batch_size: int = 64) -> np.ndarray:
-  """uint8 images [N, S, S, 3] for int labels [N], in batches sharded over all devices.
-
-  Each batch gets its own key folded from `seed`, so a seed reproduces the samples.
-  """
-  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
-  dp = parallel.data_parallel_size(mesh)
-  batch_size = max(dp, batch_size // dp * dp)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  sample_fn = jax.jit(train_vim.make_sample_fn(trained.model, trained.tokenizer.model,
-                                               sampling_config),
-                      in_shardings=(replicated, replicated, parallel.batch_sharding(mesh), None))
-  params = jax.device_put(trained.params, replicated)
-  tok_params = jax.device_put(trained.tokenizer.params, replicated)
-  out = []
-  for i, start in enumerate(range(0, len(labels), batch_size)):
-    chunk = labels[start:start + batch_size]
-    padded = np.resize(chunk, batch_size).astype(np.int32)  # the last batch repeats labels
-    images = sample_fn(params, tok_params, jax.device_put(padded, parallel.batch_sharding(mesh)),
-                       jax.random.fold_in(jax.random.key(seed), i))
-    out.append(preprocess.to_uint8(np.asarray(images))[:len(chunk)])
-    log.info("sampled %d / %d", min(start + batch_size, len(labels)), len(labels))
-  return np.concatenate(out)
+  """uint8 images [N, S, S, 3] for int labels [N] (see Sampler)."""
+  return Sampler(trained, sampling_config, batch_size).generate(labels, seed)
 
 
 def class_probabilities(classifier, params, images: np.ndarray, batch_size: int = 256):
@@ -62,6 +78,22 @@ def class_probabilities(classifier, params, images: np.ndarray, batch_size: int 
   return np.concatenate([np.asarray(p) for p in probs])
 
 
+def rejection_batches(sampler: Sampler, labels: np.ndarray, seed: int, classifier,
+                      classifier_params, acceptance: float):
+  """Per requested class c, yields (positions of c in labels, kept images uint8 [n_c, S, S, 3],
+  their probability of c [n_c]): the n_c of ceil(n_c / acceptance) candidates that the
+  classifier finds most likely to be c. One class's candidates are in memory at a time."""
+  if not 0 < acceptance <= 1:
+    raise ValueError(f"acceptance={acceptance}; expected a rate in (0, 1].")
+  for c in np.unique(labels):
+    where = np.nonzero(labels == c)[0]
+    m = math.ceil(len(where) / acceptance)
+    candidates = sampler.generate(np.full(m, c, np.int32), seed * 1009 + int(c))
+    p = class_probabilities(classifier, classifier_params, candidates)[:, c]
+    best = np.argsort(-p)[:len(where)]
+    yield where, candidates[best], p[best]
+
+
 def rejection_sample(trained, labels: np.ndarray, seed: int, sampling_config, classifier,
                      classifier_params, acceptance: float, batch_size: int = 64):
   """Keeps, per class, the n of ceil(n / acceptance) candidates most likely to be that class.
@@ -69,18 +101,12 @@ def rejection_sample(trained, labels: np.ndarray, seed: int, sampling_config, cl
   Returns (images uint8 [N, S, S, 3] in the order of `labels`, probability of the requested
   class for each kept image [N]).
   """
-  if not 0 < acceptance <= 1:
-    raise ValueError(f"acceptance={acceptance}; expected a rate in (0, 1].")
+  sampler = Sampler(trained, sampling_config, batch_size)
   images = np.zeros((len(labels), *(trained.config.image_size,) * 2, 3), np.uint8)
   scores = np.zeros(len(labels), np.float32)
-  for c in np.unique(labels):
-    where = np.nonzero(labels == c)[0]
-    m = math.ceil(len(where) / acceptance)
-    candidates = generate(trained, np.full(m, c, np.int32), seed * 1009 + int(c),
-                          sampling_config, batch_size)
-    p = class_probabilities(classifier, classifier_params, candidates)[:, c]
-    best = np.argsort(-p)[:len(where)]
-    images[where], scores[where] = candidates[best], p[best]
+  for where, kept, p in rejection_batches(sampler, labels, seed, classifier, classifier_params,
+                                          acceptance):
+    images[where], scores[where] = kept, p
   return images, scores
 
 

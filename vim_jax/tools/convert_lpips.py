@@ -17,22 +17,11 @@ Output: a flax msgpack of {'params': {'vgg': {'conv{i}': {'kernel': [3, 3, in, o
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
 from vim_jax.models import lpips
-
-
-def _load_state_dict(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise SystemExit("reading .pth files needs torch: pip install '.[convert]'") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(state, dict) and "state_dict" in state:
-    state = state["state_dict"]
-  return {k: v.detach().float().numpy() for k, v in state.items()}
+from vim_jax.tools import weights_io
 
 
 def convert(vgg16_state: dict[str, np.ndarray], head_state: dict[str, np.ndarray]) -> dict:
@@ -66,23 +55,15 @@ def convert(vgg16_state: dict[str, np.ndarray], head_state: dict[str, np.ndarray
   return {"params": params}
 
 
-def save(params: dict, path: str):
-  from flax import serialization
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.msgpack_serialize(params))
-  os.replace(tmp, path)  # never leave a half-written weights file
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--vgg16", required=True, help="torchvision vgg16 state_dict (.pth)")
   parser.add_argument("--lpips_head", required=True, help="lpips weights/v0.1/vgg.pth")
   parser.add_argument("--output", required=True, help="Flax params file to write (.msgpack)")
   args = parser.parse_args(argv)
-  params = convert(_load_state_dict(args.vgg16), _load_state_dict(args.lpips_head))
-  save(params, args.output)
+  params = convert(weights_io.load_state_dict(args.vgg16),
+                   weights_io.load_state_dict(args.lpips_head))
+  weights_io.save_params(params, args.output)
   n = sum(np.size(x) for x in _leaves(params))
   print(f"wrote {args.output}: {n:,} parameters")
 

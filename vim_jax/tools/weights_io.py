@@ -1,0 +1,31 @@
+"""Reading published PyTorch state_dicts and writing converted Flax params files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A .pth state_dict as float32 numpy arrays (needs torch: the optional convert extra)."""
+  try:
+    import torch
+  except ImportError as e:
+    raise SystemExit("reading .pth files needs torch: pip install '.[convert]'") from e
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such weights file: {path!r}")
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(state, dict) and "state_dict" in state:
+    state = state["state_dict"]
+  return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def save_params(params: dict, path: str):
+  """Writes a flax msgpack atomically: never a half-written weights file."""
+  from flax import serialization
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(serialization.msgpack_serialize(params))
+  os.replace(tmp, path)
