@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402
 from vim_jax import train_vitvq  # noqa: E402
 from vim_jax.models import lpips  # noqa: E402
-from vim_jax.tools import convert_lpips  # noqa: E402
+from vim_jax.tools import convert_lpips, weights_io  # noqa: E402
 
 
 def random_lpips_weights(path: str, seed: int = 0):
@@ -39,30 +39,39 @@ def random_lpips_weights(path: str, seed: int = 0):
     cin = cout
   head = {f"lin{k}.model.1.weight": rng.uniform(size=(1, c, 1, 1)).astype(np.float32)
           for k, c in enumerate(lpips.TAP_CHANNELS)}
-  convert_lpips.save(convert_lpips.convert(vgg, head), path)
+  weights_io.save_params(convert_lpips.convert(vgg, head), path)
 
 
+FULL = dict(l2=1.0, vq=1.0, logit_laplace=0.1, perceptual=0.1, adversarial=0.1)
+# name -> (config.loss, config.discriminator overrides)
 SETTINGS = {
-    "L2 + VQ": dict(l2=1.0, vq=1.0, logit_laplace=0.0, perceptual=0.0, adversarial=0.0),
-    "L2 + logit-Laplace + VQ": dict(l2=1.0, vq=1.0, logit_laplace=0.1, perceptual=0.0,
-                                    adversarial=0.0),
-    "full (+0.1 LPIPS +0.1 adversarial)": dict(l2=1.0, vq=1.0, logit_laplace=0.1, perceptual=0.1,
-                                               adversarial=0.1),
+    "L2 + VQ": (dict(FULL, logit_laplace=0.0, perceptual=0.0, adversarial=0.0), {}),
+    "L2 + logit-Laplace + VQ": (dict(FULL, perceptual=0.0, adversarial=0.0), {}),
+    "full (+0.1 LPIPS +0.1 adversarial)": (FULL, {}),
+    "full, adaptive adversarial weight": (FULL, dict(adaptive_weight=True)),
+    "+0.1 adversarial only": (dict(FULL, perceptual=0.0), {}),
+    "+0.1 adversarial only, adaptive weight": (dict(FULL, perceptual=0.0),
+                                              dict(adaptive_weight=True)),
 }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--only", default="", help="comma-separated row numbers (0-based) to run; "
+                      f"default all of {list(enumerate(SETTINGS))}")
   args = parser.parse_args()
+  chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(SETTINGS))
+  settings = [list(SETTINGS.items())[i] for i in chosen]
   logging.basicConfig(level=logging.WARNING)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     weights = os.path.join(tmp, "lpips_random.msgpack")
     random_lpips_weights(weights)
-    for name, loss in SETTINGS.items():
+    for name, (loss, disc) in settings:
       config = quickstart.get_config("stage1")
       config.loss.update(**loss)
+      config.discriminator.update(**disc)
       config.model.logit_laplace = loss["logit_laplace"] > 0
       config.update(total_steps=args.steps, eval_every=args.steps, checkpoint_every=args.steps,
                     log_every=max(args.steps // 6, 1), perceptual_weights=weights)
@@ -70,8 +79,8 @@ def main():
       # Skip the first log window: it includes compilation.
       times = [1 / m["steps_per_sec"] for m in result.train_metrics[1:]]
       rows.append((name, result.eval_metrics, float(np.median(times))))
-      print(f"done: {name}", flush=True)
-  base_time = rows[0][2]
+      print(f"done: {name}: PSNR {result.eval_metrics['psnr']:.2f}", flush=True)
+  base_time = rows[0][2]  # the first row run is the time reference
   print(f"\nStage-1 objective on the embedded shapes data (quickstart model, {args.steps} steps, "
         f"batch {config.batch_size}, {config.image_size}px, 2-core CPU)")
   print("| objective | PSNR dB | SSIM | LPIPS (random weights) | usage | step time ms | vs L2 |")

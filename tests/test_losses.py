@@ -72,3 +72,12 @@ def test_ssim_matches_tensorflow():
                       filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03).numpy()
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(image_metrics.ssim(a, a)), 1.0, atol=1e-5)
+
+
+def test_adaptive_adversarial_weight_is_a_gradient_norm_ratio():
+  import jax.numpy as jnp
+  rec = {"a": jnp.full((2, 2), 3.0), "b": jnp.full((4,), 4.0)}  # norm sqrt(4*9 + 4*16) = 10
+  adv = {"a": jnp.full((2, 2), 0.5), "b": jnp.zeros((4,))}  # norm 1
+  assert float(losses.adaptive_adversarial_weight(rec, adv)) == pytest.approx(10 / (1 + 1e-4))
+  zero = {"a": jnp.zeros((2, 2)), "b": jnp.zeros((4,))}
+  assert float(losses.adaptive_adversarial_weight(rec, zero)) == 1e4  # clipped, not inf

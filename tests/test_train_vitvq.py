@@ -145,3 +145,50 @@ def test_gan_off_builds_no_discriminator(tiny_config):
   state, new, metrics = _one_step(tiny_config)
   assert new.disc_params is None and "disc/loss" not in metrics
   assert "loss_adversarial" not in metrics
+
+
+def _direct_generator_grads(config, state, images, adversarial_weight):
+  """The generator's gradient by plain jax.grad of the weighted total (an independent path
+  from the step's explicit pull-back through the tokenizer's outputs)."""
+  from vim_jax import losses
+  models = train_vitvq.build_models(config)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+
+  def total(params):
+    out = models.tokenizer.apply({"params": params}, images, deterministic=False,
+                                 rngs={"dropout": rng})
+    terms = losses.reconstruction_terms(out, images, models.tokenizer.logit_laplace_eps)
+    value = losses.weighted_total(terms, config.loss.to_dict())
+    fake = models.discriminator.apply({"params": state.disc_params}, out["reconstruction"])
+    return value + adversarial_weight * losses.generator_adversarial_loss(
+        fake, config.discriminator.loss)
+
+  return jax.grad(total)(state.params)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_generator_gradient_equals_direct_differentiation(tiny_config, adaptive):
+  import optax
+  tiny_config.discriminator.adaptive_weight = adaptive
+  state, _, metrics = _one_step(tiny_config)
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  weight = float(metrics["adversarial_weight"])
+  if not adaptive:
+    assert weight == pytest.approx(tiny_config.loss.adversarial)
+  else:  # 0.1 x ||d rec / d outputs|| / ||d adv / d outputs||, over the image-shaped outputs
+    from vim_jax import losses
+    models = train_vitvq.build_models(tiny_config)
+    rng = jax.random.fold_in(jax.random.key(tiny_config.seed), 0)
+    out = models.tokenizer.apply({"params": state.params}, images, deterministic=False,
+                                 rngs={"dropout": rng})
+    images_out = {k: out[k] for k in ("reconstruction", "mu", "log_scale") if k in out}
+    rec = lambda d: losses.weighted_total(losses.reconstruction_terms(
+        {**d, "vq_loss": out["vq_loss"]}, images, models.tokenizer.logit_laplace_eps),
+        tiny_config.loss.to_dict())
+    adv = lambda d: losses.generator_adversarial_loss(models.discriminator.apply(
+        {"params": state.disc_params}, d["reconstruction"]), tiny_config.discriminator.loss)
+    norm = lambda g: np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(g)))
+    expected = 0.1 * norm(jax.grad(rec)(images_out)) / (norm(jax.grad(adv)(images_out)) + 1e-4)
+    assert weight == pytest.approx(expected, rel=1e-4)
+  grads = _direct_generator_grads(tiny_config, state, images, weight)
+  assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)

@@ -101,6 +101,11 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
       lecam_weight=0.0,  # LeCam regularisation (Tseng et al. 2021); 0 = off
       lecam_ema_decay=0.99,
       start_step=0,  # the authors train G and D together from step 0
+      # Scale loss.adversarial by ||dL_rec/dx|| / ||dL_adv/dx|| at the tokenizer's outputs
+      # (taming VQGAN's balance, taken at the outputs instead of the last layer's weights), so
+      # the GAN's pull stays a fixed fraction of the reconstruction's. The paper uses a fixed
+      # weight (False); True keeps short or small-data runs from losing PSNR to the GAN.
+      adaptive_weight=False,
       lr=1e-4, b1=0.9, b2=0.99,  # Adam, constant lr
   ))
   c.ema_decay = 0.0  # EMA of the tokenizer's params for eval (e.g. 0.999); 0 = off
@@ -122,9 +127,14 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 5_000
   c.keep_checkpoints = 3
   c.num_grid_images = 16
+  # rFID / IS of the reconstructions during training, in the eval pass (its num_eval_images
+  # images) every fid.every steps; python -m vim_jax.evaluate does the same after training.
+  c.fid = fid_config()
 
   # Mesh axes sizes; -1 = the remaining devices. FSDP: data=1, fsdp=-1. TP: tensor=N.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # dcn_*: the same across slices (multi-slice) or hosts; each axis is size x dcn_size.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   c.axis_rules = parallel.DEFAULT_AXIS_RULES
   return c
 
@@ -216,15 +226,33 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
       temperature=1.0, top_k=0, top_p=1.0,  # the paper samples at temperature 1, no filtering
       guidance_scale=1.0,  # classifier-free guidance; 1 = off
   ))
+  # gFID / IS of num_images class-balanced samples during training, against the eval split
+  # (its statistics computed once per run) or fid.reference_stats; python -m vim_jax.evaluate
+  # does 50k after training.
+  c.fid = fid_config()
+  c.fid.num_images = 10_000  # samples per evaluation
+  c.fid.reference_stats = ""  # an .npz with mu/sigma; "" = the run's eval split
   c.probe = ml_collections.ConfigDict(dict(
       block=PAPER_PROBE_BLOCK[size],  # features: mean over the sequence of this block's output
       steps=5_000, batch_size=1024, lr=1e-3, weight_decay=0.0,
       num_train_images=-1, num_eval_images=-1,  # -1 = whole split
   ))
   # FSDP by default: VIM-Large's params and Adam state do not fit replicated.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   c.axis_rules = parallel.DEFAULT_AXIS_RULES
   return c
+
+
+def fid_config() -> ml_collections.ConfigDict:
+  """FID / IS during training (vim_jax/fid.py); off until `every` > 0."""
+  return ml_collections.ConfigDict(dict(
+      every=0,  # steps between evaluations; 0 = off
+      # FID InceptionV3 made by `python -m vim_jax.tools.convert_inception`; checked at start.
+      inception_weights="weights/pt_inception-2015-12-05.msgpack",
+      resize="bilinear",  # pytorch-fid's; see vim_jax.models.inception.RESIZE_METHODS
+      batch_size=64,  # images per Inception batch (rounded to the device count)
+  ))
 
 
 def make_tiny_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -257,5 +285,6 @@ def classifier_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.log_every = 100
   c.keep_checkpoints = 1
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   return c

@@ -87,6 +87,17 @@ def _check_gan_loss(kind: str):
     raise ValueError(f"discriminator.loss={kind!r}; expected one of {GAN_LOSSES}.")
 
 
+def adaptive_adversarial_weight(reconstruction_grad, adversarial_grad,
+                                max_weight: float = 1e4) -> jax.Array:
+  """||reconstruction_grad|| / (||adversarial_grad|| + 1e-4), clipped to [0, max_weight] and
+  without gradient (taming VQGAN's balance). Arguments are pytrees of gradients with respect
+  to the same tensors (here the tokenizer's image outputs)."""
+  norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                   for x in jax.tree.leaves(tree)))
+  weight = norm(reconstruction_grad) / (norm(adversarial_grad) + 1e-4)
+  return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
+
+
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str) -> jax.Array:
   """Non-saturating: softplus(-D(x)) + softplus(D(G(z))); hinge: relu(1 - D(x)) + relu(1 + D(G(z)))."""
   _check_gan_loss(kind)

@@ -25,8 +25,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, image_metrics, losses, optim, parallel, train_lib, visualize
-from vim_jax.data import pipeline
+from vim_jax import (checkpoint, evaluators, fid, image_metrics, losses, optim, parallel,
+                     train_lib, visualize)
+from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.models import vitvqgan
@@ -110,6 +111,15 @@ def make_init_fn(models: Stage1Models, tx, disc_tx, config, init_batch: int):
   return init
 
 
+# Outputs of ViTVQGAN.__call__ that the loss differentiates; the rest are indices and statistics.
+DIFFERENTIABLE_OUTPUTS = ("reconstruction", "mu", "log_scale", "vq_loss")
+
+
+def _image_cotangents(cotangent: dict) -> dict:
+  """The cotangents of the image-shaped outputs (what the adaptive weight compares)."""
+  return {k: v for k, v in cotangent.items() if k != "vq_loss"}
+
+
 def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Callable:
   """(state, batch, lpips_params) -> (state, metrics).
 
@@ -127,22 +137,43 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Call
     images = batch["image"]
     disc_active = state.step >= d_cfg.start_step  # an option delays the adversarial game
 
-    def generator_loss(params):
+    def forward(params):
+      """The tokenizer's differentiable outputs (images, logit-Laplace params, vq_loss) and the
+      rest (indices, statistics)."""
       outputs = tokenizer.apply({"params": params}, images, deterministic=False,
                                 rngs={"dropout": rng})
-      recon = outputs["reconstruction"]
-      terms = losses.reconstruction_terms(outputs, images, tokenizer.logit_laplace_eps)
+      return ({k: v for k, v in outputs.items() if k in DIFFERENTIABLE_OUTPUTS},
+              {k: v for k, v in outputs.items() if k not in DIFFERENTIABLE_OUTPUTS})
+
+    def reconstruction_loss(diff):
+      terms = losses.reconstruction_terms(diff, images, tokenizer.logit_laplace_eps)
       if config.loss.perceptual > 0:
         frozen = jax.lax.stop_gradient(lpips_params)
-        terms["perceptual"] = jnp.mean(lpips.apply({"params": frozen}, images, recon))
-      if disc is not None:
-        fake_logits = disc.apply({"params": state.disc_params}, recon)
-        terms["adversarial"] = jnp.where(
-            disc_active, losses.generator_adversarial_loss(fake_logits, d_cfg.loss), 0.0)
-      return losses.weighted_total(terms, weights), (terms, outputs)
+        terms["perceptual"] = jnp.mean(lpips.apply({"params": frozen}, images,
+                                                   diff["reconstruction"]))
+      return losses.weighted_total(terms, weights), terms
 
-    (total, (terms, outputs)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state.params)
+    def adversarial_loss(diff):
+      fake_logits = disc.apply({"params": state.disc_params}, diff["reconstruction"])
+      return losses.generator_adversarial_loss(fake_logits, d_cfg.loss)
+
+    # The gradient is pulled back from the tokenizer's outputs explicitly, so that the
+    # adversarial cotangent can be rescaled against the reconstruction one (adaptive weight)
+    # without a second backward pass through the tokenizer.
+    diff, pullback, aux = jax.vjp(forward, state.params, has_aux=True)
+    outputs = {**diff, **aux}
+    (total, terms), cotangent = jax.value_and_grad(reconstruction_loss, has_aux=True)(diff)
+    if disc is not None:
+      adversarial, adv_cotangent = jax.value_and_grad(adversarial_loss)(diff)
+      adv_weight = jnp.float32(weights["adversarial"])
+      if d_cfg.adaptive_weight:
+        adv_weight = adv_weight * losses.adaptive_adversarial_weight(
+            _image_cotangents(cotangent), _image_cotangents(adv_cotangent))
+      adv_weight = jnp.where(disc_active, adv_weight, 0.0)  # an option delays the game
+      terms["adversarial"] = jnp.where(disc_active, adversarial, 0.0)
+      total = total + adv_weight * adversarial
+      cotangent = jax.tree.map(lambda a, b: a + adv_weight * b, cotangent, adv_cotangent)
+    (grads,) = pullback(cotangent)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -155,6 +186,8 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Call
         "codebook_usage": outputs["codebook_usage"],
         "perplexity": outputs["perplexity"],
     }
+    if disc is not None:
+      metrics["adversarial_weight"] = adv_weight
 
     if disc is not None:
       fakes = jax.lax.stop_gradient(outputs["reconstruction"])
@@ -241,9 +274,12 @@ def usage_per_chunk(indices: np.ndarray, codebook_size: int, chunk: int) -> floa
 
 
 def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipeline, mesh,
-             codebook_size: int, usage_chunk: int = 256):
+             codebook_size: int, usage_chunk: int = 256,
+             consume: Callable[[np.ndarray, np.ndarray], None] | None = None):
   """Runs one pass over the eval split.
 
+  consume(images, reconstructions), both uint8 [n, S, S, 3] (padding removed), sees every
+  batch: the FID evaluators use it to share this pass.
   Returns (metrics dict, (images, reconstructions) of the first batch for image grids).
   """
   sums: dict[str, float] = {}
@@ -253,10 +289,13 @@ def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipelin
     batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
     out = eval_fn(params, batch, lpips_params)
     mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
-    if first is None:  # only the first batch's images travel to the host, for the grids
+    if first is None or consume is not None:  # images travel to the host only when needed
       images, recons = multihost_utils.process_allgather(
           (batch["image"], out["reconstruction"]), tiled=True)
-      first = (np.asarray(images)[mask], np.asarray(recons)[mask])
+      images, recons = np.asarray(images)[mask], np.asarray(recons)[mask]
+      first = first or (images, recons)
+      if consume is not None:
+        consume(preprocess.to_uint8(images), preprocess.to_uint8(recons))
     per_image = [k for k in ("psnr", "ssim", "l1", "l2", "lpips") if k in out]
     out = multihost_utils.process_allgather({k: out[k] for k in per_image + ["indices"]},
                                             tiled=True)
@@ -350,10 +389,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.info(train_lib.describe_memory(train_step, "train step"))
   log.info("train step: %.3f GFLOP per device per step (XLA cost analysis)", flops_per_step / 1e9)
 
-  def run_eval(step: int):
+  # rFID / IS in the eval pass every fid.every steps; the real images' statistics are computed
+  # at the first one and kept for the run.
+  extractor = real_stats = None
+  if config.fid.every > 0:
+    extractor = fid.FeatureExtractor(config.fid.inception_weights, resize=config.fid.resize,
+                                     batch_size=config.fid.batch_size)
+  fid_label = evaluators.data_label(config.data) if extractor else ""
+
+  def run_eval(step: int, with_fid: bool):
+    nonlocal real_stats
     eval_params = state.ema_params if state.ema_params is not None else state.params
+    consumer = evaluators.ReconstructionFID(extractor, fid_label, real_stats) if with_fid else None
     metrics, (images, recons) = evaluate(eval_step, eval_params, lpips_params, eval_data, mesh,
-                                         models.tokenizer.codebook_size, config.eval_usage_chunk)
+                                         models.tokenizer.codebook_size, config.eval_usage_chunk,
+                                         consume=consumer)
+    if consumer is not None:
+      metrics.update({k: v["value"] for k, v in consumer.results().items()})
+      real_stats = consumer.real_stats()
     log.info("eval at step %d on %d images: %s", step, metrics["num_images"],
              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -379,7 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     history.append(metrics)
     step += 1
     is_last = step == config.total_steps
-    stop_now = should_stop is not None and should_stop(step)
+    stop_now = ((should_stop is not None and should_stop(step))
+                or train_lib.preemption_requested())
 
     if step % config.log_every == 0 or is_last or stop_now:
       scalars = train_lib.write_train_window(writer, step, history, progress, last_saved,
@@ -393,13 +447,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                scalars["tflops_per_sec_per_device"],
                train_lib.format_duration(progress.eta_seconds(step)))
 
-    if step % config.eval_every == 0 or is_last:
-      eval_metrics = run_eval(step)
+    fid_due = extractor is not None and (step % config.fid.every == 0 or is_last)
+    if step % config.eval_every == 0 or is_last or fid_due:
+      eval_metrics = run_eval(step, fid_due)
 
     if step % config.checkpoint_every == 0 or is_last or stop_now:
       last_saved = train_lib.save_if_finite(ckpt, step, state, metrics["loss"], last_saved)
     if stop_now:
-      log.info("stop requested: saved step %d, exiting the loop", step)
+      log.warning("stop requested: saved step %d and stopping; rerun the same command to "
+                  "resume", step)
       break
 
   ckpt.close()
