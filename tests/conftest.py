@@ -28,3 +28,60 @@ def tiny_config():
   """The tiny stage-1 config (shapes data, 32 px), fresh for each test."""
   from configs import vitvq_base
   return vitvq_base.get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def inception_files(tmp_path_factory):
+  """Random-weight FID Inception files: {'pth': in pytorch-fid's published layout, 'flax': the
+  same converted by `python -m vim_jax.tools.convert_inception`}. Skips without torch."""
+  pytest.importorskip("torch")
+  from inception_reference import write_random_pth
+  from vim_jax.tools import convert_inception
+  folder = tmp_path_factory.mktemp("inception")
+  pth, out = str(folder / "pt_inception_random.pth"), str(folder / "inception.msgpack")
+  write_random_pth(pth)
+  convert_inception.main([f"--pth={pth}", f"--output={out}"])
+  return {"pth": pth, "flax": out}
+
+
+# Small trained runs shared by the stage-2 and evaluation tests (trained once per session).
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """A tiny stage-1 run (4 steps, no GAN)."""
+  from configs import vitvq_base
+  from vim_jax import train_vitvq
+  config = vitvq_base.get_config("tiny")
+  config.loss.adversarial = 0.0
+  config.update(total_steps=4, eval_every=4, checkpoint_every=4, num_eval_images=16)
+  workdir = str(tmp_path_factory.mktemp("tok"))
+  train_vitvq.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def tiny_vim_config(tokenizer_dir, steps=2):
+  from configs import vim_base
+  config = vim_base.get_config("tiny")
+  config.update(tokenizer_workdir=tokenizer_dir, total_steps=steps, log_every=1,
+                eval_every=1000, checkpoint_every=1000, num_grid_images=8)
+  return config
+
+
+@pytest.fixture(scope="session")
+def vim_dir(tokenizer_dir, tmp_path_factory):
+  """A tiny class-conditional VIM run (3 steps) on tokenizer_dir."""
+  from vim_jax import train_vim
+  workdir = str(tmp_path_factory.mktemp("vim"))
+  train_vim.train_and_evaluate(tiny_vim_config(tokenizer_dir, steps=3), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+  """A tiny classifier run (5 steps) on the shapes data."""
+  from configs import classifier as classifier_config
+  from vim_jax import train_classifier
+  config = classifier_config.get_config()
+  config.update(total_steps=5, num_eval_images=32)
+  workdir = str(tmp_path_factory.mktemp("cls"))
+  train_classifier.train_and_evaluate(config, workdir)
+  return workdir

@@ -148,3 +148,32 @@ def test_tiny_config_end_to_end_through_main(tmp_path):
   again = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={workdir}",
                      "--config.total_steps=10"])
   assert again.returncode == 0 and "resumed at step 10" in again.stderr
+
+
+def test_granules_group_devices_by_slice_then_process():
+  from types import SimpleNamespace as D
+  from vim_jax import parallel
+  by_slice = [D(id=i, slice_index=i // 2, process_index=i // 4) for i in range(8)]
+  assert [[d.id for d in g] for g in parallel.granules(by_slice)] == [[0, 1], [2, 3], [4, 5],
+                                                                      [6, 7]]
+  by_process = [D(id=i, slice_index=None, process_index=i % 2) for i in range(4)]
+  assert [[d.id for d in g] for g in parallel.granules(by_process)] == [[0, 2], [1, 3]]
+
+
+def test_dcn_mesh_needs_as_many_slices_as_asked():
+  import jax
+  import pytest
+  from vim_jax import parallel
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                   dcn_tensor=1))
+  assert mesh.devices.size == jax.device_count()
+  with pytest.raises(ValueError, match="uses 2 slices \\(or hosts\\) but 1 are available"):
+    parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=2, dcn_fsdp=1,
+                              dcn_tensor=1))
+
+
+def test_granules_fall_back_to_processes_within_one_slice():
+  from types import SimpleNamespace as D
+  from vim_jax import parallel
+  one_slice = [D(id=i, slice_index=0, process_index=i // 2) for i in range(4)]
+  assert [[d.id for d in g] for g in parallel.granules(one_slice)] == [[0, 1], [2, 3]]

@@ -10,28 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import classifier as classifier_config
-from configs import vim_base, vitvq_base
-from vim_jax import optim, probe, sample, sampling, train_classifier, train_vim, train_vitvq
+from configs import vim_base
+from vim_jax import optim, probe, sample, sampling, train_classifier, train_vim
 
-from conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  config = vitvq_base.get_config("tiny")
-  config.loss.adversarial = 0.0
-  config.update(total_steps=4, eval_every=4, checkpoint_every=4, num_eval_images=16)
-  workdir = str(tmp_path_factory.mktemp("tok"))
-  train_vitvq.train_and_evaluate(config, workdir)
-  return workdir
+from conftest import REPO_ROOT, tiny_vim_config
 
 
-def _vim_config(tokenizer_dir, steps=2):
-  config = vim_base.get_config("tiny")
-  config.update(tokenizer_workdir=tokenizer_dir, total_steps=steps, log_every=1,
-                eval_every=1000, checkpoint_every=1000, num_grid_images=8)
-  return config
+_vim_config = tiny_vim_config
 
 
 def _flat(state):
@@ -74,22 +59,6 @@ def test_missing_or_wrong_tokenizer_is_a_clear_error(tokenizer_dir, tmp_path):
   config.image_size = 64
   with pytest.raises(ValueError, match="trained at 32"):
     train_vim.train_and_evaluate(config, str(tmp_path / "y"))
-
-
-@pytest.fixture(scope="module")
-def vim_dir(tokenizer_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("vim"))
-  train_vim.train_and_evaluate(_vim_config(tokenizer_dir, steps=3), workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-  config = classifier_config.get_config()
-  config.update(total_steps=5, num_eval_images=32)
-  workdir = str(tmp_path_factory.mktemp("cls"))
-  train_classifier.train_and_evaluate(config, workdir)
-  return workdir
 
 
 def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_path):

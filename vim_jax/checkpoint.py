@@ -1,7 +1,10 @@
 """Orbax checkpointing of train states: async periodic saves, keep-N, exact resume.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a crash or
-kill mid-save never leaves a half-written checkpoint in place of the last good one.
+kill mid-save never leaves a half-written checkpoint in place of the last good one (leftover
+temporary directories are removed at start). A finalized checkpoint that still fails to
+restore (a damaged disk, files deleted by hand) is moved aside to `<directory>/corrupt/<step>`
+with a warning, and the previous one is used.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory) if "://" not in directory else directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -40,6 +44,33 @@ class Checkpointer:
     jax.ShapeDtypeStruct with shardings)."""
     log.info("checkpoint: restoring step %d from %s", step, self.directory)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def restore_latest(self, abstract_state):
+    """(state, step) from the newest checkpoint that restores, or (None, None) when there is
+    none. Checkpoints that fail are moved to <directory>/corrupt/ with a warning naming them."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state), step
+      except Exception as e:  # pylint: disable=broad-except; any failure means unusable
+        log.warning("checkpoint: step %d in %s is corrupt or partial (%s: %s); moving it to "
+                    "%s/corrupt/%d and falling back to the previous checkpoint", step,
+                    self.directory, type(e).__name__, str(e)[:300], self.directory, step)
+        self._move_aside(step)
+    return None, None
+
+  def _move_aside(self, step: int):
+    from etils import epath
+    directory = epath.Path(os.path.abspath(self.directory) if "://" not in self.directory
+                           else self.directory)
+    if jax.process_index() == 0:
+      target = directory / "corrupt" / str(step)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      (directory / str(step)).rename(target)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

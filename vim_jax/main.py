@@ -31,7 +31,32 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard logs and images; "
     "rerun with the same one to resume.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-host start-up (jax.distributed.initialize). on: always (TPU pod slices, where JAX "
+    "finds the coordinator itself; SLURM; Open MPI); auto: when --coordinator_address is given "
+    "or SLURM / Open MPI report several tasks; off: single process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for clusters JAX cannot detect "
+    "(with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def start_distributed():
+  """jax.distributed.initialize when the job spans several processes (see --distributed)."""
+  several_tasks = any(int(os.environ.get(k, "1")) > 1
+                      for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  mode = _DISTRIBUTED.value
+  if mode == "off" or (mode == "auto" and not _COORDINATOR.value and not several_tasks):
+    return
+  import jax
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  logging.info("distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
 
 
 def hide_gpus_from_tensorflow():
@@ -102,8 +127,11 @@ def main(argv):
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
   hide_gpus_from_tensorflow()
+  start_distributed()
   logging.info("config:\n%s", config)
   trainer = importlib.import_module(TRAINERS[config.trainer])
+  from vim_jax import train_lib
+  train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
   trainer.train_and_evaluate(config, os.path.expanduser(_WORKDIR.value))
 
 

@@ -50,7 +50,8 @@ DEFAULT_AXIS_RULES = (
 )
 
 
-def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+def resolve_mesh_shape(sizes: dict[str, int], num_devices: int,
+                       unit: str = "devices") -> tuple[int, ...]:
   """Fills one -1 entry so that the product equals num_devices; errors name the fix."""
   shape = [int(sizes[a]) for a in MESH_AXES]
   if shape.count(-1) > 1:
@@ -59,25 +60,61 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ..
   if -1 in shape:
     if num_devices % known:
       raise ValueError(
-          f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible by "
+          f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} {unit} are not divisible by "
           f"{known}; change config.mesh so the fixed axes divide the device count.")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
     raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but "
+        f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} {unit} but "
         f"{num_devices} are available; set one axis to -1 or make the product {num_devices}.")
   return tuple(shape)
 
 
-def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh over `devices` (default: all) with axes (data, fsdp, tensor) and Auto axis types."""
-  devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(dict(mesh_config), len(devices))
+def _ici_device_array(shape: tuple[int, ...], devices: list) -> np.ndarray:
   try:
     from jax.experimental import mesh_utils  # topology-aware ordering on TPU/GPU
-    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   except Exception:  # pylint: disable=broad-except; e.g. a subset of CPU devices
-    device_array = np.asarray(devices).reshape(shape)
+    return np.asarray(devices).reshape(shape)
+
+
+def granules(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
+  """Devices grouped by slice (TPU multi-slice: device.slice_index) when they span several,
+  else by process (one host per granule, as on GPU clusters), in a stable order."""
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  by_slice = None not in slices and len(slices) > 1
+  key = (lambda d: d.slice_index) if by_slice else (lambda d: d.process_index)
+  groups: dict[int, list] = {}
+  for d in devices:
+    groups.setdefault(key(d), []).append(d)
+  return [groups[k] for k in sorted(groups)]
+
+
+def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over `devices` (default: all) with axes (data, fsdp, tensor) and Auto axis types.
+
+  mesh_config.{data,fsdp,tensor} lay out the devices of one slice (ICI); the optional
+  mesh_config.dcn_{data,fsdp,tensor} (default 1) lay out the slices, or the hosts when the
+  devices are all in one slice, over the data-center network. Each mesh axis is then
+  ici_size x dcn_size, with the DCN part outermost, so collectives on a DCN axis cross slices
+  once. Put data parallelism on DCN (dcn_data=-1): it only all-reduces gradients once a step.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  dcn = {a: int(mesh_config.get(f"dcn_{a}", 1)) for a in MESH_AXES}
+  if all(v == 1 for v in dcn.values()):
+    device_array = _ici_device_array(resolve_mesh_shape(dict(mesh_config), len(devices)),
+                                     devices)
+  else:
+    groups = granules(devices)
+    dcn_shape = resolve_mesh_shape(dcn, len(groups), "slices (or hosts)")
+    ici_shape = resolve_mesh_shape({a: mesh_config[a] for a in MESH_AXES}, len(groups[0]))
+    if any(len(g) != len(groups[0]) for g in groups):
+      raise ValueError(f"slices have different device counts {[len(g) for g in groups]}; "
+                       "a DCN mesh needs equal slices.")
+    blocks = np.empty(dcn_shape, dtype=object)
+    for index, group in zip(np.ndindex(*dcn_shape), groups):
+      blocks[index] = _ici_device_array(ici_shape, group)
+    device_array = np.block(blocks.tolist())
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

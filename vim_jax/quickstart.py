@@ -13,12 +13,24 @@ import time
 import jax
 from clu import metric_writers
 
-from vim_jax import sample, train_classifier, train_vim, train_vitvq
+from vim_jax import sample, train_classifier, train_lib, train_vim, train_vitvq
 
 log = logging.getLogger(__name__)
 
 
+class Preempted(Exception):
+  """SIGTERM arrived during a stage; that stage has saved its checkpoint."""
+
+
 def train_and_evaluate(config, workdir: str, should_stop=None, devices=None) -> dict:
+  try:
+    return _run_pipeline(config, workdir, should_stop, devices)
+  except Preempted as e:
+    log.warning("quickstart: stopped during %s (SIGTERM); rerun the same command to resume", e)
+    return {"preempted": str(e)}
+
+
+def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
   """Runs the four stages; returns the sample results (class accuracy with and without
   rejection sampling)."""
   start = time.perf_counter()
@@ -28,6 +40,8 @@ def train_and_evaluate(config, workdir: str, should_stop=None, devices=None) -> 
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     timings[name] = time.perf_counter() - t
+    if train_lib.preemption_requested():  # the stage saved its checkpoint and returned early
+      raise Preempted(name)
     log.info("quickstart: %s done in %.0f s", name, timings[name])
     return out
 

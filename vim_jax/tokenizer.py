@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from vim_jax import checkpoint
+from vim_jax import checkpoint, train_lib
 from vim_jax.models import vitvqgan
 
 
@@ -38,16 +37,7 @@ def load_tokenizer(workdir: str, step: int | None = None, shardings=None) -> Tok
   """
   from vim_jax import train_vitvq  # the stage-1 state layout lives with its trainer
 
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(
-        f"no stage-1 run at {workdir!r} (missing config.json); set the tokenizer workdir to a "
-        "directory written by `python -m vim_jax.main --config=configs/vitvq_*.py`.")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("trainer") != "vitvq":
-    raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a stage-1 "
-                     "('vitvq') tokenizer.")
+  config = train_lib.read_run_config(workdir, "vitvq")
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step() if step is None else step
   if step is None:

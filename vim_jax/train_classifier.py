@@ -64,9 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
   init = make_init_fn(model, tx, config.image_size)
   shapes = jax.eval_shape(init, jax.random.key(config.seed))
   shardings = jax.tree.map(lambda _: replicated, shapes)
-  latest = ckpt.latest_step()
-  state = (jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed)) if latest is None
-           else ckpt.restore(latest, checkpoint.abstract_with_shardings(shapes, shardings)))
+  state, latest = ckpt.restore_latest(checkpoint.abstract_with_shardings(shapes, shardings))
+  if state is None:
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
 
   # --- Steps ----------------------------------------------------------------------------------
   @jax.jit
@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
       writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
       log.info("classifier step %d/%d: loss %.4f, accuracy %.3f", step, config.total_steps,
                scalars["loss"], scalars["accuracy"])
-    if should_stop is not None and should_stop(step):
+    if (should_stop is not None and should_stop(step)) or train_lib.preemption_requested():
       break
   correct = count = 0
   for local in eval_data.iterate():
@@ -123,8 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
 
 def load_classifier(workdir: str):
   """(model, params) of a classifier workdir's latest checkpoint, params on device 0."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = train_lib.read_run_config(workdir, "classifier")
   path = os.path.join(workdir, "num_classes.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} has no finished classifier run (missing "

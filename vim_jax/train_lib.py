@@ -136,6 +136,29 @@ def open_workdir(workdir: str, config):
   return metric_writers.create_default_writer(workdir, just_logging=not is_main)
 
 
+RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
+             "quickstart": "quickstart"}
+
+
+def read_run_config(workdir: str, trainer: str | None = None):
+  """The ConfigDict a run saved in workdir/config.json (local or gs://); with `trainer`,
+  checks the run's kind."""
+  import json
+
+  import ml_collections
+  from etils import epath
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    what = RUN_KINDS.get(trainer, "training")
+    raise FileNotFoundError(f"no {what} run at {workdir!r} (missing config.json); point at a "
+                            "workdir written by `python -m vim_jax.main`.")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if trainer is not None and config.get("trainer") != trainer:
+    raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
+                     f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")
+  return config
+
+
 def check_divisible(mesh, **batch_sizes):
   """Every batch size must split evenly over the data-parallel devices."""
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -158,13 +181,11 @@ def create_or_restore_state(init_fn, seed: int, mesh, rules, ckpt):
     boxed_shapes = jax.eval_shape(init_fn, jax.random.key(seed))
   shardings = parallel.logical_shardings(boxed_shapes, mesh, rules)
   abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed_shapes), shardings)
-  latest = ckpt.latest_step()
-  if latest is None:
+  state, latest = ckpt.restore_latest(abstract)
+  if state is None:
     with parallel.tracing_context(mesh, rules):
       state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(
           jax.random.key(seed))
-  else:
-    state = ckpt.restore(latest, abstract)
   log.info("%s at step %d", "starting" if latest is None else "resumed", int(state.step))
   return state, shardings, abstract, latest
 
@@ -186,3 +207,36 @@ def save_if_finite(ckpt, step: int, state, last_loss, last_checkpoint: int | Non
   check_finite(float(jax.device_get(last_loss)), step, last_checkpoint)
   ckpt.save(step, state, force=True)
   return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption: SIGTERM is how TPU VMs (maintenance events) and schedulers (SLURM, Kubernetes)
+# ask a job to stop. The trainers then save a checkpoint at the next step boundary and return,
+# and the program exits 0; rerunning the same command resumes.
+# ----------------------------------------------------------------------------------------------
+_stop_signal: int | None = None
+
+
+def _on_stop_signal(signum, frame):
+  del frame
+  global _stop_signal
+  _stop_signal = signum
+
+
+def install_preemption_handler():
+  """Turns SIGTERM into a stop request (main.py calls this; libraries never take signals)."""
+  import signal
+  import threading
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+
+
+def preemption_requested() -> bool:
+  """Whether any process got SIGTERM; every process gets the same answer at the same step, so
+  they all save the same checkpoint and stop together."""
+  requested = _stop_signal is not None
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+    requested = bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+  return requested

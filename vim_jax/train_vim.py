@@ -25,7 +25,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, optim, parallel, sampling, tokenizer, train_lib, visualize
+from vim_jax import (checkpoint, evaluators, fid, optim, parallel, sampling, tokenizer, train_lib,
+                     visualize)
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -251,6 +252,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       visualize.save_png(grid, os.path.join(workdir, "images", f"samples_{step:08d}.png"))
     return metrics
 
+  # gFID / IS of fid.num_images class-balanced samples every fid.every steps, against the
+  # eval split's statistics (computed here, once) or fid.reference_stats.
+  extractor = reference = None
+  if config.fid.every > 0:
+    extractor = fid.FeatureExtractor(config.fid.inception_weights, resize=config.fid.resize,
+                                     batch_size=config.fid.batch_size)
+    reference = evaluators.reference_stats(config, extractor, config.fid.reference_stats)
+    reference_label = evaluators.reference_label_for(config.fid.reference_stats, config,
+                                                     reference)
+
+  def sample_batches(step: int, num: int):
+    """uint8 sample batches [<= eval_batch_size, S, S, 3], class-balanced."""
+    labels = np.resize(np.arange(max(model.num_classes, 1), dtype=np.int32), num)
+    b = config.eval_batch_size
+    for i, start in enumerate(range(0, num, b)):
+      chunk = np.resize(labels[start:start + b], b)
+      with parallel.tracing_context(mesh, rules):
+        images = sample_fn(state.params, tok.params, jax.device_put(chunk, batch_sharding),
+                           jax.random.fold_in(jax.random.key(step), i))
+      images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+      yield visualize.preprocess.to_uint8(images)[:min(b, num - start)]
+
+  def run_fid(step: int):
+    feats = extractor.extract(sample_batches(step, config.fid.num_images), "samples",
+                              config.fid.num_images)
+    against = f"{reference.description} ({reference.num_images or '?'} images)"
+    results = evaluators.generator_metrics(feats, reference, reference_label, against, "")
+    log.info("FID at step %d: %s", step, ", ".join(f"{k}={v['value']:.4g}"
+                                                   for k, v in results.items()))
+    writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})
+    return {k: v["value"] for k, v in results.items()}
+
   # --- Loop -------------------------------------------------------------------------------------
   progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step,
                                 mesh.size, tokens_per_example=tok.num_tokens)
@@ -264,7 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     history.append(metrics)
     step += 1
     is_last = step == config.total_steps
-    stop_now = should_stop is not None and should_stop(step)
+    stop_now = ((should_stop is not None and should_stop(step))
+                or train_lib.preemption_requested())
 
     if step % config.log_every == 0 or is_last or stop_now:
       scalars = train_lib.write_train_window(writer, step, history, progress, last_saved,
@@ -280,11 +314,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if step % config.eval_every == 0 or is_last:
       eval_metrics = run_eval(step)
+    if extractor is not None and (step % config.fid.every == 0 or is_last):
+      eval_metrics = {**(eval_metrics or {}), **run_fid(step)}
 
     if step % config.checkpoint_every == 0 or is_last or stop_now:
       last_saved = train_lib.save_if_finite(ckpt, step, state, metrics["loss"], last_saved)
     if stop_now:
-      log.info("stop requested: saved step %d, exiting the loop", step)
+      log.warning("stop requested: saved step %d and stopping; rerun the same command to "
+                  "resume", step)
       break
 
   ckpt.close()
@@ -304,14 +341,7 @@ class TrainedVIM:
 
 def load_vim(workdir: str, step: int | None = None) -> TrainedVIM:
   """Restores a stage-2 workdir (latest checkpoint by default) and its tokenizer, on device 0."""
-  import json
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no stage-2 run at {workdir!r} (missing config.json).")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("trainer") != "vim":
-    raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a VIM ('vim') run.")
+  config = train_lib.read_run_config(workdir, "vim")
   tok = tokenizer.load_tokenizer(config.tokenizer_workdir)
   model = build_model(config, tok)
   tx, _ = build_optimizer(config)
