@@ -13,6 +13,7 @@ gives the highest probability of that class.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -70,10 +71,15 @@ def generate(trained: train_vim.TrainedVIM, labels: np.ndarray, seed: int,
   return Sampler(trained, sampling_config, batch_size).generate(labels, seed)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(classifier, params, images):
+  # One compiled function per (classifier, batch shape): callers score batch after batch.
+  return jax.nn.softmax(classifier.apply({"params": params}, images), -1)
+
+
 def class_probabilities(classifier, params, images: np.ndarray, batch_size: int = 256):
   """Softmax probabilities [N, C] of uint8 images [N, S, S, 3]."""
-  predict = jax.jit(lambda p, x: jax.nn.softmax(classifier.apply({"params": p}, x), -1))
-  probs = [predict(params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
+  probs = [_predict(classifier, params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
            for i in range(0, len(images), batch_size)]
   return np.concatenate([np.asarray(p) for p in probs])
 

@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
       writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
       log.info("classifier step %d/%d: loss %.4f, accuracy %.3f", step, config.total_steps,
                scalars["loss"], scalars["accuracy"])
-    if (should_stop is not None and should_stop(step)) or train_lib.preemption_requested():
+    if (should_stop is not None and should_stop(step)) or train_lib.preemption_requested(step):
       break
   correct = count = 0
   for local in eval_data.iterate():

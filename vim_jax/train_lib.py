@@ -231,11 +231,19 @@ def install_preemption_handler():
     signal.signal(signal.SIGTERM, _on_stop_signal)
 
 
-def preemption_requested() -> bool:
-  """Whether any process got SIGTERM; every process gets the same answer at the same step, so
-  they all save the same checkpoint and stop together."""
+# Processes compare their stop flags only every this many steps: the comparison is a blocking
+# host all-gather, which must not run on every step of a pod job.
+PREEMPTION_SYNC_EVERY = 10
+
+
+def preemption_requested(step: int) -> bool:
+  """Whether any process got SIGTERM. Single process: checked at every step. Several: at
+  steps divisible by PREEMPTION_SYNC_EVERY, where every process gets the same answer, so they
+  all save the same checkpoint and stop together."""
   requested = _stop_signal is not None
   if jax.process_count() > 1:
+    if step % PREEMPTION_SYNC_EVERY:
+      return False
     import numpy as np
     from jax.experimental import multihost_utils
     requested = bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))

@@ -298,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step += 1
     is_last = step == config.total_steps
     stop_now = ((should_stop is not None and should_stop(step))
-                or train_lib.preemption_requested())
+                or train_lib.preemption_requested(step))
 
     if step % config.log_every == 0 or is_last or stop_now:
       scalars = train_lib.write_train_window(writer, step, history, progress, last_saved,
