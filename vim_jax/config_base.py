@@ -276,7 +276,7 @@ def classifier_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.image_size = 32
   c.model = ml_collections.ConfigDict(dict(widths=(16, 32, 64)))
-  c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=1e-4))
+  c.optimizer = ml_collections.ConfigDict(dict(lr=3e-3, weight_decay=1e-4))
   c.data = data_config()
   c.data.update(source="shapes", shapes_train_size=50_000, shapes_eval_size=512, num_workers=4)
   c.batch_size = 64
