@@ -13,17 +13,19 @@ from vim_jax.models import vim as vim_lib
 V, N, C = 32, 12, 3
 
 
-def _model(num_classes=C):
+def _model(num_classes=C, condition_every_position=False):
   stack = transformer.StackConfig(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64,
                                   causal=True)
-  model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=num_classes)
+  model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=num_classes,
+                      condition_every_position=condition_every_position)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, N), jnp.int32),
                                     jnp.zeros((2,), jnp.int32)))["params"]
   return model, params
 
 
-def test_cached_decoding_gives_the_full_forward_logits():
-  model, params = _model()
+@pytest.mark.parametrize("condition_every_position", [False, True])
+def test_cached_decoding_gives_the_full_forward_logits(condition_every_position):
+  model, params = _model(condition_every_position=condition_every_position)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([0, 2])
   full = model.apply({"params": params}, tokens, labels)
@@ -45,6 +47,24 @@ def test_logits_are_causal_and_conditioned_on_the_class():
   np.testing.assert_allclose(base[:, :7], changed[:, :7], atol=1e-6)  # logits i see tokens < i
   other_class = model.apply({"params": params}, tokens, jnp.array([1]))
   assert not np.allclose(base[:, 0], other_class[:, 0])
+
+
+def test_condition_every_position_adds_the_class_embedding_to_every_input():
+  """Inputs are [c, e(t_0), .., e(t_{N-2})] + positions, plus c at every position when on:
+  checked against the embedding tables, through the first block's LayerNorm input."""
+  model, params = _model(condition_every_position=True)
+  tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
+  labels = jnp.array([2, 0])
+  inputs = model.apply({"params": params}, tokens, labels, method=lambda m, t, l: m._inputs(t, l))
+  table = np.asarray(params["token_embedding"]["embedding"])
+  cond = np.asarray(params["condition_embedding"]["embedding"])[np.asarray(labels)][:, None]
+  shifted = np.concatenate([cond, table[np.asarray(tokens)[:, :-1]]], axis=1)
+  expected = shifted + cond + np.asarray(params["position_embedding"])[None]
+  np.testing.assert_allclose(np.asarray(inputs), expected, atol=1e-6)
+  plain, _ = _model(condition_every_position=False)
+  no_cond = plain.apply({"params": params}, tokens, labels,
+                        method=lambda m, t, l: m._inputs(t, l))
+  np.testing.assert_allclose(np.asarray(no_cond), expected - cond, atol=1e-6)
 
 
 def test_greedy_sampling_is_deterministic_and_matches_the_uncached_sampler():

@@ -202,6 +202,9 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
       **VIM_SIZES[size],
       dropout=0.1,
       num_classes=1000,  # 0 = unconditional
+      # The paper prepends the class token only; True also adds the class embedding to every
+      # input position, so each token sees the class without attending back to it.
+      condition_every_position=False,
       dtype="bfloat16",
       remat=True,
   ))

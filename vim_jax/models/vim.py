@@ -32,6 +32,7 @@ class VIM(nn.Module):
   vocab_size: int
   num_tokens: int
   num_classes: int = 0
+  condition_every_position: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @classmethod
@@ -41,7 +42,8 @@ class VIM(nn.Module):
     stack = transformer.StackConfig(
         num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, head_dim=m.head_dim,
         mlp_dim=m.mlp_dim, dropout=m.dropout, causal=True, remat=m.remat)
-    return cls(stack, vocab_size, num_tokens, m.num_classes, jnp.dtype(m.dtype))
+    return cls(stack, vocab_size, num_tokens, m.num_classes,
+               m.get("condition_every_position", False), jnp.dtype(m.dtype))
 
   @property
   def null_label(self) -> int:
@@ -65,6 +67,8 @@ class VIM(nn.Module):
     """[B, N] tokens, [B] labels -> [B, N, D] shifted input embeddings with positions."""
     cond = self.condition_embedding(labels)[:, None]
     x = jnp.concatenate([cond, self.token_embedding(tokens[:, :-1])], axis=1)
+    if self.condition_every_position:
+      x = x + cond
     return x + self.position_embedding.astype(self.dtype)
 
   def __call__(self, tokens: jax.Array, labels: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -89,8 +93,11 @@ class VIM(nn.Module):
     the input); labels: [B]; index: int32 scalar in [0, N).
     """
     labels = self._labels(labels, previous_tokens.shape[0])
-    x = jnp.where(index == 0, self.condition_embedding(labels),
-                  self.token_embedding(previous_tokens))[:, None]
+    cond = self.condition_embedding(labels)
+    x = jnp.where(index == 0, cond, self.token_embedding(previous_tokens))
+    if self.condition_every_position:
+      x = x + cond
+    x = x[:, None]
     position = jax.lax.dynamic_slice_in_dim(self.position_embedding, index, 1, axis=0)
     x = x + position.astype(self.dtype)[None]
     h = self.transformer(x, True, decode_index=index, cache_length=self.num_tokens)
