@@ -20,7 +20,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -28,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vim_jax import sample, sampling, train_classifier, train_vim  # noqa: E402
 from vim_jax.data import preprocess, shapes, sources  # noqa: E402
-from vim_jax.models import vitvqgan  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A finished quickstart workdir.", required=True)
@@ -51,16 +49,11 @@ def eval_images(config, num_images: int):
 
 
 def vim_class_nll(trained, tokens: np.ndarray) -> np.ndarray:
-  """-log p(tokens | c) summed over positions, [N, num_classes]."""
-  model = trained.model
-
-  @jax.jit
-  def nll(params, labels):
-    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens, labels))
-    return -jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0].sum(-1)
-
-  return np.stack([np.asarray(nll(trained.params, np.full(len(tokens), c, np.int32)))
-                   for c in range(model.num_classes)], axis=1)
+  """Mean -log p(tokens | c) per image, [N, num_classes], from the trainer's own eval step."""
+  eval_step = jax.jit(train_vim.make_eval_step(trained.model, trained.tokenizer.model))
+  return np.stack([np.asarray(eval_step(trained.params, {"tokens": tokens, "label": np.full(
+      len(tokens), c, np.int32)}, trained.tokenizer.params)["nll"])
+                   for c in range(trained.model.num_classes)], axis=1)
 
 
 def per_class(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> str:
@@ -80,10 +73,9 @@ def main(_):
     return np.argmax(sample.class_probabilities(classifier, classifier_params, images_uint8), -1)
 
   images, labels = eval_images(config, FLAGS.num_images)
-  reconstructions = np.asarray(tok.model.apply({"params": tok.params}, images)["reconstruction"])
-  tokens = np.asarray(tok.model.apply({"params": tok.params}, images,
-                                      method=vitvqgan.ViTVQGAN.encode_to_indices))
-  tokens = tokens.reshape(len(images), -1)
+  out = tok.model.apply({"params": tok.params}, images)  # one pass: reconstructions and tokens
+  reconstructions = np.asarray(out["reconstruction"])
+  tokens = np.asarray(out["indices"]).reshape(len(images), -1)
   rows = [("real eval images", labels, predict(preprocess.to_uint8(images))),
           ("tokenizer reconstructions", labels, predict(preprocess.to_uint8(reconstructions))),
           ("VIM as a classifier (argmin NLL)", labels,

@@ -50,8 +50,8 @@ def test_logits_are_causal_and_conditioned_on_the_class():
 
 
 def test_condition_every_position_adds_the_class_embedding_to_every_input():
-  """Inputs are [c, e(t_0), .., e(t_{N-2})] + positions, plus c at every position when on:
-  checked against the embedding tables, through the first block's LayerNorm input."""
+  """The Transformer's inputs are [c, e(t_0), .., e(t_{N-2})] + positions, plus c at every
+  position when on: checked against the embedding tables."""
   model, params = _model(condition_every_position=True)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([2, 0])
