@@ -20,6 +20,8 @@ setup(
         # tf.summary backs clu's TensorBoard writer and tfds' decoders.
         "tensorflow-cpu>=2.20",
         "tensorflow-datasets>=4.9.9",
+        # tfds imports it to prepare a dataset (vim_jax.tools.prepare_data) without declaring it.
+        "importlib_resources>=6",
         "array-record>=0.8",
         "numpy>=2.0",
         "pillow>=10",

@@ -85,3 +85,22 @@ def classifier_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("cls"))
   train_classifier.train_and_evaluate(config, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def fake_imagenet(tmp_path_factory):
+  """A fake ImageNet in the published archive layout (tests/fake_imagenet.py), prepared by
+  `python -m vim_jax.tools.prepare_data`: {'manual_dir', 'data_dir', 'archive' (what was
+  written), 'stdout'}."""
+  import subprocess
+  import fake_imagenet as fake
+  root = tmp_path_factory.mktemp("imagenet")
+  manual_dir, data_dir = str(root / "manual"), str(root / "tfds")
+  archive = fake.write_fake_imagenet(manual_dir)
+  proc = subprocess.run(
+      [sys.executable, "-m", "vim_jax.tools.prepare_data", "--name=imagenet2012",
+       f"--data_dir={data_dir}", f"--manual_dir={manual_dir}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return {"manual_dir": manual_dir, "data_dir": data_dir, "archive": archive,
+          "stdout": proc.stdout}

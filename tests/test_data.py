@@ -1,10 +1,9 @@
-"""Input pipeline: tfds (mock imagenet2012), image folders with bad files, the embedded data."""
+"""Input pipeline: image folders with bad files, the embedded data (tfds: test_prepare_data.py)."""
 
 import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from vim_jax.data import pipeline, preprocess, shapes, sources
@@ -14,25 +13,6 @@ def _check_batch(batch, b, size):
   assert batch["image"].shape == (b, size, size, 3) and batch["image"].dtype == np.float32
   assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
   assert batch["label"].shape == (b,) and batch["label"].dtype == np.int32
-
-
-def test_tfds_imagenet2012_mock_data():
-  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    train = sources.TfdsSource("imagenet2012", "train")
-    val = sources.TfdsSource("imagenet2012", "validation")
-    assert train.num_classes == 1000 and len(train) == 24 and len(val) == 24
-    pipe = pipeline.InputPipeline(train, global_batch_size=8, image_size=16, seed=0, train=True)
-    batch = pipe.local_batch(0)
-    _check_batch(batch, 8, 16)
-    assert np.all((batch["label"] >= 0) & (batch["label"] < 1000))
-    # Same step, same batch: the resume guarantee.
-    again = pipeline.InputPipeline(train, 8, 16, seed=0, train=True).local_batch(0)
-    np.testing.assert_array_equal(batch["image"], again["image"])
-
-
-def test_tfds_missing_dataset_names_the_fix(tmp_path):
-  with pytest.raises(RuntimeError, match="tfds build imagenet2012"):
-    sources.TfdsSource("imagenet2012", "train", data_dir=str(tmp_path))
 
 
 def _write_folder(root):

@@ -174,6 +174,12 @@ class Features:
     return self.stats.num_images
 
   def inception_score(self, splits: int = 10) -> tuple[float, float]:
+    """IS over `splits` splits; with fewer images than splits (a small eval split), one image
+    per split, with a warning: such a value is not comparable with published ones."""
+    if 0 < self.num_images < splits:
+      log.warning("Inception Score of %d images: %d splits instead of the standard %d; not "
+                  "comparable with published values.", self.num_images, self.num_images, splits)
+      splits = self.num_images
     return inception_score(self.probabilities, splits)
 
 

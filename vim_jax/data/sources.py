@@ -106,27 +106,70 @@ class FolderSource:
     return {"image": decode_image_file(self.files[index]), "label": self.labels[index]}
 
 
-TFDS_HELP = (
-    "tfds datasets are read with random access (tfds.data_source), which needs the ArrayRecord "
-    "file format. Prepare it once with\n"
-    "  tfds build {name} --data_dir=$TFDS_DATA_DIR --file_format=array_record\n"
-    "For imagenet2012, first download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-    "from image-net.org into $TFDS_DATA_DIR/downloads/manual/.")
+def tfds_data_dir(data_dir: str | None = None) -> str:
+  """The tfds data_dir in force: the given one, else $TFDS_DATA_DIR, else ~/tensorflow_datasets
+  (tfds' own default)."""
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+  return f"python -m vim_jax.tools.prepare_data --name={name} --data_dir={data_dir}"
+
+
+def has_array_record(builder) -> bool:
+  """Whether a prepared tfds builder's files include the ArrayRecord format."""
+  formats = [builder.info.file_format, *getattr(builder.info, "alternative_file_formats", [])]
+  return any(str(getattr(f, "value", f)) == "array_record" for f in formats)
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """A tfds dataset that is not prepared (as ArrayRecord) in the data_dir a run reads."""
+
+
+def open_tfds_builder(name: str, data_dir: str):
+  """The tfds builder of a dataset prepared as ArrayRecord in data_dir; never downloads.
+
+  Raises DatasetNotPreparedError naming the dataset, the data_dir and the prepare command.
+  """
+  import tensorflow_datasets as tfds  # heavy; only when used
+
+  fix = (f"Prepare it once with\n  {prepare_command(name, data_dir)}\n(imagenet2012: put "
+         "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org in "
+         f"{os.path.join(data_dir, 'downloads', 'manual')} first; see the README).")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends carry tfds' own explanation
+    raise DatasetNotPreparedError(f"tfds dataset {name!r} could not be opened in data_dir="
+                                  f"{data_dir!r}: {type(e).__name__}: {e}") from e
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(
+        f"tfds dataset {name!r} is not prepared in data_dir={data_dir!r} (no "
+        f"{builder.data_path}). {fix}")
+  if not has_array_record(builder):
+    raise DatasetNotPreparedError(
+        f"tfds dataset {name!r} in data_dir={data_dir!r} is prepared as "
+        f"{builder.info.file_format}, but random access (tfds.data_source) needs array_record. "
+        f"Prepare it again with\n  {prepare_command(name, data_dir)} --overwrite")
+  return builder
 
 
 class TfdsSource:
-  """A split of a tfds dataset, read with random access."""
+  """A split of a tfds dataset prepared as ArrayRecord, read with random access.
+
+  Opening it never downloads or prepares anything: a dataset that is not ready stops the run
+  at start with the command that prepares it.
+  """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
                image_key: str = "image", label_key: str = "label"):
-    import tensorflow_datasets as tfds  # heavy; only when used
-
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-    try:
-      self.data = tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:
-      raise RuntimeError(f"could not open tfds dataset {name!r} split {split!r} in "
-                         f"data_dir={data_dir!r}: {e}\n" + TFDS_HELP.format(name=name)) from e
+    data_dir = tfds_data_dir(data_dir)
+    builder = open_tfds_builder(name, data_dir)
+    base_split = split.split("[")[0]
+    if "+" not in split and base_split not in builder.info.splits:
+      raise DatasetNotPreparedError(
+          f"tfds dataset {name!r} in data_dir={data_dir!r} has no split {base_split!r}; it has "
+          f"{sorted(builder.info.splits)}. Set --config.data.train_split / eval_split.")
+    self.data = builder.as_data_source(split=split)
     self.image_key, self.label_key = image_key, label_key
     label_feature = self.data.dataset_info.features[label_key] if label_key else None
     self.num_classes = getattr(label_feature, "num_classes", 1) or 1
