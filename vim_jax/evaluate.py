@@ -25,7 +25,6 @@ reach Inception as uint8, as if saved to PNG, and are resized to 299 the pytorch
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (evaluators, fid, parallel, sample, sampling, tokenizer, train_lib,
+from vim_jax import (evaluators, fid, fileio, parallel, sample, sampling, tokenizer, train_lib,
                      train_vim)
 from vim_jax.data import pipeline
 
@@ -139,12 +138,10 @@ def evaluate_generator(trained: train_vim.TrainedVIM, extractor: fid.FeatureExtr
 def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
   """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
   from clu import metric_writers
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"results_{step:08d}.json")
+  fileio.makedirs(out_dir)
+  path = fileio.join(out_dir, f"results_{step:08d}.json")
   if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump({**info, "step": step, "metrics": results}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(path, {**info, "step": step, "metrics": results})
   writer = metric_writers.create_default_writer(out_dir,
                                                 just_logging=jax.process_index() != 0)
   writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})

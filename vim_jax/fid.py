@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import parallel, train_lib
+from vim_jax import fileio, parallel, train_lib
 from vim_jax.models import inception
 
 log = logging.getLogger(__name__)
@@ -47,26 +47,23 @@ class FeatureStats:
   description: str = ""  # what the statistics are of, e.g. "shapes eval split"
 
   def save(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=self.num_images,
-             description=self.description)
-    os.replace(tmp, path)
+    fileio.save_npz(path, mu=self.mu, sigma=self.sigma, num_images=np.asarray(self.num_images),
+                    description=np.asarray(self.description))
 
   @classmethod
   def load(cls, path: str) -> FeatureStats:
     """Reads our files and ADM's reference batches (keys 'mu' and 'sigma'; other keys, such as
     the images in 'arr_0', are ignored)."""
-    if not os.path.exists(path):
+    if not fileio.exists(path):
       raise FileNotFoundError(f"no statistics file at {path!r}; write one with "
                               "`python -m vim_jax.evaluate ... --save_reference_stats=PATH`.")
-    with np.load(path) as f:
-      if "mu" not in f or "sigma" not in f:
-        raise KeyError(f"{path!r} has keys {sorted(f.keys())}; expected 'mu' and 'sigma' "
-                       "(our files, or ADM's VIRTUAL_*.npz reference batches).")
-      mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-      num = int(f["num_images"]) if "num_images" in f else 0
-      desc = str(f["description"]) if "description" in f else os.path.basename(path)
+    f = fileio.load_npz(path)
+    if "mu" not in f or "sigma" not in f:
+      raise KeyError(f"{path!r} has keys {sorted(f.keys())}; expected 'mu' and 'sigma' "
+                     "(our files, or ADM's VIRTUAL_*.npz reference batches).")
+    mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    num = int(f["num_images"]) if "num_images" in f else 0
+    desc = str(f["description"]) if "description" in f else os.path.basename(path)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
       raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} do not match; expected "
                        "[D] and [D, D].")

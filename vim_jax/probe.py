@@ -12,9 +12,7 @@ prints a table of top-1 per block (default: config.probe.block and the last bloc
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,7 @@ import optax
 from absl import app, flags
 from jax.experimental import multihost_utils
 
-from vim_jax import parallel, train_vim
+from vim_jax import fileio, parallel, train_vim
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -131,8 +129,8 @@ def main(argv):
   results = run_probe(FLAGS.workdir, blocks)
   trained_layers = train_vim.load_vim(FLAGS.workdir).model.stack.num_layers
   print(format_table(results, trained_layers))
-  with open(os.path.join(FLAGS.workdir, "probe.json"), "w") as f:
-    json.dump({str(k): v for k, v in results.items()}, f, indent=2)
+  fileio.write_json(fileio.join(FLAGS.workdir, "probe.json"),
+                    {str(k): v for k, v in results.items()})
 
 
 if __name__ == "__main__":

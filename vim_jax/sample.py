@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vim_jax import parallel, sampling, train_classifier, train_vim, visualize
+from vim_jax import fileio, parallel, sampling, train_classifier, train_vim, visualize
 from vim_jax.data import preprocess
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,6 @@ def sample_and_report(trained, out_dir: str, labels: np.ndarray, seed: int, samp
                       classifier_workdir: str = "", acceptance: float = 1.0,
                       batch_size: int = 64) -> dict:
   """Writes samples.png / samples.npz / results.json under out_dir; returns the results."""
-  os.makedirs(out_dir, exist_ok=True)
   images = generate(trained, labels, seed, sampling_config, batch_size)
   results = {"num_samples": int(len(labels)), "seed": seed, "step": trained.step,
              "sampling": sampling_config.__dict__}
@@ -149,12 +148,12 @@ def sample_and_report(trained, out_dir: str, labels: np.ndarray, seed: int, samp
       results["acceptance"] = acceptance
       results["class_accuracy_rejection"] = class_accuracy(classifier, classifier_params,
                                                            rejected, labels)
-      np.savez(os.path.join(out_dir, "samples_rejection.npz"), images=rejected, labels=labels)
-      save_grid(rejected, labels, os.path.join(out_dir, "samples_rejection.png"))
-  np.savez(os.path.join(out_dir, "samples.npz"), images=images, labels=labels)
-  save_grid(images, labels, os.path.join(out_dir, "samples.png"))
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+      fileio.save_npz(fileio.join(out_dir, "samples_rejection.npz"), images=rejected,
+                      labels=labels)
+      save_grid(rejected, labels, fileio.join(out_dir, "samples_rejection.png"))
+  fileio.save_npz(fileio.join(out_dir, "samples.npz"), images=images, labels=labels)
+  save_grid(images, labels, fileio.join(out_dir, "samples.png"))
+  fileio.write_json(fileio.join(out_dir, "results.json"), results)
   log.info("samples written to %s: %s", out_dir, results)
   return results
 

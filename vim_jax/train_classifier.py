@@ -7,7 +7,6 @@ eval split, and checkpoints like the other trainers; `load_classifier(workdir)` 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -20,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, parallel, train_lib
+from vim_jax import checkpoint, fileio, parallel, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import classifier as classifier_lib
 
@@ -115,8 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
   ckpt.save(step, state, force=True)
   ckpt.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "num_classes.json"), "w") as f:
-      json.dump({"num_classes": train_data.num_classes}, f)
+    fileio.write_json(fileio.join(workdir, "num_classes.json"),
+                      {"num_classes": train_data.num_classes})
   writer.flush()
   return result
 
@@ -124,12 +123,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
 def load_classifier(workdir: str):
   """(model, params) of a classifier workdir's latest checkpoint, params on device 0."""
   config = train_lib.read_run_config(workdir, "classifier")
-  path = os.path.join(workdir, "num_classes.json")
-  if not os.path.exists(path):
+  path = fileio.join(workdir, "num_classes.json")
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{workdir} has no finished classifier run (missing "
                             "num_classes.json); train one with configs/classifier.py.")
-  with open(path) as f:
-    num_classes = json.load(f)["num_classes"]
+  num_classes = fileio.read_json(path)["num_classes"]
   model = build_model(config, num_classes)
   tx = build_optimizer(config)
   shapes = jax.eval_shape(make_init_fn(model, tx, config.image_size), jax.random.key(0))

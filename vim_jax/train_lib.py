@@ -125,14 +125,13 @@ def open_workdir(workdir: str, config):
 
   Only process 0 writes TensorBoard summaries; the others just log.
   """
-  import os
-
   from clu import metric_writers
+
+  from vim_jax import fileio
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   return metric_writers.create_default_writer(workdir, just_logging=not is_main)
 
 
@@ -143,16 +142,15 @@ RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifi
 def read_run_config(workdir: str, trainer: str | None = None):
   """The ConfigDict a run saved in workdir/config.json (local or gs://); with `trainer`,
   checks the run's kind."""
-  import json
-
   import ml_collections
-  from etils import epath
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
+
+  from vim_jax import fileio
+  path = fileio.join(workdir, "config.json")
+  if not fileio.exists(path):
     what = RUN_KINDS.get(trainer, "training")
     raise FileNotFoundError(f"no {what} run at {workdir!r} (missing config.json); point at a "
                             "workdir written by `python -m vim_jax.main`.")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(fileio.read_json(path))
   if trainer is not None and config.get("trainer") != trainer:
     raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
                      f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")

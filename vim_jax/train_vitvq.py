@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (checkpoint, evaluators, fid, image_metrics, losses, optim, parallel,
+from vim_jax import (checkpoint, evaluators, fid, fileio, image_metrics, losses, optim, parallel,
                      train_lib, visualize)
 from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
@@ -77,7 +77,7 @@ def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
         config.image_size, d.channel_base, d.max_channels, d.mbstd_group_size,
         jnp.dtype(config.model.dtype))
   wants_lpips = config.loss.perceptual > 0 or (
-      config.perceptual_weights and os.path.exists(config.perceptual_weights))
+      fileio.exists(config.perceptual_weights))
   return Stage1Models(vitvqgan.ViTVQGAN.from_config(config), disc,
                       lpips_lib.LPIPS(jnp.dtype(config.model.dtype)) if wants_lpips else None)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
 
+from vim_jax import fileio
 from vim_jax.data import preprocess
 
 
@@ -40,8 +41,9 @@ def tile(images: np.ndarray, columns: int, padding: int = 2, fill: int = 255) ->
 
 def save_png(image: np.ndarray, path: str, min_size: int = 256):
   """Writes uint8 [H, W, 3]; small grids are upscaled (nearest) so they are viewable."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   scale = max(1, -(-min_size // max(1, min(image.shape[:2]))))
   if scale > 1:
     image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-  Image.fromarray(image).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  fileio.write_bytes(path, buffer.getvalue())

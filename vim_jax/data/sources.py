@@ -196,20 +196,19 @@ class TokenSource:
   {split}-NNNNN.tokens.npy (int32 [n, N]) and .labels.npy, memory-mapped."""
 
   def __init__(self, folder: str, split: str):
-    import glob
-    import json
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
+    from vim_jax import fileio
+    meta_path = fileio.join(folder, "meta.json")
+    if not fileio.exists(meta_path):
       raise FileNotFoundError(
           f"data.tokens_dir={folder!r} has no meta.json; write it with `python -m "
           "vim_jax.tools.pretokenize --config=<vim config> --out=<dir>`.")
-    with open(meta_path) as f:
-      self.meta = json.load(f)
-    shards = sorted(glob.glob(os.path.join(folder, f"{split}-*.tokens.npy")))
+    self.meta = fileio.read_json(meta_path)
+    shards = fileio.glob(folder, f"{split}-*.tokens.npy")
     if not shards:
       raise FileNotFoundError(f"no {split}-*.tokens.npy shards in {folder!r}.")
-    self.tokens = [np.load(p, mmap_mode="r") for p in shards]
-    self.labels = [np.load(p.replace(".tokens.npy", ".labels.npy")) for p in shards]
+    # Local shards are memory-mapped; shards on GCS are read whole (int32, 4 kB per image).
+    self.tokens = [fileio.load_npy(p, mmap=True) for p in shards]
+    self.labels = [fileio.load_npy(p.replace(".tokens.npy", ".labels.npy")) for p in shards]
     self.offsets = np.cumsum([0] + [len(t) for t in self.tokens])
     self.num_classes = self.meta["num_classes"]
 

@@ -19,7 +19,6 @@ Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, converted once by
 
 from __future__ import annotations
 
-import os
 
 import flax.linen as nn
 import jax
@@ -219,7 +218,7 @@ or point --inception_weights (config: fid.inception_weights) at an existing conv
 def load_params(path: str):
   """Converted Inception params (a .msgpack written by convert_inception), or a clear error."""
   from flax import serialization
-  if not path or not os.path.exists(path):
+  from vim_jax import fileio
+  if not fileio.exists(path):
     raise FileNotFoundError(MISSING_WEIGHTS_HELP.format(path=path))
-  with open(path, "rb") as f:
-    return serialization.msgpack_restore(f.read())
+  return serialization.msgpack_restore(fileio.read_bytes(path))

@@ -16,7 +16,6 @@ its params as a constant so no gradient reaches them.
 
 from __future__ import annotations
 
-import os
 
 import flax.linen as nn
 import jax
@@ -103,7 +102,7 @@ or point --config.perceptual_weights at an existing converted file."""
 def load_params(path: str):
   """Converted LPIPS params (a .msgpack written by convert_lpips), or a clear error."""
   from flax import serialization
-  if not path or not os.path.exists(path):
+  from vim_jax import fileio
+  if not fileio.exists(path):
     raise FileNotFoundError(MISSING_WEIGHTS_HELP.format(path=path))
-  with open(path, "rb") as f:
-    return serialization.msgpack_restore(f.read())
+  return serialization.msgpack_restore(fileio.read_bytes(path))

@@ -170,7 +170,7 @@ def check_manual_files(name: str, manual_dir: str, instructions: str | None) -> 
   if problems:
     raise ManualFileError(
         f"{name} cannot be prepared from manual_dir={manual_dir}:\n" + "\n".join(problems) +
-        f"\nPut the files there (or pass --manual_dir) and rerun this command.")
+        "\nPut the files there (or pass --manual_dir) and rerun this command.")
   return present
 
 
@@ -239,7 +239,7 @@ def prepare(name: str, data_dir: str, manual_dir: str, overwrite: bool = False,
     source = sources.TfdsSource(name, split, data_dir)
     first = source[0]["image"]
     print(f"  {split}: {len(source):,} examples, first image {first.shape}")
-  print(f"{where} is ready ({seconds / 60:.1f} min). Train on it with e.g.\n"
+  print(f"{where} is ready ({seconds:.0f} s). Train on it with e.g.\n"
         f"  python -m vim_jax.main --config=configs/vitvq_base.py --workdir=WORKDIR "
         f"--config.data.name={name} --config.data.data_dir={data_dir}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import numpy as np
@@ -21,7 +20,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from vim_jax import parallel, tokenizer
+from vim_jax import fileio, parallel, tokenizer
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vitvqgan
 
@@ -37,7 +36,7 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
   params = jax.device_put(tok.params, replicated)
   encode = jax.jit(lambda p, x: tok.model.apply({"params": p}, x,
                                                 method=vitvqgan.ViTVQGAN.encode_to_indices))
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   meta = {"tokenizer_workdir": config.tokenizer_workdir, "tokenizer_step": tok.step,
           "grid": list(tok.grid), "codebook_size": tok.model.codebook_size,
           "image_size": config.image_size, "counts": {}}
@@ -55,9 +54,10 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
       nonlocal tokens, labels, shard
       if not tokens or jax.process_index() != 0:
         return
-      stem = os.path.join(out_dir, f"{split}-{shard:05d}")
-      np.save(stem + ".labels.npy", np.concatenate(labels))
-      np.save(stem + ".tokens.npy", np.concatenate(tokens))  # written last: marks completion
+      stem = fileio.join(out_dir, f"{split}-{shard:05d}")
+      fileio.save_npy(stem + ".labels.npy", np.concatenate(labels))
+      # Written last: marks the shard complete.
+      fileio.save_npy(stem + ".tokens.npy", np.concatenate(tokens))
       shard, tokens, labels = shard + 1, [], []
 
     for local in data.iterate():
@@ -73,8 +73,7 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
     flush()
     meta["counts"][split] = count
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=2)
+    fileio.write_json(fileio.join(out_dir, "meta.json"), meta)
   return meta
 
 

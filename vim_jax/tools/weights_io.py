@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from vim_jax import fileio
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -13,9 +15,9 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError as e:
     raise SystemExit("reading .pth files needs torch: pip install '.[convert]'") from e
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"no such weights file: {path!r}")
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  state = torch.load(io.BytesIO(fileio.read_bytes(path)), map_location="cpu", weights_only=True)
   if isinstance(state, dict) and "state_dict" in state:
     state = state["state_dict"]
   return {k: v.detach().float().numpy() for k, v in state.items()}
@@ -24,8 +26,4 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 def save_params(params: dict, path: str):
   """Writes a flax msgpack atomically: never a half-written weights file."""
   from flax import serialization
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.msgpack_serialize(params))
-  os.replace(tmp, path)
+  fileio.write_bytes(path, serialization.msgpack_serialize(params))

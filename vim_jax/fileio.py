@@ -1,0 +1,101 @@
+"""Every file the project reads or writes goes through here: local paths and gs:// alike.
+
+Builtin `open` and `os.makedirs` treat 'gs://b/run' as a local folder named 'gs:' and write
+there without complaint; etils.epath (which orbax already uses for checkpoints) sends gs://
+paths to GCS and local paths to the disk. `tests/test_fileio.py` fails when a module of the
+package opens a path any other way.
+
+Writes of whole files are atomic: local files are written to `<path>.tmp` and renamed, so a
+kill never leaves half a file; a GCS object only appears once its upload completes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+
+def path(p: str | epath.Path) -> epath.Path:
+  return epath.Path(p)
+
+
+def is_remote(p: str | epath.Path) -> bool:
+  """gs:// and other object stores (no rename, no memory mapping)."""
+  return "://" in str(p)
+
+
+def exists(p: str | epath.Path) -> bool:
+  return bool(p) and path(p).exists()
+
+
+def makedirs(p: str | epath.Path) -> None:
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def join(*parts: str | epath.Path) -> str:
+  return str(path(parts[0]).joinpath(*[str(q) for q in parts[1:]]))
+
+
+def write_bytes(p: str | epath.Path, data: bytes) -> None:
+  """Writes the whole file at once, creating its folder; atomic (see the module docstring)."""
+  target = path(p)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(target):
+    target.write_bytes(data)
+    return
+  tmp = target.parent / (target.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(target)
+
+
+def read_bytes(p: str | epath.Path) -> bytes:
+  return path(p).read_bytes()
+
+
+def write_text(p: str | epath.Path, text: str) -> None:
+  write_bytes(p, text.encode("utf-8"))
+
+
+def read_text(p: str | epath.Path) -> str:
+  return read_bytes(p).decode("utf-8")
+
+
+def write_json(p: str | epath.Path, value: Any) -> None:
+  write_text(p, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(p: str | epath.Path) -> Any:
+  return json.loads(read_text(p))
+
+
+def save_npz(p: str | epath.Path, **arrays: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes(p, buffer.getvalue())
+
+
+def load_npz(p: str | epath.Path) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(read_bytes(p))) as f:
+    return {k: f[k] for k in f.files}
+
+
+def save_npy(p: str | epath.Path, array: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_bytes(p, buffer.getvalue())
+
+
+def load_npy(p: str | epath.Path, mmap: bool = False) -> np.ndarray:
+  """A .npy array; memory-mapped when asked and the file is local (GCS reads it whole)."""
+  if mmap and not is_remote(p):
+    return np.load(str(p), mmap_mode="r")
+  return np.load(io.BytesIO(read_bytes(p)))
+
+
+def glob(folder: str | epath.Path, pattern: str) -> list[str]:
+  """Sorted paths under `folder` matching `pattern` (e.g. 'train-*.tokens.npy')."""
+  return sorted(str(q) for q in path(folder).glob(pattern))
