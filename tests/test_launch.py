@@ -70,3 +70,41 @@ def test_slurm_script_dry_run():
   assert out.returncode == 0, out.stderr
   assert "+ srun" in out.stdout and "--config.batch_size=64" in out.stdout
   assert _run(script, {"SLURM_SUBMIT_DIR": REPO_ROOT}).returncode == 2
+
+
+def test_stop_command_signals_the_run_not_itself_and_waits_for_the_checkpoint(tmp_path):
+  """tpu_stop.sh's remote script, run here against a stand-in for `python -m vim_jax.main` that
+  takes 1.5 s to 'save' after SIGTERM. The old pattern matched its own `bash -c` and died
+  with 143."""
+  marker = tmp_path / "saved"
+  code = ("import signal, sys, time\n"
+          "def stop(*_):\n"
+          f"  time.sleep(1.5); open({str(marker)!r}, 'w').write('ok'); sys.exit(0)\n"
+          "signal.signal(signal.SIGTERM, stop)\n"
+          "time.sleep(60)\n")
+  fake = subprocess.Popen(["bash", "-c", 'exec -a "python -m vim_jax.main" "$0" -c "$1"',
+                           sys.executable, code])
+  try:
+    remote = subprocess.run(["bash", "-c", "source launch/common.sh; stop_command 20"],
+                            cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    import time
+    time.sleep(0.5)  # let the stand-in install its handler
+    out = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "stopped" in out.stdout, out.stdout + out.stderr
+    assert marker.read_text() == "ok"  # returned only after the 'checkpoint' was written
+    assert fake.wait(timeout=5) == 0
+    again = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "no run" in again.stdout
+  finally:
+    fake.kill()
+
+
+def test_slurm_runs_one_process_per_gpu_and_each_takes_its_gpu():
+  script = open(os.path.join(REPO_ROOT, "launch", "slurm_gpu.sbatch")).read()
+  assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --gpus-per-task=1" in script
+  from vim_jax import main
+  # Bound to one GPU per task: that GPU is device 0 of the process.
+  assert main.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "5"}) == [0]
+  # Every GPU visible (no binding): JAX's own choice, GPU SLURM_LOCALID.
+  assert main.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) is None
+  assert main.local_device_ids_for_task({}) is None

@@ -44,6 +44,18 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def local_device_ids_for_task(environ) -> list[int] | None:
+  """The GPU a cluster task should use, when JAX's own guess would be wrong.
+
+  Under SLURM and Open MPI, JAX gives each process `local_device_ids=[its local rank]`, which
+  is right when every task sees all of the node's GPUs (one process per GPU). When the
+  scheduler binds one GPU to each task (`--gpus-per-task=1`), CUDA_VISIBLE_DEVICES holds that
+  one GPU, visible as device 0, and the local rank would name a device that does not exist.
+  """
+  visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  return [0] if len(visible) == 1 else None
+
+
 def start_distributed():
   """jax.distributed.initialize when the job spans several processes (see --distributed)."""
   several_tasks = any(int(os.environ.get(k, "1")) > 1
@@ -53,7 +65,8 @@ def start_distributed():
     return
   import jax
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                             local_device_ids=local_device_ids_for_task(os.environ))
   logging.info("distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
