@@ -27,6 +27,11 @@ setup(
         "pillow>=10",
     ],
     extras_require={
+        # Accelerator builds of jax, resolved together with the package so that jax and its
+        # libtpu / CUDA plugins always match (installing jax[tpu] first and then the package
+        # let pip move jax and leave a mismatched libtpu behind).
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
         # torch only reads the published .pth weights (LPIPS/VGG16, FID Inception) to convert.
         "convert": ["torch>=2.0"],
         # The tests build random-weight .pth files and compare against PyTorch (2.13.0 is the

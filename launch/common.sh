@@ -36,11 +36,70 @@ run() {
   fi
 }
 
-# The gcloud flags every TPU command shares.
+# The gcloud flags every TPU command shares, and whether the slice is a queued resource:
+# QUEUED=1, NUM_SLICES>1 (multi-slice needs one) or SPOT=1 (Spot capacity is queued). Every
+# script derives this the same way from the same exported variables.
 tpu_flags() {
   TPU_FLAGS=(--zone="${ZONE}")
   if [[ -n "${PROJECT:-}" ]]; then
     TPU_FLAGS+=(--project="${PROJECT}")
+  fi
+  NUM_SLICES="${NUM_SLICES:-1}"
+  if [[ "${QUEUED:-0}" == "1" || "${NUM_SLICES}" -gt 1 || "${SPOT:-0}" == "1" ]]; then
+    QUEUED=1
+  else
+    QUEUED=0
+  fi
+}
+
+# gcloud_accelerator TYPE: the accelerator type gcloud expects (v5e-N is called v5litepod-N).
+gcloud_accelerator() {
+  local type="$1"
+  echo "${type/#v5e-/v5litepod-}"
+}
+
+# runtime_for TYPE: the TPU VM software version for a generation, or RUNTIME_VERSION if set.
+runtime_for() {
+  local type
+  type="$(gcloud_accelerator "$1")"
+  if [[ -n "${RUNTIME_VERSION:-}" ]]; then
+    echo "${RUNTIME_VERSION}"
+    return
+  fi
+  case "${type}" in
+    v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *)
+      echo "error: ACCELERATOR_TYPE=$1: expected v4-N, v5e-N (v5litepod-N), v5p-N or v6e-N," \
+        "or set RUNTIME_VERSION" >&2
+      return 2
+      ;;
+  esac
+}
+
+# tpu_ssh WORKERS COMMAND: run COMMAND on WORKERS (all, or an index) of the slice; for a queued
+# resource, on every slice (NODE=all) unless NODE names one.
+tpu_ssh() {
+  local workers="$1" command="$2"
+  if [[ "${QUEUED}" == "1" ]]; then
+    run gcloud compute tpus queued-resources ssh "${TPU_NAME}" "${TPU_FLAGS[@]}" \
+      --node="${NODE:-all}" --worker="${workers}" --command="${command}"
+  else
+    run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${TPU_FLAGS[@]}" --worker="${workers}" \
+      --command="${command}"
+  fi
+}
+
+# tpu_scp_all FILE: copy a local file to the home folder of every worker (every slice).
+tpu_scp_all() {
+  local file="$1"
+  if [[ "${QUEUED}" == "1" ]]; then
+    run gcloud compute tpus queued-resources scp "${file}" "${TPU_NAME}:" "${TPU_FLAGS[@]}" \
+      --node=all --worker=all
+  else
+    run gcloud compute tpus tpu-vm scp "${file}" "${TPU_NAME}:" "${TPU_FLAGS[@]}" --worker=all
   fi
 }
 

@@ -3,7 +3,7 @@
 # 0, so launch/tpu_run.sh with the same arguments resumes. Returns once every worker's process
 # has exited (the checkpoint is then committed), or fails after STOP_TIMEOUT seconds.
 #   TPU_NAME=vim-v4-8 ZONE=us-central2-b launch/tpu_stop.sh
-# Optional: PROJECT, STOP_TIMEOUT (default 600).
+# Optional: PROJECT, STOP_TIMEOUT (default 600), QUEUED / NUM_SLICES / SPOT (as for tpu_create.sh).
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 require TPU_NAME ZONE
@@ -11,5 +11,4 @@ tpu_flags
 STOP_TIMEOUT="${STOP_TIMEOUT:-600}"
 plan "send SIGTERM to vim_jax.main on all workers of ${TPU_NAME}; wait up to ${STOP_TIMEOUT} s" \
   "for the final checkpoint"
-run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${TPU_FLAGS[@]}" --worker=all \
-  --command="$(stop_command "${STOP_TIMEOUT}")"
+tpu_ssh all "$(stop_command "${STOP_TIMEOUT}")"

@@ -26,7 +26,7 @@ def _run(script, env, *args):
 def test_scripts_exist_and_parse():
   names = {os.path.basename(s) for s in SCRIPTS}
   assert {"tpu_create.sh", "tpu_install.sh", "tpu_run.sh", "tpu_logs.sh", "tpu_stop.sh",
-          "tpu_delete.sh", "slurm_gpu.sbatch"} <= names
+          "tpu_delete.sh", "worker_train.sh", "slurm_gpu.sbatch"} <= names
   for script in SCRIPTS:
     out = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert out.returncode == 0, f"{script}: {out.stderr}"
@@ -54,10 +54,83 @@ def test_tpu_scripts_refuse_missing_variables_and_dry_run(name):
   assert "--zone=us-central2-b" in out.stdout
 
 
+QUEUED_ENV = {**TPU_ENV, "TPU_NAME": "vim-v5p", "ZONE": "us-east5-a",
+              "ACCELERATOR_TYPE": "v5p-128", "QUEUED": "1"}
+
+
+@pytest.mark.parametrize("name", ["tpu_create.sh", "tpu_install.sh", "tpu_run.sh",
+                                  "tpu_logs.sh", "tpu_stop.sh", "tpu_delete.sh"])
+def test_queued_resource_scripts_address_every_slice(name):
+  out = _run(os.path.join(REPO_ROOT, "launch", name), QUEUED_ENV)
+  assert out.returncode == 0, out.stderr
+  gcloud = [line for line in out.stdout.splitlines() if line.startswith("+ gcloud")]
+  assert gcloud and all("gcloud compute tpus queued-resources" in line for line in gcloud)
+  if name == "tpu_create.sh":
+    assert ("--accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 --node-id=vim-v5p"
+            in gcloud[0])
+  elif name == "tpu_logs.sh":
+    assert "--node=0 --worker=0" in gcloud[0]
+  elif name != "tpu_delete.sh":
+    assert all("--node=all --worker=all" in line for line in gcloud)
+
+
+@pytest.mark.parametrize("accelerator,gcloud_type,runtime", [
+    ("v4-128", "v4-128", "tpu-ubuntu2204-base"), ("v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5litepod-8", "v5litepod-8", "v2-alpha-tpuv5-lite"), ("v5p-128", "v5p-128", "v2-alpha-tpuv5"),
+    ("v6e-256", "v6e-256", "v2-alpha-tpuv6e")])
+def test_create_picks_each_generation_runtime(accelerator, gcloud_type, runtime):
+  out = _run(os.path.join(REPO_ROOT, "launch", "tpu_create.sh"),
+             {**TPU_ENV, "ACCELERATOR_TYPE": accelerator})
+  assert out.returncode == 0, out.stderr
+  assert f"tpu-vm create vim-test --zone=us-central2-b --accelerator-type={gcloud_type} " \
+         f"--version={runtime}" in out.stdout
+
+
+def test_create_multislice_spot_and_unknown_types():
+  script = os.path.join(REPO_ROOT, "launch", "tpu_create.sh")
+  out = _run(script, {**TPU_ENV, "ACCELERATOR_TYPE": "v4-128", "NUM_SLICES": "2", "SPOT": "1"})
+  assert out.returncode == 0, out.stderr
+  assert "queued-resources create vim-test" in out.stdout
+  assert "--node-count=2 --node-prefix=vim-test --spot" in out.stdout
+  out = _run(script, {**TPU_ENV, "AUTOCHECKPOINT": "1"})
+  assert "gcloud alpha compute tpus queued-resources create" in out.stdout
+  assert "--autocheckpoint-enabled" in out.stdout
+  out = _run(script, {**TPU_ENV, "ACCELERATOR_TYPE": "v3-8"})
+  assert out.returncode == 2 and "ACCELERATOR_TYPE=v3-8: expected v4-N" in out.stderr
+
+
+def test_worker_script_appends_the_log_and_copies_it_to_the_workdir(tmp_path):
+  """launch/worker_train.sh with stand-ins for the venv's python and for gcloud."""
+  env_dir, bin_dir = tmp_path / "env", tmp_path / "env" / "bin"
+  bin_dir.mkdir(parents=True)
+  (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+  (bin_dir / "python").write_text('#!/usr/bin/env bash\necho "python $* data=$TFDS_DATA_DIR"\n'
+                                  'exit "${FAKE_EXIT:-0}"\n')
+  (bin_dir / "gcloud").write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/gcloud.txt\n')
+  for tool in ("python", "gcloud"):
+    (bin_dir / tool).chmod(0o755)
+  log = tmp_path / "vim_jax.log"
+  script = os.path.join(REPO_ROOT, "launch", "worker_train.sh")
+  env = {"VIM_ENV": str(env_dir), "VIM_JAX_LOG": str(log), "HOME": str(tmp_path)}
+  args = ["configs/vitvq_base.py", "gs://b/run", "gs://b/tfds", "--config.x=a b"]
+  assert _run(script, env, *args).returncode == 0
+  assert _run(script, {**env, "FAKE_EXIT": "3"}, *args).returncode == 3
+  lines = log.read_text().splitlines()
+  headers = [line.split(" ", 3)[3] for line in lines if line.startswith("=== ")]
+  launch = "launch: --config=configs/vitvq_base.py --workdir=gs://b/run --config.x=a b"
+  assert headers == [launch, "0", launch, "3"], headers
+  assert lines.count("python -m vim_jax.main --distributed=on --config=configs/vitvq_base.py "
+                     "--workdir=gs://b/run --config.x=a b data=gs://b/tfds") == 2
+  import socket
+  copies = (tmp_path / "gcloud.txt").read_text().splitlines()
+  assert copies == [f"storage cp -q {log} gs://b/run/logs/{socket.gethostname()}.log"] * 2
+
+
 def test_run_script_passes_overrides_and_needs_a_gcs_workdir():
   script = os.path.join(REPO_ROOT, "launch", "tpu_run.sh")
   out = _run(script, TPU_ENV, "--config.total_steps=200")
-  assert "--distributed=on" in out.stdout and "--config.total_steps=200" in out.stdout
+  assert ("worker_train.sh\\ configs/vitvq_base.py\\ gs://bucket/run\\ gs://bucket/tfds\\ "
+          "--config.total_steps=200") in out.stdout
   out = _run(script, {**TPU_ENV, "WORKDIR": "/tmp/run"})
   assert out.returncode == 2 and "must be a gs:// path" in out.stderr
 
