@@ -43,12 +43,13 @@ def test_shellcheck_is_clean():
 
 
 @pytest.mark.parametrize("name", ["tpu_create.sh", "tpu_install.sh", "tpu_run.sh",
-                                  "tpu_logs.sh", "tpu_stop.sh", "tpu_delete.sh"])
+                                  "tpu_logs.sh", "tpu_stop.sh", "tpu_delete.sh", "tpu_exec.sh"])
 def test_tpu_scripts_refuse_missing_variables_and_dry_run(name):
   script = os.path.join(REPO_ROOT, "launch", name)
   out = _run(script, {})
   assert out.returncode == 2 and "error: set" in out.stderr and "TPU_NAME" in out.stderr
-  out = _run(script, TPU_ENV)
+  out = _run(script, TPU_ENV, *(["evaluate", "--workdir=gs://b/r"] if name == "tpu_exec.sh"
+                                else []))
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith("==> ") and "+ gcloud compute tpus tpu-vm" in out.stdout
   assert "--zone=us-central2-b" in out.stdout
@@ -124,6 +125,19 @@ def test_worker_script_appends_the_log_and_copies_it_to_the_workdir(tmp_path):
   import socket
   copies = (tmp_path / "gcloud.txt").read_text().splitlines()
   assert copies == [f"storage cp -q {log} gs://b/run/logs/{socket.gethostname()}.log"] * 2
+
+
+def test_exec_runs_single_process_commands_on_a_single_host_only():
+  script = os.path.join(REPO_ROOT, "launch", "tpu_exec.sh")
+  out = _run(script, TPU_ENV, "evaluate", "--workdir=gs://b/run")
+  assert out.returncode == 0, out.stderr
+  assert "--worker=0" in out.stdout and "python\\ -m\\ vim_jax.evaluate\\ --workdir=gs://b/run" in (
+      out.stdout)
+  out = _run(script, {**TPU_ENV, "ACCELERATOR_TYPE": "v5p-128"}, "sample", "--workdir=gs://b/r")
+  assert out.returncode == 2 and "spans several hosts; sample runs as one process" in out.stderr
+  out = _run(script, TPU_ENV, "main", "--config=x")
+  assert out.returncode == 2 and "expected evaluate, sample, probe or tools.pretokenize" in (
+      out.stderr)
 
 
 def test_run_script_passes_overrides_and_needs_a_gcs_workdir():
