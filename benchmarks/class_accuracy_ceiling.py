@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vim_jax import sample, sampling, train_classifier, train_vim  # noqa: E402
+from vim_jax import runs, sample, sampling, stage2  # noqa: E402
 from vim_jax.data import preprocess, shapes, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,7 +50,7 @@ def eval_images(config, num_images: int):
 
 def vim_class_nll(trained, tokens: np.ndarray) -> np.ndarray:
   """Mean -log p(tokens | c) per image, [N, num_classes], from the trainer's own eval step."""
-  eval_step = jax.jit(train_vim.make_eval_step(trained.model, trained.tokenizer.model))
+  eval_step = jax.jit(stage2.make_eval_step(trained.model, trained.tokenizer.model))
   return np.stack([np.asarray(eval_step(trained.params, {"tokens": tokens, "label": np.full(
       len(tokens), c, np.int32)}, trained.tokenizer.params)["nll"])
                    for c in range(trained.model.num_classes)], axis=1)
@@ -61,12 +61,12 @@ def per_class(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> st
 
 
 def main(_):
-  trained = train_vim.load_vim(os.path.join(FLAGS.workdir, "vim"))
+  trained = runs.load_vim(os.path.join(FLAGS.workdir, "vim"))
   tok, config = trained.tokenizer, trained.config
   classes = trained.model.num_classes
   if classes == 0:
     raise SystemExit("the VIM is unconditional; class accuracy needs a class-conditional one.")
-  classifier, classifier_params = train_classifier.load_classifier(
+  classifier, classifier_params = runs.load_classifier(
       FLAGS.classifier_workdir or os.path.join(FLAGS.workdir, "classifier"))
 
   def predict(images_uint8):

@@ -19,7 +19,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import quickstart  # noqa: E402
-from vim_jax import train_vitvq  # noqa: E402
+from vim_jax import main as vim_main  # noqa: E402
 
 SETTINGS = [  # (code_dim, l2_normalize)
     (4, True), (8, True), (32, True), (128, True), (4, False), (32, False),
@@ -38,7 +38,7 @@ def main():
     config.update(total_steps=args.steps, eval_every=args.steps, checkpoint_every=args.steps,
                   log_every=args.steps)
     with tempfile.TemporaryDirectory() as workdir:
-      m = train_vitvq.train_and_evaluate(config, workdir).eval_metrics
+      m = vim_main.train(config, workdir).eval_metrics
     rows.append((f"d={code_dim:<4d} l2={'yes' if l2 else 'no '}", m))
     print(f"done: {rows[-1][0]} usage {m['codebook_usage']:.3f}", flush=True)
 

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import quickstart  # noqa: E402
-from vim_jax import train_vitvq  # noqa: E402
+from vim_jax import main as vim_main  # noqa: E402
 from vim_jax.models import lpips  # noqa: E402
 from vim_jax.tools import convert_lpips, weights_io  # noqa: E402
 
@@ -75,7 +75,7 @@ def main():
       config.model.logit_laplace = loss["logit_laplace"] > 0
       config.update(total_steps=args.steps, eval_every=args.steps, checkpoint_every=args.steps,
                     log_every=max(args.steps // 6, 1), perceptual_weights=weights)
-      result = train_vitvq.train_and_evaluate(config, os.path.join(tmp, str(len(rows))))
+      result = vim_main.train(config, os.path.join(tmp, str(len(rows))))
       # Skip the first log window: it includes compilation.
       times = [1 / m["steps_per_sec"] for m in result.train_metrics[1:]]
       rows.append((name, result.eval_metrics, float(np.median(times))))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_vim_config
-from vim_jax import evaluate, evaluators, fid, sampling, train_lib, train_vim, train_vitvq
+from vim_jax import evaluate, evaluators, fid, runs, sampling, train_vim, train_vitvq
 
 pytest.importorskip("torch")  # the random-weight Inception files are written with torch
 
@@ -40,7 +40,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   assert glob.glob(os.path.join(out, "events.out.tfevents.*"))
 
   # The eval split against itself, featurized in two separate passes: FID ~ 0.
-  config = train_lib.read_run_config(tokenizer_dir, "vitvq")
+  config = runs.read_run_config(tokenizer_dir, "vitvq")
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
   first = evaluators.reference_stats(config, extractor)
   second = evaluators.reference_stats(config, extractor)
@@ -60,7 +60,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
 
 def test_stage2_evaluate_with_and_without_rejection(vim_dir, classifier_dir, inception_files,
                                                     tmp_path):
-  trained = train_vim.load_vim(vim_dir)
+  trained = runs.load_vim(vim_dir)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
   reference = evaluators.reference_stats(trained.config, extractor, max_images=16)
   results = evaluate.evaluate_generator(

@@ -23,7 +23,7 @@ from etils.epath import gpath
 from PIL import Image
 
 from conftest import REPO_ROOT
-from vim_jax import fid, fileio, train_lib, visualize
+from vim_jax import fid, fileio, runs, visualize
 from vim_jax.data import sources
 from vim_jax.models import inception, lpips
 from vim_jax.tools import weights_io
@@ -104,7 +104,7 @@ def object_store(tmp_path, monkeypatch):
 def test_every_writer_and_reader_round_trips_through_the_object_store(object_store):
   run = "gs://bucket/run"
   fileio.write_json(f"{run}/config.json", {"trainer": "vitvq", "image_size": 32})
-  assert train_lib.read_run_config(run, "vitvq").image_size == 32
+  assert runs.read_run_config(run, "vitvq").image_size == 32
   assert (object_store / "bucket" / "run" / "config.json").is_file()
 
   rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import REPO_ROOT
-from vim_jax import tokenizer, train_vim
+from vim_jax import runs
 
 STEPS = 4
 
@@ -92,7 +92,7 @@ def test_stage1_two_processes_match_one(stage1_runs):
   assert sorted(a) == list(range(1, STEPS + 1)) and a.keys() == b.keys()
   for step in a:
     assert b[step] == pytest.approx(a[step], rel=1e-5), step
-  diff = _max_diff(tokenizer.load_tokenizer(single).params, tokenizer.load_tokenizer(multi).params)
+  diff = _max_diff(runs.load_tokenizer(single).params, runs.load_tokenizer(multi).params)
   print(f"\nstage 1, 2 processes vs 1: max parameter difference {diff:.3g}")
   assert diff < 1e-5
 
@@ -112,8 +112,8 @@ def test_stage2_two_slices_fsdp_tensor_match_one(stage1_runs, tmp_path):
   assert sorted(a) == list(range(1, STEPS + 1)) and a.keys() == b.keys()
   for step in a:
     assert b[step] == pytest.approx(a[step], rel=1e-5), step
-  diff = _max_diff(train_vim.load_vim(str(tmp_path / "single")).params,
-                   train_vim.load_vim(str(tmp_path / "multi")).params)
+  diff = _max_diff(runs.load_vim(str(tmp_path / "single")).params,
+                   runs.load_vim(str(tmp_path / "multi")).params)
   print(f"\nstage 2 (data 2 over DCN x fsdp 2 x tensor 2), 2 processes vs 1: max parameter "
         f"difference {diff:.3g}")
   assert diff < 1e-5

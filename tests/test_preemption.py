@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from vim_jax import tokenizer
+from vim_jax import runs
 
 STEPS = 20
 
@@ -26,7 +26,7 @@ def _command(workdir, checkpoint_every=1000):
 
 
 def _params(workdir):
-  tok = tokenizer.load_tokenizer(workdir)
+  tok = runs.load_tokenizer(workdir)
   assert tok.step == STEPS
   return {"/".join(map(str, k)): np.asarray(v) for k, v in
           __import__("flax").traverse_util.flatten_dict(tok.params).items()}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import vim_base
-from vim_jax import optim, probe, sample, sampling, train_classifier, train_vim
+from vim_jax import optim, probe, runs, sample, sampling, train_vim
 
 from conftest import REPO_ROOT, tiny_vim_config
 
@@ -62,7 +62,7 @@ def test_missing_or_wrong_tokenizer_is_a_clear_error(tokenizer_dir, tmp_path):
 
 
 def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_path):
-  trained = train_vim.load_vim(vim_dir)
+  trained = runs.load_vim(vim_dir)
   labels = sample.requested_labels(12, trained.model.num_classes, "")
   np.testing.assert_array_equal(labels[:7], [0, 1, 2, 3, 4, 5, 0])
   out = str(tmp_path / "samples")
@@ -78,7 +78,7 @@ def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_pat
   again = sample.generate(trained, labels, 1, sampling.SamplingConfig())
   np.testing.assert_array_equal(again, data["images"])
   # Rejection keeps, per class, the candidates with the highest probability of that class.
-  classifier, cparams = train_classifier.load_classifier(classifier_dir)
+  classifier, cparams = runs.load_classifier(classifier_dir)
   kept, scores = sample.rejection_sample(trained, labels, 1, sampling.SamplingConfig(),
                                          classifier, cparams, acceptance=0.5)
   probs = sample.class_probabilities(classifier, cparams, kept)
@@ -126,7 +126,6 @@ def test_vim_schedule():
 
 
 def test_pretokenized_tokens_match_and_train(tokenizer_dir, tmp_path):
-  from vim_jax import tokenizer
   from vim_jax.data import sources
   from vim_jax.tools import pretokenize
   config = _vim_config(tokenizer_dir)
@@ -137,7 +136,7 @@ def test_pretokenized_tokens_match_and_train(tokenizer_dir, tmp_path):
   tokens = sources.TokenSource(out, "train")
   assert len(tokens) == 40 and len(os.listdir(out)) > 4  # several shards
   # Shard contents equal the tokenizer applied to the same (centre-cropped) images.
-  tok = tokenizer.load_tokenizer(tokenizer_dir)
+  tok = runs.load_tokenizer(tokenizer_dir)
   images = sources.build_source(config.data, "train", 32, config.seed)
   from vim_jax.data import preprocess
   batch = np.stack([preprocess.preprocess_image(images[i]["image"], 32, None, False)

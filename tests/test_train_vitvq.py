@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from vim_jax import train_vitvq
+from vim_jax import stage1, train_vitvq
 
 
 def _short(config, steps=2):
@@ -89,8 +89,8 @@ def test_usage_per_chunk_matches_definition():
   rng = np.random.default_rng(0)
   indices = rng.integers(0, 50, size=(10, 2, 2))
   expected = np.mean([np.unique(indices[s:s + 4]).size / 100 for s in (0, 4)])
-  assert train_vitvq.usage_per_chunk(indices, 100, 4) == pytest.approx(expected)
-  assert train_vitvq.usage_per_chunk(indices[:3], 100, 4) == pytest.approx(
+  assert stage1.usage_per_chunk(indices, 100, 4) == pytest.approx(expected)
+  assert stage1.usage_per_chunk(indices[:3], 100, 4) == pytest.approx(
       np.unique(indices[:3]).size / 100)
 
 
@@ -103,11 +103,11 @@ def _one_step(config):
   """Initial state and the state after one train step, built with the trainer's functions."""
   import flax.linen as nn
   config.optimizer.warmup_steps = 0  # lr > 0 at step 0, so one step moves the tokenizer
-  models = train_vitvq.build_models(config)
-  tx, schedule, disc_tx = train_vitvq.build_optimizers(config)
-  init = train_vitvq.make_init_fn(models, tx, disc_tx, config, init_batch=1)
+  models = stage1.build_models(config)
+  tx, schedule, disc_tx = stage1.build_optimizers(config)
+  init = stage1.make_init_fn(models, tx, disc_tx, config, init_batch=1)
   state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
-  step = jax.jit(train_vitvq.make_train_step(models, tx, schedule, disc_tx, config))
+  step = jax.jit(stage1.make_train_step(models, tx, schedule, disc_tx, config))
   images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
   new_state, metrics = step(state, {"image": images}, {})
   return state, new_state, metrics
@@ -151,7 +151,7 @@ def _direct_generator_grads(config, state, images, adversarial_weight):
   """The generator's gradient by plain jax.grad of the weighted total (an independent path
   from the step's explicit pull-back through the tokenizer's outputs)."""
   from vim_jax import losses
-  models = train_vitvq.build_models(config)
+  models = stage1.build_models(config)
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)
 
   def total(params):
@@ -177,7 +177,7 @@ def test_generator_gradient_equals_direct_differentiation(tiny_config, adaptive)
     assert weight == pytest.approx(tiny_config.loss.adversarial)
   else:  # 0.1 x ||d rec / d outputs|| / ||d adv / d outputs||, over the image-shaped outputs
     from vim_jax import losses
-    models = train_vitvq.build_models(tiny_config)
+    models = stage1.build_models(tiny_config)
     rng = jax.random.fold_in(jax.random.key(tiny_config.seed), 0)
     out = models.tokenizer.apply({"params": state.params}, images, deterministic=False,
                                  rngs={"dropout": rng})

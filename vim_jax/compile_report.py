@@ -48,13 +48,13 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
   train_lib.check_divisible(mesh, batch_size=config.batch_size)
   b = config.batch_size
   if config.trainer == "vitvq":
-    from vim_jax import train_vitvq
+    from vim_jax import stage1
     from vim_jax.models import lpips as lpips_lib
-    models = train_vitvq.build_models(config)
-    tx, schedule, disc_tx = train_vitvq.build_optimizers(config)
-    init_fn = train_vitvq.make_init_fn(models, tx, disc_tx, config,
+    models = stage1.build_models(config)
+    tx, schedule, disc_tx = stage1.build_optimizers(config)
+    init_fn = stage1.make_init_fn(models, tx, disc_tx, config,
                                        parallel.data_parallel_size(mesh))
-    step_fn = train_vitvq.make_train_step(models, tx, schedule, disc_tx, config)
+    step_fn = stage1.make_train_step(models, tx, schedule, disc_tx, config)
     batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
                                            jnp.float32, sharding=batch_sharding)}
     frozen = {}
@@ -64,19 +64,19 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
       frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                            sharding=replicated), frozen)
   elif config.trainer == "vim":
-    from vim_jax import train_vim
+    from vim_jax import stage2
     from vim_jax.models import vim as vim_lib
     model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
-    tx, schedule = train_vim.build_optimizer(config)
+    tx, schedule = stage2.build_optimizer(config)
 
     def init_fn(rng):
       n = parallel.data_parallel_size(mesh)
       params = model.init(rng, jnp.zeros((n, tokens_per_image), jnp.int32),
                           jnp.zeros((n,), jnp.int32))["params"]
-      return train_vim.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+      return stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                   opt_state=tx.init(params))
 
-    step_fn = train_vim.make_train_step(model, None, tx, schedule, config)
+    step_fn = stage2.make_train_step(model, None, tx, schedule, config)
     batch = {"tokens": jax.ShapeDtypeStruct((b, tokens_per_image), jnp.int32,
                                             sharding=batch_sharding),
              "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}

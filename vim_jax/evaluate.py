@@ -36,8 +36,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (evaluators, fid, fileio, parallel, sample, sampling, tokenizer, train_lib,
-                     train_vim)
+from vim_jax import (evaluators, fid, fileio, parallel, runs, sample, sampling, stage1, stage2)
 from vim_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -46,10 +45,9 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Stage 1.
 # ----------------------------------------------------------------------------------------------
-def evaluate_tokenizer(tok: tokenizer.Tokenizer, extractor: fid.FeatureExtractor,
+def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
                        max_images: int = -1) -> tuple[dict[str, dict], fid.FeatureStats]:
   """Every stage-1 metric over the eval split; returns (metrics, the real images' statistics)."""
-  from vim_jax import train_vitvq
   from vim_jax.models import lpips as lpips_lib
   config = ml_collections.ConfigDict(tok.config.to_dict())
   if max_images > 0:
@@ -58,15 +56,15 @@ def evaluate_tokenizer(tok: tokenizer.Tokenizer, extractor: fid.FeatureExtractor
   dp = parallel.data_parallel_size(mesh)
   config.eval_batch_size = max(dp, config.eval_batch_size // dp * dp)
   _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
-  models = train_vitvq.build_models(config)
+  models = stage1.build_models(config)
   replicated = NamedSharding(mesh, P())
   lpips_params = {}
   if models.lpips is not None:
     lpips_params = jax.device_put(lpips_lib.load_params(config.perceptual_weights)["params"],
                                   replicated)
-  eval_step = jax.jit(train_vitvq.make_eval_step(models))
+  eval_step = jax.jit(stage1.make_eval_step(models))
   consumer = evaluators.ReconstructionFID(extractor, evaluators.data_label(config.data))
-  image_metrics, _ = train_vitvq.evaluate(
+  image_metrics, _ = stage1.evaluate(
       eval_step, jax.device_put(tok.params, replicated), lpips_params, eval_data, mesh,
       tok.model.codebook_size, config.eval_usage_chunk, consume=consumer)
   n = image_metrics.pop("num_images")
@@ -87,7 +85,7 @@ def _tap(batches: Iterator[np.ndarray], fn: Callable[[np.ndarray, int], None]):
     yield batch
 
 
-def evaluate_generator(trained: train_vim.TrainedVIM, extractor: fid.FeatureExtractor,
+def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor,
                        reference: fid.FeatureStats, reference_label: str, num_samples: int,
                        seed: int, sampling_config: sampling.SamplingConfig,
                        batch_size: int = 64, classifier_workdir: str = "",
@@ -101,8 +99,7 @@ def evaluate_generator(trained: train_vim.TrainedVIM, extractor: fid.FeatureExtr
     if trained.model.num_classes == 0:
       raise ValueError("--classifier_workdir scores class-conditional samples; this VIM is "
                        "unconditional.")
-    from vim_jax import train_classifier
-    classifier, classifier_params = train_classifier.load_classifier(classifier_workdir)
+    classifier, classifier_params = runs.load_classifier(classifier_workdir)
   correct = [0]
 
   def score(batch, offset):
@@ -197,7 +194,7 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a stage-1 or stage-2 run).")
-  config = train_lib.read_run_config(FLAGS.workdir)
+  config = runs.read_run_config(FLAGS.workdir)
   fid_config = config.get("fid") or ml_collections.ConfigDict({})
   weights = FLAGS.inception_weights or fid_config.get(
       "inception_weights", "weights/pt_inception-2015-12-05.msgpack")
@@ -205,20 +202,20 @@ def main(argv):
   info = {"workdir": FLAGS.workdir, "trainer": config.trainer,
           "inception": {"weights": weights, "resize": FLAGS.resize}}
   if config.trainer == "vitvq":
-    tok = tokenizer.load_tokenizer(FLAGS.workdir, FLAGS.step)
+    tok = runs.load_tokenizer(FLAGS.workdir, FLAGS.step)
     results, real = evaluate_tokenizer(tok, extractor, FLAGS.num_images)
     step = tok.step
   elif config.trainer == "vim":
-    trained = train_vim.load_vim(FLAGS.workdir, FLAGS.step)
+    trained = runs.load_vim(FLAGS.workdir, FLAGS.step)
     real = evaluators.reference_stats(config, extractor, FLAGS.reference_stats,
                                       FLAGS.reference_images)
     label = evaluators.reference_label_for(FLAGS.reference_stats, config, real)
     results = evaluate_generator(
         trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed,
-        train_vim.sampling_config_from(config), FLAGS.batch_size, FLAGS.classifier_workdir,
+        stage2.sampling_config_from(config), FLAGS.batch_size, FLAGS.classifier_workdir,
         FLAGS.acceptance)
     step = trained.step
-    info["sampling"] = train_vim.sampling_config_from(config).__dict__
+    info["sampling"] = stage2.sampling_config_from(config).__dict__
   else:
     raise app.UsageError(f"{FLAGS.workdir!r} holds a {config.trainer!r} run; evaluate takes a "
                          "stage-1 ('vitvq') or stage-2 ('vim') workdir.")

@@ -72,6 +72,16 @@ def start_distributed():
                jax.device_count())
 
 
+def train(config, workdir: str, **kwargs):
+  """Runs the trainer that config.trainer names (what `python -m vim_jax.main` does after
+  start-up); kwargs go to its train_and_evaluate. Benchmarks train through this, so that only
+  this module and the quickstart import trainers."""
+  if config.trainer not in TRAINERS:
+    raise ValueError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
+  trainer = importlib.import_module(TRAINERS[config.trainer])
+  return trainer.train_and_evaluate(config, workdir, **kwargs)
+
+
 def hide_gpus_from_tensorflow():
   """TF is only used for summaries and tfds; keep it off the accelerators JAX needs."""
   try:
@@ -142,10 +152,9 @@ def main(argv):
   hide_gpus_from_tensorflow()
   start_distributed()
   logging.info("config:\n%s", config)
-  trainer = importlib.import_module(TRAINERS[config.trainer])
   from vim_jax import train_lib
   train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
-  trainer.train_and_evaluate(config, os.path.expanduser(_WORKDIR.value))
+  train(config, os.path.expanduser(_WORKDIR.value))
 
 
 if __name__ == "__main__":

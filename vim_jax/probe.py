@@ -21,7 +21,7 @@ import optax
 from absl import app, flags
 from jax.experimental import multihost_utils
 
-from vim_jax import fileio, parallel, train_vim
+from vim_jax import fileio, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -29,7 +29,7 @@ from vim_jax.models import vitvqgan
 log = logging.getLogger(__name__)
 
 
-def extract_features(trained: train_vim.TrainedVIM, data: pipeline.InputPipeline,
+def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
                      blocks: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
   """One ordered pass over `data`: ({block: features [N, D]}, labels [N])."""
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
@@ -91,7 +91,7 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndar
 
 def run_probe(workdir: str, blocks: list[int] | None = None) -> dict[int, float]:
   """Probe accuracy for each block of a stage-2 workdir, using its config.probe settings."""
-  trained = train_vim.load_vim(workdir)
+  trained = runs.load_vim(workdir)
   config, p = trained.config, trained.config.probe
   last = trained.model.stack.num_layers
   blocks = sorted(set(blocks or [p.block, last]))
@@ -127,7 +127,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   blocks = [int(b) for b in FLAGS.blocks.split(",")] if FLAGS.blocks else None
   results = run_probe(FLAGS.workdir, blocks)
-  trained_layers = train_vim.load_vim(FLAGS.workdir).model.stack.num_layers
+  trained_layers = runs.load_vim(FLAGS.workdir).model.stack.num_layers
   print(format_table(results, trained_layers))
   fileio.write_json(fileio.join(FLAGS.workdir, "probe.json"),
                     {str(k): v for k, v in results.items()})

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vim_jax import fileio, parallel, sampling, train_classifier, train_vim, visualize
+from vim_jax import fileio, parallel, runs, sampling, stage2, visualize
 from vim_jax.data import preprocess
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Sampler:
   batches(labels, seed) streams uint8 images [<= batch_size, S, S, 3]; batch i uses the key
   fold_in(key(seed), i), so a seed reproduces the samples."""
 
-  def __init__(self, trained: train_vim.TrainedVIM, sampling_config: sampling.SamplingConfig,
+  def __init__(self, trained: runs.TrainedVIM, sampling_config: sampling.SamplingConfig,
                batch_size: int = 64):
     self.trained = trained
     self.mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
@@ -45,7 +45,7 @@ class Sampler:
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.label_sharding = parallel.batch_sharding(self.mesh)
     self._sample = jax.jit(
-        train_vim.make_sample_fn(trained.model, trained.tokenizer.model, sampling_config),
+        stage2.make_sample_fn(trained.model, trained.tokenizer.model, sampling_config),
         in_shardings=(replicated, replicated, self.label_sharding, None))
     self._params = jax.device_put(trained.params, replicated)
     self._tok_params = jax.device_put(trained.tokenizer.params, replicated)
@@ -65,7 +65,7 @@ class Sampler:
     return np.concatenate(list(self.batches(labels, seed)))
 
 
-def generate(trained: train_vim.TrainedVIM, labels: np.ndarray, seed: int,
+def generate(trained: runs.TrainedVIM, labels: np.ndarray, seed: int,
              sampling_config: sampling.SamplingConfig, batch_size: int = 64) -> np.ndarray:
   """uint8 images [N, S, S, 3] for int labels [N] (see Sampler)."""
   return Sampler(trained, sampling_config, batch_size).generate(labels, seed)
@@ -140,7 +140,7 @@ def sample_and_report(trained, out_dir: str, labels: np.ndarray, seed: int, samp
   results = {"num_samples": int(len(labels)), "seed": seed, "step": trained.step,
              "sampling": sampling_config.__dict__}
   if classifier_workdir:
-    classifier, classifier_params = train_classifier.load_classifier(classifier_workdir)
+    classifier, classifier_params = runs.load_classifier(classifier_workdir)
     results["class_accuracy"] = class_accuracy(classifier, classifier_params, images, labels)
     if acceptance < 1:
       rejected, _ = rejection_sample(trained, labels, seed, sampling_config, classifier,
@@ -188,7 +188,7 @@ def define_flags():
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  trained = train_vim.load_vim(FLAGS.workdir)
+  trained = runs.load_vim(FLAGS.workdir)
   s = trained.config.sampling
   pick = lambda flag, default: default if flag is None else flag
   sampling_config = sampling.SamplingConfig(

@@ -2,7 +2,7 @@
 accuracy) where no pretrained classifier exists, e.g. on the embedded shapes dataset.
 
 `train_and_evaluate(config, workdir)` trains with Adam and cross-entropy, evaluates top-1 on the
-eval split, and checkpoints like the other trainers; `load_classifier(workdir)` restores it.
+eval split, and checkpoints like the other trainers; `runs.load_classifier(workdir)` restores it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 TrainState = train_lib.TrainState
 
 
-def build_model(config, num_classes: int) -> classifier_lib.ConvClassifier:
-  return classifier_lib.ConvClassifier(num_classes, tuple(config.model.widths))
-
-
 def build_optimizer(config):
   schedule = optax.cosine_decay_schedule(config.optimizer.lr, max(config.total_steps, 1))
   return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)
@@ -56,7 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
   train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
                                                    jax.process_count())
   # --- Model, optimizer, state ----------------------------------------------------------------
-  model = build_model(config, train_data.num_classes)
+  model = classifier_lib.ConvClassifier.from_config(config, train_data.num_classes)
   tx = build_optimizer(config)
   replicated = NamedSharding(mesh, P())
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -118,22 +114,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
                       {"num_classes": train_data.num_classes})
   writer.flush()
   return result
-
-
-def load_classifier(workdir: str):
-  """(model, params) of a classifier workdir's latest checkpoint, params on device 0."""
-  config = train_lib.read_run_config(workdir, "classifier")
-  path = fileio.join(workdir, "num_classes.json")
-  if not fileio.exists(path):
-    raise FileNotFoundError(f"{workdir} has no finished classifier run (missing "
-                            "num_classes.json); train one with configs/classifier.py.")
-  num_classes = fileio.read_json(path)["num_classes"]
-  model = build_model(config, num_classes)
-  tx = build_optimizer(config)
-  shapes = jax.eval_shape(make_init_fn(model, tx, config.image_size), jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
-      shapes, jax.tree.map(lambda _: device, shapes)))
-  ckpt.close()
-  return model, state.params

@@ -135,28 +135,6 @@ def open_workdir(workdir: str, config):
   return metric_writers.create_default_writer(workdir, just_logging=not is_main)
 
 
-RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
-             "quickstart": "quickstart"}
-
-
-def read_run_config(workdir: str, trainer: str | None = None):
-  """The ConfigDict a run saved in workdir/config.json (local or gs://); with `trainer`,
-  checks the run's kind."""
-  import ml_collections
-
-  from vim_jax import fileio
-  path = fileio.join(workdir, "config.json")
-  if not fileio.exists(path):
-    what = RUN_KINDS.get(trainer, "training")
-    raise FileNotFoundError(f"no {what} run at {workdir!r} (missing config.json); point at a "
-                            "workdir written by `python -m vim_jax.main`.")
-  config = ml_collections.ConfigDict(fileio.read_json(path))
-  if trainer is not None and config.get("trainer") != trainer:
-    raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
-                     f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")
-  return config
-
-
 def check_divisible(mesh, **batch_sizes):
   """Every batch size must split evenly over the data-parallel devices."""
   dp = mesh.shape["data"] * mesh.shape["fsdp"]

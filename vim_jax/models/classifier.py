@@ -16,6 +16,11 @@ class ConvClassifier(nn.Module):
   num_classes: int
   widths: tuple[int, ...] = (32, 64, 128)
 
+  @classmethod
+  def from_config(cls, config, num_classes: int) -> "ConvClassifier":
+    """From a classifier config's `model` section and the dataset's class count."""
+    return cls(num_classes, tuple(config.model.widths))
+
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """images [B, S, S, 3] -> logits [B, num_classes] float32."""

@@ -20,7 +20,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from vim_jax import fileio, parallel, tokenizer
+from vim_jax import fileio, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vitvqgan
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def pretokenize(config, out_dir: str, shard_size: int = 50_000,
                 splits: tuple[str, ...] = ("train", "eval")) -> dict:
   """Writes the token shards and meta.json; returns the meta dict."""
-  tok = tokenizer.load_tokenizer(config.tokenizer_workdir)
+  tok = runs.load_tokenizer(config.tokenizer_workdir, with_decoder=False)
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.device_put(tok.params, replicated)

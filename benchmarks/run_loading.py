@@ -1,0 +1,97 @@
+"""What loading a trained tokenizer costs: the whole train state versus params only.
+
+  python benchmarks/run_loading.py [--config=configs/vitvq_base.py] [--workdir=EXISTING_RUN]
+
+Without --workdir it writes a stage-1 run of the config at init (params, both Adam states and
+the discriminator, as the trainer checkpoints them) into a temporary folder. Each loader then
+runs in a fresh process and reports the time and the growth of the peak RSS:
+- `full state`: restore the whole train state and keep its params (what consumers did before
+  vim_jax/runs.py);
+- `runs.load_tokenizer`: the params (or EMA params) only, decoder included;
+- `without decoder`: encoder and codebook only (enough to tokenize, as stage 2 does).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LOADER = r"""
+import resource, sys, time
+import flax.linen as nn
+import jax
+workdir, mode = sys.argv[1], sys.argv[2]
+from vim_jax import checkpoint, fileio, runs, stage1
+jax.block_until_ready(jax.numpy.zeros(3))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+if mode == "full state":
+  config = runs.read_run_config(workdir, "vitvq")
+  models = stage1.build_models(config)
+  tx, _, disc_tx = stage1.build_optimizers(config)
+  init = stage1.make_init_fn(models, tx, disc_tx, config, 1)
+  shapes = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"))
+  state = ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
+      shapes, jax.tree.map(lambda _: device, shapes)))
+  ckpt.close()
+  params = state.ema_params if state.ema_params is not None else state.params
+  del state
+else:
+  params = runs.load_tokenizer(workdir, with_decoder=(mode != "without decoder")).params
+jax.block_until_ready(params)
+seconds = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+count = sum(x.size for x in jax.tree.leaves(params))
+print(f"| {mode} | {count / 1e6:.1f}M | {seconds:.2f} | {after - before:,.0f} |")
+"""
+
+
+def write_initial_run(config_path: str, workdir: str):
+  import jax
+  import numpy as np
+
+  from vim_jax import checkpoint, fileio, stage1
+  from vim_jax.main import load_config_file
+  config = load_config_file(config_path)
+  config.loss.perceptual = 0.0  # LPIPS holds no state; skip its weights file
+  models = stage1.build_models(config)
+  tx, _, disc_tx = stage1.build_optimizers(config)
+  import flax.linen as nn
+  state = nn.meta.unbox(jax.jit(stage1.make_init_fn(models, tx, disc_tx, config, 1))(
+      jax.random.key(0)))
+  fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort())
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)
+  ckpt.save(0, state, force=True)
+  ckpt.close()
+  sizes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+  print(f"wrote {config_path} at init to {workdir}: {sizes / 2**30:.2f} GiB of train state")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "vitvq_base.py"))
+  parser.add_argument("--workdir", default="")
+  args = parser.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = args.workdir
+    if not workdir:
+      workdir = os.path.join(tmp, "run")
+      write_initial_run(args.config, workdir)
+    print("| loader | params | seconds | peak RSS growth (MiB) |")
+    print("|---|---|---|---|")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    for mode in ("full state", "runs.load_tokenizer", "without decoder"):
+      out = subprocess.run([sys.executable, "-c", LOADER, workdir, mode], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+      line = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+      print(line[0] if line else f"| {mode} | failed: {out.stderr[-500:]} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,147 @@
+"""vim_jax/runs.py: params-only restores equal full train-state restores; written runs load.
+
+The "old path" below is how runs were loaded before runs.py (tokenizer.py, train_vim.load_vim,
+train_classifier.load_classifier): rebuild the whole train state, optimizers and discriminator
+included, and restore all of it. The fixture runs are written by the trainers, whose
+checkpoint layout runs.py must keep reading.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vim_jax import checkpoint, fileio, parallel, runs, stage1, stage2
+from vim_jax.models import classifier as classifier_lib
+
+
+def _full_restore(workdir, init_fn):
+  shapes = nn.meta.unbox(jax.eval_shape(init_fn, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"))
+  try:
+    return ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
+        shapes, jax.tree.map(lambda _: device, shapes)))
+  finally:
+    ckpt.close()
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_tokenizer_params_equal_the_full_train_state_restore(tokenizer_dir):
+  config = runs.read_run_config(tokenizer_dir, "vitvq")
+  models = stage1.build_models(config)
+  tx, _, disc_tx = stage1.build_optimizers(config)
+  full = _full_restore(tokenizer_dir, stage1.make_init_fn(models, tx, disc_tx, config, 1))
+  tok = runs.load_tokenizer(tokenizer_dir)
+  assert tok.step == 4 and tok.has_decoder
+  _assert_trees_equal(tok.params, full.params)
+  lean = runs.load_tokenizer(tokenizer_dir, with_decoder=False)
+  assert sorted(lean.params) == ["encoder", "quantizer"] and not lean.has_decoder
+  _assert_trees_equal(lean.params, {k: v for k, v in full.params.items() if k != "decoder"})
+
+
+def test_vim_and_classifier_params_equal_the_full_restore(vim_dir, classifier_dir):
+  trained = runs.load_vim(vim_dir)
+  tx, _ = stage2.build_optimizer(trained.config)
+
+  def vim_init(rng):
+    params = trained.model.init(rng, jnp.zeros((1, trained.model.num_tokens), jnp.int32),
+                                jnp.zeros((1,), jnp.int32))["params"]
+    return stage2.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+  _assert_trees_equal(trained.params, _full_restore(vim_dir, vim_init).params)
+  assert trained.step == 3 and trained.tokenizer.step == 4
+
+  model, params = runs.load_classifier(classifier_dir)
+  config = runs.read_run_config(classifier_dir, "classifier")
+  from vim_jax import train_classifier  # the old path rebuilt the trainer's optimizer
+  full = _full_restore(classifier_dir, train_classifier.make_init_fn(
+      model, train_classifier.build_optimizer(config), config.image_size))
+  assert isinstance(model, classifier_lib.ConvClassifier)
+  _assert_trees_equal(params, full.params)
+
+
+def test_written_runs_load_and_the_ema_copy_wins(tokenizer_dir, tmp_path):
+  config = runs.read_run_config(tokenizer_dir, "vitvq")
+  params = jax.tree.map(np.asarray, runs.load_tokenizer(tokenizer_dir).params)
+  written = str(tmp_path / "imported")
+  runs.write_run(written, config, params, step=7)
+  tok = runs.load_tokenizer(written)
+  assert tok.step == 7
+  _assert_trees_equal(tok.params, params)
+
+  # A run that kept an EMA copy: consumers get the EMA params.
+  ema_run = str(tmp_path / "ema")
+  fileio.write_text(fileio.join(ema_run, "config.json"), config.to_json_best_effort())
+  ema = jax.tree.map(lambda x: x + 1.0, params)
+  ckpt = checkpoint.Checkpointer(fileio.join(ema_run, "checkpoints"), async_save=False)
+  ckpt.save(2, {"step": np.int32(2), "params": params, "ema_params": ema}, force=True)
+  ckpt.close()
+  _assert_trees_equal(runs.load_tokenizer(ema_run).params, ema)
+
+  # A stage-2 run written on top of it.
+  vim_config = stage2_config(written)
+  model = stage2.build_model(vim_config, tok.model)
+  vim_params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
+      jax.random.key(1), jnp.zeros((1, model.num_tokens), jnp.int32),
+      jnp.zeros((1,), jnp.int32))["params"]))
+  vim_run = str(tmp_path / "vim")
+  runs.write_run(vim_run, vim_config, vim_params)
+  _assert_trees_equal(runs.load_vim(vim_run).params, vim_params)
+
+
+def stage2_config(tokenizer_workdir):
+  from configs import vim_base
+  config = vim_base.get_config("tiny")
+  config.tokenizer_workdir = tokenizer_workdir
+  return config
+
+
+def test_write_run_names_every_mismatch(tokenizer_dir, tmp_path):
+  config = runs.read_run_config(tokenizer_dir, "vitvq")
+  params = jax.tree.map(np.asarray, runs.load_tokenizer(tokenizer_dir).params)
+  broken = {**params, "extra": {"kernel": np.zeros(3)}}
+  broken["quantizer"] = {**params["quantizer"],
+                         "codebook": np.zeros((7, 3), np.float32)}
+  del broken["decoder"]
+  with pytest.raises(ValueError) as error:
+    runs.write_run(str(tmp_path / "x"), config, broken)
+  message = str(error.value)
+  assert "unexpected extra/* (1 arrays)" in message
+  assert "quantizer/codebook: shape (7, 3), the config's model has" in message
+  assert "missing decoder/* (" in message
+  assert not fileio.exists(str(tmp_path / "x" / "config.json"))  # nothing half-written
+  classifier_config = config.copy_and_resolve_references()
+  classifier_config.trainer = "classifier"
+  with pytest.raises(ValueError, match="writes 'vitvq'"):
+    runs.write_run(str(tmp_path / "y"), classifier_config, params)
+
+
+def test_errors_name_the_workdir_and_the_fix(tokenizer_dir, vim_dir, tmp_path):
+  with pytest.raises(ValueError, match="holds a 'vim' run, not a stage-1"):
+    runs.load_tokenizer(vim_dir)
+  with pytest.raises(FileNotFoundError, match="missing config.json"):
+    runs.load_tokenizer(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 99; it has"):
+    runs.load_tokenizer(tokenizer_dir, step=99)
+  empty = str(tmp_path / "empty")
+  fileio.write_text(fileio.join(empty, "config.json"),
+                    runs.read_run_config(tokenizer_dir).to_json_best_effort())
+  with pytest.raises(FileNotFoundError, match="no checkpoint under .*python -m vim_jax.main"):
+    runs.load_tokenizer(empty)
+
+
+def test_params_land_on_the_given_shardings(tokenizer_dir):
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  replicated = NamedSharding(mesh, P())
+  tok = runs.load_tokenizer(tokenizer_dir, shardings=replicated)
+  assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(tok.params))
+  assert len(jax.tree.leaves(tok.params)[0].sharding.device_set) == jax.device_count()

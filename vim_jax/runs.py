@@ -1,0 +1,261 @@
+"""Trained runs: the one module that reads and writes them.
+
+A run is a workdir written by `python -m vim_jax.main` (or by `write_run`, for importers and
+tests): `config.json`, whose `trainer` names the kind of run, and orbax checkpoints under
+`checkpoints/<step>/`. A trainer's checkpoint holds its whole train state (optimizer moments,
+the discriminator, the EMA copy); consumers restore only the params they need, with orbax's
+partial restore, so loading the SL tokenizer for stage 2 reads its 28M-param encoder and the
+codebook, not 10 GB of train state. Params land on the shardings the caller gives (one sharding
+for every leaf, or a tree of them), replicated on the first device by default.
+
+  load_tokenizer(workdir, with_decoder=True)  a stage-1 run's tokenizer (the EMA copy if kept)
+  load_vim(workdir)                           a stage-2 run's VIM, and its tokenizer
+  load_classifier(workdir)                    a classifier run (rejection sampling, accuracy)
+  write_run(workdir, config, params, step)    a stage-1 or stage-2 run from params
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vim_jax import checkpoint, fileio, stage2
+from vim_jax.models import classifier as classifier_lib
+from vim_jax.models import vim as vim_lib
+from vim_jax.models import vitvqgan
+
+RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
+             "quickstart": "quickstart"}
+# What trains each kind of run, for error messages.
+HOW_TO_TRAIN = {"vitvq": "python -m vim_jax.main --config=configs/vitvq_base.py --workdir=...",
+                "vim": "python -m vim_jax.main --config=configs/vim_base.py --workdir=...",
+                "classifier": "python -m vim_jax.main --config=configs/classifier.py "
+                              "--workdir=..."}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+# ----------------------------------------------------------------------------------------------
+def read_run_config(workdir: str, trainer: str | None = None) -> ml_collections.ConfigDict:
+  """The ConfigDict a run saved in workdir/config.json (local or gs://); with `trainer`,
+  checks the run's kind."""
+  path = fileio.join(workdir, "config.json")
+  if not fileio.exists(path):
+    what = RUN_KINDS.get(trainer, "training")
+    raise FileNotFoundError(f"no {what} run at {workdir!r} (missing config.json); point at a "
+                            "workdir written by `python -m vim_jax.main`.")
+  config = ml_collections.ConfigDict(fileio.read_json(path))
+  if trainer is not None and config.get("trainer") != trainer:
+    raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
+                     f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")
+  return config
+
+
+def checkpoint_step(workdir: str, step: int | None, trainer: str) -> int:
+  """`step`, checked to exist, or the run's latest checkpoint step."""
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"))
+  try:
+    steps = list(ckpt.manager.all_steps())
+  finally:
+    ckpt.close()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints; train the "
+                            f"{RUN_KINDS[trainer]} run first ({HOW_TO_TRAIN[trainer]}).")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}.")
+  return int(step)
+
+
+def _item_dir(workdir: str, step: int) -> str:
+  return fileio.join(workdir, "checkpoints", str(step), "default")
+
+
+def stored_fields(workdir: str, step: int) -> dict[str, bool]:
+  """The checkpoint's top-level entries and whether each holds arrays (False for a None
+  field, e.g. `ema_params` of a run without EMA)."""
+  import orbax.checkpoint as ocp
+  metadata = ocp.PyTreeCheckpointHandler().metadata(fileio.path(_item_dir(workdir, step)))
+  return {name: value is not None for name, value in metadata.items()}
+
+
+def _abstract(shapes, shardings):
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, shapes)
+  return checkpoint.abstract_with_shardings(shapes, shardings)
+
+
+def restore_params(workdir: str, step: int, field: str, shapes, shardings=None):
+  """Restores checkpoint entry `field` (e.g. 'params'), only the leaves in `shapes` (a tree
+  of ShapeDtypeStructs, possibly a subtree of what was saved), onto `shardings`."""
+  import orbax.checkpoint as ocp
+  item = {field: _abstract(shapes, shardings)}
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        _item_dir(workdir, step), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+  except Exception as e:  # orbax raises several types for a tree that does not match
+    raise ValueError(f"the checkpoint at {workdir} step {step} does not match the model its "
+                     f"config.json describes ({field}): {type(e).__name__}: {e}") from e
+  return restored[field]
+
+
+def _param_shapes(model: nn.Module, *example_inputs) -> Any:
+  return nn.meta.unbox(jax.eval_shape(
+      lambda rng: model.init(rng, *example_inputs), jax.random.key(0)))["params"]
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A trained stage-1 tokenizer, frozen."""
+
+  model: vitvqgan.ViTVQGAN
+  params: dict  # the EMA copy when the run kept one; without 'decoder' if loaded without it
+  config: ml_collections.ConfigDict  # the stage-1 run's config
+  step: int
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.model.grid
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  @property
+  def has_decoder(self) -> bool:
+    return "decoder" in self.params
+
+
+def tokenizer_param_shapes(model: vitvqgan.ViTVQGAN) -> dict:
+  return _param_shapes(model, jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32))
+
+
+def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
+                   with_decoder: bool = True) -> Tokenizer:
+  """A stage-1 run's tokenizer params (the EMA copy when the run kept one), latest checkpoint
+  by default. with_decoder=False skips the decoder: enough to tokenize (stage 2's train step,
+  pretokenize, the probe), not to decode."""
+  config = read_run_config(workdir, "vitvq")
+  step = checkpoint_step(workdir, step, "vitvq")
+  model = vitvqgan.ViTVQGAN.from_config(config)
+  shapes = tokenizer_param_shapes(model)
+  if not with_decoder:
+    shapes = {k: v for k, v in shapes.items() if k != "decoder"}
+  field = "ema_params" if stored_fields(workdir, step).get("ema_params") else "params"
+  params = restore_params(workdir, step, field, shapes, shardings)
+  return Tokenizer(model, params, config, step)
+
+
+@dataclasses.dataclass
+class TrainedVIM:
+  """A trained stage-2 model and the tokenizer it models."""
+
+  model: vim_lib.VIM
+  params: Any
+  tokenizer: Tokenizer
+  config: ml_collections.ConfigDict
+  step: int
+
+
+def vim_param_shapes(model: vim_lib.VIM) -> dict:
+  return _param_shapes(model, jnp.zeros((1, model.num_tokens), jnp.int32),
+                       jnp.zeros((1,), jnp.int32))
+
+
+def load_vim(workdir: str, step: int | None = None, shardings=None,
+             tokenizer_shardings=None, with_decoder: bool = True) -> TrainedVIM:
+  """A stage-2 run's VIM params (latest checkpoint by default) and its tokenizer."""
+  config = read_run_config(workdir, "vim")
+  step = checkpoint_step(workdir, step, "vim")
+  tok = load_tokenizer(config.tokenizer_workdir, shardings=tokenizer_shardings,
+                       with_decoder=with_decoder)
+  model = stage2.build_model(config, tok.model)
+  params = restore_params(workdir, step, "params", vim_param_shapes(model), shardings)
+  return TrainedVIM(model, params, tok, config, step)
+
+
+def load_classifier(workdir: str, shardings=None) -> tuple[classifier_lib.ConvClassifier, Any]:
+  """(model, params) of a classifier run's latest checkpoint."""
+  config = read_run_config(workdir, "classifier")
+  path = fileio.join(workdir, "num_classes.json")
+  if not fileio.exists(path):
+    raise FileNotFoundError(f"{workdir} has no finished classifier run (missing "
+                            "num_classes.json); train one with configs/classifier.py.")
+  model = classifier_lib.ConvClassifier.from_config(config, fileio.read_json(path)["num_classes"])
+  step = checkpoint_step(workdir, None, "classifier")
+  shapes = _param_shapes(model, jnp.zeros((1, config.image_size, config.image_size, 3)))
+  return model, restore_params(workdir, step, "params", shapes, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------------------------
+def _check_params(params, expected, what: str):
+  """Raises ValueError naming every missing, unexpected or misshapen leaf (a whole missing or
+  unexpected top-level subtree is named once)."""
+  got = {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in _flatten(params).items()}
+  want = {"/".join(map(str, k)): tuple(v.shape) for k, v in _flatten(expected).items()}
+
+  def grouped(keys, other, label, shapes):
+    lines, done = [], set()
+    for key in sorted(keys):
+      top = key.split("/")[0]
+      if top in done:
+        continue
+      if not any(k.split("/")[0] == top for k in other):  # the whole subtree
+        done.add(top)
+        count = sum(k.split("/")[0] == top for k in keys)
+        lines.append(f"{label} {top}/* ({count} arrays)" if "/" in key else
+                     f"{label} {key} {shapes[key]}")
+      else:
+        lines.append(f"{label} {key} {shapes[key]}")
+    return lines
+
+  problems = grouped(set(got) - set(want), want, "unexpected", got)
+  problems += [f"{k}: shape {got[k]}, the config's model has {want[k]}"
+               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  problems += grouped(set(want) - set(got), got, "missing", want)
+  if problems:
+    raise ValueError(f"params do not fit the {what} the config describes:\n  " +
+                     "\n  ".join(problems[:20]) +
+                     (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+
+def _flatten(tree) -> dict:
+  import flax
+  return flax.traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
+
+
+def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int = 0) -> None:
+  """Writes a stage-1 (config.trainer 'vitvq') or stage-2 ('vim') run that every consumer of
+  runs accepts: config.json and a checkpoint at `step` holding {'step', 'params'}. For
+  importers of published weights and for tests; a trainer cannot resume from it (it holds no
+  optimizer state). params are checked against the model the config describes."""
+  if config.get("trainer") == "vitvq":
+    _check_params(params, tokenizer_param_shapes(vitvqgan.ViTVQGAN.from_config(config)),
+                  "tokenizer")
+  elif config.get("trainer") == "vim":
+    tok = load_tokenizer(config.tokenizer_workdir, with_decoder=False)
+    _check_params(params, vim_param_shapes(stage2.build_model(config, tok.model)), "VIM")
+  else:
+    raise ValueError(f"config.trainer={config.get('trainer')!r}; write_run writes 'vitvq' "
+                     "(stage 1) or 'vim' (stage 2) runs.")
+  if jax.process_index() == 0:
+    fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)
+  try:
+    ckpt.save(step, {"step": np.asarray(step, np.int32),
+                     "params": jax.tree.map(np.asarray, params)}, force=True)
+  finally:
+    ckpt.close()

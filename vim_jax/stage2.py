@@ -1,0 +1,142 @@
+"""Stage 2, VIM: the model over a frozen tokenizer's codes, its optimizer and the pure step
+functions (train, eval, sample), shared by the trainer (train_vim.py), sampling, evaluation and
+the compile report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from vim_jax import optim, parallel, sampling, train_lib
+from vim_jax.data import pipeline
+from vim_jax.models import vim as vim_lib
+from vim_jax.models import vitvqgan
+
+log = logging.getLogger(__name__)
+
+
+TrainState = train_lib.TrainState
+
+
+def build_model(config, tok_model: vitvqgan.ViTVQGAN) -> vim_lib.VIM:
+  """The VIM a stage-2 config describes, over the tokenizer's codebook and token grid."""
+  if config.image_size != tok_model.image_size:
+    raise ValueError(f"config.image_size={config.image_size} but the tokenizer at "
+                     f"{config.tokenizer_workdir} was trained at {tok_model.image_size}; set "
+                     f"--config.image_size={tok_model.image_size}.")
+  return vim_lib.VIM.from_config(config, tok_model.codebook_size,
+                                 tok_model.grid[0] * tok_model.grid[1])
+
+
+def build_optimizer(config):
+  schedule = optim.warmup_exponential_schedule(config.optimizer, config.total_steps)
+  return optim.adamw(config.optimizer, schedule), schedule
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-example mean CE (nats) and accuracy: logits [B, N, V], targets int [B, N] -> [B]."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  accuracy = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return jnp.mean(nll, axis=-1), jnp.mean(accuracy, axis=-1)
+
+
+def batch_tokens(batch, tok_model: vitvqgan.ViTVQGAN, tokenizer_params) -> jax.Array:
+  """int32 [B, N] tokens: pre-tokenized ones, or the frozen tokenizer's for batch['image']."""
+  if "tokens" in batch:
+    return batch["tokens"]
+  tokens = tok_model.apply({"params": tokenizer_params}, batch["image"],
+                           method=vitvqgan.ViTVQGAN.encode_to_indices)
+  return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], -1))
+
+
+def make_train_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN, tx, schedule,
+                    config) -> Callable:
+  """(state, batch, tokenizer_params) -> (state, metrics).
+
+  batch: image [B, S, S, 3] in [-1, 1] (or tokens int [B, N]), label int [B].
+  """
+  base_rng = jax.random.key(config.seed)
+
+  def train_step(state: TrainState, batch, tokenizer_params):
+    rng = jax.random.fold_in(base_rng, state.step)
+    drop_rng, dropout_rng = jax.random.split(rng)
+    tokens = batch_tokens(batch, tok_model, tokenizer_params)
+    labels = batch["label"]
+    if model.num_classes and config.label_dropout > 0:  # for classifier-free guidance
+      dropped = jax.random.bernoulli(drop_rng, config.label_dropout, labels.shape)
+      labels = jnp.where(dropped, model.null_label, labels)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, tokens, labels, deterministic=False,
+                           rngs={"dropout": dropout_rng})
+      nll, accuracy = cross_entropy(logits, tokens)
+      return jnp.mean(nll), jnp.mean(accuracy)
+
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "bits_per_token": loss / math.log(2.0), "accuracy": accuracy,
+               "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+               "learning_rate": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN) -> Callable:
+  """(params, batch, tokenizer_params) -> per-example nll [B] and accuracy [B]."""
+
+  def eval_step(params, batch, tokenizer_params):
+    tokens = batch_tokens(batch, tok_model, tokenizer_params)
+    logits = model.apply({"params": params}, tokens, batch["label"])
+    nll, accuracy = cross_entropy(logits, tokens)
+    return {"nll": nll, "accuracy": accuracy}
+
+  return eval_step
+
+
+def make_sample_fn(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN,
+                   sampling_config: sampling.SamplingConfig) -> Callable:
+  """(params, tokenizer_params, labels [B], rng) -> images [B, S, S, 3] in [-1, 1]."""
+
+  def sample(params, tokenizer_params, labels, rng):
+    tokens = sampling.sample_tokens(model, params, labels, rng, sampling_config)
+    grid = tok_model.grid
+    return tok_model.apply({"params": tokenizer_params},
+                           tokens.reshape(tokens.shape[0], *grid),
+                           method=vitvqgan.ViTVQGAN.decode_from_indices)
+
+  return sample
+
+
+def model_inputs(local_batch: dict) -> dict:
+  """The arrays a step consumes (images or tokens, and labels), without the eval mask."""
+  return {k: v for k, v in local_batch.items() if k != "mask"}
+
+
+def sampling_config_from(config) -> sampling.SamplingConfig:
+  s = config.sampling
+  return sampling.SamplingConfig(s.temperature, s.top_k, s.top_p, s.guidance_scale)
+
+
+def evaluate(eval_fn, params, tokenizer_params, eval_data: pipeline.InputPipeline, mesh):
+  sums, count = {"nll": 0.0, "accuracy": 0.0}, 0
+  for local in eval_data.iterate():
+    batch = parallel.global_batch_from_local(model_inputs(local), mesh)
+    out = multihost_utils.process_allgather(eval_fn(params, batch, tokenizer_params), tiled=True)
+    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+    for k in sums:
+      sums[k] += float(np.sum(np.asarray(out[k], np.float64)[mask]))
+    count += int(mask.sum())
+  nll = sums["nll"] / count
+  return {"loss": nll, "bits_per_token": nll / math.log(2.0), "accuracy": sums["accuracy"] / count,
+          "num_images": count}
