@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vim_jax import runs, sample, sampling, stage2  # noqa: E402
+from vim_jax import generation, runs, stage2, token_sampling  # noqa: E402
 from vim_jax.data import preprocess, shapes, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -70,7 +70,7 @@ def main(_):
       FLAGS.classifier_workdir or os.path.join(FLAGS.workdir, "classifier"))
 
   def predict(images_uint8):
-    return np.argmax(sample.class_probabilities(classifier, classifier_params, images_uint8), -1)
+    return np.argmax(generation.class_probabilities(classifier, classifier_params, images_uint8), -1)
 
   images, labels = eval_images(config, FLAGS.num_images)
   out = tok.model.apply({"params": tok.params}, images)  # one pass: reconstructions and tokens
@@ -82,8 +82,8 @@ def main(_):
            np.argmin(vim_class_nll(trained, tokens), axis=1))]
   requested = np.resize(np.arange(classes, dtype=np.int32), FLAGS.num_samples)
   for g in (float(s) for s in FLAGS.guidance.split(",")):
-    cfg = sampling.SamplingConfig(temperature=1.0, guidance_scale=g)
-    samples = sample.generate(trained, requested, FLAGS.seed, cfg)
+    cfg = token_sampling.SamplingConfig(temperature=1.0, guidance_scale=g)
+    samples = generation.generate(trained, requested, FLAGS.seed, cfg)
     rows.append((f"samples, guidance {g:g}", requested, predict(samples)))
 
   print(f"workdir {FLAGS.workdir}, VIM step {trained.step}, {len(images)} eval images, "

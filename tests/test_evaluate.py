@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_vim_config
-from vim_jax import evaluate, evaluators, fid, runs, sampling, train_vim, train_vitvq
+from vim_jax import fid, reported_metrics, runs, token_sampling, train_vim, train_vitvq
 
 pytest.importorskip("torch")  # the random-weight Inception files are written with torch
 
@@ -42,8 +42,8 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   # The eval split against itself, featurized in two separate passes: FID ~ 0.
   config = runs.read_run_config(tokenizer_dir, "vitvq")
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
-  first = evaluators.reference_stats(config, extractor)
-  second = evaluators.reference_stats(config, extractor)
+  first = reported_metrics.reference_stats(config, extractor)
+  second = reported_metrics.reference_stats(config, extractor)
   assert first.num_images == 16 and first.description == "shapes_eval"
   self_fid = fid.fid_from_stats(first, second)
   print(f"\nFID(eval split, eval split) = {self_fid:.3g}; rFID = "
@@ -62,10 +62,10 @@ def test_stage2_evaluate_with_and_without_rejection(vim_dir, classifier_dir, inc
                                                     tmp_path):
   trained = runs.load_vim(vim_dir)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
-  reference = evaluators.reference_stats(trained.config, extractor, max_images=16)
-  results = evaluate.evaluate_generator(
+  reference = reported_metrics.reference_stats(trained.config, extractor, max_images=16)
+  results = reported_metrics.evaluate_generator(
       trained, extractor, reference, "shapes_eval", num_samples=12, seed=0,
-      sampling_config=sampling.SamplingConfig(), batch_size=16,
+      sampling_config=token_sampling.SamplingConfig(), batch_size=16,
       classifier_workdir=classifier_dir, acceptance=0.5)
   for suffix in ("", "_rejection0.5"):
     assert results[f"fid_vs_shapes_eval{suffix}"]["value"] > 0
@@ -74,13 +74,13 @@ def test_stage2_evaluate_with_and_without_rejection(vim_dir, classifier_dir, inc
     assert 0 <= results[f"class_accuracy{suffix}"]["value"] <= 1
     assert all(results[k]["num_images"] == 12 for k in results)
   # The JSON and TensorBoard writer.
-  path = evaluate.write_results(str(tmp_path), 3, results, {"workdir": vim_dir})
+  path = reported_metrics.write_results(str(tmp_path), 3, results, {"workdir": vim_dir})
   assert json.load(open(path))["metrics"]["fid_vs_shapes_eval"]["num_images"] == 12
   # A statistics file names the reference in the metric names.
   stats_path = str(tmp_path / "ref.npz")
   reference.save(stats_path)
-  loaded = evaluators.reference_stats(trained.config, extractor, stats_path)
-  assert evaluators.reference_label_for(stats_path, trained.config, loaded) == "shapes_eval"
+  loaded = reported_metrics.reference_stats(trained.config, extractor, stats_path)
+  assert reported_metrics.reference_label_for(stats_path, trained.config, loaded) == "shapes_eval"
 
 
 def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception_files,
@@ -110,8 +110,8 @@ def test_missing_inception_weights_stop_the_run_at_start(tiny_config, tmp_path):
 def test_evaluate_names_what_it_compares_against():
   from configs import vitvq_base
   config = vitvq_base.get_config()
-  assert evaluators.data_label(config.data) == "imagenet2012_validation"
+  assert reported_metrics.data_label(config.data) == "imagenet2012_validation"
   config.data.update(source="tokens")
   with pytest.raises(ValueError, match="--reference_stats"):
-    evaluators.data_label(config.data)
+    reported_metrics.data_label(config.data)
   assert np.isfinite(fid.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import vim_base
-from vim_jax import optim, probe, runs, sample, sampling, train_vim
+from vim_jax import generation, optim, probe, runs, token_sampling, train_vim
 
 from conftest import REPO_ROOT, tiny_vim_config
 
@@ -63,11 +63,11 @@ def test_missing_or_wrong_tokenizer_is_a_clear_error(tokenizer_dir, tmp_path):
 
 def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_path):
   trained = runs.load_vim(vim_dir)
-  labels = sample.requested_labels(12, trained.model.num_classes, "")
+  labels = generation.requested_labels(12, trained.model.num_classes, "")
   np.testing.assert_array_equal(labels[:7], [0, 1, 2, 3, 4, 5, 0])
   out = str(tmp_path / "samples")
-  results = sample.sample_and_report(trained, out, labels, seed=1,
-                                     sampling_config=sampling.SamplingConfig(),
+  results = generation.sample_and_report(trained, out, labels, seed=1,
+                                     sampling_config=token_sampling.SamplingConfig(),
                                      classifier_workdir=classifier_dir, acceptance=0.5)
   assert 0 <= results["class_accuracy"] <= 1 and 0 <= results["class_accuracy_rejection"] <= 1
   data = np.load(os.path.join(out, "samples.npz"))
@@ -75,20 +75,20 @@ def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_pat
   np.testing.assert_array_equal(data["labels"], labels)
   assert json.load(open(os.path.join(out, "results.json")))["num_samples"] == 12
   # Same seed, same samples.
-  again = sample.generate(trained, labels, 1, sampling.SamplingConfig())
+  again = generation.generate(trained, labels, 1, token_sampling.SamplingConfig())
   np.testing.assert_array_equal(again, data["images"])
   # Rejection keeps, per class, the candidates with the highest probability of that class.
   classifier, cparams = runs.load_classifier(classifier_dir)
-  kept, scores = sample.rejection_sample(trained, labels, 1, sampling.SamplingConfig(),
+  kept, scores = generation.rejection_sample(trained, labels, 1, token_sampling.SamplingConfig(),
                                          classifier, cparams, acceptance=0.5)
-  probs = sample.class_probabilities(classifier, cparams, kept)
+  probs = generation.class_probabilities(classifier, cparams, kept)
   np.testing.assert_allclose(probs[np.arange(12), labels], scores, rtol=1e-5)
-  candidates = sample.generate(trained, np.zeros(4, np.int32), 1 * 1009 + 0,
-                               sampling.SamplingConfig())
-  p0 = sample.class_probabilities(classifier, cparams, candidates)[:, 0]
+  candidates = generation.generate(trained, np.zeros(4, np.int32), 1 * 1009 + 0,
+                               token_sampling.SamplingConfig())
+  p0 = generation.class_probabilities(classifier, cparams, candidates)[:, 0]
   np.testing.assert_allclose(np.sort(scores[labels == 0])[::-1], np.sort(p0)[::-1][:2], rtol=1e-5)
   with pytest.raises(ValueError, match="classes \\[9\\]"):
-    sample.requested_labels(4, 6, "1,9")
+    generation.requested_labels(4, 6, "1,9")
 
 
 def test_sample_cli(vim_dir, tmp_path):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import sampling
+from vim_jax import token_sampling
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 
@@ -29,7 +29,7 @@ def test_cached_decoding_gives_the_full_forward_logits(condition_every_position)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([0, 2])
   full = model.apply({"params": params}, tokens, labels)
-  cache = sampling.init_cache(model, 2)
+  cache = token_sampling.init_cache(model, 2)
   previous = jnp.zeros((2,), jnp.int32)
   for i in range(N):
     logits, mutated = model.apply({"params": params, "cache": cache}, previous, labels,
@@ -70,11 +70,11 @@ def test_condition_every_position_adds_the_class_embedding_to_every_input():
 def test_greedy_sampling_is_deterministic_and_matches_the_uncached_sampler():
   model, params = _model()
   labels = jnp.array([0, 1, 2])
-  greedy = sampling.SamplingConfig(temperature=0.0)
-  a = sampling.sample_tokens(model, params, labels, jax.random.key(0), greedy)
-  b = sampling.sample_tokens(model, params, labels, jax.random.key(7), greedy)
+  greedy = token_sampling.SamplingConfig(temperature=0.0)
+  a = token_sampling.sample_tokens(model, params, labels, jax.random.key(0), greedy)
+  b = token_sampling.sample_tokens(model, params, labels, jax.random.key(7), greedy)
   np.testing.assert_array_equal(a, b)
-  ref = sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(0), greedy)
+  ref = token_sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(0), greedy)
   np.testing.assert_array_equal(a, ref)
   # Greedy tokens are the argmax of the full forward pass on the sampled sequence.
   logits = model.apply({"params": params}, a, labels)
@@ -84,25 +84,25 @@ def test_greedy_sampling_is_deterministic_and_matches_the_uncached_sampler():
 def test_fixed_seed_reproduces_samples_and_seeds_differ():
   model, params = _model()
   labels = jnp.array([0, 1])
-  cfg = sampling.SamplingConfig(temperature=1.0)
-  a = sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
-  b = sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
-  c = sampling.sample_tokens(model, params, labels, jax.random.key(4), cfg)
+  cfg = token_sampling.SamplingConfig(temperature=1.0)
+  a = token_sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
+  b = token_sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
+  c = token_sampling.sample_tokens(model, params, labels, jax.random.key(4), cfg)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  ref = sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(3), cfg)
+  ref = token_sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(3), cfg)
   np.testing.assert_array_equal(a, ref)  # same key: the cache changes speed, not samples
 
 
 def test_top_k_and_top_p_never_emit_excluded_tokens():
   logits = jax.random.normal(jax.random.key(0), (4, V)) * 3
   top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
-  filtered = sampling.filter_logits(logits, top_k=3)
+  filtered = token_sampling.filter_logits(logits, top_k=3)
   draws = jax.random.categorical(jax.random.key(1), filtered, shape=(2000, 4))
   for row in range(4):
     assert set(np.asarray(draws[:, row]).tolist()) <= set(top3[row].tolist())
   probs = np.asarray(jax.nn.softmax(logits))
-  filtered = np.asarray(sampling.filter_logits(logits, top_p=0.5))
+  filtered = np.asarray(token_sampling.filter_logits(logits, top_p=0.5))
   for row in range(4):
     order = np.argsort(-probs[row])
     mass_before = np.cumsum(probs[row][order]) - probs[row][order]
@@ -112,20 +112,20 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
   # The sampler honours them too: with top_k=1 sampling is greedy.
   model, params = _model()
   labels = jnp.array([0, 1])
-  top1 = sampling.sample_tokens(model, params, labels, jax.random.key(5),
-                                sampling.SamplingConfig(temperature=1.0, top_k=1))
-  greedy = sampling.sample_tokens(model, params, labels, jax.random.key(5),
-                                  sampling.SamplingConfig(temperature=0.0))
+  top1 = token_sampling.sample_tokens(model, params, labels, jax.random.key(5),
+                                token_sampling.SamplingConfig(temperature=1.0, top_k=1))
+  greedy = token_sampling.sample_tokens(model, params, labels, jax.random.key(5),
+                                  token_sampling.SamplingConfig(temperature=0.0))
   np.testing.assert_array_equal(top1, greedy)
 
 
 def test_guidance_scale_one_equals_conditional_and_others_change_samples():
   model, params = _model()
   labels = jnp.array([0, 1, 2])
-  plain = sampling.sample_tokens(model, params, labels, jax.random.key(2),
-                                 sampling.SamplingConfig(temperature=0.0))
-  guided = sampling.sample_tokens(model, params, labels, jax.random.key(2),
-                                  sampling.SamplingConfig(temperature=0.0, guidance_scale=5.0))
+  plain = token_sampling.sample_tokens(model, params, labels, jax.random.key(2),
+                                 token_sampling.SamplingConfig(temperature=0.0))
+  guided = token_sampling.sample_tokens(model, params, labels, jax.random.key(2),
+                                  token_sampling.SamplingConfig(temperature=0.0, guidance_scale=5.0))
   assert plain.shape == guided.shape == (3, N)
   assert not np.array_equal(plain, guided)
 

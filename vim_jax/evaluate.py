@@ -27,131 +27,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
 
-import jax
 import ml_collections
-import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from vim_jax import (evaluators, fid, fileio, parallel, runs, sample, sampling, stage1, stage2)
-from vim_jax.data import pipeline
+from vim_jax import fid, reported_metrics, runs, stage2
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1.
-# ----------------------------------------------------------------------------------------------
-def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
-                       max_images: int = -1) -> tuple[dict[str, dict], fid.FeatureStats]:
-  """Every stage-1 metric over the eval split; returns (metrics, the real images' statistics)."""
-  from vim_jax.models import lpips as lpips_lib
-  config = ml_collections.ConfigDict(tok.config.to_dict())
-  if max_images > 0:
-    config.num_eval_images = max_images
-  mesh = extractor.mesh
-  dp = parallel.data_parallel_size(mesh)
-  config.eval_batch_size = max(dp, config.eval_batch_size // dp * dp)
-  _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
-  models = stage1.build_models(config)
-  replicated = NamedSharding(mesh, P())
-  lpips_params = {}
-  if models.lpips is not None:
-    lpips_params = jax.device_put(lpips_lib.load_params(config.perceptual_weights)["params"],
-                                  replicated)
-  eval_step = jax.jit(stage1.make_eval_step(models))
-  consumer = evaluators.ReconstructionFID(extractor, evaluators.data_label(config.data))
-  image_metrics, _ = stage1.evaluate(
-      eval_step, jax.device_put(tok.params, replicated), lpips_params, eval_data, mesh,
-      tok.model.codebook_size, config.eval_usage_chunk, consume=consumer)
-  n = image_metrics.pop("num_images")
-  results = {k: evaluators.metric(v, n) for k, v in image_metrics.items()}
-  results.update(consumer.results())
-  return results, consumer.real_stats()
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2.
-# ----------------------------------------------------------------------------------------------
-def _tap(batches: Iterator[np.ndarray], fn: Callable[[np.ndarray, int], None]):
-  """Yields the batches unchanged, calling fn(batch, offset) on each."""
-  offset = 0
-  for batch in batches:
-    fn(batch, offset)
-    offset += len(batch)
-    yield batch
-
-
-def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor,
-                       reference: fid.FeatureStats, reference_label: str, num_samples: int,
-                       seed: int, sampling_config: sampling.SamplingConfig,
-                       batch_size: int = 64, classifier_workdir: str = "",
-                       acceptance: float = 1.0) -> dict[str, dict]:
-  """gFID and IS of num_samples class-balanced samples (and with rejection sampling)."""
-  labels = sample.requested_labels(num_samples, trained.model.num_classes, "")
-  sampler = sample.Sampler(trained, sampling_config, batch_size)
-  against = f"{reference.description} ({reference.num_images or '?'} images)"
-  classifier = None
-  if classifier_workdir:
-    if trained.model.num_classes == 0:
-      raise ValueError("--classifier_workdir scores class-conditional samples; this VIM is "
-                       "unconditional.")
-    classifier, classifier_params = runs.load_classifier(classifier_workdir)
-  correct = [0]
-
-  def score(batch, offset):
-    if classifier is not None:
-      probs = sample.class_probabilities(classifier, classifier_params, batch)
-      correct[0] += int(np.sum(np.argmax(probs, -1) == labels[offset:offset + len(batch)]))
-
-  feats = extractor.extract(_tap(sampler.batches(labels, seed), score), "samples", num_samples)
-  results = evaluators.generator_metrics(feats, reference, reference_label, against, "")
-  if classifier is None:
-    return results
-  results["class_accuracy"] = evaluators.metric(correct[0] / num_samples, num_samples,
-                                                classifier_workdir)
-  if acceptance < 1:
-    suffix = f"_rejection{acceptance:g}"
-    acc = fid.FeatureAccumulator(extractor, f"samples{suffix}")
-    kept_correct = 0
-    for where, kept, _ in sample.rejection_batches(sampler, labels, seed, classifier,
-                                                   classifier_params, acceptance):
-      acc.add(kept)
-      probs = sample.class_probabilities(classifier, classifier_params, kept)
-      kept_correct += int(np.sum(np.argmax(probs, -1) == labels[where]))
-    results.update(evaluators.generator_metrics(acc.result(), reference, reference_label,
-                                                against, suffix))
-    results[f"class_accuracy{suffix}"] = evaluators.metric(kept_correct / num_samples,
-                                                           num_samples, classifier_workdir)
-  return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Results.
-# ----------------------------------------------------------------------------------------------
-def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
-  """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
-  from clu import metric_writers
-  fileio.makedirs(out_dir)
-  path = fileio.join(out_dir, f"results_{step:08d}.json")
-  if jax.process_index() == 0:
-    fileio.write_json(path, {**info, "step": step, "metrics": results})
-  writer = metric_writers.create_default_writer(out_dir,
-                                                just_logging=jax.process_index() != 0)
-  writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})
-  writer.flush()
-  return path
-
-
-def format_results(results: dict[str, dict]) -> str:
-  rows = []
-  for name, m in results.items():
-    against = f"  vs {m['against']}" if "against" in m else ""
-    rows.append(f"  {name:<36} {m['value']:>12.5g}  ({m['num_images']} images){against}")
-  return "\n".join(rows)
 
 
 def define_flags():
@@ -203,14 +85,14 @@ def main(argv):
           "inception": {"weights": weights, "resize": FLAGS.resize}}
   if config.trainer == "vitvq":
     tok = runs.load_tokenizer(FLAGS.workdir, FLAGS.step)
-    results, real = evaluate_tokenizer(tok, extractor, FLAGS.num_images)
+    results, real = reported_metrics.evaluate_tokenizer(tok, extractor, FLAGS.num_images)
     step = tok.step
   elif config.trainer == "vim":
     trained = runs.load_vim(FLAGS.workdir, FLAGS.step)
-    real = evaluators.reference_stats(config, extractor, FLAGS.reference_stats,
-                                      FLAGS.reference_images)
-    label = evaluators.reference_label_for(FLAGS.reference_stats, config, real)
-    results = evaluate_generator(
+    real = reported_metrics.reference_stats(config, extractor, FLAGS.reference_stats,
+                                            FLAGS.reference_images)
+    label = reported_metrics.reference_label_for(FLAGS.reference_stats, config, real)
+    results = reported_metrics.evaluate_generator(
         trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed,
         stage2.sampling_config_from(config), FLAGS.batch_size, FLAGS.classifier_workdir,
         FLAGS.acceptance)
@@ -222,8 +104,8 @@ def main(argv):
   if FLAGS.save_reference_stats:
     real.save(FLAGS.save_reference_stats)
     log.info("reference statistics written to %s", FLAGS.save_reference_stats)
-  path = write_results(FLAGS.out or os.path.join(FLAGS.workdir, "eval"), step, results, info)
-  print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n{format_results(results)}\n"
+  path = reported_metrics.write_results(FLAGS.out or os.path.join(FLAGS.workdir, "eval"), step, results, info)
+  print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n{reported_metrics.format_results(results)}\n"
         f"written to {path}")
 
 

@@ -13,7 +13,7 @@ import time
 import jax
 from clu import metric_writers
 
-from vim_jax import runs, sample, stage2, train_classifier, train_lib, train_vim, train_vitvq
+from vim_jax import generation, runs, stage2, train_classifier, train_lib, train_vim, train_vitvq
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
         os.path.join(workdir, "vim"), devices=devices)
 
   trained = runs.load_vim(os.path.join(workdir, "vim"))
-  labels = sample.requested_labels(config.num_samples, trained.model.num_classes, "")
-  results = timed("sampling", sample.sample_and_report, trained, os.path.join(workdir, "samples"),
+  labels = generation.requested_labels(config.num_samples, trained.model.num_classes, "")
+  results = timed("sampling", generation.sample_and_report, trained, os.path.join(workdir, "samples"),
                   labels, config.sample_seed, stage2.sampling_config_from(trained.config),
                   os.path.join(workdir, "classifier"), config.acceptance)
   writer = metric_writers.create_default_writer(os.path.join(workdir, "samples"),

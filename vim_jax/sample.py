@@ -13,158 +13,15 @@ gives the highest probability of that class.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator
 
-import jax
-import numpy as np
 from absl import app, flags
 
-from vim_jax import fileio, parallel, runs, sampling, stage2, visualize
-from vim_jax.data import preprocess
+from vim_jax import generation, runs, token_sampling
 
 log = logging.getLogger(__name__)
-
-
-class Sampler:
-  """A VIM and its tokenizer compiled once for sampling, sharded over all devices' batch axes.
-
-  batches(labels, seed) streams uint8 images [<= batch_size, S, S, 3]; batch i uses the key
-  fold_in(key(seed), i), so a seed reproduces the samples."""
-
-  def __init__(self, trained: runs.TrainedVIM, sampling_config: sampling.SamplingConfig,
-               batch_size: int = 64):
-    self.trained = trained
-    self.mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
-    dp = parallel.data_parallel_size(self.mesh)
-    self.batch_size = max(dp, batch_size // dp * dp)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.label_sharding = parallel.batch_sharding(self.mesh)
-    self._sample = jax.jit(
-        stage2.make_sample_fn(trained.model, trained.tokenizer.model, sampling_config),
-        in_shardings=(replicated, replicated, self.label_sharding, None))
-    self._params = jax.device_put(trained.params, replicated)
-    self._tok_params = jax.device_put(trained.tokenizer.params, replicated)
-
-  def batches(self, labels: np.ndarray, seed: int) -> Iterator[np.ndarray]:
-    for i, start in enumerate(range(0, len(labels), self.batch_size)):
-      chunk = labels[start:start + self.batch_size]
-      padded = np.resize(chunk, self.batch_size).astype(np.int32)  # the last batch repeats
-      images = self._sample(self._params, self._tok_params,
-                            jax.device_put(padded, self.label_sharding),
-                            jax.random.fold_in(jax.random.key(seed), i))
-      log.debug("sampled %d / %d", min(start + self.batch_size, len(labels)), len(labels))
-      yield preprocess.to_uint8(np.asarray(images))[:len(chunk)]
-
-  def generate(self, labels: np.ndarray, seed: int) -> np.ndarray:
-    """uint8 images [N, S, S, 3] for int labels [N]."""
-    return np.concatenate(list(self.batches(labels, seed)))
-
-
-def generate(trained: runs.TrainedVIM, labels: np.ndarray, seed: int,
-             sampling_config: sampling.SamplingConfig, batch_size: int = 64) -> np.ndarray:
-  """uint8 images [N, S, S, 3] for int labels [N] (see Sampler)."""
-  return Sampler(trained, sampling_config, batch_size).generate(labels, seed)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _predict(classifier, params, images):
-  # One compiled function per (classifier, batch shape): callers score batch after batch.
-  return jax.nn.softmax(classifier.apply({"params": params}, images), -1)
-
-
-def class_probabilities(classifier, params, images: np.ndarray, batch_size: int = 256):
-  """Softmax probabilities [N, C] of uint8 images [N, S, S, 3]."""
-  probs = [_predict(classifier, params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
-           for i in range(0, len(images), batch_size)]
-  return np.concatenate([np.asarray(p) for p in probs])
-
-
-def rejection_batches(sampler: Sampler, labels: np.ndarray, seed: int, classifier,
-                      classifier_params, acceptance: float):
-  """Per requested class c, yields (positions of c in labels, kept images uint8 [n_c, S, S, 3],
-  their probability of c [n_c]): the n_c of ceil(n_c / acceptance) candidates that the
-  classifier finds most likely to be c. One class's candidates are in memory at a time."""
-  if not 0 < acceptance <= 1:
-    raise ValueError(f"acceptance={acceptance}; expected a rate in (0, 1].")
-  for c in np.unique(labels):
-    where = np.nonzero(labels == c)[0]
-    m = math.ceil(len(where) / acceptance)
-    candidates = sampler.generate(np.full(m, c, np.int32), seed * 1009 + int(c))
-    p = class_probabilities(classifier, classifier_params, candidates)[:, c]
-    best = np.argsort(-p)[:len(where)]
-    yield where, candidates[best], p[best]
-
-
-def rejection_sample(trained, labels: np.ndarray, seed: int, sampling_config, classifier,
-                     classifier_params, acceptance: float, batch_size: int = 64):
-  """Keeps, per class, the n of ceil(n / acceptance) candidates most likely to be that class.
-
-  Returns (images uint8 [N, S, S, 3] in the order of `labels`, probability of the requested
-  class for each kept image [N]).
-  """
-  sampler = Sampler(trained, sampling_config, batch_size)
-  images = np.zeros((len(labels), *(trained.config.image_size,) * 2, 3), np.uint8)
-  scores = np.zeros(len(labels), np.float32)
-  for where, kept, p in rejection_batches(sampler, labels, seed, classifier, classifier_params,
-                                          acceptance):
-    images[where], scores[where] = kept, p
-  return images, scores
-
-
-def class_accuracy(classifier, classifier_params, images, labels) -> float:
-  probs = class_probabilities(classifier, classifier_params, images)
-  return float(np.mean(np.argmax(probs, -1) == labels))
-
-
-def requested_labels(num_samples: int, num_classes: int, classes: str) -> np.ndarray:
-  """Class-balanced labels: the given comma-separated classes, or all, cycled."""
-  if num_classes == 0:
-    return np.zeros(num_samples, np.int32)
-  chosen = [int(c) for c in classes.split(",")] if classes else list(range(num_classes))
-  bad = [c for c in chosen if not 0 <= c < num_classes]
-  if bad:
-    raise ValueError(f"classes {bad} are outside 0..{num_classes - 1}.")
-  return np.resize(np.asarray(chosen, np.int32), num_samples)
-
-
-def sample_and_report(trained, out_dir: str, labels: np.ndarray, seed: int, sampling_config,
-                      classifier_workdir: str = "", acceptance: float = 1.0,
-                      batch_size: int = 64) -> dict:
-  """Writes samples.png / samples.npz / results.json under out_dir; returns the results."""
-  images = generate(trained, labels, seed, sampling_config, batch_size)
-  results = {"num_samples": int(len(labels)), "seed": seed, "step": trained.step,
-             "sampling": sampling_config.__dict__}
-  if classifier_workdir:
-    classifier, classifier_params = runs.load_classifier(classifier_workdir)
-    results["class_accuracy"] = class_accuracy(classifier, classifier_params, images, labels)
-    if acceptance < 1:
-      rejected, _ = rejection_sample(trained, labels, seed, sampling_config, classifier,
-                                     classifier_params, acceptance, batch_size)
-      results["acceptance"] = acceptance
-      results["class_accuracy_rejection"] = class_accuracy(classifier, classifier_params,
-                                                           rejected, labels)
-      fileio.save_npz(fileio.join(out_dir, "samples_rejection.npz"), images=rejected,
-                      labels=labels)
-      save_grid(rejected, labels, fileio.join(out_dir, "samples_rejection.png"))
-  fileio.save_npz(fileio.join(out_dir, "samples.npz"), images=images, labels=labels)
-  save_grid(images, labels, fileio.join(out_dir, "samples.png"))
-  fileio.write_json(fileio.join(out_dir, "results.json"), results)
-  log.info("samples written to %s: %s", out_dir, results)
-  return results
-
-
-def save_grid(images: np.ndarray, labels: np.ndarray, path: str):
-  """One column per class (rows = samples of that class), up to 8 rows."""
-  classes = np.unique(labels)
-  per_class = [images[labels == c][:8] for c in classes]
-  rows = min(len(p) for p in per_class)
-  ordered = np.stack([per_class[j][i] for i in range(rows) for j in range(len(classes))])
-  visualize.save_png(visualize.tile(ordered, columns=len(classes)), path)
 
 
 def define_flags():
@@ -191,13 +48,13 @@ def main(argv):
   trained = runs.load_vim(FLAGS.workdir)
   s = trained.config.sampling
   pick = lambda flag, default: default if flag is None else flag
-  sampling_config = sampling.SamplingConfig(
+  sampling_config = token_sampling.SamplingConfig(
       pick(FLAGS.temperature, s.temperature), pick(FLAGS.top_k, s.top_k),
       pick(FLAGS.top_p, s.top_p), pick(FLAGS.guidance_scale, s.guidance_scale))
-  labels = requested_labels(FLAGS.num_samples, trained.model.num_classes, FLAGS.classes)
-  results = sample_and_report(trained, FLAGS.out or os.path.join(FLAGS.workdir, "samples"),
-                              labels, FLAGS.seed, sampling_config, FLAGS.classifier_workdir,
-                              FLAGS.acceptance, FLAGS.batch_size)
+  labels = generation.requested_labels(FLAGS.num_samples, trained.model.num_classes, FLAGS.classes)
+  results = generation.sample_and_report(
+      trained, FLAGS.out or os.path.join(FLAGS.workdir, "samples"), labels, FLAGS.seed,
+      sampling_config, FLAGS.classifier_workdir, FLAGS.acceptance, FLAGS.batch_size)
   print(json.dumps(results, indent=2))
 
 

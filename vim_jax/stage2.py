@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vim_jax import optim, parallel, sampling, train_lib
+from vim_jax import optim, parallel, token_sampling, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -105,11 +105,11 @@ def make_eval_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN) -> Callable
 
 
 def make_sample_fn(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN,
-                   sampling_config: sampling.SamplingConfig) -> Callable:
+                   sampling_config: token_sampling.SamplingConfig) -> Callable:
   """(params, tokenizer_params, labels [B], rng) -> images [B, S, S, 3] in [-1, 1]."""
 
   def sample(params, tokenizer_params, labels, rng):
-    tokens = sampling.sample_tokens(model, params, labels, rng, sampling_config)
+    tokens = token_sampling.sample_tokens(model, params, labels, rng, sampling_config)
     grid = tok_model.grid
     return tok_model.apply({"params": tokenizer_params},
                            tokens.reshape(tokens.shape[0], *grid),
@@ -123,9 +123,9 @@ def model_inputs(local_batch: dict) -> dict:
   return {k: v for k, v in local_batch.items() if k != "mask"}
 
 
-def sampling_config_from(config) -> sampling.SamplingConfig:
+def sampling_config_from(config) -> token_sampling.SamplingConfig:
   s = config.sampling
-  return sampling.SamplingConfig(s.temperature, s.top_k, s.top_p, s.guidance_scale)
+  return token_sampling.SamplingConfig(s.temperature, s.top_k, s.top_p, s.guidance_scale)
 
 
 def evaluate(eval_fn, params, tokenizer_params, eval_data: pipeline.InputPipeline, mesh):

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, evaluators, fid, parallel, runs, train_lib, visualize
+from vim_jax import checkpoint, fid, reported_metrics, parallel, runs, train_lib, visualize
 from vim_jax.data import pipeline
 from vim_jax.models import vitvqgan
 from vim_jax.stage2 import (build_model, build_optimizer, evaluate, make_eval_step,
@@ -141,8 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.fid.every > 0:
     extractor = fid.FeatureExtractor(config.fid.inception_weights, resize=config.fid.resize,
                                      batch_size=config.fid.batch_size)
-    reference = evaluators.reference_stats(config, extractor, config.fid.reference_stats)
-    reference_label = evaluators.reference_label_for(config.fid.reference_stats, config,
+    reference = reported_metrics.reference_stats(config, extractor, config.fid.reference_stats)
+    reference_label = reported_metrics.reference_label_for(config.fid.reference_stats, config,
                                                      reference)
 
   def sample_batches(step: int, num: int):
@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     feats = extractor.extract(sample_batches(step, config.fid.num_images), "samples",
                               config.fid.num_images)
     against = f"{reference.description} ({reference.num_images or '?'} images)"
-    results = evaluators.generator_metrics(feats, reference, reference_label, against, "")
+    results = reported_metrics.generator_metrics(feats, reference, reference_label, against, "")
     log.info("FID at step %d: %s", step, ", ".join(f"{k}={v['value']:.4g}"
                                                    for k, v in results.items()))
     writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})

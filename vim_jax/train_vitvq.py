@@ -22,7 +22,7 @@ from clu import parameter_overview
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, evaluators, fid, parallel, train_lib, visualize
+from vim_jax import checkpoint, fid, reported_metrics, parallel, train_lib, visualize
 from vim_jax.data import pipeline
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.models import vitvqgan
@@ -119,12 +119,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.fid.every > 0:
     extractor = fid.FeatureExtractor(config.fid.inception_weights, resize=config.fid.resize,
                                      batch_size=config.fid.batch_size)
-  fid_label = evaluators.data_label(config.data) if extractor else ""
+  fid_label = reported_metrics.data_label(config.data) if extractor else ""
 
   def run_eval(step: int, with_fid: bool):
     nonlocal real_stats
     eval_params = state.ema_params if state.ema_params is not None else state.params
-    consumer = evaluators.ReconstructionFID(extractor, fid_label, real_stats) if with_fid else None
+    consumer = reported_metrics.ReconstructionFID(extractor, fid_label, real_stats) if with_fid else None
     metrics, (images, recons) = evaluate(eval_step, eval_params, lpips_params, eval_data, mesh,
                                          models.tokenizer.codebook_size, config.eval_usage_chunk,
                                          consume=consumer)

@@ -1,0 +1,226 @@
+"""The numbers papers report, computed for a trained run: every stage-1 metric of a tokenizer
+(rFID, IS, PSNR, SSIM, LPIPS, codebook usage) and gFID / IS / class accuracy of a VIM's samples,
+plus the FID evaluators the trainers share. The library behind `python -m vim_jax.evaluate`.
+
+Evaluators consume uint8 images (as if saved to PNG) and label every value with what it was
+computed against and on how many images: {'value', 'num_images', 'against'}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vim_jax import fid, fileio, generation, parallel, runs, stage1, token_sampling
+from vim_jax.data import pipeline, preprocess
+
+log = logging.getLogger(__name__)
+
+
+def data_label(data_config: ml_collections.ConfigDict) -> str:
+  """What a run's eval split is called in metric names, e.g. 'imagenet2012_validation'."""
+  source = data_config.source
+  if source == "tfds":
+    return f"{data_config.name}_{data_config.eval_split}".replace("/", "_")
+  if source == "shapes":
+    return "shapes_eval"
+  if source == "folder":
+    return f"{os.path.basename(os.path.normpath(data_config.folder))}_eval"
+  raise ValueError(f"data.source={source!r} holds no images to compare with; pass reference "
+                   "statistics (--reference_stats, config.fid.reference_stats).")
+
+
+def metric(value: float, num_images: int, against: str = "") -> dict:
+  entry = {"value": float(value), "num_images": int(num_images)}
+  if against:
+    entry["against"] = against
+  return entry
+
+
+def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1
+                      ) -> tuple[Iterator[np.ndarray], int]:
+  """(uint8 batches of the run's eval split, their number), up to max_images (-1 = the run's
+  num_eval_images)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if max_images > 0:
+    config.num_eval_images = max_images
+  _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
+  batches = (preprocess.to_uint8(b["image"][b["mask"].astype(bool)]) for b in eval_data.iterate())
+  return batches, eval_data.num_examples
+
+
+def reference_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExtractor,
+                    path: str = "", max_images: int = -1) -> fid.FeatureStats:
+  """Statistics from `path`, or computed over the run's eval split (labelled with data_label)."""
+  if path:
+    stats = fid.FeatureStats.load(path)
+    log.info("reference statistics %s: %s (%s images)", path, stats.description,
+             stats.num_images or "?")
+    return stats
+  batches, total = eval_split_images(config, max_images)
+  return extractor.extract(batches, data_label(config.data), total).stats
+
+
+class ReconstructionFID:
+  """Consumes (images, reconstructions) uint8 batches of one eval pass; then rFID and IS.
+
+  reference: statistics of the real images when they are already known (trainers compute
+  them once per run); otherwise the real images of the same pass are featurized too."""
+
+  def __init__(self, extractor: fid.FeatureExtractor, label: str,
+               reference: fid.FeatureStats | None = None):
+    self.label = label
+    self.reference = reference
+    self.real = None if reference else fid.FeatureAccumulator(extractor, label)
+    self.recon = fid.FeatureAccumulator(extractor, f"reconstructions of {label}")
+
+  def __call__(self, images: np.ndarray, reconstructions: np.ndarray):
+    if self.real is not None:
+      self.real.add(images)
+    self.recon.add(reconstructions)
+
+  def real_stats(self) -> fid.FeatureStats:
+    return self.reference or self.real.result().stats
+
+  def results(self) -> dict[str, dict]:
+    real, recon = self.real_stats(), self.recon.result()
+    mean, std = recon.inception_score()
+    n = recon.num_images
+    return {f"rfid_vs_{self.label}": metric(fid.fid_from_stats(recon.stats, real), n,
+                                            f"{real.description} ({real.num_images} images)"),
+            "is_of_reconstructions": metric(mean, n), "is_of_reconstructions_std": metric(std, n)}
+
+
+def generator_metrics(feats: fid.Features, reference: fid.FeatureStats, reference_label: str,
+                       against: str, suffix: str) -> dict[str, dict]:
+  mean, std = feats.inception_score()
+  n = feats.num_images
+  return {f"fid_vs_{reference_label}{suffix}": metric(fid.fid_from_stats(feats.stats, reference),
+                                                      n, against),
+          f"is_of_samples{suffix}": metric(mean, n), f"is_of_samples{suffix}_std": metric(std, n)}
+
+
+def reference_label_for(path: str, config: ml_collections.ConfigDict,
+                        stats: fid.FeatureStats) -> str:
+  if not path:
+    return data_label(config.data)
+  return stats.description if stats.num_images else os.path.splitext(os.path.basename(path))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1.
+# ----------------------------------------------------------------------------------------------
+def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
+                       max_images: int = -1) -> tuple[dict[str, dict], fid.FeatureStats]:
+  """Every stage-1 metric over the eval split; returns (metrics, the real images' statistics)."""
+  from vim_jax.models import lpips as lpips_lib
+  config = ml_collections.ConfigDict(tok.config.to_dict())
+  if max_images > 0:
+    config.num_eval_images = max_images
+  mesh = extractor.mesh
+  dp = parallel.data_parallel_size(mesh)
+  config.eval_batch_size = max(dp, config.eval_batch_size // dp * dp)
+  _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
+  models = stage1.build_models(config)
+  replicated = NamedSharding(mesh, P())
+  lpips_params = {}
+  if models.lpips is not None:
+    lpips_params = jax.device_put(lpips_lib.load_params(config.perceptual_weights)["params"],
+                                  replicated)
+  eval_step = jax.jit(stage1.make_eval_step(models))
+  consumer = ReconstructionFID(extractor, data_label(config.data))
+  image_metrics, _ = stage1.evaluate(
+      eval_step, jax.device_put(tok.params, replicated), lpips_params, eval_data, mesh,
+      tok.model.codebook_size, config.eval_usage_chunk, consume=consumer)
+  n = image_metrics.pop("num_images")
+  results = {k: metric(v, n) for k, v in image_metrics.items()}
+  results.update(consumer.results())
+  return results, consumer.real_stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2.
+# ----------------------------------------------------------------------------------------------
+def _tap(batches: Iterator[np.ndarray], fn: Callable[[np.ndarray, int], None]):
+  """Yields the batches unchanged, calling fn(batch, offset) on each."""
+  offset = 0
+  for batch in batches:
+    fn(batch, offset)
+    offset += len(batch)
+    yield batch
+
+
+def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor,
+                       reference: fid.FeatureStats, reference_label: str, num_samples: int,
+                       seed: int, sampling_config: token_sampling.SamplingConfig,
+                       batch_size: int = 64, classifier_workdir: str = "",
+                       acceptance: float = 1.0) -> dict[str, dict]:
+  """gFID and IS of num_samples class-balanced samples (and with rejection sampling)."""
+  labels = generation.requested_labels(num_samples, trained.model.num_classes, "")
+  sampler = generation.Sampler(trained, sampling_config, batch_size)
+  against = f"{reference.description} ({reference.num_images or '?'} images)"
+  classifier = None
+  if classifier_workdir:
+    if trained.model.num_classes == 0:
+      raise ValueError("--classifier_workdir scores class-conditional samples; this VIM is "
+                       "unconditional.")
+    classifier, classifier_params = runs.load_classifier(classifier_workdir)
+  correct = [0]
+
+  def score(batch, offset):
+    if classifier is not None:
+      probs = generation.class_probabilities(classifier, classifier_params, batch)
+      correct[0] += int(np.sum(np.argmax(probs, -1) == labels[offset:offset + len(batch)]))
+
+  feats = extractor.extract(_tap(sampler.batches(labels, seed), score), "samples", num_samples)
+  results = generator_metrics(feats, reference, reference_label, against, "")
+  if classifier is None:
+    return results
+  results["class_accuracy"] = metric(correct[0] / num_samples, num_samples,
+                                                classifier_workdir)
+  if acceptance < 1:
+    suffix = f"_rejection{acceptance:g}"
+    acc = fid.FeatureAccumulator(extractor, f"samples{suffix}")
+    kept_correct = 0
+    for where, kept, _ in generation.rejection_batches(sampler, labels, seed, classifier,
+                                                   classifier_params, acceptance):
+      acc.add(kept)
+      probs = generation.class_probabilities(classifier, classifier_params, kept)
+      kept_correct += int(np.sum(np.argmax(probs, -1) == labels[where]))
+    results.update(generator_metrics(acc.result(), reference, reference_label,
+                                                against, suffix))
+    results[f"class_accuracy{suffix}"] = metric(kept_correct / num_samples,
+                                                           num_samples, classifier_workdir)
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+# ----------------------------------------------------------------------------------------------
+def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
+  """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
+  from clu import metric_writers
+  fileio.makedirs(out_dir)
+  path = fileio.join(out_dir, f"results_{step:08d}.json")
+  if jax.process_index() == 0:
+    fileio.write_json(path, {**info, "step": step, "metrics": results})
+  writer = metric_writers.create_default_writer(out_dir,
+                                                just_logging=jax.process_index() != 0)
+  writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})
+  writer.flush()
+  return path
+
+
+def format_results(results: dict[str, dict]) -> str:
+  rows = []
+  for name, m in results.items():
+    against = f"  vs {m['against']}" if "against" in m else ""
+    rows.append(f"  {name:<36} {m['value']:>12.5g}  ({m['num_images']} images){against}")
+  return "\n".join(rows)
