@@ -4,7 +4,8 @@
 
 Without --workdir it writes a stage-1 run of the config at init (params, both Adam states and
 the discriminator, as the trainer checkpoints them) into a temporary folder. Each loader then
-runs in a fresh process and reports the time and the growth of the peak RSS:
+runs in a fresh process and reports the time, the peak RSS of the load (VmHWM, reset just
+before it; Linux) and the RSS it leaves:
 - `full state`: restore the whole train state and keep its params (what consumers did before
   vim_jax/runs.py);
 - `runs.load_tokenizer`: the params (or EMA params) only, decoder included;
@@ -21,13 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 LOADER = r"""
-import resource, sys, time
+import sys, time
 import flax.linen as nn
 import jax
 workdir, mode = sys.argv[1], sys.argv[2]
 from vim_jax import checkpoint, fileio, runs, stage1
 jax.block_until_ready(jax.numpy.zeros(3))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status(key):  # MiB
+  return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmHWM")
 start = time.perf_counter()
 if mode == "full state":
   config = runs.read_run_config(workdir, "vitvq")
@@ -46,9 +50,10 @@ else:
   params = runs.load_tokenizer(workdir, with_decoder=(mode != "without decoder")).params
 jax.block_until_ready(params)
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+after = status("VmHWM")
 count = sum(x.size for x in jax.tree.leaves(params))
-print(f"| {mode} | {count / 1e6:.1f}M | {seconds:.2f} | {after - before:,.0f} |")
+print(f"| {mode} | {count / 1e6:.1f}M | {seconds:.2f} | {before:,.0f} -> {after:,.0f} | "
+      f"{status('VmRSS'):,.0f} |")
 """
 
 
@@ -83,8 +88,8 @@ def main():
     if not workdir:
       workdir = os.path.join(tmp, "run")
       write_initial_run(args.config, workdir)
-    print("| loader | params | seconds | peak RSS growth (MiB) |")
-    print("|---|---|---|---|")
+    print("| loader | params | seconds | peak RSS before -> after (MiB) | RSS after (MiB) |")
+    print("|---|---|---|---|---|")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
     for mode in ("full state", "runs.load_tokenizer", "without decoder"):
       out = subprocess.run([sys.executable, "-c", LOADER, workdir, mode], cwd=ROOT, env=env,
