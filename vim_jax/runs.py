@@ -6,7 +6,7 @@ tests): `config.json`, whose `trainer` names the kind of run, and orbax checkpoi
 the discriminator, the EMA copy); consumers restore only the params they need, with orbax's
 partial restore, so loading the SL tokenizer for stage 2 reads its 28M-param encoder and the
 codebook, not 10 GB of train state. Params land on the shardings the caller gives (one sharding
-for every leaf, or a tree of them), replicated on the first device by default.
+for every leaf, or a tree of them), by default on this process's first device.
 
   load_tokenizer(workdir, with_decoder=True)  a stage-1 run's tokenizer (the EMA copy if kept)
   load_vim(workdir)                           a stage-2 run's VIM, and its tokenizer
@@ -57,20 +57,26 @@ def read_run_config(workdir: str, trainer: str | None = None) -> ml_collections.
   return config
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the run's finalized checkpoints (orbax's unfinished temporary folders and
+  checkpoints/corrupt/ are not steps)."""
+  folder = fileio.path(workdir) / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir()
+                if p.name.isdigit() and (p / "default").exists())
+
+
 def checkpoint_step(workdir: str, step: int | None, trainer: str) -> int:
   """`step`, checked to exist, or the run's latest checkpoint step."""
-  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"))
-  try:
-    steps = list(ckpt.manager.all_steps())
-  finally:
-    ckpt.close()
+  steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints; train the "
                             f"{RUN_KINDS[trainer]} run first ({HOW_TO_TRAIN[trainer]}).")
   if step is None:
-    return max(steps)
+    return steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}.")
+    raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {steps}.")
   return int(step)
 
 
@@ -87,8 +93,8 @@ def stored_fields(workdir: str, step: int) -> dict[str, bool]:
 
 
 def _abstract(shapes, shardings):
-  if shardings is None:
-    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if shardings is None:  # this process's first device, also in multi-process jobs
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, shapes)
   return checkpoint.abstract_with_shardings(shapes, shardings)
