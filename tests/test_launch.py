@@ -195,3 +195,18 @@ def test_slurm_runs_one_process_per_gpu_and_each_takes_its_gpu():
   # Every GPU visible (no binding): JAX's own choice, GPU SLURM_LOCALID.
   assert main.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) is None
   assert main.local_device_ids_for_task({}) is None
+
+
+def test_distributed_auto_starts_only_for_several_tasks_or_a_coordinator():
+  from vim_jax import main
+  auto = lambda environ, coordinator=None: main.wants_distributed("auto", coordinator, environ)
+  assert not auto({})
+  assert auto({"SLURM_NTASKS": "16", "SLURM_PROCID": "3"})
+  assert not auto({"SLURM_NTASKS": "1"})  # an interactive one-task allocation runs alone
+  assert auto({"OMPI_COMM_WORLD_SIZE": "4"})
+  assert not auto({"OMPI_COMM_WORLD_SIZE": "1"})
+  assert auto({}, coordinator="10.0.0.1:1234")
+  assert main.wants_distributed("on", None, {})
+  assert not main.wants_distributed("off", "10.0.0.1:1234", {"SLURM_NTASKS": "16"})
+  # The suite's own processes never inherit a launcher's variables (tests/conftest.py).
+  assert not [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_"))]

@@ -20,6 +20,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from vim_jax import log_filters
+
+
 def define_flags():
   """The CLI flags (defined only when run as a program, so importing this module is free)."""
   config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
@@ -108,6 +111,7 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
 
 
 def main(argv):
+  log_filters.install()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS

@@ -31,7 +31,7 @@ import os
 import ml_collections
 from absl import app, flags
 
-from vim_jax import fid, reported_metrics, runs, stage2
+from vim_jax import fid, log_filters, reported_metrics, runs, stage2
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def define_flags():
 
 
 def main(argv):
+  log_filters.install()
   del argv
   FLAGS = flags.FLAGS
   if FLAGS.fid_between:

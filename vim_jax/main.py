@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging as py_logging
 import os
 import sys
 
@@ -17,6 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from vim_jax import log_filters  # noqa: E402
 
 TRAINERS = {
     "vitvq": "vim_jax.train_vitvq",  # stage 1: the ViT-VQGAN tokenizer
@@ -56,12 +57,19 @@ def local_device_ids_for_task(environ) -> list[int] | None:
   return [0] if len(visible) == 1 else None
 
 
+def wants_distributed(mode: str, coordinator_address: str | None, environ) -> bool:
+  """Whether to start jax.distributed: `on` always, `off` never, `auto` when a coordinator is
+  given or a SLURM / Open MPI job runs more than one task (a one-task job runs alone)."""
+  if mode in ("on", "off"):
+    return mode == "on"
+  several_tasks = any(int(environ.get(k) or "1") > 1
+                      for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  return bool(coordinator_address) or several_tasks
+
+
 def start_distributed():
   """jax.distributed.initialize when the job spans several processes (see --distributed)."""
-  several_tasks = any(int(os.environ.get(k, "1")) > 1
-                      for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  mode = _DISTRIBUTED.value
-  if mode == "off" or (mode == "auto" and not _COORDINATOR.value and not several_tasks):
+  if not wants_distributed(_DISTRIBUTED.value, _COORDINATOR.value, os.environ):
     return
   import jax
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
@@ -135,17 +143,10 @@ def parse_flags(argv):
   return flags.FLAGS(argv)
 
 
-class QuietLibraries(py_logging.Filter):
-  """Drops INFO lines from orbax, which logs several per checkpoint; warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(QuietLibraries())
+  log_filters.install()
   config = _CONFIG.value
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")

@@ -21,7 +21,7 @@ import optax
 from absl import app, flags
 from jax.experimental import multihost_utils
 
-from vim_jax import fileio, parallel, runs
+from vim_jax import fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -59,12 +59,18 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
   return {b: np.concatenate(f) for b, f in feats.items()}, np.concatenate(labels)
 
 
+def standardise(train_x: np.ndarray, eval_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Both splits shifted and scaled by the train split's per-feature mean and std (the eval
+  split's own statistics would leak its distribution into the probe)."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  return (train_x - mean) / std, (eval_x - mean) / std
+
+
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray,
                        eval_y: np.ndarray, num_classes: int, steps: int, batch_size: int,
                        lr: float, weight_decay: float = 0.0, seed: int = 0) -> float:
   """Trains softmax(x W + b) with Adam on standardised features; returns eval top-1."""
-  mean, std = train_x.mean(0), train_x.std(0) + 1e-6  # statistics of the train split only
-  train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
+  train_x, eval_x = standardise(train_x, eval_x)
   params = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
   tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
   opt_state = tx.init(params)
@@ -124,6 +130,7 @@ def format_table(results: dict[int, float], num_layers: int) -> str:
 
 def main(argv):
   del argv
+  log_filters.install()
   FLAGS = flags.FLAGS
   blocks = [int(b) for b in FLAGS.blocks.split(",")] if FLAGS.blocks else None
   results = run_probe(FLAGS.workdir, blocks)

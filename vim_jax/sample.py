@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from vim_jax import generation, runs, token_sampling
+from vim_jax import generation, log_filters, runs, token_sampling
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def define_flags():
 
 
 def main(argv):
+  log_filters.install()
   del argv
   FLAGS = flags.FLAGS
   trained = runs.load_vim(FLAGS.workdir)

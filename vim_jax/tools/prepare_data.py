@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter
 
 from absl import app, flags, logging  # noqa: E402
 
+from vim_jax import log_filters  # noqa: E402
 from vim_jax.data import sources  # noqa: E402
 
 _NAME = flags.DEFINE_string("name", None, "tfds dataset name, e.g. imagenet2012 or "
@@ -249,6 +250,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _NAME.value:
     raise app.UsageError("--name is required, e.g. --name=imagenet2012.")
+  log_filters.install()
   # tfds warns through absl about what this command already reports (a missing optional split,
   # an unprepared folder); errors still show.
   py_logging.getLogger("absl").setLevel(py_logging.ERROR)

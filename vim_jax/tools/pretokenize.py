@@ -20,7 +20,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from vim_jax import fileio, parallel, runs
+from vim_jax import fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vitvqgan
 
@@ -79,6 +79,7 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
 
 def main(argv):
   del argv
+  log_filters.install()
   FLAGS = flags.FLAGS
   meta = pretokenize(FLAGS.config, FLAGS.out, FLAGS.shard_size)
   print(json.dumps(meta, indent=2))
