@@ -4,7 +4,8 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 kill mid-save never leaves a half-written checkpoint in place of the last good one (leftover
 temporary directories are removed at start). A finalized checkpoint that still fails to
 restore (a damaged disk, files deleted by hand) is moved aside to `<directory>/corrupt/<step>`
-with a warning, and the previous one is used.
+with a warning, and the previous one is used. When every checkpoint fails, the run stops with
+an error naming the folder instead of starting again from step 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """A run saved checkpoints before, and none of them restores."""
 
 
 class Checkpointer:
@@ -46,8 +51,9 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
   def restore_latest(self, abstract_state):
-    """(state, step) from the newest checkpoint that restores, or (None, None) when there is
-    none. Checkpoints that fail are moved to <directory>/corrupt/ with a warning naming them."""
+    """(state, step) from the newest checkpoint that restores, or (None, None) when the run
+    has never saved one. Checkpoints that fail are moved to <directory>/corrupt/ with a warning
+    naming them. When none restores, this raises rather than silently training from step 0."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return self.restore(step, abstract_state), step
@@ -56,12 +62,29 @@ class Checkpointer:
                     "%s/corrupt/%d and falling back to the previous checkpoint", step,
                     self.directory, type(e).__name__, str(e)[:300], self.directory, step)
         self._move_aside(step)
+    set_aside = self._set_aside_steps()
+    if set_aside:
+      self.close()  # the caller never gets this manager back to close it
+      raise NoUsableCheckpointError(
+          f"no checkpoint in {self.directory} restores: steps {set_aside} are corrupt or "
+          f"partial and were moved to {self.directory}/corrupt/. Refusing to start over from "
+          f"step 0. Put good copies back under {self.directory}, or delete "
+          f"{self.directory}/corrupt to train from scratch.")
     return None, None
 
-  def _move_aside(self, step: int):
+  def _root(self):
     from etils import epath
-    directory = epath.Path(os.path.abspath(self.directory) if "://" not in self.directory
-                           else self.directory)
+    return epath.Path(os.path.abspath(self.directory) if "://" not in self.directory
+                      else self.directory)
+
+  def _set_aside_steps(self) -> list[int]:
+    corrupt = self._root() / "corrupt"
+    if not corrupt.exists():
+      return []
+    return sorted(int(p.name) for p in corrupt.iterdir() if p.name.isdigit())
+
+  def _move_aside(self, step: int):
+    directory = self._root()
     if jax.process_index() == 0:
       target = directory / "corrupt" / str(step)
       target.parent.mkdir(parents=True, exist_ok=True)
