@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vim_jax import checkpoint, fid, reported_metrics, parallel, runs, train_lib, visualize
 from vim_jax.data import pipeline
-from vim_jax.models import vitvqgan
+from vim_jax.models import inception, vitvqgan
 from vim_jax.stage2 import (build_model, build_optimizer, evaluate, make_eval_step,
                             make_sample_fn, make_train_step, model_inputs, sampling_config_from)
 
@@ -48,6 +48,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Logging --------------------------------------------------------------------------------
   is_main = jax.process_index() == 0
   writer = train_lib.open_workdir(workdir, config)
+  if config.fid.every > 0:  # a missing Inception file fails now, not after minutes of compiling
+    inception.check_weights(config.fid.inception_weights)
 
   # --- Mesh -----------------------------------------------------------------------------------
   mesh = parallel.create_mesh(config.mesh, devices)

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vim_jax import checkpoint, fid, reported_metrics, parallel, train_lib, visualize
 from vim_jax.data import pipeline
+from vim_jax.models import inception
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.models import vitvqgan
 from vim_jax.stage1 import (TrainState, build_models, build_optimizers, evaluate, make_eval_step,
@@ -55,6 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Logging --------------------------------------------------------------------------------
   is_main = jax.process_index() == 0
   writer = train_lib.open_workdir(workdir, config)
+  if config.fid.every > 0:  # a missing Inception file fails now, not after minutes of compiling
+    inception.check_weights(config.fid.inception_weights)
   log.info("devices: %d x %s, processes: %d", len(devices or jax.devices()),
            jax.devices()[0].platform, jax.process_count())
 
