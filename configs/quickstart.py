@@ -10,7 +10,8 @@
    their class accuracy as the TensorBoard scalars sample/class_accuracy and
    sample/class_accuracy_rejection (WORKDIR/samples).
 Each stage resumes from its own checkpoints when rerun. `configs/quickstart.py:stage1` is the
-stage-1 config alone (used by the benchmarks).
+stage-1 config alone (used by the benchmarks); `configs/quickstart.py:smoke` runs every stage
+for a few steps (about a minute; tests/test_quickstart.py checks what it writes).
 """
 
 import ml_collections
@@ -68,8 +69,19 @@ def stage2_config() -> ml_collections.ConfigDict:
   return c
 
 
+def make_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every stage of the pipeline at its real model sizes, for a few steps and on a few eval
+  images: the whole path (checkpoints, logs, grids, samples, scores) in about a minute."""
+  for stage in (c.stage1, c.classifier, c.stage2):
+    stage.update(total_steps=6, log_every=3, num_eval_images=64)
+  for stage in (c.stage1, c.stage2):
+    stage.update(eval_every=6, checkpoint_every=3)
+  c.num_samples = 12
+  return c
+
+
 def get_config(arg=None):
-  variants = config_base.parse_variant(arg, allowed=("stage1",))
+  variants = config_base.parse_variant(arg, allowed=("stage1", "smoke"))
   if "stage1" in variants:
     return stage1_config()
   c = ml_collections.ConfigDict()
@@ -82,4 +94,4 @@ def get_config(arg=None):
   c.num_samples = 120  # class-balanced
   c.acceptance = 0.5  # rejection sampling keeps the best half (paper's rate)
   c.sample_seed = 0
-  return c
+  return make_smoke(c) if "smoke" in variants else c
