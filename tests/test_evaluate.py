@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+import metric_reference
 from conftest import REPO_ROOT, tiny_vim_config
-from vim_jax import fid, reported_metrics, runs, token_sampling, train_vim, train_vitvq
-
-pytest.importorskip("torch")  # the random-weight Inception files are written with torch
+from vim_jax import fid, generation, reported_metrics, runs, stage2, train_vim, train_vitvq
 
 STAGE1_METRICS = ("rfid_vs_shapes_eval", "is_of_reconstructions", "is_of_reconstructions_std",
                   "psnr", "ssim", "l1", "l2", "codebook_usage", "codebook_usage_per_256",
@@ -34,8 +33,29 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   assert set(STAGE1_METRICS) <= set(metrics)
   assert all(m["num_images"] == 16 for m in metrics.values())
   assert metrics["rfid_vs_shapes_eval"]["against"] == "shapes_eval (16 images)"
-  assert metrics["rfid_vs_shapes_eval"]["value"] > 0  # a 4-step tokenizer is far from exact
-  assert metrics["is_of_reconstructions"]["value"] >= 1.0
+  # The values, recomputed here: the eval images through the tokenizer, Inception features,
+  # then FID, IS, usage and PSNR from their definitions (tests/metric_reference.py).
+  from vim_jax.data import pipeline, preprocess
+  from vim_jax.models import vitvqgan
+  tok = runs.load_tokenizer(tokenizer_dir)
+  _, eval_data = pipeline.build_pipelines(tok.config, 0, 1)
+  images = np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()])
+  outputs = tok.model.apply({"params": tok.params}, images)
+  indices = tok.model.apply({"params": tok.params}, images,
+                            method=vitvqgan.ViTVQGAN.encode_to_indices)
+  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
+  real_pool, _ = extractor(preprocess.to_uint8(images))
+  recon = np.asarray(outputs["reconstruction"], np.float64)
+  recon_pool, recon_probs = extractor(preprocess.to_uint8(recon))
+  mse = np.mean(((images - recon) / 2) ** 2,
+                axis=(1, 2, 3))
+  expected = {
+      "rfid_vs_shapes_eval": metric_reference.frechet_distance(real_pool, recon_pool),
+      "is_of_reconstructions": metric_reference.inception_score(recon_probs),
+      "codebook_usage": np.unique(np.asarray(indices)).size / tok.model.codebook_size,
+      "psnr": float(np.mean(-10 * np.log10(mse)))}
+  for key, value in expected.items():
+    assert metrics[key]["value"] == pytest.approx(value, rel=1e-3), key
   assert results["inception"] == {"weights": inception_files["flax"], "resize": "bilinear"}
   assert glob.glob(os.path.join(out, "events.out.tfevents.*"))
 
@@ -58,24 +78,61 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
       proc.stdout), proc.stdout + proc.stderr[-2000:]
 
 
-def test_stage2_evaluate_with_and_without_rejection(vim_dir, classifier_dir, inception_files,
-                                                    tmp_path):
+def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir, inception_files,
+                                                        tmp_path):
+  """`python -m vim_jax.evaluate` on a stage-2 workdir; every value recomputed here from the
+  same samples: FID against the eval images, IS and class accuracy, with and without
+  rejection."""
+  out = str(tmp_path / "eval")
+  cmd = [sys.executable, "-m", "vim_jax.evaluate", f"--workdir={vim_dir}",
+         f"--inception_weights={inception_files['flax']}", f"--out={out}", "--batch_size=16",
+         "--num_samples=12", "--reference_images=16", f"--classifier_workdir={classifier_dir}",
+         "--acceptance=0.5"]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Closing _NonBlockingMetadataStore" not in proc.stderr  # the log filter
+  (path,) = glob.glob(os.path.join(out, "results_*.json"))
+  results = json.load(open(path))["metrics"]
+  assert all(results[k]["num_images"] == 12 for k in results)
+  assert results["fid_vs_shapes_eval"]["against"] == "shapes_eval (16 images)"
+
+  trained = runs.load_vim(vim_dir)
+  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
+  real_batches, _ = reported_metrics.eval_split_images(trained.config, 16)
+  real_pool, _ = extractor(np.concatenate(list(real_batches)))
+  labels = generation.requested_labels(12, trained.model.num_classes, "")
+  sampling = stage2.sampling_config_from(trained.config)
+  sampler = generation.Sampler(trained, sampling, 16)
+  samples = np.concatenate(list(sampler.batches(labels, 0)))
+  classifier, cparams = runs.load_classifier(classifier_dir)
+  kept, kept_labels = [], []  # in the order evaluate featurizes them: class by class
+  for where, images, _ in generation.rejection_batches(sampler, labels, 0, classifier, cparams,
+                                                       0.5):
+    kept.append(images)
+    kept_labels.append(labels[where])
+  for suffix, images, wanted in (("", samples, labels),
+                                 ("_rejection0.5", np.concatenate(kept),
+                                  np.concatenate(kept_labels))):
+    pool, probs = extractor(images)
+    accuracy = np.mean(np.argmax(generation.class_probabilities(classifier, cparams, images),
+                                 -1) == wanted)
+    expected = {"fid_vs_shapes_eval": metric_reference.frechet_distance(real_pool, pool),
+                "is_of_samples": metric_reference.inception_score(probs),
+                "class_accuracy": accuracy}
+    for key, value in expected.items():
+      assert results[key + suffix]["value"] == pytest.approx(value, rel=1e-3, abs=1e-9), (
+          key + suffix)
+
+
+def test_results_files_and_reference_labels(vim_dir, inception_files, tmp_path):
   trained = runs.load_vim(vim_dir)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
   reference = reported_metrics.reference_stats(trained.config, extractor, max_images=16)
-  results = reported_metrics.evaluate_generator(
-      trained, extractor, reference, "shapes_eval", num_samples=12, seed=0,
-      sampling_config=token_sampling.SamplingConfig(), batch_size=16,
-      classifier_workdir=classifier_dir, acceptance=0.5)
-  for suffix in ("", "_rejection0.5"):
-    assert results[f"fid_vs_shapes_eval{suffix}"]["value"] > 0
-    assert results[f"fid_vs_shapes_eval{suffix}"]["against"] == "shapes_eval (16 images)"
-    assert results[f"is_of_samples{suffix}"]["value"] >= 1.0
-    assert 0 <= results[f"class_accuracy{suffix}"]["value"] <= 1
-    assert all(results[k]["num_images"] == 12 for k in results)
+  results = {"fid_vs_shapes_eval": reported_metrics.metric(1.5, 12, "shapes_eval")}
   # The JSON and TensorBoard writer.
   path = reported_metrics.write_results(str(tmp_path), 3, results, {"workdir": vim_dir})
-  assert json.load(open(path))["metrics"]["fid_vs_shapes_eval"]["num_images"] == 12
+  assert json.load(open(path))["metrics"]["fid_vs_shapes_eval"] == {
+      "value": 1.5, "num_images": 12, "against": "shapes_eval"}
   # A statistics file names the reference in the metric names.
   stats_path = str(tmp_path / "ref.npz")
   reference.save(stats_path)
@@ -85,19 +142,41 @@ def test_stage2_evaluate_with_and_without_rejection(vim_dir, classifier_dir, inc
 
 def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception_files,
                                            tmp_path):
+  """The in-training values equal a recomputation from the final params: stage 1 through the
+  evaluator the CLI test checks; stage 2 (greedy sampling, so 1 device and 8 draw the same
+  tokens) from the trainer's sampling convention and tests/metric_reference.py."""
   tiny_config.loss.adversarial = 0.0
   tiny_config.update(total_steps=2, eval_every=100, checkpoint_every=100, num_eval_images=16)
   tiny_config.fid.update(every=2, inception_weights=inception_files["flax"], batch_size=16)
   result = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "tok"))
-  assert result.eval_metrics["rfid_vs_shapes_eval"] > 0
-  assert result.eval_metrics["is_of_reconstructions"] >= 1.0
+  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
+  expected, _ = reported_metrics.evaluate_tokenizer(runs.load_tokenizer(str(tmp_path / "tok")),
+                                                    extractor)
+  for key in ("rfid_vs_shapes_eval", "is_of_reconstructions", "psnr"):
+    assert result.eval_metrics[key] == pytest.approx(expected[key]["value"], rel=1e-4), key
 
+  import jax
+  from vim_jax.data import preprocess
   config = tiny_vim_config(tokenizer_dir, steps=2)
+  config.sampling.temperature = 0.0
   config.fid.update(every=2, num_images=10, inception_weights=inception_files["flax"],
                     batch_size=16)
   result = train_vim.train_and_evaluate(config, str(tmp_path / "vim"))
-  assert result.eval_metrics["fid_vs_shapes_eval"] > 0
-  assert result.eval_metrics["is_of_samples"] >= 1.0
+  trained = runs.load_vim(str(tmp_path / "vim"))
+  sample = jax.jit(stage2.make_sample_fn(trained.model, trained.tokenizer.model,
+                                         stage2.sampling_config_from(config)))
+  labels = np.resize(np.arange(6, dtype=np.int32), 16)  # class-balanced, padded to the batch
+  images = preprocess.to_uint8(np.asarray(sample(trained.params, trained.tokenizer.params,
+                                                 labels, jax.random.key(0))))[:10]
+  pool, probs = extractor(images)
+  real_batches, total = reported_metrics.eval_split_images(config)
+  real = np.concatenate(list(real_batches))
+  assert len(real) == total == 32
+  real_pool = np.concatenate([extractor(real[i:i + 16])[0] for i in range(0, total, 16)])
+  assert result.eval_metrics["fid_vs_shapes_eval"] == pytest.approx(
+      metric_reference.frechet_distance(real_pool, pool), rel=1e-3)
+  assert result.eval_metrics["is_of_samples"] == pytest.approx(
+      metric_reference.inception_score(probs), rel=1e-3)
 
 
 def test_missing_inception_weights_stop_the_run_at_start(tiny_config, tmp_path):

@@ -16,27 +16,7 @@ from vim_jax.models import lpips
 from vim_jax.tools import convert_lpips
 
 from conftest import REPO_ROOT
-
-VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256),
-             (12, 256, 256), (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512),
-             (24, 512, 512), (26, 512, 512), (28, 512, 512)]
-
-
-def make_published_files(directory, seed=0):
-  """Random weights in torchvision's vgg16 layout and the lpips package's v0.1 head layout."""
-  g = torch.Generator().manual_seed(seed)
-  vgg = {}
-  for i, cin, cout in VGG_CONVS:
-    vgg[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** .5
-    vgg[f"features.{i}.bias"] = torch.randn(cout, generator=g) * 0.01
-  vgg["classifier.0.weight"] = torch.zeros(4, 8)  # present in the real file, ignored
-  head = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-          for k, c in enumerate(lpips.TAP_CHANNELS)}
-  vgg_path, head_path = os.path.join(directory, "vgg16.pth"), os.path.join(directory, "vgg.pth")
-  torch.save(vgg, vgg_path)
-  torch.save(head, head_path)
-  return vgg, head, vgg_path, head_path
-
+from lpips_reference import VGG_CONVS
 
 def torch_lpips(vgg, head, x, y):
   """Independent LPIPS v0.1 in PyTorch (NCHW), following the lpips package's definition."""
@@ -64,12 +44,8 @@ def torch_lpips(vgg, head, x, y):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("lpips"))
-  vgg, head, vgg_path, head_path = make_published_files(directory)
-  out = os.path.join(directory, "lpips.msgpack")
-  convert_lpips.main([f"--vgg16={vgg_path}", f"--lpips_head={head_path}", f"--output={out}"])
-  return vgg, head, out
+def converted(lpips_files):
+  return lpips_files["vgg"], lpips_files["head"], lpips_files["flax"]
 
 
 def test_flax_lpips_equals_pytorch(converted):
@@ -149,18 +125,3 @@ def test_tiny_full_objective_through_main(converted, tmp_path):
               "train/loss_l2", "train/loss_vq", "disc/loss", "disc/logits_real",
               "disc/logits_fake", "disc/r1_penalty", "eval/lpips"):
     assert tag in tags, (tag, sorted(tags))
-
-
-def test_resume_is_exact_with_the_perceptual_loss(converted, tiny_config, tmp_path):
-  from vim_jax import train_vitvq
-  tiny_config.update(total_steps=4, log_every=1, eval_every=1000, checkpoint_every=1000,
-                     num_eval_images=16, perceptual_weights=converted[2])
-  tiny_config.loss.perceptual = 0.1
-  straight = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "a"))
-  train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "b"), should_stop=lambda s: s == 2)
-  resumed = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "b"))
-  assert [m["step"] for m in resumed.train_metrics] == [3, 4]
-  assert resumed.train_metrics[-1]["loss_perceptual"] == straight.train_metrics[-1]["loss_perceptual"]
-  for a, b in zip(jax.tree.leaves((straight.state.params, straight.state.disc_params)),
-                  jax.tree.leaves((resumed.state.params, resumed.state.disc_params))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -75,11 +75,28 @@ def test_logit_laplace_head_shapes(tiny_config):
   params = nn.meta.unbox(model.init(jax.random.key(0), images))
   out = model.apply(params, images)
   assert out["mu"].shape == out["log_scale"].shape == out["reconstruction"].shape == images.shape
-  assert float(jnp.max(jnp.abs(out["reconstruction"]))) <= 1.0
+  # The reconstruction is the closed form of the predicted mu (float64 numpy).
+  mu = np.asarray(out["mu"], np.float64)
+  eps = model.logit_laplace_eps
+  expected = np.clip((1 / (1 + np.exp(-mu)) - eps) / (1 - 2 * eps), 0, 1) * 2 - 1
+  np.testing.assert_allclose(np.asarray(out["reconstruction"]), expected, atol=1e-6)
   tiny_config.model.logit_laplace = False
   plain = vitvqgan.ViTVQGAN.from_config(tiny_config)
   out = plain.apply(nn.meta.unbox(plain.init(jax.random.key(0), images)), images)
   assert set(out) >= {"reconstruction", "indices", "vq_loss"} and "mu" not in out
+
+
+@pytest.mark.parametrize("eps", [0.1, 1e-3])
+def test_logit_laplace_reconstruction_inverts_the_squashing(eps):
+  """For an image x in [-1, 1], mu = logit(squash(x)) must give x back; locations beyond the
+  squashed range clip to the image range."""
+  x = np.linspace(-1, 1, 41)
+  squashed = (x + 1) / 2 * (1 - 2 * eps) + eps  # [-1, 1] -> [eps, 1 - eps]
+  mu = np.log(squashed) - np.log1p(-squashed)
+  ours = np.asarray(vitvqgan.logit_laplace_reconstruction(jnp.asarray(mu, jnp.float32), eps))
+  np.testing.assert_allclose(ours, x, atol=2e-6)
+  extreme = vitvqgan.logit_laplace_reconstruction(jnp.array([-50.0, 50.0]), eps)
+  np.testing.assert_array_equal(np.asarray(extreme), [-1.0, 1.0])
 
 
 def test_bad_image_shape_is_a_clear_error(tiny_config):
@@ -100,3 +117,28 @@ def test_mesh_shape_resolution():
     parallel.resolve_mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
   with pytest.raises(ValueError, match="uses 4 devices"):
     parallel.resolve_mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
+
+
+def test_remat_changes_neither_outputs_nor_gradients():
+  """Rematerialised blocks recompute the same values in the backward pass, with dropout on
+  (the recomputation must draw the same masks)."""
+  import dataclasses
+  config = transformer.StackConfig(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64,
+                                   dropout=0.1)
+  plain = transformer.Transformer(config)
+  remat = transformer.Transformer(dataclasses.replace(config, remat=True))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  params = nn.meta.unbox(plain.init(jax.random.key(1), x))["params"]
+
+  def loss(model, p):
+    out = model.apply({"params": p}, x, False, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out**2), out
+
+  (value_a, out_a), grads_a = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(params)
+  (value_b, out_b), grads_b = jax.value_and_grad(lambda p: loss(remat, p), has_aux=True)(params)
+  np.testing.assert_allclose(out_a, out_b, rtol=1e-6, atol=1e-6)
+  # The attention key bias's true gradient is zero (softmax ignores a per-query constant): its
+  # float noise is measured against the largest gradient, not its own size.
+  largest = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_a))
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * largest)

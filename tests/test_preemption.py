@@ -1,6 +1,6 @@
-"""Preemption and faults through `python -m vim_jax.main`: SIGTERM saves and exits 0, SIGKILL
-mid-save keeps the previous checkpoint, a corrupt latest checkpoint falls back. Each
-interrupted run, resumed, must end with exactly the parameters of an uninterrupted run."""
+"""Preemption through `python -m vim_jax.main`: SIGTERM saves and exits 0, SIGKILL mid-save
+keeps the previous checkpoint. Each interrupted run, resumed, must end with exactly the
+parameters of an uninterrupted run. (Corrupt checkpoints: tests/test_train_vitvq.py.)"""
 
 import glob
 import os
@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO_ROOT
 from vim_jax import runs
 
-STEPS = 20
+STEPS = 10
 
 
 def _command(workdir, checkpoint_every=1000):
@@ -58,7 +58,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_exact(uninterrupted, tmp_path):
   log_path = tmp_path / "log.txt"
   with open(log_path, "w") as log_file:
     proc = subprocess.Popen(_command(workdir), cwd=REPO_ROOT, stdout=log_file, stderr=log_file)
-    _wait_for(lambda: f"step 5/{STEPS}" in log_path.read_text(), proc)
+    _wait_for(lambda: f"step 3/{STEPS}" in log_path.read_text(), proc)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=300)
@@ -69,7 +69,7 @@ def test_sigterm_saves_exits_zero_and_resume_is_exact(uninterrupted, tmp_path):
   assert "stop requested: saved step" in log
   saved = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints",
                                                                     "[0-9]*"))]
-  assert len(saved) == 1 and 5 <= saved[0] < STEPS
+  assert len(saved) == 1 and 3 <= saved[0] < STEPS
   subprocess.run(_command(workdir), cwd=REPO_ROOT, check=True, capture_output=True, timeout=900)
   _assert_same_params(_params(workdir), uninterrupted)
 
@@ -93,26 +93,3 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path)
                  capture_output=True, timeout=900)
   assert not in_progress(), "the partial save was not cleaned up"
   _assert_same_params(_params(workdir), uninterrupted)
-
-
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, caplog):
-  from vim_jax import train_vitvq
-  tiny_config.loss.adversarial = 0.0
-  tiny_config.update(total_steps=4, log_every=1, eval_every=1000, checkpoint_every=2,
-                     num_eval_images=16)
-  straight = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
-  workdir = str(tmp_path / "run")
-  train_vitvq.train_and_evaluate(tiny_config, workdir)
-  # Damage the data files of the latest checkpoint (step 4), as a bad disk would.
-  for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "**", "d", "*"),
-                        recursive=True):
-    with open(path, "wb") as f:
-      f.write(b"garbage")
-  caplog.set_level("WARNING")
-  resumed = train_vitvq.train_and_evaluate(tiny_config, workdir)
-  assert "step 4" in caplog.text and "corrupt or partial" in caplog.text
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt", "4"))
-  assert [m["step"] for m in resumed.train_metrics] == [3, 4]  # resumed from step 2
-  a = train_vitvq.summarize_for_tests(straight.state)
-  b = train_vitvq.summarize_for_tests(resumed.state)
-  _assert_same_params(a, b)

@@ -119,15 +119,35 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
   np.testing.assert_array_equal(top1, greedy)
 
 
-def test_guidance_scale_one_equals_conditional_and_others_change_samples():
+def _guided_reference(model, params, labels, key, scale):
+  """Sampling at temperature 1 with guided logits u + s (c - u), where c and u come from two
+  full forward passes (the labels, and the null class) over the prefix: no cache, no batching
+  of the two halves."""
+  tokens = jnp.zeros((labels.shape[0], N), jnp.int32)
+  null = jnp.full_like(labels, model.null_label)
+  for i in range(N):
+    c = model.apply({"params": params}, tokens, labels)[:, i]
+    u = model.apply({"params": params}, tokens, null)[:, i]
+    token = jax.random.categorical(jax.random.fold_in(key, i), u + scale * (c - u))
+    tokens = tokens.at[:, i].set(token.astype(jnp.int32))
+  return np.asarray(tokens)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_guided_sampling_equals_two_full_forward_passes(scale):
+  """Every sampled token (temperature 1, so the whole logit vector matters, not only its
+  argmax) equals the reference's; at scale 1 that is the plain conditional sampler."""
   model, params = _model()
-  labels = jnp.array([0, 1, 2])
-  plain = token_sampling.sample_tokens(model, params, labels, jax.random.key(2),
-                                 token_sampling.SamplingConfig(temperature=0.0))
-  guided = token_sampling.sample_tokens(model, params, labels, jax.random.key(2),
-                                  token_sampling.SamplingConfig(temperature=0.0, guidance_scale=5.0))
-  assert plain.shape == guided.shape == (3, N)
-  assert not np.array_equal(plain, guided)
+  labels, key = jnp.array([0, 1, 2, 1]), jax.random.key(2)
+  ours = token_sampling.sample_tokens(model, params, labels, key,
+                                      token_sampling.SamplingConfig(guidance_scale=scale))
+  np.testing.assert_array_equal(np.asarray(ours), _guided_reference(model, params, labels, key,
+                                                                    scale))
+  if scale == 1.0:
+    plain = token_sampling.sample_tokens_without_cache(model, params, labels, key)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
+  else:  # guidance really changes what is drawn
+    assert not np.array_equal(np.asarray(ours), _guided_reference(model, params, labels, key, 1.0))
 
 
 def test_unconditional_model_ignores_labels_and_features_shape():
