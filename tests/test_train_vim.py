@@ -87,16 +87,22 @@ def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_pat
   results = generation.sample_and_report(trained, out, labels, seed=1,
                                      sampling_config=token_sampling.SamplingConfig(),
                                      classifier_workdir=classifier_dir, acceptance=0.5)
-  assert 0 <= results["class_accuracy"] <= 1 and 0 <= results["class_accuracy_rejection"] <= 1
   data = np.load(os.path.join(out, "samples.npz"))
   assert data["images"].shape == (12, 32, 32, 3) and data["images"].dtype == np.uint8
   np.testing.assert_array_equal(data["labels"], labels)
+  # The accuracies: the classifier's argmax on the saved images, counted here.
+  classifier, cparams = runs.load_classifier(classifier_dir)
+  for key, name in (("class_accuracy", "samples.npz"),
+                    ("class_accuracy_rejection", "samples_rejection.npz")):
+    saved = np.load(os.path.join(out, name))
+    predicted = np.argmax(generation.class_probabilities(classifier, cparams, saved["images"]),
+                          -1)
+    assert results[key] == np.mean(predicted == saved["labels"]), key
   assert json.load(open(os.path.join(out, "results.json")))["num_samples"] == 12
   # Same seed, same samples.
   again = generation.generate(trained, labels, 1, token_sampling.SamplingConfig())
   np.testing.assert_array_equal(again, data["images"])
   # Rejection keeps, per class, the candidates with the highest probability of that class.
-  classifier, cparams = runs.load_classifier(classifier_dir)
   kept, scores = generation.rejection_sample(trained, labels, 1, token_sampling.SamplingConfig(),
                                          classifier, cparams, acceptance=0.5)
   probs = generation.class_probabilities(classifier, cparams, kept)

@@ -97,8 +97,9 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
   back to the previous one and still ends equal), then all damaged (refuses to restart)."""
   from vim_jax import checkpoint
   config = _short(tiny_config, steps=4)
-  config.update(ema_decay=0.9, checkpoint_every=1, keep_checkpoints=2,
-                perceptual_weights=lpips_files["flax"])
+  # Batch 8: LPIPS's VGG16 is most of a step's cost.
+  config.update(ema_decay=0.9, checkpoint_every=1, keep_checkpoints=2, batch_size=8,
+                eval_batch_size=8, num_eval_images=8, perceptual_weights=lpips_files["flax"])
   config.loss.perceptual = 0.1
   config.discriminator.lecam_weight = 0.1
   straight_dir, run_dir = str(tmp_path / "straight"), str(tmp_path / "run")
