@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import metric_reference
+import run_files
 from conftest import REPO_ROOT, tiny_vim_config
 from vim_jax import fid, generation, reported_metrics, runs, stage2, train_vim, train_vitvq
 
@@ -35,11 +36,10 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   assert metrics["rfid_vs_shapes_eval"]["against"] == "shapes_eval (16 images)"
   # The values, recomputed here: the eval images through the tokenizer, Inception features,
   # then FID, IS, usage and PSNR from their definitions (tests/metric_reference.py).
-  from vim_jax.data import pipeline, preprocess
+  from vim_jax.data import preprocess
   from vim_jax.models import vitvqgan
   tok = runs.load_tokenizer(tokenizer_dir)
-  _, eval_data = pipeline.build_pipelines(tok.config, 0, 1)
-  images = np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()])
+  images = run_files.eval_images(tok.config)
   outputs = tok.model.apply({"params": tok.params}, images)
   indices = tok.model.apply({"params": tok.params}, images,
                             method=vitvqgan.ViTVQGAN.encode_to_indices)

@@ -1,7 +1,6 @@
 """LPIPS: conversion of the published PyTorch layouts, equality with PyTorch, the missing-file
 error, and the perceptual loss through vim_jax.main."""
 
-import os
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from vim_jax.tools import convert_lpips
 
 from conftest import REPO_ROOT
 from lpips_reference import VGG_CONVS
+from run_files import cli_env
 
 def torch_lpips(vgg, head, x, y):
   """Independent LPIPS v0.1 in PyTorch (NCHW), following the lpips package's definition."""
@@ -115,7 +115,7 @@ def test_tiny_full_objective_through_main(converted, tmp_path):
           f"--config.perceptual_weights={converted[2]}", "--config.total_steps=6",
           "--config.eval_every=6", "--config.checkpoint_every=3", "--config.log_every=3",
           "--config.ema_decay=0.9", "--config.batch_size=8"]  # VGG16 dominates a step
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = cli_env()
   proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "LPIPS weights:" in proc.stderr and "lpips=" in proc.stderr

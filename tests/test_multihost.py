@@ -4,7 +4,6 @@ tiny stage-1 and stage-2 configs through `python -m vim_jax.main` and must match
 gradient norm at every step, and every array of the final checkpoint (params, Adam's moments,
 the discriminator)."""
 
-import glob
 import os
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import jax
 
 from conftest import REPO_ROOT
 from run_compare import assert_leaves_close
+from run_files import cli_env, event_scalars
 from vim_jax import fileio, main, runs
 
 STEPS = 4
@@ -25,12 +25,6 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return env
 
 
 def _run_single(config_spec, overrides, workdir):
@@ -53,7 +47,7 @@ def _run_two_processes(args, workdir, log_dir):
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=REPO_ROOT, env=_env(4), stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
+        cwd=REPO_ROOT, env=cli_env(4), stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
   try:
     codes = [p.wait(timeout=900) for p in procs]
   finally:
@@ -63,18 +57,6 @@ def _run_two_processes(args, workdir, log_dir):
   for code, log in zip(codes, logs):
     assert code == 0, open(log).read()[-3000:]
   assert "process 1 of 2, 4 local / 8 global devices" in open(logs[1]).read()
-
-
-def _scalars(workdir, tag):
-  """{step: value} of a train scalar from the TensorBoard events process 0 wrote."""
-  import tensorflow as tf
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
 
 
 def checkpoint_arrays(workdir) -> dict[str, np.ndarray]:
@@ -92,7 +74,7 @@ def checkpoint_arrays(workdir) -> dict[str, np.ndarray]:
 
 def assert_runs_match(single, multi):
   for tag in ("train/loss", "train/grad_norm"):
-    a, b = _scalars(single, tag), _scalars(multi, tag)
+    a, b = event_scalars(single)[tag], event_scalars(multi)[tag]
     assert sorted(a) == list(range(1, STEPS + 1)) and a.keys() == b.keys(), tag
     for step in a:
       assert b[step] == pytest.approx(a[step], rel=1e-5), (tag, step)

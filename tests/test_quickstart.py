@@ -14,25 +14,14 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-
-
-def _scalars(folder):
-  import tensorflow as tf
-  values = {}
-  for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        array = tf.make_ndarray(value.tensor)
-        if array.ndim == 0:  # scalars; image grids are summaries too
-          values.setdefault(value.tag, {})[event.step] = float(array)
-  return values
+from run_files import cli_env, event_scalars
 
 
 def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
   workdir = str(tmp_path / "quickstart")
   command = [sys.executable, "-m", "vim_jax.main", "--config=configs/quickstart.py:smoke",
              f"--workdir={workdir}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's 1 CPU device
+  env = cli_env()
   first_log = tmp_path / "first.log"
   with open(first_log, "w") as log:
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
@@ -65,9 +54,9 @@ def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(workdir, stage, "config.json")), stage
   assert os.path.exists(os.path.join(workdir, "tokenizer", "images", "reconstructions_00000006.png"))
   assert os.path.exists(os.path.join(workdir, "vim", "images", "samples_00000006.png"))
-  tokenizer = _scalars(os.path.join(workdir, "tokenizer"))
+  tokenizer = event_scalars(os.path.join(workdir, "tokenizer"))
   assert sorted(tokenizer["train/loss"]) == [3, 6] and 6 in tokenizer["eval/psnr"]
-  assert sorted(_scalars(os.path.join(workdir, "vim"))["train/loss"]) == [3, 6]
+  assert sorted(event_scalars(os.path.join(workdir, "vim"))["train/loss"]) == [3, 6]
 
   # The samples and their scores: the file, the JSON and the TensorBoard scalars agree.
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
@@ -75,7 +64,7 @@ def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
   np.testing.assert_array_equal(samples["labels"], np.arange(12) % 6)
   results = json.load(open(os.path.join(workdir, "samples", "results.json")))
   assert results["num_samples"] == 12
-  sample_scalars = _scalars(os.path.join(workdir, "samples"))
+  sample_scalars = event_scalars(os.path.join(workdir, "samples"))
   for key in ("class_accuracy", "class_accuracy_rejection"):
     assert sample_scalars[f"sample/{key}"] == {6: pytest.approx(results[key], abs=1e-6)}, key
     assert abs(results[key] * 12 - round(results[key] * 12)) < 1e-9  # a count of 12 samples

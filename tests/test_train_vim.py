@@ -15,6 +15,7 @@ from vim_jax import generation, optim, probe, runs, token_sampling, train_vim
 
 from conftest import REPO_ROOT, tiny_vim_config
 from run_compare import assert_same_metrics, assert_states_close
+from run_files import cli_env
 
 
 _vim_config = tiny_vim_config
@@ -115,14 +116,9 @@ def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_pat
     generation.requested_labels(4, 6, "1,9")
 
 
-def _cli_env():
-  """A command's environment: one CPU device, as a user's shell would give it."""
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-
-
 def test_probe_cli_prints_and_writes_the_in_process_result(vim_dir):
   proc = subprocess.run([sys.executable, "-m", "vim_jax.probe", f"--workdir={vim_dir}",
-                         "--blocks=1"], cwd=REPO_ROOT, env=_cli_env(), capture_output=True,
+                         "--blocks=1"], cwd=REPO_ROOT, env=cli_env(), capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Closing _NonBlockingMetadataStore" not in proc.stderr  # the log filter
@@ -134,7 +130,7 @@ def test_probe_cli_prints_and_writes_the_in_process_result(vim_dir):
 
 
 def test_sample_cli(vim_dir, tmp_path):
-  env = _cli_env()
+  env = cli_env()
   proc = subprocess.run(
       [sys.executable, "-m", "vim_jax.sample", f"--workdir={vim_dir}", "--num_samples=6",
        f"--out={tmp_path}", "--temperature=0"], cwd=REPO_ROOT, env=env, capture_output=True,
@@ -209,7 +205,7 @@ def test_pretokenized_tokens_match_and_train(tokenizer_dir, tmp_path):
       [sys.executable, "-m", "vim_jax.tools.pretokenize", "--config=configs/vim_base.py:tiny",
        f"--config.tokenizer_workdir={tokenizer_dir}", "--config.data.shapes_train_size=40",
        "--config.data.shapes_eval_size=24", f"--out={out}", "--shard_size=16"],
-      cwd=REPO_ROOT, env=_cli_env(), capture_output=True, text=True, timeout=300)
+      cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Closing _NonBlockingMetadataStore" not in proc.stderr  # the log filter
   meta = json.loads(proc.stdout[proc.stdout.index("{"):])

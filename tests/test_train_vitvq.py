@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from run_compare import assert_leaves_close, assert_same_metrics, assert_states_close
+from run_files import eval_images
 from vim_jax import stage1, train_vitvq
 
 
@@ -71,9 +72,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_run, 
 
 def _eval_psnr(config, params) -> float:
   """Mean PSNR (data range 1) of the eval images' reconstructions by `params`, in numpy."""
-  from vim_jax.data import pipeline
-  _, eval_data = pipeline.build_pipelines(config, 0, 1)
-  images = np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()])
+  images = eval_images(config)
   tokenizer = stage1.build_models(config).tokenizer
   recon = np.asarray(tokenizer.apply({"params": params}, images)["reconstruction"], np.float64)
   mse = np.mean(((recon - images) / 2) ** 2, axis=(1, 2, 3))
@@ -153,15 +152,13 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tm
 def test_evaluation_reports_every_metric(tiny_config, tmp_path):
   """Each eval metric equals its definition computed here in numpy from the final params, over
   exactly the 20 eval images (the padded last batch of 8 is masked out)."""
-  from vim_jax.data import pipeline
   from vim_jax.models import vitvqgan
   config = _short(tiny_config, steps=2)
   config.update(eval_every=2, num_eval_images=20, eval_batch_size=8, eval_usage_chunk=8)
   result = train_vitvq.train_and_evaluate(config, str(tmp_path / "eval"))
   m = result.eval_metrics
   assert m["num_images"] == 20
-  _, eval_data = pipeline.build_pipelines(config, 0, 1)
-  images = np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()])
+  images = eval_images(config)
   assert len(images) == 20
   tokenizer = stage1.build_models(config).tokenizer
   params = result.state.params
