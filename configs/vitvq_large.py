@@ -16,5 +16,5 @@ from vim_jax import config_base
 def get_config(arg=None):
   variants = config_base.parse_variant(arg)
   config = config_base.stage1_config("small", "large")
-  config.model.decoder.remat = True
+  config.model.decoder.remat_policy = "full"
   return config_base.apply_stage1_variants(config, variants)

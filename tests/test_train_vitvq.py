@@ -49,9 +49,11 @@ def test_eight_devices_match_one(one_device_run, tiny_config, tmp_path, mesh):
                       keys=("loss", "grad_norm", "disc/loss", "disc/grad_norm"))
   assert_states_close(one.state, eight.state, param_atol=config.optimizer.peak_lr)
   if mesh["tensor"] == 2:  # the layout is really sharded, not replicated
-    kernel = eight.state.params["encoder"]["transformer"]["block_00"]["mlp"]["fc1"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 2, kernel.shape[1] // 2)
+    kernel = eight.state.params["encoder"]["transformer"]["layers"]["block"]["mlp"]["fc1"][
+        "kernel"]  # [layers, embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2,
+                                                       kernel.shape[2] // 2)
 
 
 def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_run, tiny_config,
@@ -61,7 +63,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_run, 
   params) are within bfloat16's precision of the float32 run's."""
   config = _short(tiny_config, steps=3)
   config.model.dtype = "bfloat16"
-  config.model.encoder.remat = config.model.decoder.remat = True
+  config.model.encoder.remat_policy = config.model.decoder.remat_policy = "full"
   run = train_vitvq.train_and_evaluate(config, str(tmp_path / "bf16"), devices=jax.devices()[:1])
   assert {leaf.dtype for leaf in jax.tree.leaves(run.state.params)} == {np.dtype("float32")}
   first, reference = run.train_metrics[0], one_device_run.train_metrics[0]

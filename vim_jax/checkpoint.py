@@ -5,7 +5,10 @@ kill mid-save never leaves a half-written checkpoint in place of the last good o
 temporary directories are removed at start). A finalized checkpoint that still fails to
 restore (a damaged disk, files deleted by hand) is moved aside to `<directory>/corrupt/<step>`
 with a warning, and the previous one is used. When every checkpoint fails, the run stops with
-an error naming the folder instead of starting again from step 0.
+an error naming the folder instead of starting again from step 0. A checkpoint whose tree
+differs from the state the config builds (another model size, or the other `scan_layers`
+layout) is a config mismatch, not corruption: the run stops naming the differing arrays, and
+the checkpoint stays where it is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,49 @@ log = logging.getLogger(__name__)
 
 class NoUsableCheckpointError(RuntimeError):
   """A run saved checkpoints before, and none of them restores."""
+
+
+class CheckpointLayoutError(ValueError):
+  """A checkpoint holds a different tree of arrays than the config's train state."""
+
+
+def key_paths(tree) -> set[str]:
+  """'params/encoder/...' for every array leaf of a pytree (None fields have none)."""
+  def name(entry):
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(name(e) for e in path) for path, _ in leaves}
+
+
+def describe_layout_mismatch(saved: set[str], wanted: set[str], where: str) -> str | None:
+  """None when the two sets of key paths agree, else an explanation naming the difference
+  (and `scan_layers` when one side has scanned blocks and the other unrolled ones)."""
+  params_first = lambda key: (not key.startswith("params/"), key)
+  only_saved = sorted(saved - wanted, key=params_first)
+  only_wanted = sorted(wanted - saved, key=params_first)
+  if not only_saved and not only_wanted:
+    return None
+  lines = [f"{where} holds a different set of arrays than the model this config builds."]
+  for label, keys in (("only in the checkpoint", only_saved), ("only in the config's model",
+                                                               only_wanted)):
+    if keys:
+      lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:4]) +
+                   (", ..." if len(keys) > 4 else ""))
+  scanned = lambda keys: any("/layers/" in k for k in keys)
+  unrolled = lambda keys: any("/block_" in k for k in keys)
+  if (scanned(only_saved) and unrolled(only_wanted)) or (unrolled(only_saved) and
+                                                         scanned(only_wanted)):
+    was = "scanned (scan_layers=True)" if scanned(only_saved) else "unrolled (scan_layers=False)"
+    lines.append(f"  The checkpoint's Transformer blocks are {was}; the two layouts do not "
+                 "load into each other. Set the model's scan_layers to match the run that "
+                 "saved it (model.scan_layers, or model.encoder/decoder.scan_layers).")
+  else:
+    lines.append("  Use the config the run was trained with (its config.json), or a new "
+                 "workdir.")
+  return "\n".join(lines)
 
 
 class Checkpointer:
@@ -55,6 +101,7 @@ class Checkpointer:
     has never saved one. Checkpoints that fail are moved to <directory>/corrupt/ with a warning
     naming them. When none restores, this raises rather than silently training from step 0."""
     for step in sorted(self.manager.all_steps(), reverse=True):
+      self._check_layout(step, abstract_state)
       try:
         return self.restore(step, abstract_state), step
       except Exception as e:  # pylint: disable=broad-except; any failure means unusable
@@ -71,6 +118,22 @@ class Checkpointer:
           f"step 0. Put good copies back under {self.directory}, or delete "
           f"{self.directory}/corrupt to train from scratch.")
     return None, None
+
+  def _check_layout(self, step: int, abstract_state):
+    """Raises CheckpointLayoutError when the step's saved tree differs from abstract_state's.
+    Unreadable metadata is left to the restore (and the corrupt-checkpoint path)."""
+    try:  # the item's own metadata (a fresh manager's item_metadata() lacks the handler)
+      saved = key_paths(ocp.PyTreeCheckpointHandler().metadata(
+          self._root() / str(step) / "default"))
+    except Exception:  # pylint: disable=broad-except; a damaged checkpoint: restore decides
+      return
+    if not saved:
+      return
+    problem = describe_layout_mismatch(saved, key_paths(abstract_state),
+                                       f"checkpoint step {step} in {self.directory}")
+    if problem:
+      self.close()
+      raise CheckpointLayoutError(problem)
 
   def _root(self):
     from etils import epath

@@ -28,8 +28,24 @@ def vit_stack(size: str) -> ml_collections.ConfigDict:
       **VIT_SIZES[size],
       output_ffn_dim=0,  # hidden width of the Linear-tanh-Linear output head; 0 = mlp_dim
       dropout=0.0,
-      remat=False,  # rematerialise blocks in the backward pass (saves memory, costs compute)
+      **stack_kernels(),
   ))
+
+
+def stack_kernels(remat_policy: str = "none") -> dict:
+  """How a Transformer stack runs (vim_jax/models/transformer.py): the same math either way."""
+  return dict(
+      # What the backward pass recomputes: 'none', 'full' (whole blocks; least memory) or
+      # 'minimal' (keeps the weight matmuls' outputs; recomputes attention and elementwise ops).
+      remat_policy=remat_policy,
+      # Blocks under nn.scan: compiled once instead of once per layer. Checkpoints of the two
+      # layouts are not interchangeable (the run says so by name when they differ).
+      scan_layers=True,
+      # 'auto' (splash on TPU, cuDNN on GPU in bf16/fp16, else XLA), 'xla', 'cudnn', 'splash';
+      # see vim_jax/models/attention.py.
+      attention="auto",
+      attention_block=512,  # splash attention's tile (the largest multiple of 128 dividing L)
+  )
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -118,6 +134,9 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
   c.data = data_config()
 
   c.batch_size = 256  # global
+  # Microbatches per optimizer step (gradient accumulation): the same update as one batch of
+  # batch_size, with the activations of batch_size / grad_accum_steps at a time.
+  c.grad_accum_steps = 1
   c.total_steps = 500_000
   c.eval_batch_size = 256
   c.num_eval_images = -1  # -1 = the whole eval split
@@ -208,7 +227,7 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
       # input position, so each token sees the class without attending back to it.
       condition_every_position=False,
       dtype="bfloat16",
-      remat=True,
+      **stack_kernels(remat_policy="minimal"),
   ))
   c.label_dropout = 0.1  # replace the class by the null class, for classifier-free guidance
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -219,6 +238,7 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
   ))
   c.data = data_config()
   c.batch_size = 1024
+  c.grad_accum_steps = 1  # microbatches per optimizer step (see stage1_config)
   c.total_steps = 450_000
   c.eval_batch_size = 256
   c.num_eval_images = 10_000
@@ -264,7 +284,7 @@ def make_tiny_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """CPU smoke size on the embedded data (needs a tiny tokenizer workdir)."""
   c.image_size = 32
   c.model.update(num_layers=2, width=64, num_heads=2, head_dim=32, mlp_dim=128, num_classes=6,
-                 dtype="float32", remat=False)
+                 dtype="float32", remat_policy="none")
   c.data.update(source="shapes", shapes_train_size=2048, shapes_eval_size=64, num_workers=4)
   c.optimizer.update(peak_lr=1e-3, warmup_steps=0, decay_start=10)  # as make_tiny: no warmup
   c.update(batch_size=16, eval_batch_size=16, num_eval_images=32, total_steps=20, log_every=5,

@@ -40,6 +40,7 @@ DEFAULT_AXIS_RULES = (
     ("kv", None),
     ("mlp", "tensor"),
     ("length", None),
+    ("layers", None),  # the stacked blocks of a scanned Transformer (scan_layers)
     ("patch", None),
     ("code_dim", None),
     ("codebook", None),

@@ -8,6 +8,16 @@ Every parameter carries logical axis names (see `vim_jax/parallel.py` for the ru
 them to mesh axes), and the residual stream is constrained to
 ('act_batch', 'act_length', 'act_embed') so that data, FSDP and tensor parallel layouts are
 config changes.
+
+Two layouts of the blocks' params, chosen by `StackConfig.scan_layers`:
+  unrolled  transformer/block_00/..., block_01/...: a Python loop, one copy of the block's
+            program per layer (compile time grows with depth);
+  scanned   transformer/layers/block/... with a leading [num_layers] axis (logical axis
+            'layers'): one block under nn.scan, compiled once. The paper configs use it.
+Checkpoints of one layout do not load into the other; `checkpoint.py` says so by name.
+`remat_policy` picks what the backward pass recomputes: 'none', 'full' (the whole block) or
+'minimal' (keep the matmul outputs without a batch dimension, i.e. recompute only the
+elementwise work and attention).
 """
 
 from __future__ import annotations
@@ -19,7 +29,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vim_jax.models import attention as attention_lib
+
 Dtype = Any
+
+# remat_policy name -> jax.checkpoint policy (None: no rematerialisation).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +55,29 @@ class StackConfig:
   mlp_dim: int
   dropout: float = 0.0
   causal: bool = False
-  remat: bool = False
+  remat_policy: str = "none"  # see REMAT_POLICIES
+  scan_layers: bool = False  # blocks under nn.scan (see the module docstring)
+  attention: str = "auto"  # kernel, see vim_jax/models/attention.py
+  attention_block: int = 512  # splash attention's tile size
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of "
+                       f"{list(REMAT_POLICIES)}.")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention={self.attention!r}; expected one of "
+                       f"{list(attention_lib.IMPLEMENTATIONS)}.")
+
+  @classmethod
+  def from_config(cls, cfg, causal: bool = False) -> "StackConfig":
+    """From a config section with the stack's keys (configs: `config_base.vit_stack`, the
+    stage-2 `model`). Runs saved before remat_policy existed stored remat=True/False."""
+    policy = cfg.get("remat_policy") or ("full" if cfg.get("remat", False) else "none")
+    return cls(num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
+               head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.get("dropout", 0.0),
+               causal=causal, remat_policy=policy, scan_layers=cfg.get("scan_layers", False),
+               attention=cfg.get("attention", "auto"),
+               attention_block=cfg.get("attention_block", 512))
 
 
 def dense_init(axes):
@@ -72,6 +113,8 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  attention_block: int = 512
 
   @nn.compact
   def __call__(self, x: jax.Array, decode_index: jax.Array | None = None,
@@ -94,10 +137,10 @@ class MultiHeadAttention(nn.Module):
 
     q, key, value = project("query"), project("key"), project("value")
     if decode_index is None:
-      # jax.nn.dot_product_attention picks cuDNN flash attention on GPU, XLA elsewhere; softmax
-      # runs in float32 inside it.
-      out = jax.nn.dot_product_attention(q, key, value, is_causal=self.causal)
-    else:
+      out = attention_lib.dot_product_attention(
+          q, key, value, causal=self.causal, implementation=self.attention,
+          block=self.attention_block)
+    else:  # one or a few new tokens against the cache: XLA (the scores are [L, cache_length])
       b, length = x.shape[:2]
       shape = (b, cache_length, h, k)
       cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
@@ -143,8 +186,8 @@ class TransformerBlock(nn.Module):
     """x: [B, L, D] -> [B, L, D]."""
     cfg = self.config
     y = layer_norm(self.dtype, "ln_attention")(x)
-    y = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.causal, self.dtype,
-                           name="attention")(y, decode_index, cache_length)
+    y = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.causal, self.dtype, cfg.attention,
+                           cfg.attention_block, name="attention")(y, decode_index, cache_length)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = constrain_tokens(x + y)
     y = layer_norm(self.dtype, "ln_mlp")(x)
@@ -153,8 +196,31 @@ class TransformerBlock(nn.Module):
     return constrain_tokens(x + y)
 
 
+class ScannedBlock(nn.Module):
+  """A TransformerBlock as one step of nn.scan over the layers.
+
+  carry: (x [B, L, D], captured [B, L, D] or None); layer: this step's 0-based index (a
+  scanned int32); decode_index: broadcast to every layer.
+  """
+
+  config: StackConfig
+  dtype: Dtype
+  deterministic: bool
+  cache_length: int = 0
+  capture_block: int | None = None
+
+  @nn.compact
+  def __call__(self, carry, layer, decode_index):
+    x, captured = carry
+    x = TransformerBlock(self.config, self.dtype, name="block")(
+        x, self.deterministic, decode_index, self.cache_length)
+    if captured is not None:  # keep the probe's block output as it passes
+      captured = jnp.where(layer == self.capture_block - 1, x, captured)
+    return (x, captured), None
+
+
 class Transformer(nn.Module):
-  """num_layers pre-LN blocks and a final LayerNorm."""
+  """num_layers pre-LN blocks (unrolled or scanned) and a final LayerNorm."""
 
   config: StackConfig
   dtype: Dtype = jnp.float32
@@ -168,17 +234,44 @@ class Transformer(nn.Module):
     capture_block: also return the output of that block (1-based, before the final LayerNorm),
     as (output, captured); used for linear probes.
     """
-    block_cls = TransformerBlock
-    if self.config.remat and decode_index is None:
-      block_cls = nn.remat(TransformerBlock, static_argnums=(2, 4))
-    if capture_block is not None and not 1 <= capture_block <= self.config.num_layers:
-      raise ValueError(f"capture_block={capture_block}; expected 1..{self.config.num_layers}.")
+    cfg = self.config
+    if capture_block is not None and not 1 <= capture_block <= cfg.num_layers:
+      raise ValueError(f"capture_block={capture_block}; expected 1..{cfg.num_layers}.")
+    # Decoding never differentiates, so it never rematerialises.
+    policy = REMAT_POLICIES[cfg.remat_policy] if decode_index is None else None
     x = constrain_tokens(x.astype(self.dtype))
+    if cfg.scan_layers:
+      x, captured = self._scanned(x, deterministic, decode_index, cache_length, capture_block,
+                                  policy)
+    else:
+      x, captured = self._unrolled(x, deterministic, decode_index, cache_length, capture_block,
+                                   policy)
+    out = layer_norm(self.dtype, "ln_final")(x)
+    return out if capture_block is None else (out, captured)
+
+  def _unrolled(self, x, deterministic, decode_index, cache_length, capture_block, policy):
+    block_cls = TransformerBlock
+    if policy is not None:
+      block_cls = nn.remat(TransformerBlock, static_argnums=(2, 4), policy=policy)
     captured = None
     for i in range(self.config.num_layers):
       x = block_cls(self.config, self.dtype, name=f"block_{i:02d}")(
           x, deterministic, decode_index, cache_length)
       if capture_block == i + 1:
         captured = x
-    out = layer_norm(self.dtype, "ln_final")(x)
-    return out if capture_block is None else (out, captured)
+    return x, captured
+
+  def _scanned(self, x, deterministic, decode_index, cache_length, capture_block, policy):
+    block_cls = ScannedBlock
+    if policy is not None:
+      block_cls = nn.remat(ScannedBlock, policy=policy, prevent_cse=False)
+    scanned = nn.scan(
+        block_cls, variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},  # each layer its own init and dropout
+        in_axes=(0, nn.broadcast), length=self.config.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    captured = None if capture_block is None else jnp.zeros_like(x)
+    (x, captured), _ = scanned(self.config, self.dtype, deterministic, cache_length,
+                               capture_block, name="layers")(
+        (x, captured), jnp.arange(self.config.num_layers, dtype=jnp.int32), decode_index)
+    return x, captured

@@ -18,6 +18,63 @@ import ml_collections
 from vim_jax.models import transformer
 
 
+class OutputHead(nn.Module):
+  """Logits over the codebook, accumulated in float32 whatever the compute dtype.
+
+  Its params are nn.Dense's ('kernel' [D, V], 'bias' [V]), so checkpoints are unchanged.
+  """
+
+  width: int
+  vocab_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.kernel = self.param("kernel", transformer.dense_init(("embed", "vocab")),
+                             (self.width, self.vocab_size))
+    self.bias = self.param("bias", transformer.zeros_init(("vocab",)), (self.vocab_size,))
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    """h [..., D] -> logits [..., V] float32."""
+    return head_logits(h, self.kernel, self.bias, self.dtype)
+
+  def cross_entropy(self, h: jax.Array, targets: jax.Array, chunk: int):
+    """h [B, N, D], targets int [B, N] -> (nll [B, N], correct [B, N]) float32.
+
+    The [B, chunk, V] float32 logits of one chunk of the sequence exist at a time, in the
+    forward and the backward pass (each chunk's logits are recomputed for its gradient), so
+    the loss never holds [B, N, V] (2 GiB per 64 sequences at N=1024, V=8192)."""
+    return chunked_cross_entropy(h, self.kernel, self.bias, targets, chunk, self.dtype)
+
+
+def head_logits(h, kernel, bias, dtype) -> jax.Array:
+  logits = jnp.einsum("...d,dv->...v", h.astype(dtype), kernel.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return logits + bias.astype(jnp.float32)
+
+
+def chunked_cross_entropy(h, kernel, bias, targets, chunk: int, dtype):
+  """See OutputHead.cross_entropy; chunk = 0 (or >= N) is one chunk."""
+  b, n, d = h.shape
+  chunk = n if chunk <= 0 or chunk >= n else chunk
+  if n % chunk:
+    raise ValueError(f"model.loss_chunk={chunk} does not divide the {n} tokens per image; "
+                     "use a divisor of it (or 0 for the whole sequence).")
+
+  @jax.checkpoint  # saves only this chunk's inputs; its logits are recomputed for the gradient
+  def one_chunk(h_chunk, t_chunk):
+    logits = head_logits(h_chunk, kernel, bias, dtype)  # [B, chunk, V]
+    label_logit = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - label_logit
+    correct = (jnp.argmax(logits, axis=-1) == t_chunk).astype(jnp.float32)
+    return nll, correct
+
+  split = lambda x: jnp.swapaxes(x.reshape(b, n // chunk, chunk, *x.shape[2:]), 0, 1)
+  _, (nll, correct) = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None,
+                                   (split(h), split(targets)))
+  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, n)
+  return merge(nll), merge(correct)
+
+
 class VIM(nn.Module):
   """Build with `VIM.from_config(config)`.
 
@@ -33,17 +90,17 @@ class VIM(nn.Module):
   num_tokens: int
   num_classes: int = 0
   condition_every_position: bool = False
+  loss_chunk: int = 256  # tokens per chunk of the training loss (see OutputHead)
   dtype: jnp.dtype = jnp.float32
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int,
                   num_tokens: int) -> "VIM":
     m = config.model
-    stack = transformer.StackConfig(
-        num_layers=m.num_layers, width=m.width, num_heads=m.num_heads, head_dim=m.head_dim,
-        mlp_dim=m.mlp_dim, dropout=m.dropout, causal=True, remat=m.remat)
+    stack = transformer.StackConfig.from_config(m, causal=True)
     return cls(stack, vocab_size, num_tokens, m.num_classes,
-               m.get("condition_every_position", False), jnp.dtype(m.dtype))
+               m.get("condition_every_position", False), m.get("loss_chunk", 256),
+               jnp.dtype(m.dtype))
 
   @property
   def null_label(self) -> int:
@@ -59,9 +116,7 @@ class VIM(nn.Module):
     self.position_embedding = self.param("position_embedding", embed_init(("length", "embed")),
                                          (self.num_tokens, width))
     self.transformer = transformer.Transformer(self.stack, self.dtype)
-    self.head = nn.Dense(self.vocab_size, dtype=self.dtype,
-                         kernel_init=transformer.dense_init(("embed", "vocab")),
-                         bias_init=transformer.zeros_init(("vocab",)))
+    self.head = OutputHead(width, self.vocab_size, self.dtype)
 
   def _inputs(self, tokens: jax.Array, labels: jax.Array) -> jax.Array:
     """[B, N] tokens, [B] labels -> [B, N, D] shifted input embeddings with positions."""
@@ -75,7 +130,16 @@ class VIM(nn.Module):
     """tokens int [B, N], labels int [B] (ignored when unconditional) -> logits [B, N, V] f32."""
     labels = self._labels(labels, tokens.shape[0])
     h = self.transformer(self._inputs(tokens, labels), deterministic)
-    return self.head(h).astype(jnp.float32)
+    return self.head(h)
+
+  def loss(self, tokens: jax.Array, labels: jax.Array, deterministic: bool = True):
+    """Per-example mean cross-entropy (nats) and next-token accuracy, both [B] float32, of
+    tokens int [B, N] given labels [B]; equal to cross_entropy(self(tokens, labels), tokens)
+    without ever holding the [B, N, V] logits (see OutputHead.cross_entropy)."""
+    labels = self._labels(labels, tokens.shape[0])
+    h = self.transformer(self._inputs(tokens, labels), deterministic)
+    nll, correct = self.head.cross_entropy(h, tokens, self.loss_chunk)
+    return jnp.mean(nll, axis=-1), jnp.mean(correct, axis=-1)
 
   def features(self, tokens: jax.Array, labels: jax.Array, block: int) -> jax.Array:
     """Linear-probe features: the output of `block` (1-based) averaged over the sequence.
@@ -101,7 +165,7 @@ class VIM(nn.Module):
     position = jax.lax.dynamic_slice_in_dim(self.position_embedding, index, 1, axis=0)
     x = x + position.astype(self.dtype)[None]
     h = self.transformer(x, True, decode_index=index, cache_length=self.num_tokens)
-    return self.head(h[:, 0]).astype(jnp.float32)
+    return self.head(h[:, 0])
 
   def _labels(self, labels: jax.Array | None, batch: int) -> jax.Array:
     if self.num_classes == 0 or labels is None:

@@ -120,13 +120,6 @@ class Decoder(nn.Module):
     return unpatchify(x.astype(jnp.float32), self.grid, self.patch_size)
 
 
-def stack_from_config(cfg: ml_collections.ConfigDict) -> transformer.StackConfig:
-  return transformer.StackConfig(
-      num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
-      head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.get("dropout", 0.0),
-      remat=cfg.get("remat", False))
-
-
 class ViTVQGAN(nn.Module):
   """The stage-1 tokenizer. Build it with `ViTVQGAN.from_config(config)`."""
 
@@ -153,7 +146,8 @@ class ViTVQGAN(nn.Module):
           f"image_size={config.image_size} is not a multiple of model.patch_size="
           f"{m.patch_size}; pick sizes with image_size % patch_size == 0.")
     return cls(
-        encoder_stack=stack_from_config(m.encoder), decoder_stack=stack_from_config(m.decoder),
+        encoder_stack=transformer.StackConfig.from_config(m.encoder),
+        decoder_stack=transformer.StackConfig.from_config(m.decoder),
         image_size=config.image_size, patch_size=m.patch_size, codebook_size=m.codebook_size,
         code_dim=m.code_dim, l2_normalize=m.l2_normalize, beta=m.beta,
         logit_laplace=m.logit_laplace, logit_laplace_eps=m.logit_laplace_eps,

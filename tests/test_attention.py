@@ -1,0 +1,105 @@
+"""Attention kernels: splash (in Pallas interpret mode, so it runs on CPU) against XLA's
+attention, the 'auto' choice per backend, and the errors for a kernel the backend lacks."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vim_jax import parallel
+from vim_jax.models import attention, transformer
+
+
+def qkv(batch, length, heads, head_dim, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (batch, length, heads, head_dim), jnp.float32) for k in keys]
+
+
+def attention_and_grads(fn, q, k, v):
+  """Outputs and the gradients w.r.t. q, k, v of a loss that weighs every output."""
+  weights = jax.random.normal(jax.random.key(9), q.shape)
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+  return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("head_dim", [64, 96], ids=["head64", "head96"])  # ViT-VQGAN/VIM-L, VIM-B
+def test_splash_equals_xla_outputs_and_gradients(causal, head_dim):
+  q, k, v = qkv(1, 256, 2, head_dim)
+  xla = lambda q, k, v: attention.dot_product_attention(q, k, v, causal=causal,
+                                                        implementation="xla")
+  with attention.pallas_interpret():
+    splash = jax.jit(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, causal=causal, implementation="splash", block=128))
+    out_s, grads_s = attention_and_grads(splash, q, k, v)
+  out_x, grads_x = attention_and_grads(xla, q, k, v)
+  np.testing.assert_allclose(out_s, out_x, rtol=1e-5, atol=1e-5)
+  for name, gs, gx in zip("qkv", grads_s, grads_x):
+    np.testing.assert_allclose(gs, gx, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(gx))),
+                               err_msg=f"gradient w.r.t. {name}")
+
+
+def test_splash_under_shard_map_on_a_mesh_equals_xla():
+  """With a (data 2, fsdp 2, tensor 2) mesh set, splash runs under shard_map (batch over
+  data x fsdp, heads over tensor) and still equals XLA's attention."""
+  mesh = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
+  q, k, v = qkv(4, 128, 2, 64, seed=1)
+  expected = attention.dot_product_attention(q, k, v, causal=True, implementation="xla")
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
+                                                                     "tensor", None))
+  with attention.pallas_interpret(), jax.set_mesh(mesh):
+    fn = jax.jit(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, causal=True, implementation="splash", block=128))
+    lowered = fn.lower(*[jax.device_put(x, spec) for x in (q, k, v)])
+    out = lowered.compile()(*[jax.device_put(x, spec) for x in (q, k, v)])
+  assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformer_with_splash_equals_one_with_xla():
+  config = transformer.StackConfig(num_layers=2, width=64, num_heads=2, head_dim=64,
+                                   mlp_dim=128, causal=True, scan_layers=True,
+                                   attention="xla", attention_block=128)
+  x = jax.random.normal(jax.random.key(0), (2, 128, 64))
+  xla_stack = transformer.Transformer(config)
+  params = nn.meta.unbox(xla_stack.init(jax.random.key(1), x))["params"]
+  splash_stack = transformer.Transformer(dataclasses.replace(config, attention="splash"))
+  with attention.pallas_interpret():
+    out = jax.jit(lambda p: splash_stack.apply({"params": p}, x))(params)
+  np.testing.assert_allclose(out, xla_stack.apply({"params": params}, x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_splash_on_tpu_cudnn_for_half_precision_on_gpu_else_xla():
+  assert attention.resolve("auto", jnp.bfloat16, "tpu") == "splash"
+  assert attention.resolve("auto", jnp.float32, "tpu") == "splash"
+  assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.float16, "gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
+  assert attention.resolve("auto", jnp.bfloat16, "cpu") == "xla"
+  assert attention.resolve("xla", jnp.bfloat16, "tpu") == "xla"
+
+
+def test_a_kernel_the_backend_lacks_is_a_clear_error():
+  with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU.*'cpu'"):
+    attention.resolve("cudnn", jnp.bfloat16, "cpu")
+  with pytest.raises(ValueError, match="attention='splash' is a TPU .* backend is 'cpu'"):
+    attention.resolve("splash", jnp.bfloat16, "cpu")
+  with attention.pallas_interpret():
+    assert attention.resolve("splash", jnp.bfloat16, "cpu") == "splash"
+  with pytest.raises(ValueError, match="expected one of"):
+    attention.resolve("flash", jnp.bfloat16, "cpu")
+  with pytest.raises(ValueError, match="expected one of"):
+    transformer.StackConfig(num_layers=1, width=8, num_heads=1, head_dim=8, mlp_dim=8,
+                            attention="flash")
+
+
+def test_splash_tiles_divide_the_sequence():
+  assert attention.splash_block_size(1024, 512) == 512
+  assert attention.splash_block_size(256, 512) == 256
+  assert attention.splash_block_size(384, 512) == 384
+  assert attention.splash_block_size(640, 512) == 128
+  with pytest.raises(ValueError, match="divisible by 128, got 64"):
+    attention.splash_block_size(64, 512)
