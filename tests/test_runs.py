@@ -145,3 +145,35 @@ def test_params_land_on_the_given_shardings(tokenizer_dir):
   tok = runs.load_tokenizer(tokenizer_dir, shardings=replicated)
   assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(tok.params))
   assert len(jax.tree.leaves(tok.params)[0].sharding.device_set) == jax.device_count()
+
+
+def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identically(tmp_path):
+  """Stage 2's lean tokenizer: encoder and codebook only (no decoder), sharded by the logical
+  rules over an FSDP mesh, the encoder's weights in bfloat16 except the float32 projection to
+  the code; its tokens equal the full float32-stored params' on the same bfloat16 model."""
+  from configs import vitvq_base
+  from vim_jax.models import vitvqgan
+  config = vitvq_base.get_config("tiny")
+  config.model.dtype = "bfloat16"
+  model = vitvqgan.ViTVQGAN.from_config(config)
+  images = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3), minval=-1, maxval=1)
+  params = nn.meta.unbox(model.init(jax.random.key(0), images[:1]))["params"]
+  runs.write_run(str(tmp_path / "tok"), config, params)
+  mesh = parallel.create_mesh(dict(data=1, fsdp=8, tensor=1))
+  lean = runs.load_frozen_encoder(str(tmp_path / "tok"), mesh, parallel.DEFAULT_AXIS_RULES)
+  assert set(lean.params) == {"encoder", "quantizer"}
+  dtypes = {"/".join(str(k.key) for k in path): leaf.dtype
+            for path, leaf in jax.tree_util.tree_flatten_with_path(lean.params)[0]}
+  assert {d for k, d in dtypes.items() if k.startswith("encoder/") and "to_code" not in k} == {
+      jnp.dtype("bfloat16")}
+  assert dtypes["encoder/to_code/kernel"] == dtypes["quantizer/codebook"] == jnp.float32
+  fc1 = lean.params["encoder"]["transformer"]["layers"]["block"]["mlp"]["fc1"]["kernel"]
+  assert fc1.sharding.spec == P(None, "fsdp", "tensor")
+  assert fc1.addressable_shards[0].data.shape[1] == fc1.shape[1] // 8
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                            method=vitvqgan.ViTVQGAN.encode_to_indices))
+  # Against the float32-stored params on the same shardings (an FSDP-split contraction sums in
+  # another order than one device does, which can flip a near-tie between two codes).
+  full = jax.tree.map(lambda p, l: jax.device_put(p, l.sharding),
+                      {k: params[k] for k in lean.params}, lean.params)
+  np.testing.assert_array_equal(encode(lean.params, images), encode(full, images))

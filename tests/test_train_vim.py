@@ -34,7 +34,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_vim_r
   """VIM's paper settings (bfloat16 compute, remat) at tiny size: float32 params, and the first
   step's loss and gradient norm within bfloat16's precision of the float32 run's."""
   config = _vim_config(tokenizer_dir)
-  config.model.update(dtype="bfloat16", remat=True)
+  config.model.update(dtype="bfloat16", remat_policy="minimal")
   run = train_vim.train_and_evaluate(config, str(tmp_path / "bf16"), devices=jax.devices()[:1])
   assert {leaf.dtype for leaf in jax.tree.leaves(run.state.params)} == {np.dtype("float32")}
   for key in ("loss", "grad_norm"):
@@ -173,10 +173,18 @@ def test_probe_features_are_a_blocks_sequence_mean_without_labels(vim_dir):
   np.testing.assert_array_equal(labels, batch["label"])
   tokens = tok.model.apply({"params": tok.params}, batch["image"],
                            method=vitvqgan.ViTVQGAN.encode_to_indices).reshape(16, -1)
+  # The reference runs the same weights through the unrolled stack, whose blocks flax can
+  # capture one by one (the trained model scans its layers).
+  import dataclasses
+  unrolled = dataclasses.replace(model, stack=dataclasses.replace(model.stack, scan_layers=False))
+  stacked = trained.params["transformer"]["layers"]["block"]
+  blocks = {f"block_{i:02d}": jax.tree.map(lambda x: x[i], stacked)
+            for i in range(model.stack.num_layers)}
+  params = {**trained.params, "transformer": {"ln_final": trained.params["transformer"][
+      "ln_final"], **blocks}}
   for label_kind in ("null", "own"):
     cond = (np.full(16, model.null_label) if label_kind == "null" else batch["label"])
-    _, captured = model.apply({"params": trained.params}, tokens, cond,
-                              capture_intermediates=True)
+    _, captured = unrolled.apply({"params": params}, tokens, cond, capture_intermediates=True)
     for b in (1, 2):
       block_out = np.asarray(captured["intermediates"]["transformer"][f"block_{b - 1:02d}"]
                              ["__call__"][0], np.float64)

@@ -49,6 +49,8 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   train_lib.check_divisible(mesh, batch_size=config.batch_size)
+  from vim_jax import microbatch
+  microbatch.check(config, parallel.data_parallel_size(mesh))
   b = config.batch_size
   if config.trainer == "vitvq":
     from vim_jax import stage1
@@ -57,7 +59,8 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
     tx, schedule, disc_tx = stage1.build_optimizers(config)
     init_fn = stage1.make_init_fn(models, tx, disc_tx, config,
                                        parallel.data_parallel_size(mesh))
-    step_fn = stage1.make_train_step(models, tx, schedule, disc_tx, config)
+    step_fn = stage1.make_train_step(models, tx, schedule, disc_tx, config,
+                                     parallel.data_parallel_size(mesh))
     batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
                                            jnp.float32, sharding=batch_sharding)}
     frozen = {}
@@ -79,7 +82,8 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
       return stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                   opt_state=tx.init(params))
 
-    step_fn = stage2.make_train_step(model, None, tx, schedule, config)
+    step_fn = stage2.make_train_step(model, None, tx, schedule, config,
+                                     parallel.data_parallel_size(mesh))
     batch = {"tokens": jax.ShapeDtypeStruct((b, tokens_per_image), jnp.int32,
                                             sharding=batch_sharding),
              "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
@@ -107,7 +111,20 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
         "total_bytes": (m.argument_size_in_bytes + m.output_size_in_bytes +
                         m.temp_size_in_bytes - m.alias_size_in_bytes)})
   numbers["summary"] = train_lib.describe_memory(compiled, "train step")
+  numbers["collectives"] = count_collectives(compiled.as_text())
   return numbers
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """How many of each cross-device op the compiled HLO holds (async pairs counted once).
+  In a data-parallel step, all-to-all and collective-permute mean examples travel between
+  devices; the gradient all-reduce is the only traffic needed."""
+  import re
+  found = re.findall(r"= [^ ]+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo_text)
+  return {op: found.count(op) for op in COLLECTIVES}
 
 
 def main(argv):
@@ -131,6 +148,8 @@ def main(argv):
         f"{gib('output_bytes'):.2f} GiB, temporaries {gib('temp_bytes'):.2f} GiB, aliased "
         f"{gib('alias_bytes'):.2f} GiB, total {gib('total_bytes'):.2f} GiB; "
         f"{numbers['gflops_per_device']:.1f} GFLOP per step")
+  print("collectives in the compiled step: " +
+        ", ".join(f"{op} {n}" for op, n in numbers["collectives"].items()))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ codebook, not 10 GB of train state. Params land on the shardings the caller give
 for every leaf, or a tree of them), by default on this process's first device.
 
   load_tokenizer(workdir, with_decoder=True)  a stage-1 run's tokenizer (the EMA copy if kept)
+  load_frozen_encoder(workdir, mesh, rules)   its encoder and codebook, sharded, for stage 2
   load_vim(workdir)                           a stage-2 run's VIM, and its tokenizer
   load_classifier(workdir)                    a classifier run (rejection sampling, accuracy)
   write_run(workdir, config, params, step)    a stage-1 or stage-2 run from params
@@ -148,19 +149,50 @@ def tokenizer_param_shapes(model: vitvqgan.ViTVQGAN) -> dict:
 
 
 def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
-                   with_decoder: bool = True) -> Tokenizer:
+                   with_decoder: bool = True, with_encoder: bool = True) -> Tokenizer:
   """A stage-1 run's tokenizer params (the EMA copy when the run kept one), latest checkpoint
-  by default. with_decoder=False skips the decoder: enough to tokenize (stage 2's train step,
-  pretokenize, the probe), not to decode."""
+  by default. with_decoder=False skips the decoder: enough to tokenize (pretokenize, the probe),
+  not to decode; with_encoder=False skips the encoder: enough to decode tokens (sampling).
+  shardings: one sharding, or a tree of them matching the loaded params."""
   config = read_run_config(workdir, "vitvq")
   step = checkpoint_step(workdir, step, "vitvq")
   model = vitvqgan.ViTVQGAN.from_config(config)
   shapes = tokenizer_param_shapes(model)
-  if not with_decoder:
-    shapes = {k: v for k, v in shapes.items() if k != "decoder"}
+  skipped = {name for name, wanted in (("decoder", with_decoder), ("encoder", with_encoder))
+             if not wanted}
+  shapes = {k: v for k, v in shapes.items() if k not in skipped}
   field = "ema_params" if stored_fields(workdir, step).get("ema_params") else "params"
   params = restore_params(workdir, step, field, shapes, shardings)
   return Tokenizer(model, params, config, step)
+
+
+# Encoder params that the model computes in float32 whatever its dtype (the projection to the
+# code); the quantizer's codebook is float32 as well.
+FLOAT32_ENCODER_PARAMS = ("to_code",)
+
+
+def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
+  """What stage 2's train step needs of a tokenizer, and only that: the encoder and the
+  quantizer (the EMA copy when the run kept one), sharded over `mesh` by the logical axis
+  rules like any params, with the encoder's weights stored in the model's compute dtype (the
+  model casts them to it anyway, so the tokens are the same). Decoding needs
+  load_tokenizer(workdir, with_encoder=False)."""
+  from vim_jax import parallel
+  config = read_run_config(workdir, "vitvq")
+  model = vitvqgan.ViTVQGAN.from_config(config)
+  image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  with parallel.tracing_context(mesh, rules):
+    boxed = jax.eval_shape(lambda rng: model.init(rng, image), jax.random.key(0))["params"]
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  shardings = {k: v for k, v in shardings.items() if k != "decoder"}
+  tok = load_tokenizer(workdir, shardings=shardings, with_decoder=False)
+
+  def compute_dtype(path, x):
+    keep = any(getattr(p, "key", None) in FLOAT32_ENCODER_PARAMS for p in path)
+    return x if keep else x.astype(model.dtype)
+
+  encoder = jax.tree_util.tree_map_with_path(compute_dtype, tok.params["encoder"])
+  return dataclasses.replace(tok, params={**tok.params, "encoder": encoder})
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vim_jax import fileio, image_metrics, losses, optim, parallel
+from vim_jax import fileio, image_metrics, losses, microbatch, optim, parallel
 from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
 from vim_jax.models import lpips as lpips_lib
@@ -106,78 +106,76 @@ def _image_cotangents(cotangent: dict) -> dict:
   return {k: v for k, v in cotangent.items() if k != "vq_loss"}
 
 
-def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Callable:
+def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
+                    data_parallel: int = 1) -> Callable:
   """(state, batch, lpips_params) -> (state, metrics).
 
   batch['image']: [B, S, S, 3] in [-1, 1]. The tokenizer and the discriminator are updated in
   the same step: G on the weighted sum of its terms (the discriminator frozen), then D on the
-  real images and the (stopped) reconstructions of this step.
+  real images and the (stopped) reconstructions of this step, both from this step's params.
+  With config.grad_accum_steps = k, both gradients (and the metrics) are means over k
+  microbatches (vim_jax/microbatch.py; data_parallel is the mesh's data x fsdp size).
   """
   weights = config.loss.to_dict()
   d_cfg = config.discriminator
   tokenizer, disc, lpips = models.tokenizer, models.discriminator, models.lpips
   base_rng = jax.random.key(config.seed)
+  k = config.get("grad_accum_steps", 1)
 
   def train_step(state: TrainState, batch, lpips_params):
     rng = jax.random.fold_in(base_rng, state.step)
-    images = batch["image"]
     disc_active = state.step >= d_cfg.start_step  # an option delays the adversarial game
+    is_r1_step = state.step % d_cfg.r1_interval == 0
 
-    def forward(params):
-      """The tokenizer's differentiable outputs (images, logit-Laplace params, vq_loss) and the
-      rest (indices, statistics)."""
-      outputs = tokenizer.apply({"params": params}, images, deterministic=False,
-                                rngs={"dropout": rng})
-      return ({k: v for k, v in outputs.items() if k in DIFFERENTIABLE_OUTPUTS},
-              {k: v for k, v in outputs.items() if k not in DIFFERENTIABLE_OUTPUTS})
+    def microbatch_gradients(micro, index):
+      """The tokenizer's and the discriminator's gradients and the metrics on `micro`."""
+      images = micro["image"]
+      g_rng = rng if k == 1 else jax.random.fold_in(rng, index)
 
-    def reconstruction_loss(diff):
-      terms = losses.reconstruction_terms(diff, images, tokenizer.logit_laplace_eps)
-      if config.loss.perceptual > 0:
-        frozen = jax.lax.stop_gradient(lpips_params)
-        terms["perceptual"] = jnp.mean(lpips.apply({"params": frozen}, images,
-                                                   diff["reconstruction"]))
-      return losses.weighted_total(terms, weights), terms
+      def forward(params):
+        """The tokenizer's differentiable outputs (images, logit-Laplace params, vq_loss) and
+        the rest (indices, statistics)."""
+        outputs = tokenizer.apply({"params": params}, images, deterministic=False,
+                                  rngs={"dropout": g_rng})
+        return ({k: v for k, v in outputs.items() if k in DIFFERENTIABLE_OUTPUTS},
+                {k: v for k, v in outputs.items() if k not in DIFFERENTIABLE_OUTPUTS})
 
-    def adversarial_loss(diff):
-      fake_logits = disc.apply({"params": state.disc_params}, diff["reconstruction"])
-      return losses.generator_adversarial_loss(fake_logits, d_cfg.loss)
+      def reconstruction_loss(diff):
+        terms = losses.reconstruction_terms(diff, images, tokenizer.logit_laplace_eps)
+        if config.loss.perceptual > 0:
+          frozen = jax.lax.stop_gradient(lpips_params)
+          terms["perceptual"] = jnp.mean(lpips.apply({"params": frozen}, images,
+                                                     diff["reconstruction"]))
+        return losses.weighted_total(terms, weights), terms
 
-    # The gradient is pulled back from the tokenizer's outputs explicitly, so that the
-    # adversarial cotangent can be rescaled against the reconstruction one (adaptive weight)
-    # without a second backward pass through the tokenizer.
-    diff, pullback, aux = jax.vjp(forward, state.params, has_aux=True)
-    outputs = {**diff, **aux}
-    (total, terms), cotangent = jax.value_and_grad(reconstruction_loss, has_aux=True)(diff)
-    if disc is not None:
-      adversarial, adv_cotangent = jax.value_and_grad(adversarial_loss)(diff)
-      adv_weight = jnp.float32(weights["adversarial"])
-      if d_cfg.adaptive_weight:
-        adv_weight = adv_weight * losses.adaptive_adversarial_weight(
-            _image_cotangents(cotangent), _image_cotangents(adv_cotangent))
-      adv_weight = jnp.where(disc_active, adv_weight, 0.0)  # an option delays the game
-      terms["adversarial"] = jnp.where(disc_active, adversarial, 0.0)
-      total = total + adv_weight * adversarial
-      cotangent = jax.tree.map(lambda a, b: a + adv_weight * b, cotangent, adv_cotangent)
-    (grads,) = pullback(cotangent)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {
-        "loss": total,
-        **{f"loss_{name}": value for name, value in terms.items()},
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-        "learning_rate": schedule(state.step),
-        "codebook_usage": outputs["codebook_usage"],
-        "perplexity": outputs["perplexity"],
-    }
-    if disc is not None:
-      metrics["adversarial_weight"] = adv_weight
+      def adversarial_loss(diff):
+        fake_logits = disc.apply({"params": state.disc_params}, diff["reconstruction"])
+        return losses.generator_adversarial_loss(fake_logits, d_cfg.loss)
 
-    if disc is not None:
-      fakes = jax.lax.stop_gradient(outputs["reconstruction"])
-      is_r1_step = state.step % d_cfg.r1_interval == 0
+      # The gradient is pulled back from the tokenizer's outputs explicitly, so that the
+      # adversarial cotangent can be rescaled against the reconstruction one (adaptive weight)
+      # without a second backward pass through the tokenizer.
+      diff, pullback, aux = jax.vjp(forward, state.params, has_aux=True)
+      (total, terms), cotangent = jax.value_and_grad(reconstruction_loss, has_aux=True)(diff)
+      metrics = {}
+      if disc is not None:
+        adversarial, adv_cotangent = jax.value_and_grad(adversarial_loss)(diff)
+        adv_weight = jnp.float32(weights["adversarial"])
+        if d_cfg.adaptive_weight:
+          adv_weight = adv_weight * losses.adaptive_adversarial_weight(
+              _image_cotangents(cotangent), _image_cotangents(adv_cotangent))
+        adv_weight = jnp.where(disc_active, adv_weight, 0.0)  # an option delays the game
+        terms["adversarial"] = jnp.where(disc_active, adversarial, 0.0)
+        total = total + adv_weight * adversarial
+        cotangent = jax.tree.map(lambda a, b: a + adv_weight * b, cotangent, adv_cotangent)
+        metrics["adversarial_weight"] = adv_weight
+      (grads,) = pullback(cotangent)
+      metrics.update({"loss": total, **{f"loss_{name}": value for name, value in terms.items()},
+                      "codebook_usage": aux["codebook_usage"], "perplexity": aux["perplexity"]})
+      if disc is None:
+        return grads, None, metrics
+
+      fakes = jax.lax.stop_gradient(diff["reconstruction"])
 
       def discriminator_loss(disc_params):
         d_fn = lambda x: disc.apply({"params": disc_params}, x)
@@ -192,11 +190,24 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Call
           lecam = losses.lecam_regularizer(real_logits, fake_logits, state.lecam_ema["real"],
                                            state.lecam_ema["fake"])
           d_total = d_total + d_cfg.lecam_weight * lecam
-        return d_total, dict(adversarial=adversarial, r1=r1, lecam=lecam,
-                             real=jnp.mean(real_logits), fake=jnp.mean(fake_logits))
+        # Window means of r1_penalty are mean R1 values: it is interval x R1 on R1 steps.
+        return d_total, {"disc/loss_adversarial": adversarial, "disc/r1_penalty": r1,
+                         "disc/lecam": lecam, "disc/logits_real": jnp.mean(real_logits),
+                         "disc/logits_fake": jnp.mean(fake_logits)}
 
-      (d_total, d_aux), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+      (d_total, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
           state.disc_params)
+      return grads, d_grads, {**metrics, "disc/loss": d_total, **d_metrics}
+
+    grads, d_grads, metrics = microbatch.mean_over_microbatches(
+        microbatch_gradients, batch, k, data_parallel)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics.update({"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+                    "learning_rate": schedule(state.step)})
+
+    if disc is not None:
       d_updates, d_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(disc_active, a, b), new, old)
       new_state = new_state.replace(
@@ -205,14 +216,9 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config) -> Call
       if state.lecam_ema is not None:
         decay = d_cfg.lecam_ema_decay
         new_state = new_state.replace(lecam_ema={
-            "real": decay * state.lecam_ema["real"] + (1 - decay) * d_aux["real"],
-            "fake": decay * state.lecam_ema["fake"] + (1 - decay) * d_aux["fake"]})
-      metrics.update({
-          "disc/loss": d_total, "disc/loss_adversarial": d_aux["adversarial"],
-          # Window means of r1_penalty are mean R1 values: it is interval x R1 on R1 steps.
-          "disc/r1_penalty": d_aux["r1"], "disc/lecam": d_aux["lecam"],
-          "disc/logits_real": d_aux["real"], "disc/logits_fake": d_aux["fake"],
-          "disc/grad_norm": optax.tree.norm(d_grads)})
+            "real": decay * state.lecam_ema["real"] + (1 - decay) * metrics["disc/logits_real"],
+            "fake": decay * state.lecam_ema["fake"] + (1 - decay) * metrics["disc/logits_fake"]})
+      metrics["disc/grad_norm"] = optax.tree.norm(d_grads)
 
     if state.ema_params is not None:
       decay = config.ema_decay

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vim_jax import optim, parallel, token_sampling, train_lib
+from vim_jax import microbatch, optim, parallel, token_sampling, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -42,7 +42,8 @@ def build_optimizer(config):
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-example mean CE (nats) and accuracy: logits [B, N, V], targets int [B, N] -> [B]."""
+  """Per-example mean CE (nats) and accuracy: logits [B, N, V], targets int [B, N] -> [B].
+  (Training uses VIM.loss, which never materialises the logits; this is its reference.)"""
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   accuracy = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
@@ -59,29 +60,39 @@ def batch_tokens(batch, tok_model: vitvqgan.ViTVQGAN, tokenizer_params) -> jax.A
 
 
 def make_train_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN, tx, schedule,
-                    config) -> Callable:
+                    config, data_parallel: int = 1) -> Callable:
   """(state, batch, tokenizer_params) -> (state, metrics).
 
   batch: image [B, S, S, 3] in [-1, 1] (or tokens int [B, N]), label int [B].
+  With config.grad_accum_steps = k, the gradient is the mean over k microbatches (see
+  vim_jax/microbatch.py); data_parallel is the mesh's data x fsdp size.
   """
   base_rng = jax.random.key(config.seed)
+  k = config.get("grad_accum_steps", 1)
 
   def train_step(state: TrainState, batch, tokenizer_params):
     rng = jax.random.fold_in(base_rng, state.step)
     drop_rng, dropout_rng = jax.random.split(rng)
-    tokens = batch_tokens(batch, tok_model, tokenizer_params)
     labels = batch["label"]
     if model.num_classes and config.label_dropout > 0:  # for classifier-free guidance
       dropped = jax.random.bernoulli(drop_rng, config.label_dropout, labels.shape)
       labels = jnp.where(dropped, model.null_label, labels)
 
-    def loss_fn(params):
-      logits = model.apply({"params": params}, tokens, labels, deterministic=False,
-                           rngs={"dropout": dropout_rng})
-      nll, accuracy = cross_entropy(logits, tokens)
-      return jnp.mean(nll), jnp.mean(accuracy)
+    def microbatch_gradients(micro, index):
+      tokens = batch_tokens(micro, tok_model, tokenizer_params)
+      micro_rng = dropout_rng if k == 1 else jax.random.fold_in(dropout_rng, index)
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      def loss_fn(params):
+        nll, accuracy = model.apply({"params": params}, tokens, micro["label"],
+                                    deterministic=False, method=vim_lib.VIM.loss,
+                                    rngs={"dropout": micro_rng})
+        return jnp.mean(nll), jnp.mean(accuracy)
+
+      (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return grads, loss, accuracy
+
+    grads, loss, accuracy = microbatch.mean_over_microbatches(
+        microbatch_gradients, {**batch, "label": labels}, k, data_parallel)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "bits_per_token": loss / math.log(2.0), "accuracy": accuracy,
@@ -97,8 +108,8 @@ def make_eval_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN) -> Callable
 
   def eval_step(params, batch, tokenizer_params):
     tokens = batch_tokens(batch, tok_model, tokenizer_params)
-    logits = model.apply({"params": params}, tokens, batch["label"])
-    nll, accuracy = cross_entropy(logits, tokens)
+    nll, accuracy = model.apply({"params": params}, tokens, batch["label"],
+                                method=vim_lib.VIM.loss)
     return {"nll": nll, "accuracy": accuracy}
 
   return eval_step

@@ -29,14 +29,15 @@ class TrainState:
 def compile_step(jitted, *args):
   """Lowers and compiles `jitted` for `args` (arrays or ShapeDtypeStructs).
 
-  Returns (compiled, flops per device per call from XLA's cost analysis, or nan).
+  Returns (compiled, FLOPs per device per call: vim_jax/flops.py's count over the devices the
+  program runs on).
   """
+  from vim_jax import flops
   compiled = jitted.lower(*args).compile()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = float((cost or {}).get("flops", float("nan")))
-  return compiled, flops
+  shardings = [s for s in jax.tree.leaves(compiled.input_shardings)
+               if isinstance(s, jax.sharding.Sharding)]
+  num_devices = max((s.num_devices for s in shardings), default=1)
+  return compiled, flops.step_flops(jitted, *args) / num_devices
 
 
 def describe_memory(compiled, name: str) -> str:

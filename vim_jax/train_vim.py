@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, fid, reported_metrics, parallel, runs, train_lib, visualize
+from vim_jax import (checkpoint, fid, microbatch, parallel, reported_metrics, runs, train_lib,
+                     visualize)
 from vim_jax.data import pipeline
 from vim_jax.models import inception, vitvqgan
 from vim_jax.stage2 import (build_model, build_optimizer, evaluate, make_eval_step,
@@ -59,6 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_lib.check_divisible(mesh, batch_size=config.batch_size,
                             eval_batch_size=config.eval_batch_size,
                             num_grid_images=config.num_grid_images)
+  microbatch.check(config, parallel.data_parallel_size(mesh))
 
   # --- Input ----------------------------------------------------------------------------------
   train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
@@ -71,7 +73,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not config.tokenizer_workdir:
     raise ValueError("config.tokenizer_workdir is empty; point it at a stage-1 workdir, e.g. "
                      "--config.tokenizer_workdir=workdirs/vitvq_base")
-  tok = runs.load_tokenizer(config.tokenizer_workdir, shardings=replicated)
+  # The train and eval steps hold only the encoder and the codebook, sharded like the VIM's
+  # params; the decoder is loaded (replicated) for the sample grids and FID samples alone.
+  tok = runs.load_frozen_encoder(config.tokenizer_workdir, mesh, rules)
+  decoder_params = runs.load_tokenizer(config.tokenizer_workdir, shardings=replicated,
+                                       with_encoder=False).params
   log.info("tokenizer: %s step %d, %d tokens per image, codebook %d", config.tokenizer_workdir,
            tok.step, tok.num_tokens, tok.model.codebook_size)
   model = build_model(config, tok.model)
@@ -104,11 +110,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       spec["image"] = jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
                                            jnp.float32, sharding=batch_sharding)
     return spec
-  train_step = jax.jit(make_train_step(model, tok.model, tx, schedule, config),
-                       in_shardings=(state_shardings, batch_sharding, replicated),
+  tok_shardings = jax.tree.map(lambda x: x.sharding, tok.params)
+  train_step = jax.jit(make_train_step(model, tok.model, tx, schedule, config,
+                                       parallel.data_parallel_size(mesh)),
+                       in_shardings=(state_shardings, batch_sharding, tok_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model, tok.model),
-                      in_shardings=(state_shardings.params, batch_sharding, replicated))
+                      in_shardings=(state_shardings.params, batch_sharding, tok_shardings))
   sample_fn = jax.jit(make_sample_fn(model, tok.model, sampling_config_from(config)),
                       in_shardings=(state_shardings.params, replicated, batch_sharding, None))
   with parallel.tracing_context(mesh, rules):
@@ -117,8 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_step, _ = train_lib.compile_step(eval_step, abstract_state.params,
                                           batch_spec(config.eval_batch_size), tok.params)
   log.info(train_lib.describe_memory(train_step, "train step"))
-  log.info("train step: %.3f GFLOP per device per step (XLA cost analysis, includes "
-           "tokenization)", flops_per_step / 1e9)
+  log.info("train step: %.3f GFLOP per device per step (matmuls, counted from the jaxpr by "
+           "vim_jax/flops.py; includes tokenization)", flops_per_step / 1e9)
 
   def run_eval(step: int):
     metrics = evaluate(eval_step, state.params, tok.params, eval_data, mesh)
@@ -128,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     n = config.num_grid_images
     labels = np.arange(n, dtype=np.int32) % max(model.num_classes, 1)
     with parallel.tracing_context(mesh, rules):
-      images = sample_fn(state.params, tok.params,
+      images = sample_fn(state.params, decoder_params,
                          jax.device_put(labels, batch_sharding), jax.random.key(step))
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     grid = visualize.tile(visualize.preprocess.to_uint8(images), columns=max(model.num_classes, 4))
@@ -154,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for i, start in enumerate(range(0, num, b)):
       chunk = np.resize(labels[start:start + b], b)
       with parallel.tracing_context(mesh, rules):
-        images = sample_fn(state.params, tok.params, jax.device_put(chunk, batch_sharding),
+        images = sample_fn(state.params, decoder_params, jax.device_put(chunk, batch_sharding),
                            jax.random.fold_in(jax.random.key(step), i))
       images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
       yield visualize.preprocess.to_uint8(images)[:min(b, num - start)]

@@ -22,7 +22,7 @@ from clu import parameter_overview
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, fid, reported_metrics, parallel, train_lib, visualize
+from vim_jax import checkpoint, fid, microbatch, parallel, reported_metrics, train_lib, visualize
 from vim_jax.data import pipeline
 from vim_jax.models import inception
 from vim_jax.models import lpips as lpips_lib
@@ -67,6 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.info("mesh: %s", dict(mesh.shape))
   train_lib.check_divisible(mesh, batch_size=config.batch_size,
                             eval_batch_size=config.eval_batch_size)
+  microbatch.check(config, parallel.data_parallel_size(mesh))
 
   # --- Input ----------------------------------------------------------------------------------
   train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
@@ -103,7 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = parallel.batch_sharding(mesh)
   image_spec = lambda b: {"image": jax.ShapeDtypeStruct(
       (b, config.image_size, config.image_size, 3), jnp.float32, sharding=batch_sharding)}
-  train_step = jax.jit(make_train_step(models, tx, schedule, disc_tx, config),
+  train_step = jax.jit(make_train_step(models, tx, schedule, disc_tx, config,
+                                       parallel.data_parallel_size(mesh)),
                        in_shardings=(state_shardings, batch_sharding, replicated),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(models),
@@ -114,7 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_step, _ = train_lib.compile_step(eval_step, abstract_state.params,
                                           image_spec(config.eval_batch_size), lpips_params)
   log.info(train_lib.describe_memory(train_step, "train step"))
-  log.info("train step: %.3f GFLOP per device per step (XLA cost analysis)", flops_per_step / 1e9)
+  log.info("train step: %.3f GFLOP per device per step (matmuls and convolutions, counted from "
+           "the jaxpr; vim_jax/flops.py)", flops_per_step / 1e9)
 
   # rFID / IS in the eval pass every fid.every steps; the real images' statistics are computed
   # at the first one and kept for the run.

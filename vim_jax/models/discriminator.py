@@ -67,16 +67,19 @@ def minibatch_stddev(x: jax.Array, group_size: int = 4) -> jax.Array:
   """Appends the per-group standard deviation, averaged over features, as one channel.
 
   Groups of `group_size` consecutive examples (the whole batch if smaller); [B, H, W, C] ->
-  [B, H, W, C + 1].
+  [B, H, W, C + 1]. Consecutive, unlike StyleGAN2's strided groups (examples i, i + B/g, ...):
+  with the batch split over devices, a group then lies on one device (when each device's share
+  is a multiple of g) and no example has to travel.
   """
   b, h, w, c = x.shape
   g = min(group_size, b)
   while b % g:
     g -= 1
-  y = x.reshape(g, b // g, h, w, c).astype(jnp.promote_types(x.dtype, jnp.float32))
-  std = jnp.sqrt(jnp.var(y, axis=0) + 1e-8)  # [B/g, H, W, C]
+  y = x.reshape(b // g, g, h, w, c).astype(jnp.promote_types(x.dtype, jnp.float32))
+  std = jnp.sqrt(jnp.var(y, axis=1) + 1e-8)  # [B/g, H, W, C]
   feature = jnp.mean(std, axis=(1, 2, 3))  # [B/g]
-  feature = jnp.tile(feature[None, :, None, None, None], (g, 1, h, w, 1)).reshape(b, h, w, 1)
+  feature = jnp.broadcast_to(feature[:, None, None, None, None], (b // g, g, h, w, 1))
+  feature = feature.reshape(b, h, w, 1)
   return jnp.concatenate([x, feature.astype(x.dtype)], axis=-1)
 
 

@@ -73,12 +73,15 @@ class LPIPS(nn.Module):
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     shift = jnp.asarray(SHIFT, jnp.float32)
     scale = jnp.asarray(SCALE, jnp.float32)
-    both = jnp.concatenate([x, y], axis=0).astype(jnp.float32)
-    feats = VGG16Features(self.dtype, name="vgg")(((both - shift) / scale).astype(self.dtype))
+    # x and y go through the same VGG one after the other: concatenating them along the
+    # batch axis would move examples between the devices that share the batch.
+    vgg = VGG16Features(self.dtype, name="vgg")
+    features = lambda images: vgg(((images.astype(jnp.float32) - shift) / scale).astype(
+        self.dtype))
     total = 0.0
-    for k, (f, channels) in enumerate(zip(feats, TAP_CHANNELS)):
-      f = normalize_channels(f.astype(jnp.float32))
-      fx, fy = jnp.split(f, 2, axis=0)
+    for k, (fx, fy, channels) in enumerate(zip(features(x), features(y), TAP_CHANNELS)):
+      fx = normalize_channels(fx.astype(jnp.float32))
+      fy = normalize_channels(fy.astype(jnp.float32))
       weight = self.param(f"lin{k}", nn.initializers.ones_init(), (channels,))
       total = total + jnp.mean(jnp.einsum("bhwc,c->bhw", jnp.square(fx - fy), weight),
                                axis=(1, 2))
