@@ -25,16 +25,16 @@ def test_fsdp_divides_the_state_over_devices():
 
 
 def test_cli_reports_a_stage1_config_without_weights_or_data():
-  """The full objective (LPIPS and the GAN) compiled data-parallel on 4 devices: the only
+  """The full objective (LPIPS and the GAN) compiled data-parallel on 8 devices: the only
   cross-device traffic is the gradient all-reduce. LPIPS's image pair and the discriminator's
   minibatch-stddev groups (4 consecutive examples, 4 per device here) stay on their device."""
   out = subprocess.run(
       [sys.executable, "-m", "vim_jax.compile_report", "--config=configs/vitvq_base.py:tiny",
        "--config.loss.perceptual=0.1", "--config.perceptual_weights=/nonexistent",
-       "--num_cpu_devices=4", "--config.batch_size=16"],
+       "--num_cpu_devices=8", "--config.batch_size=32"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "on 4 x cpu" in out.stdout and "per device: arguments" in out.stdout
+  assert "on 8 x cpu" in out.stdout and "per device: arguments" in out.stdout
   line = next(l for l in out.stdout.splitlines() if l.startswith("collectives"))
   counts = {op: int(n) for op, n in re.findall(r"([a-z-]+) (\d+)", line.split(":")[1])}
   # Measured with the old layouts: LPIPS's concatenated pair needed 22 collective-permutes,
