@@ -76,13 +76,16 @@ def lpips_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   """A tiny stage-1 run (4 steps, no GAN)."""
+  import jax
   from configs import vitvq_base
   from vim_jax import train_vitvq
   config = vitvq_base.get_config("tiny")
   config.loss.adversarial = 0.0
   config.update(total_steps=4, eval_every=4, checkpoint_every=4, num_eval_images=16)
   workdir = str(tmp_path_factory.mktemp("tok"))
-  train_vitvq.train_and_evaluate(config, workdir)
+  # The session's runs train on one device: 8 virtual devices on 2 cores only cost time here
+  # (the mesh tests compare 8 devices against 1).
+  train_vitvq.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
 
 
@@ -97,9 +100,11 @@ def tiny_vim_config(tokenizer_dir, steps=2):
 @pytest.fixture(scope="session")
 def vim_dir(tokenizer_dir, tmp_path_factory):
   """A tiny class-conditional VIM run (3 steps) on tokenizer_dir."""
+  import jax
   from vim_jax import train_vim
   workdir = str(tmp_path_factory.mktemp("vim"))
-  train_vim.train_and_evaluate(tiny_vim_config(tokenizer_dir, steps=3), workdir)
+  train_vim.train_and_evaluate(tiny_vim_config(tokenizer_dir, steps=3), workdir,
+                               devices=jax.devices()[:1])
   return workdir
 
 
@@ -107,11 +112,12 @@ def vim_dir(tokenizer_dir, tmp_path_factory):
 def classifier_dir(tmp_path_factory):
   """A tiny classifier run (5 steps) on the shapes data."""
   from configs import classifier as classifier_config
+  import jax
   from vim_jax import train_classifier
   config = classifier_config.get_config()
   config.update(total_steps=5, num_eval_images=32)
   workdir = str(tmp_path_factory.mktemp("cls"))
-  train_classifier.train_and_evaluate(config, workdir)
+  train_classifier.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
 
 

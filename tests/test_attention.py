@@ -80,6 +80,9 @@ def test_auto_picks_splash_on_tpu_cudnn_for_half_precision_on_gpu_else_xla():
   assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
   assert attention.resolve("auto", jnp.bfloat16, "cpu") == "xla"
   assert attention.resolve("xla", jnp.bfloat16, "tpu") == "xla"
+  # Splash needs a multiple of 128 tokens, and a mesh (or one device) to run under.
+  assert attention.resolve("auto", jnp.bfloat16, "tpu", length=64) == "xla"
+  assert attention.resolve("auto", jnp.bfloat16, "tpu", splash_can_shard=False) == "xla"
 
 
 def test_a_kernel_the_backend_lacks_is_a_clear_error():

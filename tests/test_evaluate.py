@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,20 +149,20 @@ def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception
   tiny_config.loss.adversarial = 0.0
   tiny_config.update(total_steps=2, eval_every=100, checkpoint_every=100, num_eval_images=16)
   tiny_config.fid.update(every=2, inception_weights=inception_files["flax"], batch_size=16)
-  result = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "tok"))
+  result = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "tok"),
+                                          devices=jax.devices()[:1])
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
   expected, _ = reported_metrics.evaluate_tokenizer(runs.load_tokenizer(str(tmp_path / "tok")),
                                                     extractor)
   for key in ("rfid_vs_shapes_eval", "is_of_reconstructions", "psnr"):
     assert result.eval_metrics[key] == pytest.approx(expected[key]["value"], rel=1e-4), key
 
-  import jax
   from vim_jax.data import preprocess
   config = tiny_vim_config(tokenizer_dir, steps=2)
   config.sampling.temperature = 0.0
   config.fid.update(every=2, num_images=10, inception_weights=inception_files["flax"],
                     batch_size=16)
-  result = train_vim.train_and_evaluate(config, str(tmp_path / "vim"))
+  result = train_vim.train_and_evaluate(config, str(tmp_path / "vim"), devices=jax.devices()[:1])
   trained = runs.load_vim(str(tmp_path / "vim"))
   sample = jax.jit(stage2.make_sample_fn(trained.model, trained.tokenizer.model,
                                          stage2.sampling_config_from(config)))

@@ -50,3 +50,17 @@ def test_a_scanned_stack_counts_every_layer():
     assert counted(cfg, train=False) == forward
     assert counted(cfg, train=True) == expected, policy
     assert counted(dataclasses.replace(cfg, scan_layers=True), train=True) == expected, policy
+
+
+def test_a_jitted_step_traced_before_counts_its_fused_attention():
+  """compile_step counts a step jit has already traced with splash (interpret mode here): the
+  count is XLA attention's two matmuls, not the uncountable kernel's."""
+  from vim_jax import train_lib
+  from vim_jax.models import attention
+  q = jnp.zeros((1, 128, 2, 64))
+  fn = lambda q: attention.dot_product_attention(q, q, q, causal=False,
+                                                 implementation="splash", block=128)
+  with attention.pallas_interpret():
+    jitted = jax.jit(fn)
+    _, counted = train_lib.compile_step(jitted, q)
+  assert counted == 2 * (2 * 1 * 2 * 128 * 128 * 64)

@@ -153,3 +153,20 @@ def test_a_checkpoint_of_the_other_layout_is_refused_by_name(tmp_path, stacks):
     ckpt.restore_latest(abstract)
   assert (tmp_path / "checkpoints" / "1").exists()
   assert not (tmp_path / "checkpoints" / "corrupt").exists()
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_not_set_aside(tmp_path, stacks):
+  """Scanned stacks of another depth have the same key paths; the shapes tell them apart, and
+  the checkpoint is a config mismatch, not corruption."""
+  _, _, _, _, restacked = stacks
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(1, {"params": restacked}, force=True)
+  deeper = jax.tree.map(lambda a: jnp.concatenate([a, a[:1]]) if a.ndim and a.shape[0] == 3
+                        else a, restacked)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      {"params": deeper})
+  with pytest.raises(checkpoint.CheckpointLayoutError, match=r"other shapes .*\(3, 32\) saved, "
+                     r"\(4, 32\) wanted"):
+    ckpt.restore_latest(abstract)
+  assert (tmp_path / "checkpoints" / "1").exists()

@@ -158,14 +158,22 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   model = vitvqgan.ViTVQGAN.from_config(config)
   images = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(model.init(jax.random.key(0), images[:1]))["params"]
+  # Trained-looking values: LayerNorm scales of 1 and zero biases survive a bfloat16 cast.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape)
+                                        for p, k in zip(leaves, keys)])
   runs.write_run(str(tmp_path / "tok"), config, params)
   mesh = parallel.create_mesh(dict(data=1, fsdp=8, tensor=1))
   lean = runs.load_frozen_encoder(str(tmp_path / "tok"), mesh, parallel.DEFAULT_AXIS_RULES)
   assert set(lean.params) == {"encoder", "quantizer"}
   dtypes = {"/".join(str(k.key) for k in path): leaf.dtype
             for path, leaf in jax.tree_util.tree_flatten_with_path(lean.params)[0]}
-  assert {d for k, d in dtypes.items() if k.startswith("encoder/") and "to_code" not in k} == {
-      jnp.dtype("bfloat16")}
+  matrices = {k for k in dtypes if k.startswith("encoder/") and "to_code" not in k
+              and k.endswith(("kernel", "_embedding"))}
+  assert len(matrices) == 10 and {dtypes[k] for k in matrices} == {jnp.dtype("bfloat16")}
+  # LayerNorm runs in float32, also for the stacked [layers, D] params of a scanned stack.
+  assert {dtypes[k] for k in dtypes if "/ln_" in k or k.endswith("bias")} == {jnp.dtype("float32")}
   assert dtypes["encoder/to_code/kernel"] == dtypes["quantizer/codebook"] == jnp.float32
   fc1 = lean.params["encoder"]["transformer"]["layers"]["block"]["mlp"]["fc1"]["kernel"]
   assert fc1.sharding.spec == P(None, "fsdp", "tensor")

@@ -104,12 +104,16 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
   config.loss.perceptual = 0.1
   config.discriminator.lecam_weight = 0.1
   straight_dir, run_dir = str(tmp_path / "straight"), str(tmp_path / "run")
-  straight = train_vitvq.train_and_evaluate(config, straight_dir)
+  # One device: resuming does not depend on the layout (the 8-device run's checkpoints are
+  # resumed by the preemption and multi-host tests), and 8 virtual devices on 2 cores are slow.
+  one = jax.devices()[:1]
+  straight = train_vitvq.train_and_evaluate(config, straight_dir, devices=one)
   assert sorted(os.listdir(os.path.join(straight_dir, "checkpoints"))) == ["3", "4"]  # keep 2
 
-  first = train_vitvq.train_and_evaluate(config, run_dir, should_stop=lambda s: s == 2)
+  first = train_vitvq.train_and_evaluate(config, run_dir, should_stop=lambda s: s == 2,
+                                         devices=one)
   assert int(first.state.step) == 2
-  resumed = train_vitvq.train_and_evaluate(config, run_dir)
+  resumed = train_vitvq.train_and_evaluate(config, run_dir, devices=one)
   assert [m["step"] for m in resumed.train_metrics] == [3, 4]
   assert resumed.train_metrics[-1]["loss_perceptual"] > 0
   untimed = lambda m: {k: v for k, v in m.items() if "per_sec" not in k}
@@ -125,7 +129,7 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   _damage(os.path.join(ckpt_dir, "4"))
   caplog.set_level("WARNING")
-  again = train_vitvq.train_and_evaluate(config, run_dir)
+  again = train_vitvq.train_and_evaluate(config, run_dir, devices=one)
   assert "step 4" in caplog.text and "corrupt or partial" in caplog.text
   assert os.path.isdir(os.path.join(ckpt_dir, "corrupt", "4"))
   assert [m["step"] for m in again.train_metrics] == [4]
@@ -136,17 +140,18 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
     _damage(os.path.join(ckpt_dir, step))
   for _ in range(2):
     with pytest.raises(checkpoint.NoUsableCheckpointError, match=f"{ckpt_dir}.*Refusing"):
-      train_vitvq.train_and_evaluate(config, run_dir)
+      train_vitvq.train_and_evaluate(config, run_dir, devices=one)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   config = _short(tiny_config, steps=6)
   config.update(checkpoint_every=2, log_every=2)
   workdir = str(tmp_path / "nan")
-  train_vitvq.train_and_evaluate(config, workdir, should_stop=lambda s: s == 2)
+  one = jax.devices()[:1]
+  train_vitvq.train_and_evaluate(config, workdir, should_stop=lambda s: s == 2, devices=one)
   config.optimizer.peak_lr = 1e30  # blows the parameters up on the next steps
   with pytest.raises(FloatingPointError, match=r"at step 4.*last good checkpoint is step 2"):
-    train_vitvq.train_and_evaluate(config, workdir)
+    train_vitvq.train_and_evaluate(config, workdir, devices=one)
   from vim_jax import checkpoint
   assert checkpoint.Checkpointer(workdir + "/checkpoints").latest_step() == 2
 
@@ -157,7 +162,8 @@ def test_evaluation_reports_every_metric(tiny_config, tmp_path):
   from vim_jax.models import vitvqgan
   config = _short(tiny_config, steps=2)
   config.update(eval_every=2, num_eval_images=20, eval_batch_size=8, eval_usage_chunk=8)
-  result = train_vitvq.train_and_evaluate(config, str(tmp_path / "eval"))
+  result = train_vitvq.train_and_evaluate(config, str(tmp_path / "eval"),
+                                          devices=jax.devices()[:1])
   m = result.eval_metrics
   assert m["num_images"] == 20
   images = eval_images(config)

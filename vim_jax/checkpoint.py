@@ -30,26 +30,41 @@ class CheckpointLayoutError(ValueError):
   """A checkpoint holds a different tree of arrays than the config's train state."""
 
 
+def _entry_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
 def key_paths(tree) -> set[str]:
   """'params/encoder/...' for every array leaf of a pytree (None fields have none)."""
-  def name(entry):
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        return str(getattr(entry, attr))
-    return str(entry)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(name(e) for e in path) for path, _ in leaves}
+  return {"/".join(_entry_name(e) for e in path) for path, _ in leaves}
 
 
-def describe_layout_mismatch(saved: set[str], wanted: set[str], where: str) -> str | None:
-  """None when the two sets of key paths agree, else an explanation naming the difference
-  (and `scan_layers` when one side has scanned blocks and the other unrolled ones)."""
+def leaf_shapes(tree) -> dict[str, tuple]:
+  """{key path: shape} of a pytree of arrays, ShapeDtypeStructs or orbax array metadata."""
+  return {"/".join(_entry_name(e) for e in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def describe_layout_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple],
+                             where: str) -> str | None:
+  """None when the two {key path: shape} maps agree, else an explanation naming the
+  difference (and `scan_layers` when one side has scanned blocks and the other unrolled)."""
   params_first = lambda key: (not key.startswith("params/"), key)
-  only_saved = sorted(saved - wanted, key=params_first)
-  only_wanted = sorted(wanted - saved, key=params_first)
-  if not only_saved and not only_wanted:
+  only_saved = sorted(set(saved) - set(wanted), key=params_first)
+  only_wanted = sorted(set(wanted) - set(saved), key=params_first)
+  reshaped = sorted((k for k in set(saved) & set(wanted) if saved[k] != wanted[k]),
+                    key=params_first)
+  if not only_saved and not only_wanted and not reshaped:
     return None
-  lines = [f"{where} holds a different set of arrays than the model this config builds."]
+  lines = [f"{where} holds different arrays than the model this config builds."]
+  if reshaped:
+    lines.append(f"  other shapes ({len(reshaped)}): " + ", ".join(
+        f"{k} {saved[k]} saved, {wanted[k]} wanted" for k in reshaped[:3]) +
+                 (", ..." if len(reshaped) > 3 else ""))
   for label, keys in (("only in the checkpoint", only_saved), ("only in the config's model",
                                                                only_wanted)):
     if keys:
@@ -123,13 +138,13 @@ class Checkpointer:
     """Raises CheckpointLayoutError when the step's saved tree differs from abstract_state's.
     Unreadable metadata is left to the restore (and the corrupt-checkpoint path)."""
     try:  # the item's own metadata (a fresh manager's item_metadata() lacks the handler)
-      saved = key_paths(ocp.PyTreeCheckpointHandler().metadata(
+      saved = leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(
           self._root() / str(step) / "default"))
     except Exception:  # pylint: disable=broad-except; a damaged checkpoint: restore decides
       return
     if not saved:
       return
-    problem = describe_layout_mismatch(saved, key_paths(abstract_state),
+    problem = describe_layout_mismatch(saved, leaf_shapes(abstract_state),
                                        f"checkpoint step {step} in {self.directory}")
     if problem:
       self.close()

@@ -123,7 +123,8 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   In a data-parallel step, all-to-all and collective-permute mean examples travel between
   devices; the gradient all-reduce is the only traffic needed."""
   import re
-  found = re.findall(r"= [^ ]+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo_text)
+  # The op name follows the result shape, which is a tuple with spaces for combined ops.
+  found = re.findall(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo_text)
   return {op: found.count(op) for op in COLLECTIVES}
 
 

@@ -227,6 +227,9 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
       # input position, so each token sees the class without attending back to it.
       condition_every_position=False,
       dtype="bfloat16",
+      # Tokens per chunk of the training loss: the head's [B, chunk, codebook] float32 logits
+      # exist one chunk at a time (recomputed for the gradient); must divide the token count.
+      loss_chunk=256,
       **stack_kernels(remat_policy="minimal"),
   ))
   c.label_dropout = 0.1  # replace the class by the null class, for classifier-free guidance

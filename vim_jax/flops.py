@@ -66,7 +66,10 @@ def count_jaxpr_flops(jaxpr: jax_core.Jaxpr) -> float:
 
 def step_flops(fn, *args) -> float:
   """Total FLOPs of one call of fn(*args) (arrays or ShapeDtypeStructs), over all devices.
-  Trace it where it runs (inside the mesh and axis-rules context)."""
+  Trace it where it runs (inside the mesh and axis-rules context). Pass the Python function,
+  not a jax.jit of it that has been traced before: jit reuses its cached trace, made without
+  xla_only. (A while loop's body counts once; the train steps have none.)"""
   with attention.xla_only():
-    closed = jax.make_jaxpr(fn)(*args)
+    # A new function object: make_jaxpr shares jit's trace cache, keyed on the function.
+    closed = jax.make_jaxpr(lambda *a: fn(*a))(*args)
   return count_jaxpr_flops(closed.jaxpr)

@@ -2,8 +2,11 @@
 
 `config.grad_accum_steps = k` splits each global batch of B examples into k microbatches of
 B/k and averages what the step computes on each (gradients, losses, metrics) before the one
-optimizer update, so the update equals that of a single batch of B on k times fewer chips'
-memory. The learning-rate schedule and the logged step count optimizer steps.
+optimizer update, so the update equals that of a single batch of B (every loss here is a mean
+over examples) with 1/k of the activations in memory. Two things are computed per microbatch
+and averaged, so they shift with k: stage 1's adaptive adversarial weight (when on) and the
+codebook usage / perplexity metrics. The learning-rate schedule and the logged step count
+optimizer steps.
 
 Each microbatch takes B/(k * dp) consecutive examples from every data-parallel device's shard,
 so no example moves between devices and consecutive examples stay together (the

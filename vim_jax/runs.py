@@ -174,9 +174,10 @@ FLOAT32_ENCODER_PARAMS = ("to_code",)
 def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
   """What stage 2's train step needs of a tokenizer, and only that: the encoder and the
   quantizer (the EMA copy when the run kept one), sharded over `mesh` by the logical axis
-  rules like any params, with the encoder's weights stored in the model's compute dtype (the
-  model casts them to it anyway, so the tokens are the same). Decoding needs
-  load_tokenizer(workdir, with_encoder=False)."""
+  rules like any params, with the encoder's weight matrices (kernels and the position
+  embedding: the bulk) stored in the model's compute dtype: the model casts them to it anyway,
+  so the tokens are the same. Biases, LayerNorm params (which LayerNorm applies in float32)
+  and the projection to the code stay float32. Decoding needs load_tokenizer(workdir, with_encoder=False)."""
   from vim_jax import parallel
   config = read_run_config(workdir, "vitvq")
   model = vitvqgan.ViTVQGAN.from_config(config)
@@ -188,7 +189,9 @@ def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
   tok = load_tokenizer(workdir, shardings=shardings, with_decoder=False)
 
   def compute_dtype(path, x):
-    keep = any(getattr(p, "key", None) in FLOAT32_ENCODER_PARAMS for p in path)
+    names = [str(getattr(p, "key", "")) for p in path]
+    matrix = names[-1] == "kernel" or names[-1].endswith(("_kernel", "_embedding"))
+    keep = not matrix or any(n in FLOAT32_ENCODER_PARAMS for n in names)
     return x if keep else x.astype(model.dtype)
 
   encoder = jax.tree_util.tree_map_with_path(compute_dtype, tok.params["encoder"])

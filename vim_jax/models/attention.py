@@ -2,8 +2,9 @@
 splash attention (TPU).
 
   config.model.attention (stage 2) / model.encoder.attention, model.decoder.attention (stage 1):
-    'auto'    splash on TPU; cuDNN on GPU when the compute dtype is bfloat16 or float16; XLA
-              elsewhere (CPU, float32 on GPU). The default.
+    'auto'    splash on TPU (when the sequence length is a multiple of 128, and the arrays
+              are on one device or a mesh is set, as the trainers do); cuDNN on GPU when the
+              compute dtype is bfloat16 or float16; XLA elsewhere. The default.
     'xla'     jax.nn.dot_product_attention(implementation='xla'): writes the float32
               [B, H, L, L] scores to memory.
     'cudnn'   jax.nn.dot_product_attention(implementation='cudnn'): fused, GPU only, bf16/fp16.
@@ -55,8 +56,11 @@ def xla_only():
     _xla_only = previous
 
 
-def resolve(implementation: str, dtype, backend: str | None = None) -> str:
-  """The kernel `implementation` means on `backend` (default: jax's) for compute `dtype`.
+def resolve(implementation: str, dtype, backend: str | None = None, length: int = 128,
+            splash_can_shard: bool = True) -> str:
+  """The kernel `implementation` means on `backend` (default: jax's) for compute `dtype`
+  and sequence `length`. splash_can_shard: a mesh is set or one device runs it all (splash is
+  a Mosaic kernel, which XLA cannot partition by itself).
 
   Raises ValueError for an unknown name, and for 'cudnn' off GPU or 'splash' off TPU.
   """
@@ -67,8 +71,8 @@ def resolve(implementation: str, dtype, backend: str | None = None) -> str:
     return "xla"
   if implementation == "auto":
     if backend == "tpu":
-      return "splash"
-    if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+      return "splash" if length % 128 == 0 and splash_can_shard else "xla"
+    if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
       return "cudnn"
     return "xla"
   if implementation == "cudnn" and backend not in ("gpu", "cuda"):
@@ -130,7 +134,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   q, k, v: [B, L, H, K] -> [B, L, H, K]. implementation: see the module docstring; block is
   splash's tile size.
   """
-  kind = resolve(implementation, q.dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  kind = resolve(implementation, q.dtype, length=q.shape[1],
+                 splash_can_shard=not mesh.empty or jax.device_count() == 1)
   if kind == "splash":
     return _splash(q, k, v, causal, block)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kind)
