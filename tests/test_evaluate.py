@@ -26,7 +26,8 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   cmd = [sys.executable, "-m", "vim_jax.evaluate", f"--workdir={tokenizer_dir}",
          f"--inception_weights={inception_files['flax']}", f"--out={out}", "--batch_size=16",
          f"--save_reference_stats={real_path}"]
-  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                        env=run_files.cli_env())  # one device, as a user's shell
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "rfid_vs_shapes_eval" in proc.stdout
   (path,) = glob.glob(os.path.join(out, "results_*.json"))
@@ -74,7 +75,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   assert saved.num_images == 16 and fid.fid_from_stats(saved, first) < 1e-6
   proc = subprocess.run([sys.executable, "-m", "vim_jax.evaluate",
                          f"--fid_between={real_path},{real_path}"], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=run_files.cli_env())
   assert proc.returncode == 0 and "(shapes_eval [16 images], shapes_eval [16 images]) = 0" in (
       proc.stdout), proc.stdout + proc.stderr[-2000:]
 
@@ -89,7 +90,8 @@ def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir,
          f"--inception_weights={inception_files['flax']}", f"--out={out}", "--batch_size=16",
          "--num_samples=12", "--reference_images=16", f"--classifier_workdir={classifier_dir}",
          "--acceptance=0.5"]
-  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                        env=run_files.cli_env())  # one device, as a user's shell
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Closing _NonBlockingMetadataStore" not in proc.stderr  # the log filter
   (path,) = glob.glob(os.path.join(out, "results_*.json"))

@@ -34,10 +34,11 @@ def test_causal_attention_ignores_the_future():
                                 causal=True)
   stack = transformer.Transformer(cfg)
   x = jax.random.normal(jax.random.key(0), (1, 6, 16))
-  params = stack.init(jax.random.key(1), x)
-  y = stack.apply(params, x)
+  params = jax.jit(stack.init)(jax.random.key(1), x)
+  apply = jax.jit(stack.apply)
+  y = apply(params, x)
   x2 = x.at[:, 4:].set(jax.random.normal(jax.random.key(2), (1, 2, 16)))
-  y2 = stack.apply(params, x2)
+  y2 = apply(params, x2)
   np.testing.assert_allclose(y[:, :4], y2[:, :4], atol=1e-6)
   assert not np.allclose(y[:, 4:], y2[:, 4:])
 
@@ -72,8 +73,8 @@ def test_every_parameter_has_logical_axis_names(tiny_config):
 def test_logit_laplace_head_shapes(tiny_config):
   model = vitvqgan.ViTVQGAN.from_config(tiny_config)
   images = jnp.zeros((2, 32, 32, 3))
-  params = nn.meta.unbox(model.init(jax.random.key(0), images))
-  out = model.apply(params, images)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images))
+  out = jax.jit(model.apply)(params, images)
   assert out["mu"].shape == out["log_scale"].shape == out["reconstruction"].shape == images.shape
   # The reconstruction is the closed form of the predicted mu (float64 numpy).
   mu = np.asarray(out["mu"], np.float64)
@@ -82,7 +83,8 @@ def test_logit_laplace_head_shapes(tiny_config):
   np.testing.assert_allclose(np.asarray(out["reconstruction"]), expected, atol=1e-6)
   tiny_config.model.logit_laplace = False
   plain = vitvqgan.ViTVQGAN.from_config(tiny_config)
-  out = plain.apply(nn.meta.unbox(plain.init(jax.random.key(0), images)), images)
+  out = jax.jit(plain.apply)(nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images)),
+                             images)
   assert set(out) >= {"reconstruction", "indices", "vq_loss"} and "mu" not in out
 
 

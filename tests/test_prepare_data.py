@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import run_files
 from conftest import REPO_ROOT
 from vim_jax.data import pipeline, sources
 from vim_jax.tools import prepare_data
@@ -138,7 +139,7 @@ def test_unprepared_or_tfrecord_dataset_stops_with_the_prepare_command(fake_imag
 def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_files, tmp_path):
   """The README's ImageNet steps at tiny size: vim_jax.main, then vim_jax.evaluate."""
   workdir = str(tmp_path / "run")
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+  env = run_files.cli_env()  # one CPU device, as a user's shell has
   train = subprocess.run(
       [sys.executable, "-m", "vim_jax.main", "--config=configs/vitvq_base.py:tiny",
        f"--workdir={workdir}", "--config.data.source=tfds", "--config.data.name=imagenet2012",

@@ -65,12 +65,12 @@ def test_codebook_statistics_closed_form():
 def test_gradients_reach_the_encoder(tiny_config):
   model = vitvqgan.ViTVQGAN.from_config(tiny_config)
   images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = nn.meta.unbox(model.init(jax.random.key(1), images))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))["params"]
 
   def loss(p):
     return jnp.mean(model.apply({"params": p}, images)["reconstruction"] ** 2)
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   enc_norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads["encoder"]))
   assert enc_norm > 0, "no gradient reached the encoder through the straight-through estimator"
 
@@ -78,9 +78,9 @@ def test_gradients_reach_the_encoder(tiny_config):
 def test_indices_round_trip_through_decode_from_indices(tiny_config):
   model = vitvqgan.ViTVQGAN.from_config(tiny_config)
   images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1, maxval=1)
-  params = nn.meta.unbox(model.init(jax.random.key(1), images))
-  out = model.apply(params, images)
-  indices = model.apply(params, images, method=model.encode_to_indices)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))
+  out = jax.jit(model.apply)(params, images)
+  indices = jax.jit(lambda p, x: model.apply(p, x, method=model.encode_to_indices))(params, images)
   assert indices.shape == (3, 8, 8) and indices.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(indices), np.asarray(out["indices"]))
   decoded = model.apply(params, indices, method=model.decode_from_indices)
