@@ -41,15 +41,6 @@ def build_optimizer(config):
   return optim.adamw(config.optimizer, schedule), schedule
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-example mean CE (nats) and accuracy: logits [B, N, V], targets int [B, N] -> [B].
-  (Training uses VIM.loss, which never materialises the logits; this is its reference.)"""
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  accuracy = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return jnp.mean(nll, axis=-1), jnp.mean(accuracy, axis=-1)
-
-
 def batch_tokens(batch, tok_model: vitvqgan.ViTVQGAN, tokenizer_params) -> jax.Array:
   """int32 [B, N] tokens: pre-tokenized ones, or the frozen tokenizer's for batch['image']."""
   if "tokens" in batch:

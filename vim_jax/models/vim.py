@@ -134,7 +134,7 @@ class VIM(nn.Module):
 
   def loss(self, tokens: jax.Array, labels: jax.Array, deterministic: bool = True):
     """Per-example mean cross-entropy (nats) and next-token accuracy, both [B] float32, of
-    tokens int [B, N] given labels [B]; equal to cross_entropy(self(tokens, labels), tokens)
+    tokens int [B, N] given labels [B]; equal to the cross-entropy of self(tokens, labels)
     without ever holding the [B, N, V] logits (see OutputHead.cross_entropy)."""
     labels = self._labels(labels, tokens.shape[0])
     h = self.transformer(self._inputs(tokens, labels), deterministic)
