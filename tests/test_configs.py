@@ -128,28 +128,6 @@ def _event_tags(workdir):
   return tags
 
 
-def test_tiny_config_end_to_end_through_main(tmp_path):
-  workdir = str(tmp_path / "run")
-  proc = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={workdir}",
-                    "--config.total_steps=4", "--config.eval_every=2",
-                    "--config.checkpoint_every=2"])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "eval at step 4" in proc.stderr and "TFLOP/s/device" in proc.stderr
-  assert "per-device memory" in proc.stderr and "ETA" in proc.stderr
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  assert os.path.exists(os.path.join(workdir, "images", "reconstructions_00000004.png"))
-  tags = _event_tags(workdir)
-  for tag in ("train/loss", "train/loss_logit_laplace", "train/learning_rate", "train/grad_norm",
-              "train/codebook_usage", "train/perplexity", "train/images_per_sec_per_device",
-              "train/tflops_per_sec_per_device", "eval/psnr", "eval/ssim", "eval/codebook_usage",
-              "eval/codebook_usage_per_256", "eval/inputs_and_reconstructions"):
-    assert tag in tags, (tag, sorted(tags))
-  # Rerunning the finished command resumes at the end and trains nothing more.
-  again = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={workdir}",
-                     "--config.total_steps=4"])
-  assert again.returncode == 0 and "resumed at step 4" in again.stderr
-
-
 def test_granules_group_devices_by_slice_then_process():
   from types import SimpleNamespace as D
   from vim_jax import parallel

@@ -64,3 +64,18 @@ def test_a_jitted_step_traced_before_counts_its_fused_attention():
     jitted = jax.jit(fn)
     _, counted = train_lib.compile_step(jitted, q)
   assert counted == 2 * (2 * 1 * 2 * 128 * 128 * 64)
+
+
+def test_compile_step_counts_from_its_own_trace_unless_a_kernel_hides_matmuls():
+  """XLA attention: the count comes from the trace jit compiles (no second trace) and equals a
+  fresh count; splash: the trace is seen to hold an opaque kernel."""
+  from vim_jax import train_lib
+  from vim_jax.models import attention
+  q = jnp.zeros((1, 128, 2, 64))
+  make = lambda kind: (lambda q: attention.dot_product_attention(
+      q, q, q, causal=True, implementation=kind, block=128))
+  _, counted = train_lib.compile_step(jax.jit(make("xla")), q)
+  assert counted == flops.step_flops(make("xla"), q) == 2 * (2 * 1 * 2 * 128 * 128 * 64)
+  assert not flops.holds_opaque_kernels(jax.make_jaxpr(make("xla"))(q).jaxpr)
+  with attention.pallas_interpret():
+    assert flops.holds_opaque_kernels(jax.make_jaxpr(make("splash"))(q).jaxpr)

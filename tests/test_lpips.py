@@ -1,6 +1,7 @@
 """LPIPS: conversion of the published PyTorch layouts, equality with PyTorch, the missing-file
 error, and the perceptual loss through vim_jax.main."""
 
+import os
 import subprocess
 import sys
 
@@ -107,21 +108,36 @@ def test_missing_weights_error_names_path_and_commands(tiny_config, tmp_path):
   assert "python -m vim_jax.tools.convert_lpips" in str(e.value)
 
 
-def test_tiny_full_objective_through_main(converted, tmp_path):
-  """All five loss terms, with LPIPS converted from random-weight published-layout files."""
+def test_tiny_full_objective_end_to_end_through_main(converted, tmp_path):
+  """`python -m vim_jax.main` on the tiny stage-1 config with all five loss terms (LPIPS
+  converted from random-weight published-layout files): the files and scalars a user looks at,
+  then the finished command rerun, which resumes at the end and trains nothing more."""
   workdir = str(tmp_path / "full")
   args = [sys.executable, "-m", "vim_jax.main", "--config=configs/vitvq_base.py:tiny",
           f"--workdir={workdir}", "--config.loss.perceptual=0.1",
-          f"--config.perceptual_weights={converted[2]}", "--config.total_steps=6",
-          "--config.eval_every=6", "--config.checkpoint_every=3", "--config.log_every=3",
+          f"--config.perceptual_weights={converted[2]}", "--config.total_steps=4",
+          "--config.eval_every=4", "--config.checkpoint_every=2", "--config.log_every=2",
+          "--config.num_eval_images=16", "--config.eval_batch_size=8",
           "--config.ema_decay=0.9", "--config.batch_size=8"]  # VGG16 dominates a step
-  env = cli_env()
-  proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(args, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "LPIPS weights:" in proc.stderr and "lpips=" in proc.stderr
+  assert "eval at step 4" in proc.stderr and "TFLOP/s/device" in proc.stderr
+  assert "per-device memory" in proc.stderr and "ETA" in proc.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert os.path.exists(os.path.join(workdir, "images", "reconstructions_00000004.png"))
   from test_configs import _event_tags
   tags = _event_tags(workdir)
-  for tag in ("train/loss_perceptual", "train/loss_adversarial", "train/loss_logit_laplace",
-              "train/loss_l2", "train/loss_vq", "disc/loss", "disc/logits_real",
-              "disc/logits_fake", "disc/r1_penalty", "eval/lpips"):
+  for tag in ("train/loss", "train/loss_perceptual", "train/loss_adversarial",
+              "train/loss_logit_laplace", "train/loss_l2", "train/loss_vq", "train/learning_rate",
+              "train/grad_norm", "train/codebook_usage", "train/perplexity",
+              "train/images_per_sec_per_device", "train/tflops_per_sec_per_device", "disc/loss",
+              "disc/logits_real", "disc/logits_fake", "disc/r1_penalty", "eval/lpips",
+              "eval/psnr", "eval/ssim", "eval/codebook_usage", "eval/codebook_usage_per_256",
+              "eval/inputs_and_reconstructions"):
     assert tag in tags, (tag, sorted(tags))
+
+  again = subprocess.run(args, cwd=REPO_ROOT, env=cli_env(),
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and "resumed at step 4" in again.stderr, again.stderr[-3000:]

@@ -145,6 +145,7 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   config = _short(tiny_config, steps=6)
+  config.loss.adversarial = 0.0  # the guard reads the loss, whatever its terms; a GAN costs compiles
   config.update(checkpoint_every=2, log_every=2)
   workdir = str(tmp_path / "nan")
   one = jax.devices()[:1]
@@ -161,6 +162,7 @@ def test_evaluation_reports_every_metric(tiny_config, tmp_path):
   exactly the 20 eval images (the padded last batch of 8 is masked out)."""
   from vim_jax.models import vitvqgan
   config = _short(tiny_config, steps=2)
+  config.loss.adversarial = 0.0  # evaluation scores the tokenizer alone
   config.update(eval_every=2, num_eval_images=20, eval_batch_size=8, eval_usage_chunk=8)
   result = train_vitvq.train_and_evaluate(config, str(tmp_path / "eval"),
                                           devices=jax.devices()[:1])

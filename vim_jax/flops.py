@@ -64,6 +64,30 @@ def count_jaxpr_flops(jaxpr: jax_core.Jaxpr) -> float:
   return total
 
 
+# Fused kernels whose matmuls the count cannot see: a Pallas call's body is one tile's work;
+# cuDNN attention is an opaque custom call.
+_OPAQUE_PRIMITIVES = ("pallas_call", "dot_product_attention")
+
+
+def holds_opaque_kernels(jaxpr: jax_core.Jaxpr) -> bool:
+  """Whether the jaxpr (or one inside it) calls a fused kernel the count cannot see into."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name.startswith(_OPAQUE_PRIMITIVES):
+      return True
+    if any(holds_opaque_kernels(j) for v in eqn.params.values() for j in _sub_jaxprs(v)):
+      return True
+  return False
+
+
+def traced_flops(traced, fn, *args) -> float:
+  """Total FLOPs of one call, from a jit's trace of fn(*args) (`jax.jit(fn).trace(*args)`):
+  its own jaxpr, unless that calls fused kernels; then fn is traced again with XLA attention."""
+  jaxpr = traced.jaxpr.jaxpr
+  if holds_opaque_kernels(jaxpr):
+    return step_flops(fn, *args)
+  return count_jaxpr_flops(jaxpr)
+
+
 def step_flops(fn, *args) -> float:
   """Total FLOPs of one call of fn(*args) (arrays or ShapeDtypeStructs), over all devices.
   Trace it where it runs (inside the mesh and axis-rules context). Pass the Python function,

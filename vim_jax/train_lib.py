@@ -27,20 +27,22 @@ class TrainState:
 
 
 def compile_step(jitted, *args):
-  """Lowers and compiles `jitted` for `args` (arrays or ShapeDtypeStructs).
+  """Traces, lowers and compiles `jitted` for `args` (arrays or ShapeDtypeStructs).
 
   Returns (compiled, FLOPs per device per call: vim_jax/flops.py's count over the devices the
-  program runs on).
+  program runs on). The count reads the same trace the program is compiled from, unless that
+  trace calls a fused attention kernel whose matmuls it cannot see: then the Python function
+  is traced once more with XLA attention (not the jitted one, whose cached trace holds the
+  kernel).
   """
   from vim_jax import flops
-  compiled = jitted.lower(*args).compile()
+  traced = jitted.trace(*args)
+  compiled = traced.lower().compile()
   shardings = [s for s in jax.tree.leaves(compiled.input_shardings)
                if isinstance(s, jax.sharding.Sharding)]
   num_devices = max((s.num_devices for s in shardings), default=1)
-  # The Python function, not the jitted one: jit would hand back its cached trace, made with
-  # the configured attention kernel, whose matmuls the count cannot see.
   step_fn = getattr(jitted, "__wrapped__", jitted)
-  return compiled, flops.step_flops(step_fn, *args) / num_devices
+  return compiled, flops.traced_flops(traced, step_fn, *args) / num_devices
 
 
 def describe_memory(compiled, name: str) -> str:
