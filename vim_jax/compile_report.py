@@ -1,109 +1,203 @@
-"""Compile a config's train step for a chosen mesh without running it; print per-device memory.
+"""Compile a config's train step for a TPU slice (or a CPU mesh) without running it: per-chip
+memory against the chip's HBM, FLOPs per step, and what the paper's throughput asks of it.
 
-  python -m vim_jax.compile_report --config=configs/vim_large.py \
-      --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=2 [--num_cpu_devices=8]
+  # A real TPU compile, on any machine (needs libtpu: pip install '.[tpu]'):
+  python -m vim_jax.compile_report --config=configs/vim_large.py --topology=v4-128
+  python -m vim_jax.compile_report --config=configs/vitvq_base.py --topology=v5e-16 \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 [--num_slices=2 --config.mesh.dcn_data=2]
 
-Catches out-of-memory layouts before a pod is booked: the state is abstract (no arrays are
-allocated), the step is lowered and compiled by XLA for the mesh the config asks for, and
-XLA's memory analysis gives each device's arguments (params, optimizer state, batch),
-outputs, temporaries (activations, gradients) and their total. `--num_cpu_devices=N` makes N
-virtual CPU devices, to check a pod layout on a workstation (XLA's CPU backend compiles the same
-sharded program; its temporaries can differ from TPU's, which fuses and rematerialises
-differently, so keep a margin). Stage 2 is compiled on pre-tokenized input (the tokenizer is
-not part of the step); --tokens_per_image and --codebook_size give the token shapes.
+  # A structural check on N virtual CPU devices (no libtpu):
+  python -m vim_jax.compile_report --config=configs/vim_large.py --num_cpu_devices=8
+
+Catches out-of-memory layouts before a slice is booked. The state is abstract (no arrays are
+allocated); the step is lowered over the config's mesh, filled over the slice's chips, and
+compiled.
+
+- `--topology` compiles with the TPU compiler for compile-only devices (vim_jax/tpu_slices.py):
+  the memory is the chip's, as a TPU VM would see it, and a layout that does not fit in the
+  chip's HBM exits with status 1 and says so.
+- `--num_cpu_devices` compiles with XLA's CPU backend. It checks that the sharded program
+  builds and which collectives it holds; its memory figures are not a TPU's (the CPU backend
+  fuses and schedules differently: VIM-Large at batch 8 on 8 devices reads 7 GiB per device
+  there and far less per chip for a v4).
+
+Stage 1 includes LPIPS and the discriminator when the config has them (shapes only: no weights
+file is needed). Stage 2 tokenizes images inside the step, as training does, unless the config
+reads pre-tokenized shards (data.source='tokens'); the tokenizer's shape comes from
+--tokenizer_config, else from config.tokenizer_workdir's config.json.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import log_filters
+from vim_jax import log_filters, tpu_slices
 
 
 def define_flags():
   """The CLI flags (defined only when run as a program, so importing this module is free)."""
   config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
                                   lock_config=True)
+  flags.DEFINE_string("topology", "", "Compile for this Google Cloud TPU slice, e.g. v4-128, "
+                      "v5p-256, v5e-16 (v5litepod-16), v6e-64; needs libtpu (pip install "
+                      "'.[tpu]'). Empty: the local devices (or --num_cpu_devices).")
+  flags.DEFINE_integer("num_slices", 1, "With --topology: this many slices joined over DCN "
+                       "(lay the mesh out with --config.mesh.dcn_*).")
   flags.DEFINE_integer("num_cpu_devices", 0, "Make this many virtual CPU devices (XLA host "
-                       "platform) before jax starts; 0 = the real devices.")
-  flags.DEFINE_integer("tokens_per_image", 1024, "Stage 2: tokens per image (paper: 32 x 32 at "
-                       "256 px with patch 8).")
-  flags.DEFINE_integer("codebook_size", 8192, "Stage 2: codebook size (paper: 8192).")
+                       "platform) before jax starts; 0 = the real devices. A structural check: "
+                       "the memory figures are the CPU backend's, not a TPU's.")
+  config_flags.DEFINE_config_file("tokenizer_config", None, "Stage 2 on images: the "
+                                  "tokenizer's config file (e.g. configs/vitvq_base.py); "
+                                  "default: config.tokenizer_workdir's config.json.")
+  flags.DEFINE_integer("tokens_per_image", 1024, "Stage 2 on pre-tokenized shards without a "
+                       "tokenizer config: tokens per image (paper: 32 x 32).")
+  flags.DEFINE_integer("codebook_size", 8192, "Stage 2 on pre-tokenized shards without a "
+                       "tokenizer config: codebook size (paper: 8192).")
 
 
-def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> dict:
-  """Compiles config's train step on the current devices; returns the numbers it prints."""
-  import flax.linen as nn
+class DoesNotFit(Exception):
+  """The compiled step needs more memory per chip than the chip has."""
+
+
+def _tokenizer_model(config, tokenizer_config):
+  """Stage 2's tokenizer (ViTVQGAN), from tokenizer_config or config.tokenizer_workdir; None
+  when the config reads tokens and names no tokenizer."""
+  from vim_jax import fileio, runs
+  from vim_jax.models import vitvqgan
+  if tokenizer_config is None and config.tokenizer_workdir and fileio.exists(
+      fileio.join(config.tokenizer_workdir, "config.json")):
+    tokenizer_config = runs.read_run_config(config.tokenizer_workdir, "vitvq")
+  if tokenizer_config is not None:
+    return vitvqgan.ViTVQGAN.from_config(tokenizer_config)
+  if config.data.source != "tokens":
+    raise ValueError(
+        "stage 2 tokenizes images inside its train step, so the report needs the tokenizer's "
+        f"shape: config.tokenizer_workdir={config.tokenizer_workdir!r} holds no config.json. "
+        "Pass --tokenizer_config=configs/vitvq_base.py (the tokenizer's config), or compile "
+        "for pre-tokenized shards with --config.data.source=tokens.")
+  return None
+
+
+def _stage1(config, mesh, batch_sharding, replicated):
+  """(init_fn, step_fn, batch spec, frozen LPIPS params or {})."""
   import jax
   import jax.numpy as jnp
+
+  from vim_jax import parallel, stage1
+  from vim_jax.models import lpips as lpips_lib
+  models = stage1.build_models(config)
+  tx, schedule, disc_tx = stage1.build_optimizers(config)
+  dp = parallel.data_parallel_size(mesh)
+  init_fn = stage1.make_init_fn(models, tx, disc_tx, config, dp)
+  step_fn = stage1.make_train_step(models, tx, schedule, disc_tx, config, dp)
+  b = config.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
+                                         jnp.float32, sharding=batch_sharding)}
+  frozen = {}
+  if models.lpips is not None:  # shapes only: no weights file is needed to compile
+    x = jnp.zeros((1, 32, 32, 3))
+    frozen = jax.eval_shape(lpips_lib.LPIPS().init, jax.random.key(0), x, x)["params"]
+    frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                         sharding=replicated), frozen)
+  return init_fn, step_fn, batch, frozen
+
+
+def _stage2(config, mesh, rules, batch_sharding, tok_model, tokens_per_image, codebook_size):
+  """(init_fn, step_fn, batch spec, frozen encoder params or {})."""
+  import jax
+  import jax.numpy as jnp
+
+  from vim_jax import parallel, runs, stage2
+  from vim_jax.models import vim as vim_lib
+  if tok_model is not None:
+    model = stage2.build_model(config, tok_model)
+    tokens_per_image = model.num_tokens
+  else:
+    model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
+  tx, schedule = stage2.build_optimizer(config)
+  dp = parallel.data_parallel_size(mesh)
+
+  def init_fn(rng):
+    params = model.init(rng, jnp.zeros((dp, tokens_per_image), jnp.int32),
+                        jnp.zeros((dp,), jnp.int32))["params"]
+    return stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params))
+
+  step_fn = stage2.make_train_step(model, tok_model, tx, schedule, config, dp)
+  b = config.batch_size
+  batch = {"label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+  frozen = {}
+  if config.data.source == "tokens":
+    batch["tokens"] = jax.ShapeDtypeStruct((b, tokens_per_image), jnp.int32,
+                                           sharding=batch_sharding)
+  else:  # the frozen encoder and codebook, as train_vim holds them
+    batch["image"] = jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
+                                          jnp.float32, sharding=batch_sharding)
+    frozen = runs.frozen_encoder_shapes(tok_model, mesh, rules)
+  return init_fn, step_fn, batch, frozen
+
+
+def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: int = 8192,
+           tokenizer_config=None, capacity_bytes: int | None = None) -> dict:
+  """Compiles config's train step over `devices` (default: jax's); returns the numbers it
+  prints, and the compiled step under 'compiled'.
+
+  capacity_bytes: the chip's memory; DoesNotFit is raised when the step needs more (or when
+  the TPU compiler itself runs out of memory).
+  """
+  import flax.linen as nn
+  import jax
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from vim_jax import checkpoint, parallel, train_lib
+  from vim_jax import checkpoint, microbatch, parallel, train_lib
 
-  mesh = parallel.create_mesh(config.mesh)
+  mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.axis_rules(config)
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   train_lib.check_divisible(mesh, batch_size=config.batch_size)
-  from vim_jax import microbatch
   microbatch.check(config, parallel.data_parallel_size(mesh))
-  b = config.batch_size
   if config.trainer == "vitvq":
-    from vim_jax import stage1
-    from vim_jax.models import lpips as lpips_lib
-    models = stage1.build_models(config)
-    tx, schedule, disc_tx = stage1.build_optimizers(config)
-    init_fn = stage1.make_init_fn(models, tx, disc_tx, config,
-                                       parallel.data_parallel_size(mesh))
-    step_fn = stage1.make_train_step(models, tx, schedule, disc_tx, config,
-                                     parallel.data_parallel_size(mesh))
-    batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
-                                           jnp.float32, sharding=batch_sharding)}
-    frozen = {}
-    if models.lpips is not None:  # shapes only: no weights file is needed to compile
-      x = jnp.zeros((1, 32, 32, 3))
-      frozen = jax.eval_shape(lpips_lib.LPIPS().init, jax.random.key(0), x, x)["params"]
-      frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                           sharding=replicated), frozen)
+    init_fn, step_fn, batch, frozen = _stage1(config, mesh, batch_sharding, replicated)
   elif config.trainer == "vim":
-    from vim_jax import stage2
-    from vim_jax.models import vim as vim_lib
-    model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
-    tx, schedule = stage2.build_optimizer(config)
-
-    def init_fn(rng):
-      n = parallel.data_parallel_size(mesh)
-      params = model.init(rng, jnp.zeros((n, tokens_per_image), jnp.int32),
-                          jnp.zeros((n,), jnp.int32))["params"]
-      return stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  opt_state=tx.init(params))
-
-    step_fn = stage2.make_train_step(model, None, tx, schedule, config,
-                                     parallel.data_parallel_size(mesh))
-    batch = {"tokens": jax.ShapeDtypeStruct((b, tokens_per_image), jnp.int32,
-                                            sharding=batch_sharding),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
-    frozen = {}
+    tok_model = _tokenizer_model(config, tokenizer_config)
+    init_fn, step_fn, batch, frozen = _stage2(config, mesh, rules, batch_sharding, tok_model,
+                                              tokens_per_image, codebook_size)
   else:
     raise ValueError(f"config.trainer={config.trainer!r}; compile_report handles 'vitvq' and "
                      "'vim' configs.")
 
+  rng = jax.random.key(0)  # outside the mesh: eager ops cannot run on compile-only devices
   with parallel.tracing_context(mesh, rules):
-    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    boxed = jax.eval_shape(init_fn, rng)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated),
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
                    out_shardings=(shardings, None), donate_argnums=(0,))
-  with parallel.tracing_context(mesh, rules):
-    compiled, flops = train_lib.compile_step(jitted, abstract, batch, frozen)
-  params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  start = time.perf_counter()
+  try:
+    with parallel.tracing_context(mesh, rules):
+      compiled, flops = train_lib.compile_step(jitted, abstract, batch, frozen)
+  except Exception as e:  # pylint: disable=broad-except; only the TPU compiler's OOM is ours
+    if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+      raise DoesNotFit(str(e).strip().splitlines()[0][:1500]) from e
+    raise
+  numbers = {"mesh": dict(mesh.shape), "devices": mesh.size, "platform": mesh_platform(mesh),
+             "params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
+             "flops_per_device": flops, "compile_seconds": time.perf_counter() - start,
+             "compiled": compiled}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and "flops" in cost:
+    numbers["xla_flops_per_device"] = float(cost["flops"])
   m = compiled.memory_analysis()
-  numbers = {"mesh": dict(mesh.shape), "devices": mesh.size, "params": int(params),
-             "gflops_per_device": flops / 1e9}
   if m is not None:
     numbers.update({
         "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
@@ -112,7 +206,14 @@ def report(config, tokens_per_image: int = 1024, codebook_size: int = 8192) -> d
                         m.temp_size_in_bytes - m.alias_size_in_bytes)})
   numbers["summary"] = train_lib.describe_memory(compiled, "train step")
   numbers["collectives"] = count_collectives(compiled.as_text())
+  if capacity_bytes and numbers.get("total_bytes", 0) > capacity_bytes:
+    raise DoesNotFit(f"the step needs {numbers['total_bytes'] / 2**30:.2f} GiB per chip")
   return numbers
+
+
+def mesh_platform(mesh) -> str:
+  """The platform of the chips the mesh holds (tpu for compile-only TPU devices)."""
+  return mesh.devices.flat[0].platform
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -128,29 +229,103 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return {op: found.count(op) for op in COLLECTIVES}
 
 
+def paper_throughput(config) -> float | None:
+  """Images/s the paper trained this config at on a v4-128 (stage-1 SS, BB, SL), else None."""
+  from vim_jax import config_base
+  if config.trainer != "vitvq" or config.image_size != 256:
+    return None
+  sizes = (config_base.vit_size_of(config.model.encoder),
+           config_base.vit_size_of(config.model.decoder))
+  return config_base.PAPER_STAGE1_THROUGHPUT.get(sizes)
+
+
+def speed_lines(flops_per_chip: float, batch_size: int, peak_flops: float, peak_name: str,
+                paper_images_per_sec: float | None, mfu: float = 0.4) -> list[str]:
+  """Step time and images/s at `mfu` of the chip's peak; the MFU the paper's throughput needs."""
+  step_seconds = flops_per_chip / (mfu * peak_flops)
+  lines = [f"at {mfu:.0%} MFU of {peak_name}: {step_seconds:.3f} s per step, "
+           f"{batch_size / step_seconds:,.0f} images/s"]
+  if paper_images_per_sec:
+    needed = flops_per_chip * paper_images_per_sec / batch_size / peak_flops
+    lines.append(f"the paper's {paper_images_per_sec:,.0f} images/s (v4-128) needs "
+                 f"{needed:.1%} MFU here")
+  return lines
+
+
+def print_report(config, numbers: dict, spec=None, num_slices: int = 1):
+  gib = lambda key: numbers.get(key, float("nan")) / 2**30
+  where = (f"{num_slices} x {spec.name} ({spec.topology}, {spec.chips * num_slices} chips)"
+           if spec else f"{numbers['devices']} x {numbers['platform']}")
+  print(f"config trainer={config.trainer}, {numbers['params'] / 1e6:.1f}M params, global batch "
+        f"{config.batch_size}, mesh {numbers['mesh']} on {where}; compiled in "
+        f"{numbers['compile_seconds']:.0f} s")
+  unit = "chip" if spec else "device"
+  capacity = (f" of {spec.generation.hbm_bytes / 2**30:.0f} GiB HBM "
+              f"({100 * numbers['total_bytes'] / spec.generation.hbm_bytes:.0f}%)"
+              if spec and "total_bytes" in numbers else "")
+  print(f"per {unit}: arguments {gib('argument_bytes'):.3f} GiB, outputs "
+        f"{gib('output_bytes'):.3f} GiB, temporaries {gib('temp_bytes'):.3f} GiB, aliased "
+        f"{gib('alias_bytes'):.3f} GiB, total {gib('total_bytes'):.3f} GiB{capacity}")
+  xla = numbers.get("xla_flops_per_device")
+  print(f"per {unit} per step: {numbers['flops_per_device'] / 1e12:.6g} TFLOP (matmuls and "
+        "convolutions, every scanned layer; vim_jax/flops.py)" +
+        (f"; XLA's cost analysis: {xla / 1e12:.6g} TFLOP (a scanned stack's body once)"
+         if xla is not None else ""))
+  if spec:
+    for line in speed_lines(numbers["flops_per_device"], config.batch_size,
+                            spec.generation.peak_bf16_flops,
+                            f"a {spec.generation.name} chip's "
+                            f"{spec.generation.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s",
+                            paper_throughput(config)):
+      print(line)
+  else:
+    print("(memory from the CPU backend: a structural check, not a TPU's figure; use "
+          "--topology for that)")
+  print("collectives in the compiled step: " +
+        ", ".join(f"{op} {n}" for op, n in numbers["collectives"].items()))
+
+
 def main(argv):
   log_filters.install()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
-  if FLAGS.num_cpu_devices:
+  if FLAGS.topology and FLAGS.num_cpu_devices:
+    raise app.UsageError("--topology and --num_cpu_devices are two different targets; give "
+                         "one.")
+  spec = devices = None
+  if FLAGS.topology:
+    try:
+      spec = tpu_slices.parse(FLAGS.topology)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    if not tpu_slices.libtpu_available():
+      sys.exit(f"error: {tpu_slices.INSTALL_HINT}")
+    # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR) cannot give back a program
+    # for compile-only devices (reading one needs a client for them): do not write any. Set
+    # before anything compiles: jax decides once per process.
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)
+    devices = tpu_slices.compile_only_devices(spec, FLAGS.num_slices)
+  elif FLAGS.num_cpu_devices:
     # Must happen before jax creates its backends (nothing above has touched a device).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                f"device_count={FLAGS.num_cpu_devices}").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax
   config = FLAGS.config
-  numbers = report(config, FLAGS.tokens_per_image, FLAGS.codebook_size)
-  gib = lambda key: numbers.get(key, float("nan")) / 2**30
-  print(f"config trainer={config.trainer}, {numbers['params'] / 1e6:.1f}M params, global batch "
-        f"{config.batch_size}, mesh {numbers['mesh']} on {numbers['devices']} x "
-        f"{jax.devices()[0].platform}")
-  print(f"per device: arguments {gib('argument_bytes'):.2f} GiB, outputs "
-        f"{gib('output_bytes'):.2f} GiB, temporaries {gib('temp_bytes'):.2f} GiB, aliased "
-        f"{gib('alias_bytes'):.2f} GiB, total {gib('total_bytes'):.2f} GiB; "
-        f"{numbers['gflops_per_device']:.1f} GFLOP per step")
-  print("collectives in the compiled step: " +
-        ", ".join(f"{op} {n}" for op, n in numbers["collectives"].items()))
+  capacity = spec.generation.hbm_bytes if spec else None
+  try:
+    numbers = report(config, devices, FLAGS.tokens_per_image, FLAGS.codebook_size,
+                     FLAGS.tokenizer_config, capacity)
+  except DoesNotFit as e:
+    where = (f"{FLAGS.num_slices} x {spec.name} ({capacity / 2**30:.0f} GiB per chip)" if spec
+             else "these devices")
+    sys.exit(f"error: does not fit: config trainer={config.trainer}, global batch "
+             f"{config.batch_size}, mesh {config.mesh.to_dict()} on {where}: {e}\n"
+             "To fit: shard the state (--config.mesh.data=1 --config.mesh.fsdp=-1), "
+             "rematerialise the blocks (remat_policy='full' in the model's stacks), "
+             "accumulate gradients (--config.grad_accum_steps=k), or use a larger slice.")
+  print_report(config, numbers, spec, FLAGS.num_slices)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     timings[name] = time.perf_counter() - t
-    if train_lib.preemption_requested(0):  # step 0 always syncs; the stage saved and returned
+    if train_lib.stopped_for_preemption():  # the stage saved and returned
       raise Preempted(name)
     log.info("quickstart: %s done in %.0f s", name, timings[name])
     return out

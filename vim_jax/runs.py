@@ -171,31 +171,50 @@ def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
 FLOAT32_ENCODER_PARAMS = ("to_code",)
 
 
-def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
-  """What stage 2's train step needs of a tokenizer, and only that: the encoder and the
-  quantizer (the EMA copy when the run kept one), sharded over `mesh` by the logical axis
-  rules like any params, with the encoder's weight matrices (kernels and the position
-  embedding: the bulk) stored in the model's compute dtype: the model casts them to it anyway,
-  so the tokens are the same. Biases, LayerNorm params (which LayerNorm applies in float32)
-  and the projection to the code stay float32. Decoding needs load_tokenizer(workdir, with_encoder=False)."""
+def frozen_encoder_shapes(model: vitvqgan.ViTVQGAN, mesh, rules) -> dict:
+  """ShapeDtypeStructs (with shardings) of what stage 2 holds of a tokenizer: 'encoder' and
+  'quantizer', sharded over `mesh` by the logical axis rules like any params, the encoder's
+  weight matrices in the compute dtype (see frozen_encoder_params)."""
   from vim_jax import parallel
-  config = read_run_config(workdir, "vitvq")
-  model = vitvqgan.ViTVQGAN.from_config(config)
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  rng = jax.random.key(0)  # outside the mesh: an eager op on compile-only devices fails
   with parallel.tracing_context(mesh, rules):
-    boxed = jax.eval_shape(lambda rng: model.init(rng, image), jax.random.key(0))["params"]
+    boxed = jax.eval_shape(lambda r: model.init(r, image), rng)["params"]
+  boxed = {k: v for k, v in boxed.items() if k != "decoder"}
   shardings = parallel.logical_shardings(boxed, mesh, rules)
-  shardings = {k: v for k, v in shardings.items() if k != "decoder"}
-  tok = load_tokenizer(workdir, shardings=shardings, with_decoder=False)
+  shapes = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  return frozen_encoder_params(model, shapes)
+
+
+def frozen_encoder_params(model: vitvqgan.ViTVQGAN, params: dict) -> dict:
+  """params ('encoder', 'quantizer'; arrays or ShapeDtypeStructs) with the encoder's weight
+  matrices (kernels and the position embedding: the bulk) in the model's compute dtype: the
+  model casts them to it anyway, so the tokens are the same. Biases, LayerNorm params (which
+  LayerNorm applies in float32) and the projection to the code stay float32."""
 
   def compute_dtype(path, x):
     names = [str(getattr(p, "key", "")) for p in path]
     matrix = names[-1] == "kernel" or names[-1].endswith(("_kernel", "_embedding"))
-    keep = not matrix or any(n in FLOAT32_ENCODER_PARAMS for n in names)
-    return x if keep else x.astype(model.dtype)
+    if not matrix or any(n in FLOAT32_ENCODER_PARAMS for n in names):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, model.dtype, sharding=x.sharding)
+    return x.astype(model.dtype)
 
-  encoder = jax.tree_util.tree_map_with_path(compute_dtype, tok.params["encoder"])
-  return dataclasses.replace(tok, params={**tok.params, "encoder": encoder})
+  encoder = jax.tree_util.tree_map_with_path(compute_dtype, params["encoder"])
+  return {**params, "encoder": encoder}
+
+
+def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
+  """What stage 2's train step needs of a tokenizer, and only that: the encoder and the
+  quantizer (the EMA copy when the run kept one), laid out as frozen_encoder_shapes says.
+  Decoding needs load_tokenizer(workdir, with_encoder=False)."""
+  config = read_run_config(workdir, "vitvq")
+  model = vitvqgan.ViTVQGAN.from_config(config)
+  shapes = frozen_encoder_shapes(model, mesh, rules)
+  tok = load_tokenizer(workdir, shardings=jax.tree.map(lambda x: x.sharding, shapes),
+                       with_decoder=False)
+  return dataclasses.replace(tok, params=frozen_encoder_params(model, tok.params))
 
 
 @dataclasses.dataclass

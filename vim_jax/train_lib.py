@@ -206,27 +206,62 @@ def _on_stop_signal(signum, frame):
 
 
 def install_preemption_handler():
-  """Turns SIGTERM into a stop request (main.py calls this; libraries never take signals)."""
+  """Turns SIGTERM into a stop request (main.py calls this, after jax.distributed starts;
+  libraries never take signals). In a multi-process job JAX's preemption service owns SIGTERM
+  (its notifier tells every process, see preemption_requested), so Python's handler, which
+  would replace it, is not installed."""
   import signal
   import threading
+  if _preemption_service() is not None:
+    return
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, _on_stop_signal)
 
 
-# Processes compare their stop flags only every this many steps: the comparison is a blocking
-# host all-gather, which must not run on every step of a pod job.
+def _preemption_service():
+  """JAX's preemption sync manager in a multi-process job (None in a single process, or when
+  the jax_enable_preemption_service option turned it off)."""
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed
+  return distributed.global_state.preemption_sync_manager
+
+
+# Without the preemption service, processes compare their stop flags every this many steps:
+# the comparison is a blocking host all-gather, which must not run on every step of a pod job.
 PREEMPTION_SYNC_EVERY = 10
 
 
 def preemption_requested(step: int) -> bool:
-  """Whether any process got SIGTERM. Single process: checked at every step. Several: at
-  steps divisible by PREEMPTION_SYNC_EVERY, where every process gets the same answer, so they
-  all save the same checkpoint and stop together."""
-  requested = _stop_signal is not None
-  if jax.process_count() > 1:
-    if step % PREEMPTION_SYNC_EVERY:
-      return False
+  """Whether to save at `step` and stop because a process got SIGTERM.
+
+  One process: at the first step after the signal. Several: at the step JAX's preemption
+  service agrees on (the largest step any process had reached when the notice spread, plus
+  one), so every process saves the same checkpoint and stops together. Asking costs nothing on
+  the other steps: no host collective, so the device queue never drains. Call it at every
+  step, with increasing steps. (With the service off, a blocking all-gather of the flags at
+  steps divisible by PREEMPTION_SYNC_EVERY does the same.)
+  """
+  global _stopped
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    requested = _stop_signal is not None
+  elif _preemption_service() is not None:
+    requested = multihost_utils.reached_preemption_sync_point(step)
+  elif step % PREEMPTION_SYNC_EVERY:
+    requested = False
+  else:
     import numpy as np
-    from jax.experimental import multihost_utils
-    requested = bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+    flags = multihost_utils.process_allgather(np.asarray(_stop_signal is not None))
+    requested = bool(np.any(flags))
+  _stopped = _stopped or requested
   return requested
+
+
+_stopped = False
+
+
+def stopped_for_preemption() -> bool:
+  """For a program that runs several trainers in a row (the quickstart): whether one of them
+  stopped for a SIGTERM, or (one process) a SIGTERM has arrived since."""
+  return _stopped or (jax.process_count() == 1 and _stop_signal is not None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ class InputPipeline:
 
   def __init__(self, source, global_batch_size: int, image_size: int, seed: int, train: bool,
                random_flip: bool = True, process_index: int = 0, process_count: int = 1,
-               num_workers: int = 8, max_examples: int | None = None):
+               num_workers: int = 0, max_examples: int | None = None):
     if global_batch_size % process_count:
       raise ValueError(f"global batch size {global_batch_size} is not divisible by "
                        f"{process_count} processes; change config.batch_size.")
@@ -51,7 +52,8 @@ class InputPipeline:
         len(source), max_examples)
     self.skipped_images = 0
     self._skip_lock = threading.Lock()
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
+    self.num_workers = num_workers or available_cpus()
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
     self._perm_cache: tuple[int, np.ndarray] | None = None
 
   @property
@@ -152,6 +154,15 @@ class InputPipeline:
           out.get_nowait()
         except queue.Empty:
           thread.join(timeout=0.05)
+
+
+def available_cpus() -> int:
+  """CPU cores this process may run on (its affinity mask: a container's or a SLURM task's
+  share, not the whole machine's)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not on Linux
+    return max(1, os.cpu_count() or 1)
 
 
 def build_pipelines(config, process_index: int = 0, process_count: int = 1):

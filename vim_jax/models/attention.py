@@ -59,8 +59,9 @@ def xla_only():
 def resolve(implementation: str, dtype, backend: str | None = None, length: int = 128,
             splash_can_shard: bool = True) -> str:
   """The kernel `implementation` means on `backend` (default: jax's) for compute `dtype`
-  and sequence `length`. splash_can_shard: a mesh is set or one device runs it all (splash is
-  a Mosaic kernel, which XLA cannot partition by itself).
+  and sequence `length`. splash_can_shard: one device runs it all, or a mesh is set whose
+  batch axes divide the batch and whose tensor axis divides the heads (splash is a Mosaic
+  kernel, which XLA cannot partition by itself; an init on one example takes XLA).
 
   Raises ValueError for an unknown name, and for 'cudnn' off GPU or 'splash' off TPU.
   """
@@ -135,8 +136,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   splash's tile size.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  kind = resolve(implementation, q.dtype, length=q.shape[1],
-                 splash_can_shard=not mesh.empty or jax.device_count() == 1)
+  # The kernel is chosen for the chips the program is compiled for: the mesh's, which are not
+  # jax's default backend when compiling for a TPU slice from another machine.
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  backend = getattr(device, "platform", None)
+  if mesh.empty:
+    splash_can_shard = jax.device_count() == 1
+  else:  # whole sequences per device: the batch over (data, fsdp), the heads over tensor
+    sizes = dict(mesh.shape)
+    splash_can_shard = (q.shape[0] % (sizes.get("data", 1) * sizes.get("fsdp", 1)) == 0
+                        and q.shape[2] % sizes.get("tensor", 1) == 0)
+  kind = resolve(implementation, q.dtype, backend=backend, length=q.shape[1],
+                 splash_can_shard=splash_can_shard)
   if kind == "splash":
     return _splash(q, k, v, causal, block)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kind)
