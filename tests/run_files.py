@@ -26,9 +26,10 @@ def event_scalars(folder: str) -> dict[str, dict[int, float]]:
 def eval_images(config) -> np.ndarray:
   """The run's eval images exactly as its eval pass sees them: float [N, S, S, 3] in [-1, 1],
   padding removed."""
-  from vim_jax.data import pipeline
+  from vim_jax.data import pipeline, preprocess
   _, eval_data = pipeline.build_pipelines(config, 0, 1)
-  return np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()])
+  return preprocess.to_unit_range(
+      np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()]))
 
 
 def cli_env(devices: int | None = None) -> dict:

@@ -10,8 +10,7 @@ from vim_jax.data import pipeline, preprocess, shapes, sources
 
 
 def _check_batch(batch, b, size):
-  assert batch["image"].shape == (b, size, size, 3) and batch["image"].dtype == np.float32
-  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert batch["image"].shape == (b, size, size, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (b,) and batch["label"].dtype == np.int32
 
 
@@ -133,10 +132,12 @@ def test_preprocess_resizes_crops_and_scales():
   out = preprocess.preprocess_image(image, 20, None, random_flip=False)
   assert out.shape == (20, 20, 3)
   # Centre crop of the resized 20x40 image covers columns 10..30: left half black, right white.
-  assert out[:, :8].max() == -1.0 and out[:, 12:].min() == 1.0
+  assert out.dtype == np.uint8 and out[:, :8].max() == 0 and out[:, 12:].min() == 255
+  scaled = preprocess.to_unit_range(out)  # what the devices compute from it
+  assert scaled.dtype == np.float32 and scaled[:, :8].max() == -1.0 and scaled[:, 12:].min() == 1.0
+  np.testing.assert_array_equal(preprocess.to_uint8(scaled), out)  # and back, exactly
   flipped = preprocess.preprocess_image(image, 40, np.random.default_rng(0), random_flip=True)
   assert flipped.shape == (40, 40, 3)
-  assert preprocess.to_uint8(out).dtype == np.uint8
 
 
 def test_simple_style_uses_the_palette_and_solid_backgrounds():
@@ -152,3 +153,21 @@ def test_simple_style_uses_the_palette_and_solid_backgrounds():
     assert sum(any(np.array_equal(np.array(c), p) for p in palette) for c in colours) >= 2
   with pytest.raises(ValueError, match="num_colors=1"):
     shapes.render_example(0, "train", 0, 32, style=shapes.ShapesStyle(num_colors=1))
+
+
+def test_images_cross_as_uint8_and_are_scaled_on_the_device():
+  """The pipeline's uint8 batches become float32 in [-1, 1] on the devices, sharded over the
+  batch axes like any batch (a quarter of float32's host-to-device bytes)."""
+  from vim_jax import parallel
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+  images[0, 0, 0] = [0, 128, 255]
+  batch = parallel.global_batch_from_local({"image": images, "label": np.arange(8, dtype=np.int32)},
+                                           mesh)
+  assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+  assert batch["image"].sharding == parallel.batch_sharding(mesh)
+  on_device = np.asarray(batch["image"])
+  np.testing.assert_array_equal(on_device, preprocess.to_unit_range(images))  # the host's bits
+  np.testing.assert_allclose(on_device, images.astype(np.float64) / 127.5 - 1.0, rtol=0,
+                             atol=7.5e-8)
+  assert on_device[0, 0, 0, 0] == -1.0 and on_device[0, 0, 0, 2] == 1.0

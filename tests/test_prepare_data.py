@@ -54,7 +54,7 @@ def test_prepared_archives_read_back_with_the_right_labels_and_colours(fake_imag
   assert [label for _, label in by_name] == expected and len(val) == archive["validation"]
   # Batches are a pure function of (seed, step): the resume guarantee.
   batch = pipeline.InputPipeline(train, 8, 16, seed=0, train=True).local_batch(3)
-  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
   again = pipeline.InputPipeline(train, 8, 16, seed=0, train=True).local_batch(3)
   np.testing.assert_array_equal(batch["image"], again["image"])
   np.testing.assert_array_equal(batch["label"], again["label"])

@@ -12,6 +12,7 @@ import pytest
 
 from configs import vim_base
 from vim_jax import generation, optim, probe, runs, token_sampling, train_vim
+from vim_jax.data import preprocess
 
 from conftest import REPO_ROOT, tiny_vim_config
 from run_compare import assert_same_metrics, assert_states_close
@@ -173,7 +174,7 @@ def test_probe_features_are_a_blocks_sequence_mean_without_labels(vim_dir):
   feats, labels = probe.extract_features(trained, data, [1, 2])
   batch = next(data.iterate())
   np.testing.assert_array_equal(labels, batch["label"])
-  tokens = tok.model.apply({"params": tok.params}, batch["image"],
+  tokens = tok.model.apply({"params": tok.params}, preprocess.to_unit_range(batch["image"]),
                            method=vitvqgan.ViTVQGAN.encode_to_indices).reshape(16, -1)
   # The reference runs the same weights through the unrolled stack, whose blocks flax can
   # capture one by one (the trained model scans its layers).
@@ -225,9 +226,8 @@ def test_pretokenized_tokens_match_and_train(tokenizer_dir, tmp_path):
   # Shard contents equal the tokenizer applied to the same (centre-cropped) images.
   tok = runs.load_tokenizer(tokenizer_dir)
   images = sources.build_source(config.data, "train", 32, config.seed)
-  from vim_jax.data import preprocess
-  batch = np.stack([preprocess.preprocess_image(images[i]["image"], 32, None, False)
-                    for i in (0, 17, 39)])
+  batch = preprocess.to_unit_range(np.stack([
+      preprocess.preprocess_image(images[i]["image"], 32, None, False) for i in (0, 17, 39)]))
   expected = tok.model.apply({"params": tok.params}, batch, method=tok.model.encode_to_indices)
   for j, i in enumerate((0, 17, 39)):
     np.testing.assert_array_equal(tokens[i]["tokens"], np.asarray(expected[j]).reshape(-1))

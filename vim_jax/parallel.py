@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -147,6 +148,17 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global jax.Arrays sharded over the batch axes from this process's slice of the batch."""
+  """Global jax.Arrays sharded over the batch axes from this process's slice of the batch.
+  uint8 images cross to the devices as uint8 and become float32 in [-1, 1] there."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  if "image" in batch and batch["image"].dtype == jnp.uint8:
+    batch["image"] = _images_to_unit_range(batch["image"])
+  return batch
+
+
+@jax.jit
+def _images_to_unit_range(images: jax.Array) -> jax.Array:
+  """uint8 -> float32 in [-1, 1] where the images are (the output keeps their sharding)."""
+  from vim_jax.data import preprocess
+  return preprocess.to_unit_range(images)

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vim_jax import fid, fileio, generation, parallel, runs, stage1, token_sampling
-from vim_jax.data import pipeline, preprocess
+from vim_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1
   if max_images > 0:
     config.num_eval_images = max_images
   _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
-  batches = (preprocess.to_uint8(b["image"][b["mask"].astype(bool)]) for b in eval_data.iterate())
+  batches = (b["image"][b["mask"].astype(bool)] for b in eval_data.iterate())  # uint8
   return batches, eval_data.num_examples
 
 

@@ -172,16 +172,46 @@ def create_or_restore_state(init_fn, seed: int, mesh, rules, ckpt):
   return state, shardings, abstract, latest
 
 
-def write_train_window(writer, step: int, history: list[dict], progress: Progress,
-                       last_checkpoint: int | None, skipped_images: int) -> dict[str, float]:
-  """Closes a logging window: means of its step metrics, the NaN guard, throughput, and the
-  TensorBoard write (names without a '/' go under train/). Returns the scalars with 'step'."""
-  scalars = mean_metrics(history)
-  check_finite(scalars["loss"], step, last_checkpoint)
-  scalars.update(progress.update(step))
-  scalars["data/skipped_images"] = skipped_images
-  writer.write_scalars(step, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()})
-  return {"step": step, **scalars}
+class TrainWindows:
+  """Train-metric logging windows, each closed one step late.
+
+  The steps' metrics stay on the device until their window closes. A window that ends at step
+  N is fetched, NaN-checked and written once step N+1 has been dispatched (close_pending,
+  called right after dispatching), so fetching never waits for the newest step and the
+  device's queue never runs dry for a log line. The run's last window (the end, or a stop) is
+  closed at once. `describe(step, scalars)` writes the trainer's log line.
+  """
+
+  def __init__(self, writer, progress: Progress, describe):
+    self.writer, self.progress, self.describe = writer, progress, describe
+    self.history: list[dict] = []
+    self.logged: list[dict[str, float]] = []  # each closed window's scalars, with 'step'
+    self._pending = None  # (step, history, last_checkpoint, skipped_images)
+
+  def add(self, metrics: dict):
+    self.history.append(metrics)
+
+  def end(self, step: int, last_checkpoint: int | None, skipped_images: int, at_once: bool):
+    """Ends the window at `step`: closed now if at_once, else at the next close_pending."""
+    self.close_pending()
+    self._pending = (step, self.history, last_checkpoint, skipped_images)
+    self.history = []
+    if at_once:
+      self.close_pending()
+
+  def close_pending(self):
+    if self._pending is None:
+      return
+    step, history, last_checkpoint, skipped_images = self._pending
+    self._pending = None
+    scalars = mean_metrics(history)
+    check_finite(scalars["loss"], step, last_checkpoint)
+    scalars.update(self.progress.update(step))
+    scalars["data/skipped_images"] = skipped_images
+    self.writer.write_scalars(step, {k if "/" in k else f"train/{k}": v
+                                     for k, v in scalars.items()})
+    self.logged.append({"step": step, **scalars})
+    self.describe(step, scalars)
 
 
 def save_if_finite(ckpt, step: int, state, last_loss, last_checkpoint: int | None) -> int:

@@ -180,30 +180,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Loop -------------------------------------------------------------------------------------
   progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step,
                                 mesh.size, tokens_per_example=tok.num_tokens)
-  last_saved, history, logged, eval_metrics = latest, [], [], None
+
+  def describe(step, scalars):
+    log.info("step %d/%d: loss %.4f (%.3f bits/token), accuracy %.3f, %.2f steps/s, "
+             "%.0f tokens/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
+             scalars["loss"], scalars["bits_per_token"], scalars["accuracy"],
+             scalars["steps_per_sec"], scalars["tokens_per_sec_per_device"],
+             scalars["tflops_per_sec_per_device"],
+             train_lib.format_duration(progress.eta_seconds(step)))
+
+  windows = train_lib.TrainWindows(writer, progress, describe)
+  last_saved, eval_metrics = latest, None
   train_iter = train_data.iterate(start_step)
   step = start_step
   while step < config.total_steps:
     local = next(train_iter)
     batch = parallel.global_batch_from_local(model_inputs(local), mesh)
     state, metrics = train_step(state, batch, tok.params)
-    history.append(metrics)
+    windows.close_pending()  # the previous window, now that this step is queued
+    windows.add(metrics)
     step += 1
     is_last = step == config.total_steps
     stop_now = ((should_stop is not None and should_stop(step))
                 or train_lib.preemption_requested(step))
 
     if step % config.log_every == 0 or is_last or stop_now:
-      scalars = train_lib.write_train_window(writer, step, history, progress, last_saved,
-                                             train_data.skipped_images)
-      history = []
-      logged.append(scalars)
-      log.info("step %d/%d: loss %.4f (%.3f bits/token), accuracy %.3f, %.2f steps/s, "
-               "%.0f tokens/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
-               scalars["loss"], scalars["bits_per_token"], scalars["accuracy"],
-               scalars["steps_per_sec"], scalars["tokens_per_sec_per_device"],
-               scalars["tflops_per_sec_per_device"],
-               train_lib.format_duration(progress.eta_seconds(step)))
+      windows.end(step, last_saved, train_data.skipped_images, at_once=is_last or stop_now)
 
     if step % config.eval_every == 0 or is_last:
       eval_metrics = run_eval(step)
@@ -217,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   "resume", step)
       break
 
+  windows.close_pending()
   ckpt.close()
   writer.flush()
   train_iter.close()
-  return RunResult(state, logged, eval_metrics)
+  return RunResult(state, windows.logged, eval_metrics)

@@ -149,9 +149,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Loop -------------------------------------------------------------------------------------
   progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step,
                                 mesh.size)
+
+  def describe(step, scalars):
+    log.info("step %d/%d: loss %.4f, l2 %.4g, usage %.3f, %.2f steps/s, "
+             "%.1f img/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
+             scalars["loss"], scalars["loss_l2"], scalars["codebook_usage"],
+             scalars["steps_per_sec"], scalars["images_per_sec_per_device"],
+             scalars["tflops_per_sec_per_device"],
+             train_lib.format_duration(progress.eta_seconds(step)))
+
+  windows = train_lib.TrainWindows(writer, progress, describe)
   last_saved = latest
-  history: list[dict] = []
-  logged: list[dict[str, float]] = []
   eval_metrics = None
   train_iter = train_data.iterate(start_step)
   step = start_step
@@ -159,23 +167,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local = next(train_iter)
     batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
     state, metrics = train_step(state, batch, lpips_params)
-    history.append(metrics)
+    windows.close_pending()  # the previous window, now that this step is queued
+    windows.add(metrics)
     step += 1
     is_last = step == config.total_steps
     stop_now = ((should_stop is not None and should_stop(step))
                 or train_lib.preemption_requested(step))
 
     if step % config.log_every == 0 or is_last or stop_now:
-      scalars = train_lib.write_train_window(writer, step, history, progress, last_saved,
-                                             train_data.skipped_images)
-      history = []
-      logged.append(scalars)
-      log.info("step %d/%d: loss %.4f, l2 %.4g, usage %.3f, %.2f steps/s, "
-               "%.1f img/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
-               scalars["loss"], scalars["loss_l2"], scalars["codebook_usage"],
-               scalars["steps_per_sec"], scalars["images_per_sec_per_device"],
-               scalars["tflops_per_sec_per_device"],
-               train_lib.format_duration(progress.eta_seconds(step)))
+      windows.end(step, last_saved, train_data.skipped_images, at_once=is_last or stop_now)
 
     fid_due = extractor is not None and (step % config.fid.every == 0 or is_last)
     if step % config.eval_every == 0 or is_last or fid_due:
@@ -188,10 +188,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   "resume", step)
       break
 
+  windows.close_pending()
   ckpt.close()
   writer.flush()
   train_iter.close()
-  return RunResult(state, logged, eval_metrics)
+  return RunResult(state, windows.logged, eval_metrics)
 
 
 def summarize_for_tests(state: TrainState) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Per-example preprocessing: resize the shorter side, crop, flip, scale to [-1, 1]."""
+"""Per-example preprocessing: resize the shorter side, crop, flip (uint8, on the host); the
+scaling to [-1, 1] happens on the device (to_unit_range), so batches cross as uint8."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.nd
 
 def preprocess_image(image: np.ndarray, size: int, rng: np.random.Generator | None,
                      random_flip: bool) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [size, size, 3] in [-1, 1].
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] (to_unit_range gives the model's input).
 
   Training (rng given): random crop and, if random_flip, a horizontal flip with p=0.5.
   Eval (rng None): centre crop, no flip.
@@ -37,7 +38,17 @@ def preprocess_image(image: np.ndarray, size: int, rng: np.random.Generator | No
   image = crop(resize_shorter_side(image, size), size, rng)
   if rng is not None and random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
-  return image.astype(np.float32) / 127.5 - 1.0
+  return np.ascontiguousarray(image)
+
+
+def to_unit_range(images):
+  """uint8 [0, 255] -> float32 in [-1, 1] (numpy or jax arrays): the models' input.
+
+  An exact subtraction, then one rounded multiplication: numpy on the host and XLA on a device
+  give the same bits (XLA would turn a division into this multiplication anyway), 0 and 255
+  map to -1 and 1 exactly, and every value is within 7.5e-8 of x / 127.5 - 1.
+  """
+  return (images.astype(np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
