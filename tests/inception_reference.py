@@ -98,7 +98,9 @@ class TorchFIDInception:
     return torch.cat([b1, b3, bd, bp], 1)
 
   def __call__(self, images01):
-    """images [B, 3, H, W] in [0, 1] -> (pool [B, 2048], logits [B, 1008])."""
+    """images [B, 3, H, W] in [0, 1] -> (pool [B, 2048], unbiased logits [B, 1008], logits
+    [B, 1008]). The Inception Score uses the unbiased ones, pool @ W without the fc bias, as
+    improved-GAN's code (`softmax/logits/MatMul`) and torch-fidelity (`logits_unbiased`) do."""
     x = F.interpolate(images01, size=(299, 299), mode="bilinear", align_corners=False)
     x = 2 * x - 1
     x = self.conv(x, "Conv2d_1a_3x3", 32, (3, 3), stride=2)
@@ -122,7 +124,8 @@ class TorchFIDInception:
     if "fc.weight" not in self.state:
       self.state["fc.weight"] = self._randn(1008, 2048) / 2048 ** 0.5
       self.state["fc.bias"] = 0.1 * self._randn(1008)
-    return pool, F.linear(pool, self.state["fc.weight"], self.state["fc.bias"])
+    unbiased = F.linear(pool, self.state["fc.weight"])
+    return pool, unbiased, unbiased + self.state["fc.bias"]
 
 
 def write_random_pth(path, seed=0):

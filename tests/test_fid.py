@@ -124,3 +124,29 @@ def test_extractor_streams_uneven_batches_exactly(inception_files):
                              atol=1e-6)
   with pytest.raises(ValueError, match="expected uint8"):
     extractor(images.astype(np.float32))
+
+
+def test_inception_score_probabilities_leave_out_the_fc_bias(inception_files):
+  """IS is softmax(pool @ W) as improved-GAN's code, the ADM evaluator and torch-fidelity compute
+  it; the converted file's fc bias is non-zero, so softmax(pool @ W + b) would differ."""
+  import torch
+  state = torch.load(inception_files["pth"], weights_only=True)
+  weight = state["fc.weight"].double().numpy()  # [1008, 2048], torch's (out, in) layout
+  bias = state["fc.bias"].double().numpy()
+  assert np.abs(bias).max() > 0.05
+  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=8)
+  images = np.random.default_rng(7).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+  pool, probs = extractor(images)
+
+  def softmax(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  expected = softmax(pool.astype(np.float64) @ weight.T)
+  np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
+  biased = softmax(pool.astype(np.float64) @ weight.T + bias)
+  assert np.abs(biased - expected).max() > 100 * np.abs(probs - expected).max()
+  print(f"\nIS of 8 random images: {fid.inception_score(probs, splits=1)[0]:.6f} (unbiased "
+        f"logits), {fid.inception_score(biased, splits=1)[0]:.6f} (with the fc bias); max "
+        f"|p - p_biased| {np.abs(biased - expected).max():.2e}, max |p - numpy| "
+        f"{np.abs(probs - expected).max():.2e}")

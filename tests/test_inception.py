@@ -24,11 +24,13 @@ def test_flax_inception_equals_pytorch_reference(converted):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (2, 48, 48, 3)).astype(np.float32) / 255.0  # upsampled to 299
   with torch.no_grad():
-    pool_ref, logits_ref = ref(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    pool_ref, unbiased_ref, logits_ref = ref(torch.from_numpy(images.transpose(0, 3, 1, 2)))
   params = inception.load_params(weights)["params"]
   out = jax.jit(inception.InceptionV3FID().apply)({"params": params}, images)
   pool, logits = np.asarray(out["pool"]), np.asarray(out["logits"])
   assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+  np.testing.assert_allclose(out["logits_unbiased"], unbiased_ref.numpy(), rtol=1e-4,
+                             atol=1e-4 * np.abs(logits).max())
   pool_diff = np.abs(pool - pool_ref.numpy()).max()
   logits_diff = np.abs(logits - logits_ref.numpy()).max()
   print(f"\nmax |flax - torch|: pool features {pool_diff:.3g} (max |feature| "

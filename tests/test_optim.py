@@ -47,3 +47,65 @@ def test_gradients_are_clipped_to_the_global_norm(grad_value):
     scale = min(1.0, clip / norm) if clip else 1.0
     for leaf in jax.tree.leaves(mu):
       np.testing.assert_allclose(leaf, (1 - B1) * grad_value * scale, rtol=1e-5)
+
+
+def _decay_names(params):
+  """{'path/to/leaf': decayed?} of a parameter tree under optim's mask."""
+  import flax
+  mask = flax.traverse_util.flatten_dict(flax.core.unfreeze(optim.decay_weights_only(params)),
+                                         sep="/")
+  return {name: bool(decayed) for name, decayed in mask.items()}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_mask_on_the_real_models(scan_layers):
+  """ViT-VQGAN, the VIM and the discriminator as the trainers build them: kernels and the
+  token/class embedding tables are decayed; biases (the attention's are 2-D), LayerNorm scales
+  (2-D when the layers are scanned), position embeddings and the codebook are not."""
+  import flax.linen as nn
+  from configs import vim_base, vitvq_base
+  from vim_jax.models import discriminator, vim, vitvqgan
+  stage1 = vitvq_base.get_config("tiny")
+  stage2 = vim_base.get_config("tiny")
+  for section in (stage1.model.encoder, stage1.model.decoder, stage2.model):
+    section.scan_layers = scan_layers
+  key = jax.random.key(0)
+  image = jnp.zeros((1, stage1.image_size, stage1.image_size, 3))
+  trees = {
+      "vitvqgan": jax.eval_shape(vitvqgan.ViTVQGAN.from_config(stage1).init, key, image),
+      "vim": jax.eval_shape(vim.VIM.from_config(stage2, 64, 16).init, key,
+                            jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,), jnp.int32)),
+      "discriminator": jax.eval_shape(discriminator.StyleGANDiscriminator(32, 64, 32).init,
+                                      key, image),
+  }
+  trees = {model: nn.meta.unbox(variables) for model, variables in trees.items()}
+  names = {}
+  for model, variables in trees.items():
+    names.update({f"{model}/{k}": v for k, v in _decay_names(variables["params"]).items()})
+  decayed = sorted(n for n, d in names.items() if d)
+  kept = sorted(n for n, d in names.items() if not d)
+  last = lambda name: name.rsplit("/", 1)[-1]
+  for name in decayed:
+    assert last(name) in ("kernel", "embedding") or last(name).endswith("_kernel"), name
+  for name in kept:
+    assert (last(name) in ("bias", "scale", "position_embedding", "codebook")
+            or last(name).endswith("_bias")), name
+  assert "vim/token_embedding/embedding" in decayed
+  assert "vim/condition_embedding/embedding" in decayed
+  assert "vitvqgan/quantizer/codebook" in kept
+  assert any(n.endswith("query_bias") for n in kept) and any(n.endswith("query_kernel")
+                                                             for n in decayed)
+  assert any(n.startswith("discriminator/") for n in decayed)
+  # The former rule (ndim >= 2) decayed these: 2-D attention biases, position embeddings and
+  # the codebook, and with scanned layers every LayerNorm scale and bias.
+  wrongly = [n for n in kept if _leaf(trees, n).ndim >= 2]
+  assert any("position_embedding" in n for n in wrongly) and "vitvqgan/quantizer/codebook" in wrongly
+  print(f"kept out of decay that ndim >= 2 decayed ({len(wrongly)}): {wrongly}")
+
+
+def _leaf(trees, name):
+  model, *path = name.split("/")
+  node = trees[model]["params"]
+  for key in path:
+    node = node[key]
+  return node

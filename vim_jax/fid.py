@@ -5,7 +5,8 @@
 - FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, with
   the unbiased covariance (np.cov's), as pytorch-fid.
 - IS (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) over 10 equal splits, mean and std,
-  with the softmax over all 1008 logits (as the original TF code and torch-fidelity).
+  with the softmax over all 1008 unbiased logits, pool @ W without the fc bias (as improved-GAN's
+  TF code, the ADM evaluator and torch-fidelity's `logits_unbiased`).
 - Statistics files: .npz with 'mu' [2048] and 'sigma' [2048, 2048], the ADM reference-batch
   format (so gFID against their ImageNet train statistics works), plus our 'num_images' and
   'description' when we wrote them.
@@ -164,7 +165,7 @@ class Features:
   """What one streaming pass leaves: the FID statistics and the IS probabilities."""
 
   stats: FeatureStats
-  probabilities: np.ndarray  # [N, 1008] float32 softmax of the logits
+  probabilities: np.ndarray  # [N, 1008] float32 softmax of the unbiased logits (pool @ W)
 
   @property
   def num_images(self) -> int:
@@ -198,7 +199,8 @@ class FeatureExtractor:
 
     def forward(params, images_uint8):
       out = model.apply({"params": params}, images_uint8.astype(jnp.float32) / 255.0)
-      return out["pool"], jax.nn.softmax(out["logits"], axis=-1)
+      # The IS softmax is over the unbiased logits (pool @ W), as the reference tools compute it.
+      return out["pool"], jax.nn.softmax(out["logits_unbiased"], axis=-1)
 
     self._forward = jax.jit(forward, in_shardings=(replicated, self.batch_sharding),
                             out_shardings=replicated)

@@ -14,9 +14,21 @@ def warmup_cosine_schedule(opt_config, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=opt_config.end_lr)
 
 
-def decay_matrices_only(params):
-  """Weight decay on kernels and embeddings (ndim >= 2), not on biases and norm scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def is_decayed_weight(path) -> bool:
+  """Whether the parameter at this tree path gets weight decay: the dense and conv kernels
+  (`kernel`, and the attention's `query_kernel`, ..., `out_kernel`) and the token and class
+  embedding tables (nn.Embed's `embedding`). Not the biases (the attention's are 2-D,
+  [heads, head_dim]), LayerNorm and GroupNorm scales, position embeddings or the codebook,
+  whose pull toward 0 is not a prior on a weight. By name rather than by ndim: a scanned
+  stack's LayerNorm scale is [layers, width]."""
+  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  name = next((k for k in reversed(keys) if isinstance(k, str) and k != "value"), "")
+  return name == "kernel" or name.endswith("_kernel") or name == "embedding"
+
+
+def decay_weights_only(params):
+  """The weight-decay mask of a parameter tree: True on the leaves `is_decayed_weight` names."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_decayed_weight(path), params)
 
 
 def adamw(opt_config, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -25,7 +37,7 @@ def adamw(opt_config, schedule: optax.Schedule) -> optax.GradientTransformation:
   if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   chain.append(optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
-                           weight_decay=opt_config.weight_decay, mask=decay_matrices_only))
+                           weight_decay=opt_config.weight_decay, mask=decay_weights_only))
   return optax.chain(*chain)
 
 

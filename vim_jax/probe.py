@@ -72,7 +72,8 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndar
   """Trains softmax(x W + b) with Adam on standardised features; returns eval top-1."""
   train_x, eval_x = standardise(train_x, eval_x)
   params = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay,
+                   mask={"w": True, "b": False})
   opt_state = tx.init(params)
   train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y)
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, fileio, parallel, train_lib
+from vim_jax import checkpoint, fileio, optim, parallel, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import classifier as classifier_lib
 
@@ -31,7 +31,8 @@ TrainState = train_lib.TrainState
 
 def build_optimizer(config):
   schedule = optax.cosine_decay_schedule(config.optimizer.lr, max(config.total_steps, 1))
-  return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)
+  return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay,
+                     mask=optim.decay_weights_only)
 
 
 def make_init_fn(model, tx, image_size: int):

@@ -10,7 +10,10 @@ Every conv is conv (no bias) -> BatchNorm (eps 1e-3, running statistics) -> ReLU
 
 Input: images [B, H, W, 3] in [0, 1]. They are resized to 299 x 299 (`resize`, see RESIZE_METHODS)
 and scaled to [-1, 1] (2x - 1), as pytorch-fid does. Output: {'pool': [B, 2048] (the FID
-features, after global average pooling), 'logits': [B, 1008] (the IS logits, fc on pool)}.
+features, after global average pooling), 'logits_unbiased': [B, 1008] (the IS logits: pool @ W,
+without the fc bias, as improved-GAN's IS code, the ADM evaluator and torch-fidelity's
+`logits_unbiased` take them from the graph's `softmax/logits/MatMul`), 'logits': [B, 1008] (the
+graph's full classifier logits, pool @ W + b; not used for any score)}.
 
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, converted once by
 `python -m vim_jax.tools.convert_inception`. Parameter names follow the torch keys
@@ -174,8 +177,21 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+class Logits(nn.Module):
+  """pool [B, 2048] -> (pool @ W, pool @ W + b), each [B, 1008]: the graph's fc layer, with the
+  product before its bias kept apart because the Inception Score is defined on it."""
+
+  @nn.compact
+  def __call__(self, pool: jax.Array) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool.shape[-1], NUM_LOGITS))
+    bias = self.param("bias", nn.initializers.zeros_init(), (NUM_LOGITS,))
+    unbiased = jnp.dot(pool, kernel, precision=jax.lax.Precision.HIGHEST)
+    return unbiased, unbiased + bias
+
+
 class InceptionV3FID(nn.Module):
-  """images [B, H, W, 3] in [0, 1] -> {'pool': [B, 2048], 'logits': [B, 1008]} (float32)."""
+  """images [B, H, W, 3] in [0, 1] -> {'pool': [B, 2048], 'logits_unbiased': [B, 1008],
+  'logits': [B, 1008]} (float32)."""
 
   resize: str = "bilinear"
 
@@ -201,7 +217,8 @@ class InceptionV3FID(nn.Module):
     x = InceptionE("avg", name="Mixed_7b")(x)  # 2048
     x = InceptionE("max", name="Mixed_7c")(x)
     pool = jnp.mean(x, axis=(1, 2))
-    return {"pool": pool, "logits": nn.Dense(NUM_LOGITS, name="fc")(pool)}
+    unbiased, logits = Logits(name="fc")(pool)
+    return {"pool": pool, "logits_unbiased": unbiased, "logits": logits}
 
 
 MISSING_WEIGHTS_HELP = """\
