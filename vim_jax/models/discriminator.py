@@ -24,6 +24,15 @@ def lrelu(x: jax.Array) -> jax.Array:
   return nn.leaky_relu(x, LRELU_SLOPE) * math.sqrt(2.0)
 
 
+# Weights of variance 1 / fan_in. The activation already carries StyleGAN's sqrt(2) gain, so a
+# conv followed by lrelu keeps unit variance, as StyleGAN2's unit-variance weights scaled by
+# 1 / sqrt(fan_in) at run time do. He init (2 / fan_in) on top of that gain doubled the variance
+# at every layer: at 256 px the initial logits reached |mean| ~ 100 and the game started
+# saturated. (No equalized learning rate: the optimizer steps the weights at their run-time
+# scale, as in the rest of the model.)
+weight_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+
 def blur(x: jax.Array) -> jax.Array:
   """Depthwise [1, 3, 3, 1] x [1, 3, 3, 1] / 64 low-pass filter; [B, H, W, C], same size."""
   k1 = np.array([1.0, 3.0, 3.0, 1.0])
@@ -42,8 +51,7 @@ def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = True, nam
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       use_bias=use_bias, dtype=dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(),
-                                               (None, None, "conv_in", "conv_out")),
+      kernel_init=nn.with_logical_partitioning(weight_init, (None, None, "conv_in", "conv_out")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 
@@ -112,8 +120,7 @@ class StyleGANDiscriminator(nn.Module):
     x = x.reshape(x.shape[0], -1)
     dense = lambda n, name: nn.Dense(
         n, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(),
-                                                 ("conv_in", "conv_out")),
+        kernel_init=nn.with_logical_partitioning(weight_init, ("conv_in", "conv_out")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
     x = lrelu(dense(self.channels(4), "fc")(x))
     return dense(1, "logit")(x)[:, 0].astype(jnp.promote_types(self.dtype, jnp.float32))
