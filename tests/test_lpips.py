@@ -75,6 +75,30 @@ def test_distance_is_zero_for_identical_images_and_grows_with_noise(converted):
   assert np.all(dists[0] < dists[1]) and np.all(dists[1] < dists[2])
 
 
+def test_a_bfloat16_tokenizer_reports_float32_lpips(converted, tiny_config):
+  """The eval step (and the loss) of a bf16 tokenizer measure LPIPS with the float32 network,
+  at full precision. A bf16 VGG, what the model's dtype gave it before, is off by 2e-4 with
+  these random weights: 10x the tolerance, so the check tells them apart."""
+  import flax.linen as nn
+  from vim_jax import stage1
+  tiny_config.model.dtype = "bfloat16"
+  tiny_config.perceptual_weights = converted[2]
+  models = stage1.build_models(tiny_config)
+  assert models.lpips.dtype == jnp.float32
+  params = lpips.load_params(converted[2])["params"]
+  images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  tokenizer_params = nn.meta.unbox(jax.jit(models.tokenizer.init)(jax.random.key(1), images))
+  out = jax.jit(stage1.make_eval_step(models))(tokenizer_params["params"], {"image": images},
+                                               params)
+  recon = out["reconstruction"].astype(jnp.float32)
+  float32 = np.asarray(lpips.LPIPS().apply({"params": params}, images, recon))
+  bfloat16 = np.asarray(lpips.LPIPS(jnp.bfloat16).apply({"params": params}, images, recon))
+  print(f"\nLPIPS of a bf16 tokenizer's reconstructions: eval step {np.asarray(out['lpips'])}, "
+        f"float32 network {float32}, bf16 network {bfloat16}")
+  np.testing.assert_allclose(out["lpips"], float32, rtol=0, atol=1e-5)
+  assert np.abs(bfloat16 - float32).max() > 1e-4
+
+
 def test_no_gradient_reaches_the_frozen_weights(converted):
   params = lpips.load_params(converted[2])
   x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)

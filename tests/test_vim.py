@@ -160,3 +160,34 @@ def test_unconditional_model_ignores_labels_and_features_shape():
   assert feats.shape == (2, 32)
   with pytest.raises(ValueError, match="capture_block=3"):
     model.apply({"params": params}, tokens, None, 3, method=vim_lib.VIM.features)
+
+
+def test_a_bfloat16_vim_computes_its_logits_in_float32():
+  """The head's matmul accumulates in float32 (bf16 inputs, as the compute dtype asks), and the
+  logits and log-softmax stay float32, in the loss and in cached sampling alike."""
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(2, 3, 256)).astype(np.float32)
+  kernel = (rng.normal(size=(256, V)) / 16).astype(np.float32)
+  bias = rng.normal(size=(V,)).astype(np.float32)
+  logits = vim_lib.head_logits(jnp.asarray(h), jnp.asarray(kernel), jnp.asarray(bias),
+                               jnp.bfloat16)
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+  expected = as_bf16(h) @ as_bf16(kernel) + bias  # float64 sums of the bf16-rounded inputs
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
+
+  stack = transformer.StackConfig(num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64,
+                                  causal=True)
+  model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=C, dtype=jnp.bfloat16)
+  tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
+  labels = jnp.array([0, 2])
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens, labels))["params"]
+  full = model.apply({"params": params}, tokens, labels)
+  nll, accuracy = model.apply({"params": params}, tokens, labels, method=vim_lib.VIM.loss)
+  cache = token_sampling.init_cache(model, 2)
+  step, _ = model.apply({"params": params, "cache": cache}, tokens[:, 0], labels, jnp.int32(0),
+                        method=vim_lib.VIM.decode, mutable=["cache"])
+  assert full.dtype == nll.dtype == accuracy.dtype == step.dtype == jnp.float32
+  reference_nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(full), np.float64),
+                                      np.asarray(tokens)[..., None], -1)[..., 0].mean(-1)
+  np.testing.assert_allclose(np.asarray(nll), reference_nll, rtol=1e-5)

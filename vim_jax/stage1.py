@@ -64,8 +64,10 @@ def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
         jnp.dtype(config.model.dtype))
   wants_lpips = config.loss.perceptual > 0 or (
       fileio.exists(config.perceptual_weights))
+  # LPIPS in float32 whatever the tokenizer's dtype: the loss and eval/lpips are the published
+  # network's distance, not a bf16 approximation of it.
   return Stage1Models(vitvqgan.ViTVQGAN.from_config(config), disc,
-                      lpips_lib.LPIPS(jnp.dtype(config.model.dtype)) if wants_lpips else None)
+                      lpips_lib.LPIPS(jnp.float32) if wants_lpips else None)
 
 
 def build_optimizers(config: ml_collections.ConfigDict):
@@ -246,8 +248,9 @@ def make_eval_step(models: Stage1Models) -> Callable:
         "indices": outputs["indices"],
         "reconstruction": recon,
     }
-    if models.lpips is not None:
-      out["lpips"] = models.lpips.apply({"params": lpips_params}, images, recon)
+    if models.lpips is not None:  # the reported number at full float32 precision on TPU too
+      out["lpips"] = models.lpips.clone(precision="highest").apply({"params": lpips_params},
+                                                                  images, recon)
     return out
 
   return eval_step

@@ -41,6 +41,7 @@ class VGG16Features(nn.Module):
   """VGG16 conv stack; returns the five tapped ReLU outputs, each [B, H_l, W_l, C_l]."""
 
   dtype: jnp.dtype = jnp.float32
+  precision: str | None = None  # jax.lax.Precision of the convs; None = the backend's default
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -51,7 +52,7 @@ class VGG16Features(nn.Module):
         continue
       index, channels = layer
       x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  name=f"conv{index}")(x)
+                  precision=self.precision, name=f"conv{index}")(x)
       x = nn.relu(x)
       if index in TAPPED_CONVS:
         taps.append(x)
@@ -65,9 +66,14 @@ def normalize_channels(x: jax.Array, eps: float = 1e-10) -> jax.Array:
 
 
 class LPIPS(nn.Module):
-  """Perceptual distance; __call__(x, y) with [B, H, W, 3] in [-1, 1] returns [B]."""
+  """Perceptual distance; __call__(x, y) with [B, H, W, 3] in [-1, 1] returns [B].
+
+  The trainers build it in float32 whatever the tokenizer's dtype (a bf16 VGG moves the
+  distance by more than 1e-3), and evaluation also asks for `precision='highest'`: TPUs run a
+  float32 conv at the default precision as one bfloat16 pass."""
 
   dtype: jnp.dtype = jnp.float32
+  precision: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -75,7 +81,7 @@ class LPIPS(nn.Module):
     scale = jnp.asarray(SCALE, jnp.float32)
     # x and y go through the same VGG one after the other: concatenating them along the
     # batch axis would move examples between the devices that share the batch.
-    vgg = VGG16Features(self.dtype, name="vgg")
+    vgg = VGG16Features(self.dtype, self.precision, name="vgg")
     features = lambda images: vgg(((images.astype(jnp.float32) - shift) / scale).astype(
         self.dtype))
     total = 0.0
