@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -197,3 +198,23 @@ def test_evaluate_names_what_it_compares_against():
   with pytest.raises(ValueError, match="--reference_stats"):
     reported_metrics.data_label(config.data)
   assert np.isfinite(fid.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)))
+
+
+def test_gfid_of_an_imagenet_run_warns_without_the_papers_reference(caplog, tmp_path):
+  """Without reference statistics, an ImageNet VIM's gFID is against its own eval split; the
+  warning says so and how to get ADM's reference batch. Other data and given files: silent."""
+  from configs import vim_base
+  from vim_jax.data import sources
+  config = vim_base.get_config()
+  config.data.data_dir = str(tmp_path / "tfds")  # nothing prepared there
+  warning = reported_metrics.not_the_papers_protocol(config, "")
+  for part in ("imagenet2012_validation", "50,000 samples", "VIRTUAL_imagenet256_labeled.npz",
+               "--reference_stats", reported_metrics.ADM_IMAGENET256_REFERENCE):
+    assert part in warning
+  assert reported_metrics.not_the_papers_protocol(config, "ref.npz") is None
+  with caplog.at_level(logging.WARNING), pytest.raises(sources.DatasetNotPreparedError):
+    reported_metrics.reference_stats(config, extractor=None)
+  assert warning in caplog.text
+  shapes = vim_base.get_config("tiny")
+  assert shapes.data.source == "shapes"
+  assert reported_metrics.not_the_papers_protocol(shapes, "") is None

@@ -10,8 +10,10 @@ reconstructs every image and reports
   perplexity.
 A stage-2 (VIM) workdir: draws --num_samples samples (class-balanced when class-conditional;
 the paper's 50k by default) and reports
-  fid_vs_<reference>       gFID against --reference_stats (e.g. ADM's ImageNet train batch) or,
-                           by default, the eval split of the run's data,
+  fid_vs_<reference>       gFID against --reference_stats (e.g. ADM's ImageNet train batch, the
+                           paper's reference), else the run's config.fid.reference_stats, else
+                           the eval split of the run's data (ImageNet runs warn that this is not
+                           the paper's protocol),
   is_of_samples,
 and with --classifier_workdir also class_accuracy and, at --acceptance < 1, the same metrics for
 classifier rejection sampling (suffix _rejection<rate>).
@@ -51,7 +53,9 @@ def define_flags():
   flags.DEFINE_integer("num_samples", 50_000, "Stage 2: samples to draw (class-balanced).")
   flags.DEFINE_integer("seed", 0, "Stage 2: sampling seed.")
   flags.DEFINE_string("reference_stats", "", "Stage 2: .npz with mu/sigma (ours or ADM's "
-                      "reference batches); default: the eval split of the run's data.")
+                      "reference batches, e.g. VIRTUAL_imagenet256_labeled.npz, the paper's); "
+                      "default: the run's config.fid.reference_stats, else the eval split of "
+                      "the run's data (with a warning for ImageNet runs).")
   flags.DEFINE_integer("reference_images", -1, "Stage 2, without --reference_stats: eval "
                        "images for the reference; -1 = the run's num_eval_images.")
   flags.DEFINE_string("save_reference_stats", "", "Write the real images' statistics here.")
@@ -90,9 +94,9 @@ def main(argv):
     step = tok.step
   elif config.trainer == "vim":
     trained = runs.load_vim(FLAGS.workdir, FLAGS.step)
-    real = reported_metrics.reference_stats(config, extractor, FLAGS.reference_stats,
-                                            FLAGS.reference_images)
-    label = reported_metrics.reference_label_for(FLAGS.reference_stats, config, real)
+    reference = FLAGS.reference_stats or fid_config.get("reference_stats", "")
+    real = reported_metrics.reference_stats(config, extractor, reference, FLAGS.reference_images)
+    label = reported_metrics.reference_label_for(reference, config, real)
     results = reported_metrics.evaluate_generator(
         trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed,
         stage2.sampling_config_from(config), FLAGS.batch_size, FLAGS.classifier_workdir,

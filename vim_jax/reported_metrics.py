@@ -56,14 +56,37 @@ def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1
   return batches, eval_data.num_examples
 
 
+ADM_IMAGENET256_REFERENCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+                             "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz")
+
+
+def not_the_papers_protocol(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """The warning for gFID of an ImageNet run against its own eval split, or None."""
+  if path or config.data.source not in ("tfds", "folder"):
+    return None
+  label = data_label(config.data)
+  if "imagenet" not in label.lower():
+    return None
+  return (f"gFID against {label} (the run's eval split, at most num_eval_images="
+          f"{config.num_eval_images} images) is not the paper's protocol, which compares 50,000 "
+          f"samples with ADM's ImageNet 256x256 training reference batch. Get that file once "
+          f"(curl -LO {ADM_IMAGENET256_REFERENCE}) and pass "
+          "--reference_stats=VIRTUAL_imagenet256_labeled.npz to vim_jax.evaluate (or set "
+          "config.fid.reference_stats), with --num_samples=50000.")
+
+
 def reference_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExtractor,
                     path: str = "", max_images: int = -1) -> fid.FeatureStats:
-  """Statistics from `path`, or computed over the run's eval split (labelled with data_label)."""
+  """Statistics from `path`, or computed over the run's eval split (labelled with data_label;
+  for an ImageNet run, with a warning that this is not the paper's reference)."""
   if path:
     stats = fid.FeatureStats.load(path)
     log.info("reference statistics %s: %s (%s images)", path, stats.description,
              stats.num_images or "?")
     return stats
+  warning = not_the_papers_protocol(config, path)
+  if warning:
+    log.warning(warning)
   batches, total = eval_split_images(config, max_images)
   return extractor.extract(batches, data_label(config.data), total).stats
 
