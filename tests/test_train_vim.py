@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -130,6 +131,26 @@ def test_probe_cli_prints_and_writes_the_in_process_result(vim_dir):
   # The same features and seed in this process (8 devices) give the same top-1.
   assert written["1"] == pytest.approx(probe.run_probe(vim_dir, blocks=[1])[1], abs=1e-9)
   assert f"| 1 of 2 | {100 * written['1']:.1f}% |" in proc.stdout
+
+
+def test_probe_refuses_a_conditional_vim_trained_without_label_dropout(vim_dir, tmp_path):
+  """Its null condition, the probe's input, was never trained: refused by name, in the API
+  and the CLI, before anything loads. The same run with label_dropout > 0 passes the check."""
+  config = json.load(open(os.path.join(vim_dir, "config.json")))
+  assert config["model"]["num_classes"] > 0 and config["label_dropout"] > 0
+  probe.check_null_condition_trained(runs.read_run_config(vim_dir), vim_dir)
+  workdir = str(tmp_path / "no_dropout")
+  os.makedirs(workdir)
+  json.dump({**config, "label_dropout": 0.0}, open(os.path.join(workdir, "config.json"), "w"))
+  with pytest.raises(probe.UntrainedNullCondition, match="label_dropout=0.0"):
+    probe.run_probe(workdir)
+  proc = subprocess.run([sys.executable, "-m", "vim_jax.probe", f"--workdir={workdir}"],
+                        cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert "error: " in proc.stderr and "null condition" in proc.stderr and "Traceback" not in (
+      proc.stderr)
+  unconditional = {**config, "label_dropout": 0.0, "model": {**config["model"], "num_classes": 0}}
+  probe.check_null_condition_trained(ml_collections.ConfigDict(unconditional), workdir)
 
 
 def test_sample_cli(vim_dir, tmp_path):

@@ -2,6 +2,9 @@
 
 Features of an image: its tokens run through the frozen VIM (with the null condition, so a
 class-conditional model sees no label), the output of one block averaged over the sequence.
+A class-conditional VIM trained with label_dropout = 0 never saw the null condition, so its
+features under it mean nothing: the probe refuses such a run (UntrainedNullCondition); probe
+an unconditional VIM or one trained with label_dropout > 0 (the configs' default is 0.1).
 A linear softmax classifier is trained on the train split's features with optax; top-1 on the
 eval split is the probe accuracy.
 
@@ -96,8 +99,24 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndar
   return float(np.mean(predictions == eval_y))
 
 
+class UntrainedNullCondition(ValueError):
+  """A class-conditional VIM whose null condition, the probe's input, was never trained."""
+
+
+def check_null_condition_trained(config, workdir: str):
+  """Raises UntrainedNullCondition for a class-conditional run trained without label dropout."""
+  if config.model.get("num_classes", 0) and config.get("label_dropout", 0.0) <= 0:
+    raise UntrainedNullCondition(
+        f"{workdir!r} holds a class-conditional VIM trained with label_dropout="
+        f"{config.get('label_dropout', 0.0)}: its null condition, which the probe feeds so that "
+        "the features see no label, was never trained. Probe an unconditional VIM "
+        "(model.num_classes=0) or a class-conditional one trained with label_dropout > 0 "
+        "(e.g. --config.label_dropout=0.1, the configs' default).")
+
+
 def run_probe(workdir: str, blocks: list[int] | None = None) -> dict[int, float]:
   """Probe accuracy for each block of a stage-2 workdir, using its config.probe settings."""
+  check_null_condition_trained(runs.read_run_config(workdir, "vim"), workdir)
   trained = runs.load_vim(workdir)
   config, p = trained.config, trained.config.probe
   last = trained.model.stack.num_layers
@@ -134,7 +153,10 @@ def main(argv):
   log_filters.install()
   FLAGS = flags.FLAGS
   blocks = [int(b) for b in FLAGS.blocks.split(",")] if FLAGS.blocks else None
-  results = run_probe(FLAGS.workdir, blocks)
+  try:
+    results = run_probe(FLAGS.workdir, blocks)
+  except UntrainedNullCondition as e:
+    raise SystemExit(f"error: {e}") from None
   trained_layers = runs.load_vim(FLAGS.workdir).model.stack.num_layers
   print(format_table(results, trained_layers))
   fileio.write_json(fileio.join(FLAGS.workdir, "probe.json"),
