@@ -52,7 +52,9 @@ class InputPipeline:
     self.local_batch_size = global_batch_size // process_count
     self.num_examples = len(source) if not max_examples or max_examples < 0 else min(
         len(source), max_examples)
-    self.skipped_images = 0
+    # Source indices that failed to decode: never read again (a corrupt file stays corrupt),
+    # counted and reported once each however many epochs pass over them.
+    self._unreadable: set[int] = set()
     self._skip_lock = threading.Lock()
     self.num_workers = num_workers or available_cpus()
     self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
@@ -61,6 +63,11 @@ class InputPipeline:
   @property
   def num_classes(self) -> int:
     return self.source.num_classes
+
+  @property
+  def skipped_images(self) -> int:
+    """Distinct unreadable files met so far by this process (logged as data/skipped_images)."""
+    return len(self._unreadable)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -89,13 +96,18 @@ class InputPipeline:
   def _load(self, index: int, step: int, position: int) -> dict[str, np.ndarray]:
     for attempt in range(100):
       candidate = (index + attempt) % len(self.source)
+      if candidate in self._unreadable:
+        continue  # replaced by the next readable one, as when it was first found corrupt
       try:
         example = self.source[candidate]
         break
       except sources.CorruptImageError as e:
         with self._skip_lock:
-          self.skipped_images += 1
-        log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped_images, e)
+          first_time = candidate not in self._unreadable
+          self._unreadable.add(candidate)
+          count = len(self._unreadable)
+        if first_time:  # two threads may hit the same file in one batch
+          log.warning("skipping unreadable image (%d distinct files so far): %s", count, e)
     else:
       raise RuntimeError(f"100 consecutive unreadable images from index {index}; is the "
                          "dataset path right?")
