@@ -4,10 +4,10 @@
 #   TPU_NAME=vim-eval ZONE=us-central2-b ACCELERATOR_TYPE=v4-8 \
 #   launch/tpu_exec.sh evaluate --workdir=gs://BUCKET/runs/vitvq_base \
 #     --inception_weights=gs://BUCKET/weights/pt_inception-2015-12-05.msgpack
-# Why a single host: these commands start one JAX process. On a multi-host slice every host
-# must run the same program, and evaluate's FID statistics are not yet gathered across
-# processes, so they would cover the wrong images. A v4-8, v5p-8, v5e-8 or v6e-8 created next to
-# the pod reads the same gs:// workdirs (VIM-Large's 1.85B params fit one host replicated).
+# Why a single host: these commands start one JAX process (no jax.distributed), while on a
+# multi-host slice every host must run the same program. A v4-8, v5p-8, v5e-8 or v6e-8 created
+# next to the pod reads the same gs:// workdirs (VIM-Large's 1.85B params fit one host
+# replicated).
 # Optional: PROJECT, QUEUED / SPOT (as for tpu_create.sh), TFDS_DATA_DIR.
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"

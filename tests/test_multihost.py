@@ -44,13 +44,21 @@ def _flags(config_spec, overrides):
 
 def _run_two_processes(args, workdir, log_dir):
   port = _free_port()
+  logs = _start_two_processes(
+      lambda i: [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"], log_dir)
+  assert "process 1 of 2, 4 local / 8 global devices" in open(logs[1]).read()
+
+
+def _start_two_processes(command, log_dir):
+  """Runs command(0) and command(1) together (4 CPU devices each); their log files."""
   procs, logs = [], []
   for i in range(2):
     logs.append(os.path.join(log_dir, f"process{i}.log"))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=REPO_ROOT, env=cli_env(4), stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
+        command(i), cwd=REPO_ROOT, env=cli_env(4), stdout=open(logs[-1], "w"),
+        stderr=subprocess.STDOUT))
   try:
     codes = [p.wait(timeout=900) for p in procs]
   finally:
@@ -58,8 +66,10 @@ def _run_two_processes(args, workdir, log_dir):
       if p.poll() is None:
         p.kill()
   for code, log in zip(codes, logs):
-    assert code == 0, open(log).read()[-3000:]
-  assert "process 1 of 2, 4 local / 8 global devices" in open(logs[1]).read()
+    text = open(log).read()
+    errors = [line for line in text.splitlines() if "Error" in line]  # a long array can hide it
+    assert code == 0, "\n".join(errors[-5:]) + "\n...\n" + text[-3000:]
+  return logs
 
 
 def checkpoint_arrays(workdir) -> dict[str, np.ndarray]:
@@ -120,3 +130,27 @@ def test_stage2_two_slices_fsdp_tensor_match_one(stage1_runs, tmp_path):
   worst = assert_runs_match(str(tmp_path / "single"), str(tmp_path / "multi"))
   print(f"\nstage 2 (data 2 over DCN x fsdp 2 x tensor 2), 2 processes vs 1: largest "
         f"difference {worst:.3g} of a leaf's scale")
+
+
+def test_eval_split_inception_statistics_on_two_processes_match_one(inception_files, tmp_path):
+  """The gFID reference of a stage-2 run without fid.reference_stats: each process reads its
+  share of every eval batch; the statistics must cover exactly the split's images, as in one
+  process. (Before the shares were gathered, jax 0.10 refused the first batch: "ndarray passed
+  to device_put is not the same on each process".)"""
+  from multihost_fid_stats import reference_config
+  from vim_jax import fid, reported_metrics
+  port, out = _free_port(), str(tmp_path / "stats.npz")
+  script = os.path.join(REPO_ROOT, "tests", "multihost_fid_stats.py")
+  _start_two_processes(lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
+                                  inception_files["flax"], out], str(tmp_path))
+  two = fid.FeatureStats.load(out)
+  one = reported_metrics.reference_stats(reference_config(),
+                                         fid.FeatureExtractor(inception_files["flax"],
+                                                              batch_size=8))
+  assert one.num_images == two.num_images == 20
+  scale = np.abs(one.sigma).max()
+  print(f"\neval-split statistics, 2 processes vs 1: max |mu diff| "
+        f"{np.abs(one.mu - two.mu).max():.3g}, max |sigma diff| "
+        f"{np.abs(one.sigma - two.sigma).max():.3g} (max |sigma| {scale:.3g})")
+  np.testing.assert_allclose(two.mu, one.mu, rtol=0, atol=1e-5 * np.abs(one.mu).max())
+  np.testing.assert_allclose(two.sigma, one.sigma, rtol=0, atol=1e-5 * scale)

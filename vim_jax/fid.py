@@ -182,7 +182,11 @@ class Features:
 
 
 class FeatureExtractor:
-  """Inception features of uint8 image batches, sharded over the mesh's batch axes."""
+  """Inception features of uint8 image batches, sharded over the mesh's batch axes.
+
+  In a multi-process job every process passes the same whole batch (gather the processes'
+  shares first, as reported_metrics.eval_split_images does); each device featurizes its rows,
+  and every process gets all the features back."""
 
   def __init__(self, weights_path: str, mesh=None, resize: str = "bilinear",
                batch_size: int = 64, log_every_seconds: float = 30.0):

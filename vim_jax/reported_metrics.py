@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -47,13 +48,23 @@ def metric(value: float, num_images: int, against: str = "") -> dict:
 def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1
                       ) -> tuple[Iterator[np.ndarray], int]:
   """(uint8 batches of the run's eval split, their number), up to max_images (-1 = the run's
-  num_eval_images)."""
+  num_eval_images). Every process gets the same, whole batches: each reads its share of a
+  batch and the shares are gathered, as the FeatureExtractor expects (the same images on every
+  process; each device featurizes its rows of them)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if max_images > 0:
     config.num_eval_images = max_images
   _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
-  batches = (b["image"][b["mask"].astype(bool)] for b in eval_data.iterate())  # uint8
-  return batches, eval_data.num_examples
+
+  def whole_batches():
+    for local in eval_data.iterate():
+      images, mask = local["image"], local["mask"]  # this process's rows, uint8 and {0, 1}
+      if jax.process_count() > 1:
+        images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+        mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+      yield images[mask.astype(bool)]
+
+  return whole_batches(), eval_data.num_examples
 
 
 ADM_IMAGENET256_REFERENCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
