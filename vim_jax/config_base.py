@@ -41,6 +41,10 @@ def vit_stack(size: str) -> ml_collections.ConfigDict:
       **VIT_SIZES[size],
       output_ffn_dim=0,  # hidden width of the Linear-tanh-Linear output head; 0 = mlp_dim
       dropout=0.0,
+      # Block details other published ViT-VQGANs differ in (configs/enhancing_vitvq_*.py):
+      mlp_activation="gelu",  # 'gelu' (tanh approximation) or 'tanh'
+      qkv_bias=True,  # biases on the query/key/value projections
+      layer_norm_eps=1e-6,
       **stack_kernels(),
   ))
 
@@ -111,6 +115,13 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
       logit_laplace=True,  # decoder predicts (mu, log b) per channel
       logit_laplace_eps=0.1,  # inputs squashed to [eps, 1 - eps] before the logit
       dtype="bfloat16",  # compute dtype; params stay float32
+      # For other published ViT-VQGANs (vim_jax/models/vitvqgan.py's docstring): 'learned' or
+      # 'sincos' (fixed 2-D); the Linear-tanh-Linear head after each stack (False: none, and one
+      # linear map per token to pixels); the range the network works in ('minus_one_to_one' or
+      # 'zero_to_one'; callers always use [-1, 1]).
+      position_embedding="learned",
+      output_ffn=True,
+      pixel_range="minus_one_to_one",
   ))
   # Weights of each loss term: L_VQ + 0.1 L_adv + 0.1 L_perceptual + 0.1 L_logit-Laplace
   # + 1.0 L_2 (paper). A weight of 0 removes the term and, for perceptual/adversarial, its
@@ -215,6 +226,41 @@ def apply_stage1_variants(c: ml_collections.ConfigDict, variants: set[str]):
     c.loss.perceptual = 0.0
   if "tiny" in variants:
     c = make_tiny(c)
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# The public ViT-VQGAN ImageNet tokenizers of thuanz123/enhancing-transformers, described with
+# our model's options (vim_jax/tools/import_enhancing.py loads their weights).
+# ----------------------------------------------------------------------------------------------
+ENHANCING_WEIGHTS = {  # size: (the file their README links, its Google Drive id)
+    "small": ("imagenet_vitvq_small.ckpt", "1jbjD4q0iJpXrRMVSYJRIvM_94AxA1EqJ"),
+    "base": ("imagenet_vitvq_base.ckpt", "1syv0t3nAJ-bETFgFpztw9cPXghanUaM6"),
+}
+
+
+def enhancing_stage1_config(size: str) -> ml_collections.ConfigDict:
+  """Their configs/imagenet_vitvq_{size}.yaml as our stage-1 config: the Table-1 stack shapes
+  with a tanh MLP, one bias-free q/k/v projection, LayerNorm eps 1e-5, fixed 2-D sin-cos
+  position embeddings, no output FFNs (pre_quant / post_quant are our to_code / from_code, the
+  kernel = stride = 8 conv and transposed conv are linear maps per patch), the same
+  l2-normalised 8192 x 32 codebook, and a network that works on [0, 1] pixels with a plain
+  linear output (no logit-Laplace). Their objective, for fine-tuning here: L2 + 0.1 LPIPS +
+  0.1 adversarial + VQ. float32 compute, as they trained."""
+  c = stage1_config(size, size)
+  for stack in (c.model.encoder, c.model.decoder):
+    stack.update(mlp_activation="tanh", qkv_bias=False, layer_norm_eps=1e-5)
+  c.model.update(position_embedding="sincos", output_ffn=False, pixel_range="zero_to_one",
+                 logit_laplace=False, dtype="float32")
+  c.loss.update(logit_laplace=0.0)
+  return c
+
+
+def make_enhancing_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """make_tiny at 64 px with their patch (8) and code dimension (32): the tests' layout."""
+  c = make_tiny(c)
+  c.image_size = 64
+  c.model.update(patch_size=8, code_dim=32, codebook_size=256)
   return c
 
 

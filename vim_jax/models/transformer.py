@@ -33,6 +33,8 @@ from vim_jax.models import attention as attention_lib
 
 Dtype = Any
 
+MLP_ACTIVATIONS = {"gelu": nn.gelu, "tanh": jnp.tanh}
+
 # remat_policy name -> jax.checkpoint policy (None: no rematerialisation).
 REMAT_POLICIES = {
     "none": None,
@@ -59,6 +61,11 @@ class StackConfig:
   scan_layers: bool = False  # blocks under nn.scan (see the module docstring)
   attention: str = "auto"  # kernel, see vim_jax/models/attention.py
   attention_block: int = 512  # splash attention's tile size
+  # Options that describe other published ViTs (e.g. enhancing-transformers' ViT-VQGAN, see
+  # configs/enhancing_vitvq_*.py); the defaults are ours.
+  mlp_activation: str = "gelu"  # 'gelu' (tanh approximation) or 'tanh'
+  qkv_bias: bool = True  # biases on the query/key/value projections (the output's is kept)
+  layer_norm_eps: float = 1e-6  # flax's default; PyTorch's is 1e-5
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
@@ -67,6 +74,9 @@ class StackConfig:
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"attention={self.attention!r}; expected one of "
                        f"{list(attention_lib.IMPLEMENTATIONS)}.")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_activation={self.mlp_activation!r}; expected one of "
+                       f"{list(MLP_ACTIVATIONS)}.")
 
   @classmethod
   def from_config(cls, cfg, causal: bool = False) -> "StackConfig":
@@ -77,7 +87,10 @@ class StackConfig:
                head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.get("dropout", 0.0),
                causal=causal, remat_policy=policy, scan_layers=cfg.get("scan_layers", False),
                attention=cfg.get("attention", "auto"),
-               attention_block=cfg.get("attention_block", 512))
+               attention_block=cfg.get("attention_block", 512),
+               mlp_activation=cfg.get("mlp_activation", "gelu"),
+               qkv_bias=cfg.get("qkv_bias", True),
+               layer_norm_eps=cfg.get("layer_norm_eps", 1e-6))
 
 
 def dense_init(axes):
@@ -88,8 +101,9 @@ def zeros_init(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> nn.LayerNorm:
   return nn.LayerNorm(
+      epsilon=epsilon,
       dtype=dtype,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
       bias_init=zeros_init(("embed",)),
@@ -115,6 +129,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str = "auto"
   attention_block: int = 512
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, decode_index: jax.Array | None = None,
@@ -131,8 +146,9 @@ class MultiHeadAttention(nn.Module):
 
     def project(name):
       kernel = self.param(name + "_kernel", dense_init(("embed", "heads", "kv")), (width, h, k))
-      bias = self.param(name + "_bias", zeros_init(("heads", "kv")), (h, k))
-      y = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+      y = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype))
+      if self.qkv_bias:
+        y = y + self.param(name + "_bias", zeros_init(("heads", "kv")), (h, k)).astype(self.dtype)
       return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_heads", "act_kv"))
 
     q, key, value = project("query"), project("key"), project("value")
@@ -162,6 +178,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"  # see MLP_ACTIVATIONS
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -170,7 +187,7 @@ class MlpBlock(nn.Module):
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init(("embed", "mlp")),
                  bias_init=zeros_init(("mlp",)), name="fc1")(x)
     y = nn.with_logical_constraint(y, ("act_batch", "act_length", "act_mlp"))
-    y = nn.gelu(y)
+    y = MLP_ACTIVATIONS[self.activation](y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init(("mlp", "embed")),
                     bias_init=zeros_init(("embed",)), name="fc2")(y)
@@ -185,13 +202,15 @@ class TransformerBlock(nn.Module):
                cache_length: int = 0) -> jax.Array:
     """x: [B, L, D] -> [B, L, D]."""
     cfg = self.config
-    y = layer_norm(self.dtype, "ln_attention")(x)
+    y = layer_norm(self.dtype, "ln_attention", cfg.layer_norm_eps)(x)
     y = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.causal, self.dtype, cfg.attention,
-                           cfg.attention_block, name="attention")(y, decode_index, cache_length)
+                           cfg.attention_block, cfg.qkv_bias, name="attention")(
+                               y, decode_index, cache_length)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = constrain_tokens(x + y)
-    y = layer_norm(self.dtype, "ln_mlp")(x)
-    y = MlpBlock(cfg.mlp_dim, cfg.dropout, self.dtype, name="mlp")(y, deterministic)
+    y = layer_norm(self.dtype, "ln_mlp", cfg.layer_norm_eps)(x)
+    y = MlpBlock(cfg.mlp_dim, cfg.dropout, self.dtype, cfg.mlp_activation, name="mlp")(
+        y, deterministic)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return constrain_tokens(x + y)
 
@@ -246,7 +265,7 @@ class Transformer(nn.Module):
     else:
       x, captured = self._unrolled(x, deterministic, decode_index, cache_length, capture_block,
                                    policy)
-    out = layer_norm(self.dtype, "ln_final")(x)
+    out = layer_norm(self.dtype, "ln_final", cfg.layer_norm_eps)(x)
     return out if capture_block is None else (out, captured)
 
   def _unrolled(self, x, deterministic, decode_index, cache_length, capture_block, policy):

@@ -4,6 +4,19 @@ Images are in [-1, 1], shape [B, H, W, 3]. With patch size p the token grid is
 h x w = H/p x W/p. The decoder predicts p*p*3 values per token, or p*p*6 when the logit-Laplace
 loss is on: a location mu and a log-scale log b per pixel channel, both in logit space; the
 reconstruction is then sigmoid(mu) mapped back to [-1, 1].
+
+Options that describe other published ViT-VQGANs (configs/enhancing_vitvq_*.py), each a field
+of the config's `model` section; the defaults are the paper's:
+  position_embedding  'learned' (a [N, D] parameter) or 'sincos' (fixed 2-D sin-cos table, see
+                      sincos_position_embedding; no parameter)
+  output_ffn          True: the Linear-tanh-Linear head after each stack (paper Sec. 3.1);
+                      False: the encoder's stack feeds `to_code` directly and the decoder maps
+                      each token to its p*p pixels with one linear layer (`to_pixels`)
+  pixel_range         'minus_one_to_one' or 'zero_to_one': the range the network itself works
+                      in. Callers always pass and get [-1, 1]; with 'zero_to_one' the encoder
+                      sees (x + 1) / 2 and the plain (not logit-Laplace) output y is returned
+                      as 2 y - 1.
+and, per stack (transformer.StackConfig), mlp_activation, qkv_bias and layer_norm_eps.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vim_jax.models import quantizer as quantizer_lib
 from vim_jax.models import transformer
@@ -65,9 +79,37 @@ class OutputFFN(nn.Module):
                     bias_init=transformer.zeros_init((self.out_axis,)), name="out")(x)
 
 
-def position_embedding(module: nn.Module, length: int, width: int) -> jax.Array:
+POSITION_EMBEDDINGS = ("learned", "sincos")
+PIXEL_RANGES = ("minus_one_to_one", "zero_to_one")
+
+
+def sincos_position_embedding(grid: tuple[int, int], width: int) -> np.ndarray:
+  """Fixed 2-D sin-cos table [h*w, width] float32 for tokens in raster order (row r, column c).
+
+  With Q = width / 4 and w_k = 10000^(-k / Q), k < Q, token (r, c) gets
+  [sin(c w), cos(c w), sin(r w), cos(r w)]: the column's half first (MAE's
+  get_2d_sincos_pos_embed, as enhancing-transformers uses it). Computed in float64.
+  """
+  if width % 4:
+    raise ValueError(f"a sin-cos position embedding needs a width divisible by 4, got {width}.")
+  quarter = width // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(grid[0], dtype=np.float64),
+                           np.arange(grid[1], dtype=np.float64), indexing="ij")
+  parts = []
+  for coordinate in (cols.reshape(-1), rows.reshape(-1)):
+    angles = coordinate[:, None] * omega[None, :]
+    parts += [np.sin(angles), np.cos(angles)]
+  return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def position_embedding(module: nn.Module, kind: str, grid: tuple[int, int],
+                       width: int) -> jax.Array:
+  """[h*w, width]: a learned parameter or the fixed sin-cos table (see the module docstring)."""
+  if kind == "sincos":
+    return jnp.asarray(sincos_position_embedding(grid, width))
   init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed"))
-  return module.param("position_embedding", init, (length, width))
+  return module.param("position_embedding", init, (grid[0] * grid[1], width))
 
 
 class Encoder(nn.Module):
@@ -75,21 +117,23 @@ class Encoder(nn.Module):
 
   stack: transformer.StackConfig
   patch_size: int
-  num_tokens: int
+  grid: tuple[int, int]
   code_dim: int
-  output_ffn_dim: int
+  output_ffn_dim: int  # 0: no output FFN
   dtype: Dtype = jnp.float32
+  position_embedding: str = "learned"
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-    """images: [B, H, W, 3] -> latents [B, N, code_dim] float32."""
+    """images: [B, H, W, 3] (in the network's pixel range) -> latents [B, N, code_dim] float32."""
     width = self.stack.width
     x = patchify(images.astype(self.dtype), self.patch_size)
     x = nn.Dense(width, dtype=self.dtype, kernel_init=transformer.dense_init(("patch", "embed")),
                  bias_init=transformer.zeros_init(("embed",)), name="patch_embedding")(x)
-    x = x + position_embedding(self, self.num_tokens, width).astype(self.dtype)
+    x = x + position_embedding(self, self.position_embedding, self.grid, width).astype(self.dtype)
     x = transformer.Transformer(self.stack, self.dtype, name="transformer")(x, deterministic)
-    x = OutputFFN(self.output_ffn_dim, width, "embed", self.dtype, name="output_ffn")(x)
+    if self.output_ffn_dim:
+      x = OutputFFN(self.output_ffn_dim, width, "embed", self.dtype, name="output_ffn")(x)
     x = nn.Dense(self.code_dim, dtype=jnp.float32,
                  kernel_init=transformer.dense_init(("embed", "code_dim")),
                  bias_init=transformer.zeros_init(("code_dim",)), name="to_code")(x)
@@ -103,8 +147,9 @@ class Decoder(nn.Module):
   patch_size: int
   grid: tuple[int, int]
   out_channels: int
-  output_ffn_dim: int
+  output_ffn_dim: int  # 0: one linear map per token to its pixels (`to_pixels`)
   dtype: Dtype = jnp.float32
+  position_embedding: str = "learned"
 
   @nn.compact
   def __call__(self, codes: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -112,11 +157,16 @@ class Decoder(nn.Module):
     width = self.stack.width
     x = nn.Dense(width, dtype=self.dtype, kernel_init=transformer.dense_init(("code_dim", "embed")),
                  bias_init=transformer.zeros_init(("embed",)), name="from_code")(codes)
-    x = x + position_embedding(self, self.grid[0] * self.grid[1], width).astype(self.dtype)
+    x = x + position_embedding(self, self.position_embedding, self.grid, width).astype(self.dtype)
     x = transformer.Transformer(self.stack, self.dtype, name="transformer")(x, deterministic)
     pixels_per_token = self.patch_size * self.patch_size * self.out_channels
-    x = OutputFFN(self.output_ffn_dim, pixels_per_token, "patch", self.dtype,
-                  name="output_ffn")(x)
+    if self.output_ffn_dim:
+      x = OutputFFN(self.output_ffn_dim, pixels_per_token, "patch", self.dtype,
+                    name="output_ffn")(x)
+    else:
+      x = nn.Dense(pixels_per_token, dtype=self.dtype,
+                   kernel_init=transformer.dense_init(("embed", "patch")),
+                   bias_init=transformer.zeros_init(("patch",)), name="to_pixels")(x)
     return unpatchify(x.astype(jnp.float32), self.grid, self.patch_size)
 
 
@@ -136,6 +186,9 @@ class ViTVQGAN(nn.Module):
   encoder_output_ffn_dim: int = 0  # 0: the stack's mlp_dim
   decoder_output_ffn_dim: int = 0
   dtype: Dtype = jnp.float32
+  position_embedding: str = "learned"  # see the module docstring
+  output_ffn: bool = True
+  pixel_range: str = "minus_one_to_one"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ViTVQGAN":
@@ -152,7 +205,10 @@ class ViTVQGAN(nn.Module):
         code_dim=m.code_dim, l2_normalize=m.l2_normalize, beta=m.beta,
         logit_laplace=m.logit_laplace, logit_laplace_eps=m.logit_laplace_eps,
         encoder_output_ffn_dim=m.encoder.output_ffn_dim,
-        decoder_output_ffn_dim=m.decoder.output_ffn_dim, dtype=jnp.dtype(m.dtype))
+        decoder_output_ffn_dim=m.decoder.output_ffn_dim, dtype=jnp.dtype(m.dtype),
+        position_embedding=m.get("position_embedding", "learned"),
+        output_ffn=m.get("output_ffn", True),
+        pixel_range=m.get("pixel_range", "minus_one_to_one"))
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -160,15 +216,22 @@ class ViTVQGAN(nn.Module):
     return (side, side)
 
   def setup(self):
-    h, w = self.grid
+    for field, value, allowed in (("position_embedding", self.position_embedding,
+                                   POSITION_EMBEDDINGS),
+                                  ("pixel_range", self.pixel_range, PIXEL_RANGES)):
+      if value not in allowed:
+        raise ValueError(f"model.{field}={value!r}; expected one of {list(allowed)}.")
+    ffn = lambda dim, stack: (dim or stack.mlp_dim) if self.output_ffn else 0
     self.encoder = Encoder(
-        self.encoder_stack, self.patch_size, h * w, self.code_dim,
-        self.encoder_output_ffn_dim or self.encoder_stack.mlp_dim, self.dtype)
+        self.encoder_stack, self.patch_size, self.grid, self.code_dim,
+        ffn(self.encoder_output_ffn_dim, self.encoder_stack), self.dtype,
+        self.position_embedding)
     self.quantizer = quantizer_lib.VectorQuantizer(
         self.codebook_size, self.code_dim, self.l2_normalize, self.beta)
     self.decoder = Decoder(
         self.decoder_stack, self.patch_size, self.grid, 6 if self.logit_laplace else 3,
-        self.decoder_output_ffn_dim or self.decoder_stack.mlp_dim, self.dtype)
+        ffn(self.decoder_output_ffn_dim, self.decoder_stack), self.dtype,
+        self.position_embedding)
 
   def _check_images(self, images: jax.Array):
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
@@ -179,6 +242,8 @@ class ViTVQGAN(nn.Module):
   def encode(self, images: jax.Array, deterministic: bool = True):
     """images [B, H, W, 3] -> (codes [B, N, d], indices [B, h, w], quantizer aux dict)."""
     self._check_images(images)
+    if self.pixel_range == "zero_to_one":
+      images = (images.astype(jnp.float32) + 1.0) * 0.5
     z = self.encoder(images, deterministic)
     codes, indices, aux = self.quantizer(z)
     return codes, indices.reshape(images.shape[0], *self.grid), aux
@@ -188,7 +253,7 @@ class ViTVQGAN(nn.Module):
     is on, 'mu' and 'log_scale': [B, H, W, 3] in logit space}."""
     raw = self.decoder(codes, deterministic)
     if not self.logit_laplace:
-      return {"reconstruction": raw}
+      return {"reconstruction": raw * 2.0 - 1.0 if self.pixel_range == "zero_to_one" else raw}
     mu, log_scale = raw[..., :3], raw[..., 3:]
     return {"reconstruction": logit_laplace_reconstruction(mu, self.logit_laplace_eps),
             "mu": mu, "log_scale": log_scale}
