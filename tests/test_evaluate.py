@@ -21,6 +21,13 @@ STAGE1_METRICS = ("rfid_vs_shapes_eval", "is_of_reconstructions", "is_of_reconst
                   "perplexity")
 
 
+def _one_device():
+  """The CLI's layout (one device, as a user's shell), so that the recomputations below run
+  the programs the CLI compiled: read back from the suite's compilation cache."""
+  from vim_jax import parallel
+  return parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
 def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files, tmp_path):
   out = str(tmp_path / "eval")
   real_path = str(tmp_path / "shapes_eval_stats.npz")
@@ -46,7 +53,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   outputs = tok.model.apply({"params": tok.params}, images)
   indices = tok.model.apply({"params": tok.params}, images,
                             method=vitvqgan.ViTVQGAN.encode_to_indices)
-  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
+  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16, mesh=_one_device())
   real_pool, _ = extractor(preprocess.to_uint8(images))
   recon = np.asarray(outputs["reconstruction"], np.float64)
   recon_pool, recon_probs = extractor(preprocess.to_uint8(recon))
@@ -64,7 +71,6 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
 
   # The eval split against itself, featurized in two separate passes: FID ~ 0.
   config = runs.read_run_config(tokenizer_dir, "vitvq")
-  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
   first = reported_metrics.reference_stats(config, extractor)
   second = reported_metrics.reference_stats(config, extractor)
   assert first.num_images == 16 and first.description == "shapes_eval"
@@ -101,12 +107,12 @@ def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir,
   assert results["fid_vs_shapes_eval"]["against"] == "shapes_eval (16 images)"
 
   trained = runs.load_vim(vim_dir)
-  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
+  extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16, mesh=_one_device())
   real_batches, _ = reported_metrics.eval_split_images(trained.config, 16)
   real_pool, _ = extractor(np.concatenate(list(real_batches)))
   labels = generation.requested_labels(12, trained.model.num_classes, "")
   sampling = stage2.sampling_config_from(trained.config)
-  sampler = generation.Sampler(trained, sampling, 16)
+  sampler = generation.Sampler(trained, sampling, 16, mesh=_one_device())
   samples = np.concatenate(list(sampler.batches(labels, 0)))
   classifier, cparams = runs.load_classifier(classifier_dir)
   kept, kept_labels = [], []  # in the order evaluate featurizes them: class by class

@@ -20,15 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class Sampler:
-  """A VIM and its tokenizer compiled once for sampling, sharded over all devices' batch axes.
+  """A VIM and its tokenizer compiled once for sampling, sharded over the batch axes of `mesh`
+  (default: all devices, data-parallel).
 
   batches(labels, seed) streams uint8 images [<= batch_size, S, S, 3]; batch i uses the key
   fold_in(key(seed), i), so a seed reproduces the samples."""
 
   def __init__(self, trained: runs.TrainedVIM, sampling_config: token_sampling.SamplingConfig,
-               batch_size: int = 64):
+               batch_size: int = 64, mesh=None):
     self.trained = trained
-    self.mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+    self.mesh = mesh or parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
     dp = parallel.data_parallel_size(self.mesh)
     self.batch_size = max(dp, batch_size // dp * dp)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
