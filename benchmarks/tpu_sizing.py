@@ -8,8 +8,8 @@ The first form compiles each config's train step (stage 1 with its full objectiv
 slice and prints a markdown row per config: per-chip HBM, TFLOP per chip per step, step time
 and images/s at 40% MFU, the paper's throughput and the MFU it needs, and the compile time.
 
---smallest walks each generation's slices down from the v4-128's 64 chips and reports the
-smallest that fits, doubling grad_accum_steps (1, 2, 4, 8) when the step alone does not fit.
+--smallest walks each generation's slices up from its smallest to 64 chips and reports the
+first that fits, with the fewest grad_accum_steps (1, 2, 4, 8) that make it fit.
 A successful compile of a paper config takes 1.5-3 minutes here, a refusal seconds.
 Needs libtpu (pip install '.[tpu]').
 """
@@ -77,33 +77,37 @@ def row(name: str, spec, numbers) -> str:
 
 def fits_with(name: str, spec):
   """(the smallest grad_accum_steps of 1, 2, 4, 8 with which the config fits on the slice,
-  its numbers), or None."""
+  its numbers), or None. A layout far over capacity is refused in seconds, so trying the
+  small accumulations first costs little."""
   for k in (1, 2, 4, 8):
     if load(name).batch_size % (k * spec.chips):
       return None  # each microbatch must still split over the chips
+    start = time.perf_counter()
     numbers = compile_for(name, spec, k)
+    print(f"  {name} on {spec.name}, grad_accum_steps={k}: "
+          f"{'fits' if numbers else 'does not fit'} ({time.perf_counter() - start:.0f} s)",
+          flush=True)
     if numbers is not None:
       return k, numbers
   return None
 
 
 def smallest(name: str, generation: str):
-  """(slice name, grad_accum_steps, GiB per chip) of the smallest slice of `generation`, down
-  from 64 chips, that the config fits on; None if not even 64 chips hold it."""
-  found = None
+  """(slice name, grad_accum_steps, GiB per chip) of the smallest slice of `generation`, up to
+  64 chips, that the config fits on; None if not even 64 chips hold it. Walks up from the
+  generation's smallest slice: per-chip memory only falls as chips are added (the same
+  microbatch per chip, the parameters spread over more of them), so the first fit is the
+  smallest."""
   minimum = 4 if tpu_slices.GENERATIONS[generation].dims == 3 else 1
   cores = tpu_slices.GENERATIONS[generation].cores_per_chip
-  for chips in (64, 32, 16, 8, 4, 2, 1):
+  for chips in (1, 2, 4, 8, 16, 32, 64):
     if chips < minimum:
-      break
+      continue
     spec = tpu_slices.parse(f"{generation}-{chips * cores}")
     fit = fits_with(name, spec)
-    if fit is None:
-      break
-    found = (spec.name, fit[0], fit[1]["total_bytes"] / 2**30)
-    print(f"  {name}: fits {found[0]} with grad_accum_steps={found[1]} ({found[2]:.2f} GiB per "
-          "chip)", flush=True)
-  return found
+    if fit is not None:
+      return spec.name, fit[0], fit[1]["total_bytes"] / 2**30
+  return None
 
 
 def main():
