@@ -95,9 +95,9 @@ def test_r1_penalty_matches_finite_differences_on_the_discriminator():
 def test_initial_logits_are_not_saturated_at_256px():
   """Weights of variance 1/fan_in under the sqrt(2)-gain lrelu keep unit-variance activations,
   so the game starts unsaturated. He init on top of that gain gave mean initial logits of
-  -3.6, -16.1, 69.3, -19.1, 129.4, -1.6 over these seeds."""
+  -3.5, -16.0, 69.2, -19.3, 129.8, -1.7 over these seeds (the issue measured -3.3 ... 130.3)."""
   d = disc_lib.StyleGANDiscriminator(256, max_channels=64)
-  images = jax.random.normal(jax.random.key(100), (4, 256, 256, 3))
+  images = jax.random.normal(jax.random.key(100), (2, 256, 256, 3))
   init, apply = jax.jit(d.init), jax.jit(d.apply)
   means = []
   for seed in range(6):
