@@ -62,16 +62,16 @@ def row(name: str, spec, numbers) -> str:
   from vim_jax import compile_report
   config = numbers["config"]
   g = spec.generation
-  step = numbers["flops_per_device"] / (0.4 * g.peak_bf16_flops)
   paper = compile_report.paper_throughput(config)
-  needed = (f"{paper:,.0f} img/s = {numbers['flops_per_device'] * paper / config.batch_size / g.peak_bf16_flops:.1%} MFU"
-            if paper else "")
+  step, images_per_sec, needed_mfu = compile_report.speed(
+      numbers["flops_per_device"], config.batch_size, g.peak_bf16_flops, paper)
+  needed = f"{paper:,.0f} img/s = {needed_mfu:.1%} MFU" if paper else ""
   gib = lambda key: numbers[key] / 2**30
   return (f"| {name} | {config.batch_size} | {numbers['mesh']} | {gib('argument_bytes'):.2f} / "
           f"{gib('temp_bytes'):.2f} / **{gib('total_bytes'):.2f} GiB "
           f"({numbers['total_bytes'] / g.hbm_bytes:.0%})** | "
           f"{numbers['flops_per_device'] / 1e12:.2f} | {step:.3f} s, "
-          f"{config.batch_size / step:,.0f} img/s | {needed} | "
+          f"{images_per_sec:,.0f} img/s | {needed} | "
           f"{numbers['compile_seconds']:.0f} s |")
 
 

@@ -239,14 +239,24 @@ def paper_throughput(config) -> float | None:
   return config_base.PAPER_STAGE1_THROUGHPUT.get(sizes)
 
 
+def speed(flops_per_chip: float, batch_size: int, peak_flops: float,
+          paper_images_per_sec: float | None, mfu: float = 0.4):
+  """(step seconds at `mfu` of the chip's peak, images/s then, the MFU the paper's throughput
+  needs or None)."""
+  step_seconds = flops_per_chip / (mfu * peak_flops)
+  needed = (flops_per_chip * paper_images_per_sec / batch_size / peak_flops
+            if paper_images_per_sec else None)
+  return step_seconds, batch_size / step_seconds, needed
+
+
 def speed_lines(flops_per_chip: float, batch_size: int, peak_flops: float, peak_name: str,
                 paper_images_per_sec: float | None, mfu: float = 0.4) -> list[str]:
   """Step time and images/s at `mfu` of the chip's peak; the MFU the paper's throughput needs."""
-  step_seconds = flops_per_chip / (mfu * peak_flops)
+  step_seconds, images_per_sec, needed = speed(flops_per_chip, batch_size, peak_flops,
+                                               paper_images_per_sec, mfu)
   lines = [f"at {mfu:.0%} MFU of {peak_name}: {step_seconds:.3f} s per step, "
-           f"{batch_size / step_seconds:,.0f} images/s"]
-  if paper_images_per_sec:
-    needed = flops_per_chip * paper_images_per_sec / batch_size / peak_flops
+           f"{images_per_sec:,.0f} images/s"]
+  if needed is not None:
     lines.append(f"the paper's {paper_images_per_sec:,.0f} images/s (v4-128) needs "
                  f"{needed:.1%} MFU here")
   return lines

@@ -219,7 +219,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   "resume", step)
       break
 
-  windows.close_pending()
   ckpt.close()
   writer.flush()
   train_iter.close()
