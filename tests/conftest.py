@@ -10,17 +10,33 @@ import shutil
 import sys
 import tempfile
 
-_TMP = tempfile.mkdtemp(prefix="vim_jax_tests_")
 # Everything the suite writes (pytest's tmp_path folders, tfds, subprocesses' temp files, the
 # compilation cache) lives under _TMP, which goes at exit: a run used to leave ~0.5 GB behind.
-atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+# pytest-xdist's workers (`-n auto`, the README's command) start with the environment this
+# file gives the controller: they share its folder and compilation cache, and only the
+# controller removes the folder.
+_TMP = os.environ.get("VIM_JAX_TESTS_TMP")
+if _TMP is None:
+  _TMP = tempfile.mkdtemp(prefix="vim_jax_tests_")
+  os.environ["VIM_JAX_TESTS_TMP"] = _TMP
+  atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 # A suite started inside a SLURM or Open MPI job must not hand its launcher's variables to the
 # runs it starts: `--distributed=auto` would try to join that job.
 for _name in list(os.environ):
   if _name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")):
     del os.environ[_name]
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+# XLA flags of the suite and of every process it starts (tests/run_files.cli_env keeps all but
+# the device count, so that they share compilation-cache entries, whose keys hash the flags):
+# - XLA's CPU compiler without LLVM's optimisation passes and without its new fusion emitters:
+#   a cold compile of the tiny stage-1 train step (the suite's largest cost) takes ~8 CPU
+#   seconds instead of ~32; the steps run ~15% slower on the tiny models and give the same
+#   losses. Programs compiled for TPU by libtpu (the compile-report tests) read only the first.
+# - 8 virtual CPU devices for the sharding tests.
+XLA_TEST_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                  "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "").split()
+_flags += [f for f in XLA_TEST_FLAGS if not any(g.startswith(f.split("=")[0]) for g in _flags)]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["TFDS_DATA_DIR"] = os.path.join(_TMP, "tfds")
 os.environ["TMPDIR"] = _TMP
@@ -30,6 +46,9 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 # closures, and subprocesses start cold), and jax 0.10 caches CPU executables too.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_TMP, "jax_cache")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# A size limit turns on jax's file lock around cache reads and writes: the workers and the
+# processes they start write the same entries at the same time. (No eviction at this size.)
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 * 2**30)
 tempfile.tempdir = _TMP
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +56,31 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 import pytest  # noqa: E402
+
+# Files that hold the suite's longest tests, longest first (`--durations=0`, 2026-12-02). With
+# pytest-xdist they are handed out first, so that no worker starts a long file while the other
+# has nothing left to do; without it the order changes nothing.
+LONGEST_FILES = ("test_train_vitvq.py", "test_evaluate.py", "test_multihost.py",
+                 "test_compile_report.py", "test_train_vim.py", "test_preemption.py",
+                 "test_lpips.py", "test_microbatch.py", "test_vim.py", "test_quickstart.py",
+                 "test_prepare_data.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  """With `-n N`, a file's tests run on one worker (`--dist loadfile`), in LONGEST_FILES order:
+  module fixtures (the multi-host runs) are built once, and a session fixture (the tiny
+  tokenizer run) once per worker that needs it."""
+  if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+    config.option.dist = "loadfile"
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.path))
+    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+  items.sort(key=rank)  # stable: a file's tests keep their order
 
 
 @pytest.fixture
@@ -143,6 +187,8 @@ def fake_imagenet(tmp_path_factory):
 def pytest_terminal_summary(terminalreporter):
   """One closing line CI can quote: how many tests ran, passed, failed and were skipped, and
   why each skip happened (a skip must never hide a missing dependency)."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller counts every worker's tests
+    return
   stats = terminalreporter.stats
   passed, failed, errors, skipped = (len(stats.get(k, []))
                                      for k in ("passed", "failed", "error", "skipped"))

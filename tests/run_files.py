@@ -33,9 +33,13 @@ def eval_images(config) -> np.ndarray:
 
 
 def cli_env(devices: int | None = None) -> dict:
-  """A command's environment: the suite's, without its 8 virtual devices (a user's shell has
-  one CPU device), or with `devices` of them."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  """A command's environment: the suite's, with one CPU device (as a user's shell has) or
+  `devices` virtual ones instead of the suite's 8, and the suite's other XLA flags."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]  # the conftest's rest
   if devices:
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = " ".join(flags)
   return env

@@ -100,9 +100,8 @@ def test_vim_paper_sizes_and_parameter_counts(size):
 
 
 def _run_main(args, timeout=300):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, like a user's run
-  return subprocess.run([sys.executable, "-m", "vim_jax.main", *args], cwd=REPO_ROOT, env=env,
+  from run_files import cli_env
+  return subprocess.run([sys.executable, "-m", "vim_jax.main", *args], cwd=REPO_ROOT, env=cli_env(),
                         capture_output=True, text=True, timeout=timeout)
 
 

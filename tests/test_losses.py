@@ -14,8 +14,10 @@ def _images(seed, shape=(2, 16, 16, 3)):
 def test_l2_and_l1_match_numpy():
   a, b = _images(0), _images(1)
   d = a.astype(np.float64) - b
-  assert float(losses.l2_loss(a, b)) == pytest.approx(np.mean(d**2), rel=1e-6)
-  assert float(losses.l1_loss(a, b)) == pytest.approx(np.mean(np.abs(d)), rel=1e-6)
+  # float32 means of 1,536 terms: XLA's CPU reduction order (which the suite's compile flags
+  # change, tests/conftest.py) moves them by up to ~1e-6.
+  assert float(losses.l2_loss(a, b)) == pytest.approx(np.mean(d**2), rel=1e-5)
+  assert float(losses.l1_loss(a, b)) == pytest.approx(np.mean(np.abs(d)), rel=1e-5)
 
 
 def _logit_laplace_reference(mu, log_b, target, eps):

@@ -93,8 +93,11 @@ def assert_runs_match(single, multi):
       assert b[step] == pytest.approx(a[step], rel=1e-5), (tag, step)
   a, b = checkpoint_arrays(single), checkpoint_arrays(multi)
   assert any("opt_state" in k and "mu" in k for k in a)
-  # Params and Adam's moments, each on its own scale; the tiny configs' peak lr is 1e-3.
-  return assert_leaves_close(a, b, param_atol=1e-3)
+  # Params and Adam's moments, each on its own scale; the tiny configs' peak lr is 1e-3. rel:
+  # the gloo all-reduce sums in another order than one device; the discriminator's moments
+  # (R1's second-order gradient at step 4) differ by up to 2e-4 of a leaf's scale. A gradient
+  # summed over the 2 processes instead of averaged is 100% off.
+  return assert_leaves_close(a, b, rel=5e-4, param_atol=1e-3)
 
 
 STAGE1 = {"total_steps": STEPS, "log_every": 1, "eval_every": 1000, "checkpoint_every": 1000,
