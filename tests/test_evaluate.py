@@ -69,17 +69,16 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   assert results["inception"] == {"weights": inception_files["flax"], "resize": "bilinear"}
   assert glob.glob(os.path.join(out, "events.out.tfevents.*"))
 
-  # The eval split against itself, featurized in two separate passes: FID ~ 0.
+  # The eval split against itself, featurized in two separate passes (the CLI's saved
+  # statistics and one here): FID ~ 0.
   config = runs.read_run_config(tokenizer_dir, "vitvq")
-  first = reported_metrics.reference_stats(config, extractor)
-  second = reported_metrics.reference_stats(config, extractor)
-  assert first.num_images == 16 and first.description == "shapes_eval"
-  self_fid = fid.fid_from_stats(first, second)
+  here = reported_metrics.reference_stats(config, extractor)
+  assert here.num_images == 16 and here.description == "shapes_eval"
+  saved = fid.FeatureStats.load(real_path)
+  self_fid = fid.fid_from_stats(saved, here)
   print(f"\nFID(eval split, eval split) = {self_fid:.3g}; rFID = "
         f"{metrics['rfid_vs_shapes_eval']['value']:.4g}")
-  assert self_fid < 1e-6
-  saved = fid.FeatureStats.load(real_path)
-  assert saved.num_images == 16 and fid.fid_from_stats(saved, first) < 1e-6
+  assert saved.num_images == 16 and self_fid < 1e-6
   proc = subprocess.run([sys.executable, "-m", "vim_jax.evaluate",
                          f"--fid_between={real_path},{real_path}"], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=300, env=run_files.cli_env())
