@@ -147,3 +147,26 @@ def test_local_writes_are_atomic_and_leave_no_temporary_file(tmp_path):
   fileio.write_json(str(target), {"a": 2})
   assert fileio.read_json(str(target)) == {"a": 2}
   assert sorted(os.listdir(tmp_path)) == ["results.json"]
+
+
+def test_local_paths_come_out_absolute_and_urls_unchanged(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert str(fileio.path("workdirs/run")) == str(tmp_path / "workdirs/run")
+  assert fileio.join("workdirs", "run", 3) == str(tmp_path / "workdirs/run/3")
+  assert fileio.absolute("~/w") == str(tmp_path / "home/w")
+  assert fileio.absolute("gs://bucket/run") == "gs://bucket/run" == str(
+      fileio.path("gs://bucket/run"))
+  assert fileio.absolute("") == ""  # a config's "not set" stays unset
+  from configs import quickstart
+  config = quickstart.get_config()
+  config.stage2.tokenizer_workdir = "workdirs/q/tokenizer"
+  config.stage2.fid.reference_stats = "gs://b/ref.npz"
+  config.stage1.data.folder = "my_images"
+  resolved = fileio.with_absolute_paths(config)
+  assert resolved.stage2.tokenizer_workdir == str(tmp_path / "workdirs/q/tokenizer")
+  assert resolved.stage2.fid.reference_stats == "gs://b/ref.npz"
+  assert resolved.stage1.data.folder == str(tmp_path / "my_images")
+  assert resolved.stage1.perceptual_weights == str(tmp_path / "weights/lpips_vgg16_v0.1.msgpack")
+  assert resolved.stage1.data.data_dir == "" and resolved.stage1.data.folder_eval_fraction == 0.02
+  assert config.stage2.tokenizer_workdir == "workdirs/q/tokenizer"  # a copy; the input stays

@@ -6,6 +6,8 @@ included, and restore all of it. The fixture runs are written by the trainers, w
 checkpoint layout runs.py must keep reading.
 """
 
+import shutil
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,27 @@ def test_written_runs_load_and_the_ema_copy_wins(tokenizer_dir, tmp_path):
   vim_run = str(tmp_path / "vim")
   runs.write_run(vim_run, vim_config, vim_params)
   _assert_trees_equal(runs.load_vim(vim_run).params, vim_params)
+
+
+def test_runs_read_and_write_through_relative_paths(tokenizer_dir, tmp_path, monkeypatch):
+  """What a user's shell passes (`--workdir=workdirs/x`): orbax refuses relative paths, so the
+  path layer makes them absolute; a stage-2 run written with a relative tokenizer_workdir
+  records it absolute and loads from any folder."""
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(tokenizer_dir, "workdirs/tok")
+  tok = runs.load_tokenizer("workdirs/tok")  # orbax metadata and partial restore
+  _assert_trees_equal(tok.params, runs.load_tokenizer(tokenizer_dir).params)
+  assert runs.stored_fields("workdirs/tok", 4)["params"]
+  model = stage2.build_model(stage2_config("workdirs/tok"), tok.model)
+  vim_params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
+      jax.random.key(1), jnp.zeros((1, model.num_tokens), jnp.int32),
+      jnp.zeros((1,), jnp.int32))["params"]))
+  runs.write_run("workdirs/vim", stage2_config("workdirs/tok"), vim_params, step=3)
+  assert runs.read_run_config("workdirs/vim").tokenizer_workdir == str(tmp_path / "workdirs/tok")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  _assert_trees_equal(runs.load_vim(str(tmp_path / "workdirs/vim")).params, vim_params)
 
 
 def stage2_config(tokenizer_workdir):

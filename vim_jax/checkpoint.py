@@ -14,10 +14,11 @@ the checkpoint stays where it is.
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from vim_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ class Checkpointer:
   """Saves and restores a train-state pytree under `directory` (a local or gs:// path)."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = directory
+    self.directory = fileio.absolute(directory)  # orbax refuses relative paths
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory) if "://" not in directory else directory,
+        self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True))
@@ -151,9 +152,7 @@ class Checkpointer:
       raise CheckpointLayoutError(problem)
 
   def _root(self):
-    from etils import epath
-    return epath.Path(os.path.abspath(self.directory) if "://" not in self.directory
-                      else self.directory)
+    return fileio.path(self.directory)
 
   def _set_aside_steps(self) -> list[int]:
     corrupt = self._root() / "corrupt"

@@ -5,27 +5,67 @@ there without complaint; etils.epath (which orbax already uses for checkpoints) 
 paths to GCS and local paths to the disk. `tests/test_fileio.py` fails when a module of the
 package opens a path any other way.
 
+Local paths come out absolute (`~` expanded): a run started with `--workdir=workdirs/x` hands
+its paths to orbax, which refuses relative ones, and records them in config.json, which later
+commands may read from another folder. gs:// paths stay as they are.
+
 Writes of whole files are atomic: local files are written to `<path>.tmp` and renamed, so a
 kill never leaves half a file; a GCS object only appears once its upload completes.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import os
 from typing import Any
 
 import numpy as np
 from etils import epath
 
 
-def path(p: str | epath.Path) -> epath.Path:
-  return epath.Path(p)
-
-
 def is_remote(p: str | epath.Path) -> bool:
   """gs:// and other object stores (no rename, no memory mapping)."""
   return "://" in str(p)
+
+
+def absolute(p: str | epath.Path) -> str:
+  """`p` as an absolute path: local paths from the current folder (and `~` expanded); gs://
+  and other URLs unchanged; "" stays "" (a config's "not set")."""
+  p = str(p)
+  if not p or is_remote(p):
+    return p
+  return os.path.abspath(os.path.expanduser(p))
+
+
+# A config field holds a path when its name ends so (data_dir, tokens_dir, folder,
+# tokenizer_workdir, perceptual_weights, fid.inception_weights, fid.reference_stats).
+PATH_FIELD_ENDINGS = ("_dir", "_workdir", "folder", "_weights", "_stats")
+
+
+def with_absolute_paths(config):
+  """A copy of an ml_collections config whose local path fields (PATH_FIELD_ENDINGS, at any
+  depth) are absolute, so that config.json records where the files are whatever folder a
+  later command starts in."""
+  config = copy.deepcopy(config)
+
+  def resolve(node):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        resolve(value)
+      elif isinstance(value, str) and key.endswith(PATH_FIELD_ENDINGS):
+        node[key] = absolute(value)
+
+  resolve(config)
+  return config
+
+
+def path(p: str | epath.Path) -> epath.Path:
+  """An epath.Path for `p`, absolute when local (see the module docstring)."""
+  if isinstance(p, epath.Path) and p.is_absolute():
+    return p
+  return epath.Path(absolute(p))
 
 
 def exists(p: str | epath.Path) -> bool:

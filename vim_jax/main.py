@@ -150,12 +150,20 @@ def main(argv):
   config = _CONFIG.value
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
+  from vim_jax import config_checks
+  try:
+    config_checks.check(config)  # every stage's, before start-up and compiles
+  except config_checks.ConfigValueError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
   hide_gpus_from_tensorflow()
   start_distributed()
+  from vim_jax import fileio, train_lib
+  # Relative paths are resolved once, here, against the folder the command starts in.
+  config = fileio.with_absolute_paths(config)
   logging.info("config:\n%s", config)
-  from vim_jax import train_lib
   train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
-  train(config, os.path.expanduser(_WORKDIR.value))
+  train(config, fileio.absolute(_WORKDIR.value))
 
 
 if __name__ == "__main__":

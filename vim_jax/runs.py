@@ -297,6 +297,14 @@ def _flatten(tree) -> dict:
   return flax.traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """workdir/config.json (process 0), with local paths made absolute: commands that read the
+  run later (evaluate, sample, a stage-2 run's tokenizer) may start in another folder."""
+  if jax.process_index() == 0:
+    fileio.write_text(fileio.join(workdir, "config.json"),
+                      fileio.with_absolute_paths(config).to_json_best_effort(indent=2))
+
+
 def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int = 0) -> None:
   """Writes a stage-1 (config.trainer 'vitvq') or stage-2 ('vim') run that every consumer of
   runs accepts: config.json and a checkpoint at `step` holding {'step', 'params'}. For
@@ -311,8 +319,7 @@ def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int
   else:
     raise ValueError(f"config.trainer={config.get('trainer')!r}; write_run writes 'vitvq' "
                      "(stage 1) or 'vim' (stage 2) runs.")
-  if jax.process_index() == 0:
-    fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  write_config(workdir, config)
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)
   try:
     ckpt.save(step, {"step": np.asarray(step, np.int32),

@@ -127,18 +127,18 @@ def check_finite(loss: float, step: int, last_checkpoint: int | None):
 
 
 def open_workdir(workdir: str, config):
-  """Creates the workdir, writes config.json (process 0) and returns the metric writer.
+  """Checks the config's values, creates the workdir, writes config.json (process 0) and
+  returns the metric writer.
 
   Only process 0 writes TensorBoard summaries; the others just log.
   """
   from clu import metric_writers
 
-  from vim_jax import fileio
-  is_main = jax.process_index() == 0
+  from vim_jax import config_checks, fileio, runs
+  config_checks.check(config)  # before anything is written or compiled
   fileio.makedirs(workdir)
-  if is_main:
-    fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-  return metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  runs.write_config(workdir, config)
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
 def check_divisible(mesh, **batch_sizes):
