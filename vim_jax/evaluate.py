@@ -47,10 +47,12 @@ def define_flags():
                       "config.fid.inception_weights.")
   flags.DEFINE_enum("resize", "bilinear", ["bilinear", "bilinear_antialias"],
                     "How images reach 299 px: pytorch-fid's bilinear, or antialiased.")
-  flags.DEFINE_integer("batch_size", 64, "Images per Inception / sampling batch.")
+  flags.DEFINE_integer("batch_size", 64, "Images per Inception / sampling batch.",
+                       lower_bound=1)
   flags.DEFINE_integer("num_images", -1, "Stage 1: eval images to use; -1 = the run's "
                        "num_eval_images (-1 there = the whole split).")
-  flags.DEFINE_integer("num_samples", 50_000, "Stage 2: samples to draw (class-balanced).")
+  flags.DEFINE_integer("num_samples", 50_000, "Stage 2: samples to draw (class-balanced).",
+                       lower_bound=1)
   flags.DEFINE_integer("seed", 0, "Stage 2: sampling seed.")
   flags.DEFINE_string("reference_stats", "", "Stage 2: .npz with mu/sigma (ours or ADM's "
                       "reference batches, e.g. VIRTUAL_imagenet256_labeled.npz, the paper's); "
@@ -63,6 +65,8 @@ def define_flags():
                       "and rejection sampling.")
   flags.DEFINE_float("acceptance", 1.0, "Stage 2: rejection sampling acceptance rate (< 1 "
                      "with --classifier_workdir adds the _rejection metrics).")
+  flags.register_validator("acceptance", lambda a: 0 < a <= 1,
+                           "--acceptance must be in (0, 1]: the share of samples kept.")
   flags.DEFINE_string("out", "", "Output folder; default WORKDIR/eval.")
   flags.DEFINE_list("fid_between", [], "Two statistics files A.npz,B.npz: print their FID and "
                     "exit (no workdir needed).")

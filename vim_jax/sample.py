@@ -28,18 +28,22 @@ def define_flags():
   """The CLI flags (defined only when run as a program, so importing this module is free)."""
   flags.DEFINE_string("workdir", None, "A stage-2 (VIM) workdir.")
   flags.DEFINE_string("out", "", "Output folder; default WORKDIR/samples.")
-  flags.DEFINE_integer("num_samples", 64, "How many samples (class-balanced).")
+  flags.DEFINE_integer("num_samples", 64, "How many samples (class-balanced).",
+                       lower_bound=1)
   flags.DEFINE_string("classes", "", "Comma-separated class ids; default all classes.")
   flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same samples.")
-  flags.DEFINE_integer("batch_size", 64, "Samples per device batch (rounded to the device count).")
+  flags.DEFINE_integer("batch_size", 64, "Samples per device batch (rounded to the device "
+                       "count).", lower_bound=1)
   flags.DEFINE_float("temperature", None, "Default: the run's config.sampling.temperature.")
-  flags.DEFINE_integer("top_k", None, "0 = off. Default: the run's config.")
+  flags.DEFINE_integer("top_k", None, "0 = off. Default: the run's config.", lower_bound=0)
   flags.DEFINE_float("top_p", None, "1 = off. Default: the run's config.")
   flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance; 1 = off.")
   flags.DEFINE_string("classifier_workdir", "", "A classifier workdir (configs/classifier.py) "
                       "to score samples and for rejection sampling.")
   flags.DEFINE_float("acceptance", 1.0, "Rejection sampling acceptance rate (paper: 0.5); 1 = "
                      "no rejection.")
+  flags.register_validator("acceptance", lambda a: 0 < a <= 1,
+                           "--acceptance must be in (0, 1]: the share of samples kept.")
 
 
 def main(argv):

@@ -89,6 +89,6 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "A stage-2 config (its data and "
                                   "tokenizer_workdir are used).", lock_config=True)
   flags.DEFINE_string("out", None, "Output folder for the token shards.")
-  flags.DEFINE_integer("shard_size", 50_000, "Images per shard file.")
+  flags.DEFINE_integer("shard_size", 50_000, "Images per shard file.", lower_bound=1)
   flags.mark_flags_as_required(["config", "out"])
   app.run(main)
