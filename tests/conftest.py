@@ -61,7 +61,7 @@ import pytest  # noqa: E402
 # 2026-12-02). With pytest-xdist they are handed out first, so that no worker starts a long file
 # while the other has nothing left to do; without it the order changes nothing.
 LONGEST_FILES = ("test_evaluate.py", "test_train_vitvq.py", "test_multihost.py",
-                 "test_compile_report.py", "test_preemption.py", "test_lpips.py",
+                 "test_compile_report.py", "test_readme.py", "test_preemption.py", "test_lpips.py",
                  "test_train_vim.py", "test_microbatch.py", "test_quickstart.py",
                  "test_layers.py", "test_prepare_data.py", "test_notebook.py")
 
@@ -105,15 +105,16 @@ def inception_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lpips_files(tmp_path_factory):
-  """Random-weight LPIPS files: {'vgg', 'head': the state_dicts, 'flax': them converted by
-  `python -m vim_jax.tools.convert_lpips`} (tests/lpips_reference.py)."""
+  """Random-weight LPIPS files: {'vgg', 'head': the state_dicts, 'vgg_path', 'head_path': them
+  in the published files' layout, 'flax': them converted by `python -m
+  vim_jax.tools.convert_lpips`} (tests/lpips_reference.py)."""
   from lpips_reference import make_published_files
   from vim_jax.tools import convert_lpips
   folder = str(tmp_path_factory.mktemp("lpips"))
   vgg, head, vgg_path, head_path = make_published_files(folder)
   out = os.path.join(folder, "lpips.msgpack")
   convert_lpips.main([f"--vgg16={vgg_path}", f"--lpips_head={head_path}", f"--output={out}"])
-  return {"vgg": vgg, "head": head, "flax": out}
+  return {"vgg": vgg, "head": head, "flax": out, "vgg_path": vgg_path, "head_path": head_path}
 
 
 # Small trained runs shared by the stage-2 and evaluation tests (trained once per session).
@@ -167,20 +168,25 @@ def classifier_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fake_imagenet(tmp_path_factory):
-  """A fake ImageNet in the published archive layout (tests/fake_imagenet.py), prepared by
-  `python -m vim_jax.tools.prepare_data`: {'manual_dir', 'data_dir', 'archive' (what was
-  written), 'stdout'}."""
+  """A fake ImageNet in the published archive layout (tests/fake_imagenet.py), prepared as the
+  README's "Training on ImageNet" says: the archives in $TFDS_DATA_DIR/downloads/manual/, then
+  its prepare_data command read from README.md, run from the root of a scratch copy of the
+  repository with the relative TFDS_DATA_DIR=tfds. {'root' (that copy), 'manual_dir',
+  'data_dir' (absolute), 'archive' (what was written), 'stdout'}."""
   import subprocess
   import fake_imagenet as fake
-  root = tmp_path_factory.mktemp("imagenet")
-  manual_dir, data_dir = str(root / "manual"), str(root / "tfds")
+  import readme_commands
+  from run_files import cli_env
+  root = readme_commands.scratch_repository(str(tmp_path_factory.mktemp("imagenet")))
+  data_dir = os.path.join(root, "tfds")
+  manual_dir = os.path.join(data_dir, "downloads", "manual")
   archive = fake.write_fake_imagenet(manual_dir)
-  proc = subprocess.run(
-      [sys.executable, "-m", "vim_jax.tools.prepare_data", "--name=imagenet2012",
-       f"--data_dir={data_dir}", f"--manual_dir={manual_dir}"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  command = readme_commands.find("prepare_data --name=imagenet2012 --data_dir=$TFDS_DATA_DIR")
+  env = {**cli_env(), "TFDS_DATA_DIR": "tfds"}
+  proc = subprocess.run(readme_commands.to_argv(command, {"TFDS_DATA_DIR": "tfds"}), cwd=root,
+                        env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return {"manual_dir": manual_dir, "data_dir": data_dir, "archive": archive,
+  return {"root": root, "manual_dir": manual_dir, "data_dir": data_dir, "archive": archive,
           "stdout": proc.stdout}
 
 

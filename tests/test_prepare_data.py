@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import readme_commands
 import run_files
 from conftest import REPO_ROOT
 from vim_jax.data import pipeline, sources
@@ -136,16 +137,24 @@ def test_unprepared_or_tfrecord_dataset_stops_with_the_prepare_command(fake_imag
 
 
 def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_files, tmp_path):
-  """The README's ImageNet steps at tiny size: vim_jax.main, then vim_jax.evaluate."""
-  workdir = str(tmp_path / "run")
-  env = run_files.cli_env()  # one CPU device, as a user's shell has
+  """The README's ImageNet step 4 at tiny size, read from README.md and run from the root of
+  the repository copy that holds the prepared data, with its relative $WORKDIR and
+  $TFDS_DATA_DIR; then vim_jax.evaluate on the run, from elsewhere."""
+  root = fake_imagenet["root"]
+  variables = {"WORKDIR": "run", "TFDS_DATA_DIR": "tfds"}
+  env = {**run_files.cli_env(), **variables}  # one CPU device, as a user's shell has
+  command = readme_commands.find("--workdir=$WORKDIR --config.data.data_dir=$TFDS_DATA_DIR")
   train = subprocess.run(
-      [sys.executable, "-m", "vim_jax.main", "--config=configs/vitvq_base.py:tiny",
-       f"--workdir={workdir}", "--config.data.source=tfds", "--config.data.name=imagenet2012",
-       f"--config.data.data_dir={fake_imagenet['data_dir']}", "--config.total_steps=10",
-       "--config.eval_every=10", "--config.checkpoint_every=10"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+      readme_commands.to_argv(
+          command, variables, edits=(("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),),
+          extra=("--config.data.source=tfds", "--config.data.name=imagenet2012",
+                 "--config.total_steps=10", "--config.eval_every=10",
+                 "--config.checkpoint_every=10")),
+      cwd=root, capture_output=True, text=True, timeout=600, env=env)
   assert train.returncode == 0, train.stderr[-3000:]
+  workdir = os.path.join(root, "run")
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  assert config["data"]["data_dir"] == os.path.join(root, "tfds")  # recorded absolute
   # From the run's TensorBoard scalars, not its log: the eval line is written by a background
   # thread and a C++ log line can land inside it.
   trained_psnr = run_files.event_scalars(workdir)["eval/psnr"][10]

@@ -1,30 +1,33 @@
-"""The README's headline command at smoke size: `python -m vim_jax.main
---config=configs/quickstart.py:smoke` runs every stage, is stopped by SIGTERM between stages,
-and a rerun resumes the interrupted stage and finishes, with every file and scalar in place."""
+"""The README's headline command, read from README.md, at smoke size: the quickstart line's
+`python -m vim_jax.main ...` with `:smoke` added to its config, run from the root of a scratch
+copy of the repository with the README's relative --workdir, as a new user types it. It runs
+every stage, is stopped by SIGTERM between stages, and a rerun resumes the interrupted stage and
+finishes, with every file and scalar in place. (.ci/run also runs the whole line, venv and
+install included, in a fresh clone.)"""
 
 import glob
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+import readme_commands
 from run_files import cli_env, event_scalars
 
 
 def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
-  workdir = str(tmp_path / "quickstart")
-  command = [sys.executable, "-m", "vim_jax.main", "--config=configs/quickstart.py:smoke",
-             f"--workdir={workdir}"]
+  root = readme_commands.scratch_repository(str(tmp_path))
+  command = readme_commands.quickstart_command(smoke=True)
+  relative_workdir = next(a for a in command if a.startswith("--workdir=")).split("=", 1)[1]
+  workdir = os.path.join(root, relative_workdir)  # where the run must write, and nowhere else
   env = cli_env()
   first_log = tmp_path / "first.log"
   with open(first_log, "w") as log:
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
     start = time.time()
     while "quickstart: stage 1 (tokenizer) done" not in first_log.read_text():
       assert proc.poll() is None, first_log.read_text()[-3000:]
@@ -39,7 +42,7 @@ def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
   assert len(stopped_at) == 1 and stopped_at[0] < 6
   assert not os.path.exists(os.path.join(workdir, "vim"))
 
-  second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+  second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   log = second.stderr
@@ -68,3 +71,7 @@ def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
   for key in ("class_accuracy", "class_accuracy_rejection"):
     assert sample_scalars[f"sample/{key}"] == {6: pytest.approx(results[key], abs=1e-6)}, key
     assert abs(results[key] * 12 - round(results[key] * 12)) < 1e-9  # a count of 12 samples
+  # The relative --workdir was resolved against the folder the command started in, and the
+  # stage-2 run records its tokenizer's absolute path (read later from anywhere).
+  vim_config = json.load(open(os.path.join(workdir, "vim", "config.json")))
+  assert vim_config["tokenizer_workdir"] == os.path.join(workdir, "tokenizer")
