@@ -118,3 +118,25 @@ def to_argv(command: str, variables: dict[str, str], edits=(), extra=()) -> list
   argv = shlex.split(command) + list(extra)
   assert argv[0] == "python", command
   return [sys.executable] + argv[1:]
+
+
+def copy_run(run_dir: str, root: str, name: str) -> str:
+  """A trained run copied to root/workdirs/<name>, as if trained from `root`: the weights
+  paths its config.json recorded (the configs' relative defaults, made absolute from the folder
+  the test process runs in) point at root/weights/, where the README's converters write."""
+  target = os.path.join(root, "workdirs", name)
+  shutil.copytree(run_dir, target)
+  config = os.path.join(target, "config.json")
+  text = open(config, encoding="utf-8").read()
+  text = text.replace(os.path.join(os.getcwd(), "weights"), os.path.join(root, "weights"))
+  with open(config, "w", encoding="utf-8") as f:
+    f.write(text)
+  return target
+
+
+def put_inception_weights(root: str, flax_file: str) -> str:
+  """The converted FID Inception file where the README's convert command writes it."""
+  target = os.path.join(root, "weights", "pt_inception-2015-12-05.msgpack")
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  shutil.copy(flax_file, target)
+  return target

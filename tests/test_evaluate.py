@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import metric_reference
+import readme_commands
 import run_files
 from conftest import REPO_ROOT, tiny_vim_config
 from vim_jax import fid, generation, reported_metrics, runs, stage2, train_vim, train_vitvq
@@ -29,14 +30,21 @@ def _one_device():
 
 
 def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files, tmp_path):
-  out = str(tmp_path / "eval")
-  real_path = str(tmp_path / "shapes_eval_stats.npz")
-  cmd = [sys.executable, "-m", "vim_jax.evaluate", f"--workdir={tokenizer_dir}",
-         f"--inception_weights={inception_files['flax']}", f"--out={out}", "--batch_size=16",
-         f"--save_reference_stats={real_path}"]
-  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                        env=run_files.cli_env())  # one device, as a user's shell
+  """The README's stage-1 evaluate command, read from README.md and run from the root of a
+  scratch copy of the repository (relative workdir, the Inception weights where the README's
+  converter writes them)."""
+  root = readme_commands.scratch_repository(str(tmp_path))
+  workdir = readme_commands.copy_run(tokenizer_dir, root, "vitvq_base")
+  weights = readme_commands.put_inception_weights(root, inception_files["flax"])
+  real_path = os.path.join(root, "shapes_eval_stats.npz")
+  command = readme_commands.find("python -m vim_jax.evaluate --workdir=workdirs/vitvq_base")
+  proc = subprocess.run(
+      readme_commands.to_argv(command, {}, extra=(
+          "--batch_size=16", "--save_reference_stats=shapes_eval_stats.npz")),
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=run_files.cli_env())  # one device, as a user's shell
   assert proc.returncode == 0, proc.stderr[-3000:]
+  out = os.path.join(workdir, "eval")
   assert "rfid_vs_shapes_eval" in proc.stdout
   (path,) = glob.glob(os.path.join(out, "results_*.json"))
   results = json.load(open(path))
@@ -66,7 +74,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
       "psnr": float(np.mean(-10 * np.log10(mse)))}
   for key, value in expected.items():
     assert metrics[key]["value"] == pytest.approx(value, rel=1e-3), key
-  assert results["inception"] == {"weights": inception_files["flax"], "resize": "bilinear"}
+  assert results["inception"] == {"weights": weights, "resize": "bilinear"}
   assert glob.glob(os.path.join(out, "events.out.tfevents.*"))
 
   # The eval split against itself, featurized in two separate passes (the CLI's saved
@@ -88,27 +96,36 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
 
 def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir, inception_files,
                                                         tmp_path):
-  """`python -m vim_jax.evaluate` on a stage-2 workdir; every value recomputed here from the
-  same samples: FID against the eval images, IS and class accuracy, with and without
-  rejection."""
-  out = str(tmp_path / "eval")
-  cmd = [sys.executable, "-m", "vim_jax.evaluate", f"--workdir={vim_dir}",
-         f"--inception_weights={inception_files['flax']}", f"--out={out}", "--batch_size=16",
-         "--num_samples=12", "--reference_images=16", f"--classifier_workdir={classifier_dir}",
-         "--acceptance=0.5"]
-  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                        env=run_files.cli_env())  # one device, as a user's shell
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Closing _NonBlockingMetadataStore" not in proc.stderr  # the log filter
-  (path,) = glob.glob(os.path.join(out, "results_*.json"))
-  results = json.load(open(path))["metrics"]
-  assert all(results[k]["num_images"] == 12 for k in results)
-  assert results["fid_vs_shapes_eval"]["against"] == "shapes_eval (16 images)"
-
+  """The README's stage-2 evaluate command, read from README.md and run from the root of a
+  scratch copy of the repository (relative workdirs; the reference statistics in ADM's file
+  layout, mu and sigma only, here of the eval split's 16 images), with 12 samples instead of
+  50,000; every value recomputed here from the same samples: FID against the reference, IS and
+  class accuracy, with and without rejection."""
+  root = readme_commands.scratch_repository(str(tmp_path))
+  workdir = readme_commands.copy_run(vim_dir, root, "vim_large")
+  readme_commands.copy_run(classifier_dir, root, "classifier")
+  readme_commands.put_inception_weights(root, inception_files["flax"])
   trained = runs.load_vim(vim_dir)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16, mesh=_one_device())
   real_batches, _ = reported_metrics.eval_split_images(trained.config, 16)
   real_pool, _ = extractor(np.concatenate(list(real_batches)))
+  real = np.asarray(real_pool, np.float64)
+  np.savez(os.path.join(root, "VIRTUAL_imagenet256_labeled.npz"), mu=real.mean(0),
+           sigma=np.cov(real, rowvar=False))
+  command = readme_commands.find("python -m vim_jax.evaluate --workdir=workdirs/vim_large")
+  proc = subprocess.run(
+      readme_commands.to_argv(command, {}, edits=(("--num_samples=50000", "--num_samples=12"),),
+                              extra=("--batch_size=16",)),
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=run_files.cli_env())  # one device, as a user's shell
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Closing _NonBlockingMetadataStore" not in proc.stderr  # the log filter
+  (path,) = glob.glob(os.path.join(workdir, "eval", "results_*.json"))
+  results = json.load(open(path))["metrics"]
+  assert all(results[k]["num_images"] == 12 for k in results)
+  fid_key = "fid_vs_VIRTUAL_imagenet256_labeled"
+  assert fid_key in results, sorted(results)
+
   labels = generation.requested_labels(12, trained.model.num_classes, "")
   sampling = stage2.sampling_config_from(trained.config)
   sampler = generation.Sampler(trained, sampling, 16, mesh=_one_device())
@@ -125,7 +142,7 @@ def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir,
     pool, probs = extractor(images)
     accuracy = np.mean(np.argmax(generation.class_probabilities(classifier, cparams, images),
                                  -1) == wanted)
-    expected = {"fid_vs_shapes_eval": metric_reference.frechet_distance(real_pool, pool),
+    expected = {fid_key: metric_reference.frechet_distance(real_pool, pool),
                 "is_of_samples": metric_reference.inception_score(probs),
                 "class_accuracy": accuracy}
     for key, value in expected.items():

@@ -76,12 +76,14 @@ PLAN = {
     "--output=weights/pt_inception-2015-12-05.msgpack":
         Run(writes=("weights/pt_inception-2015-12-05.msgpack",)),
     "python -m vim_jax.evaluate --workdir=workdirs/vitvq_base":
-        Run(extra=("--batch_size=16",), writes=("workdirs/vitvq_base/eval/results_*.json",)),
+        Covered("tests/test_evaluate.py::test_stage1_evaluate_cli_writes_every_metric (from "
+                "a scratch repository root, read from README.md, every value recomputed)"),
     "python -m vim_jax.evaluate --workdir=workdirs/vim_large "
     "--reference_stats=VIRTUAL_imagenet256_labeled.npz --num_samples=50000 "
     "--classifier_workdir=workdirs/classifier --acceptance=0.5":
-        Run(edits=(("--num_samples=50000", "--num_samples=12"),), extra=("--batch_size=16",),
-            writes=("workdirs/vim_large/eval/results_*.json",)),
+        Covered("tests/test_evaluate.py::test_stage2_evaluate_cli_with_and_without_rejection "
+                "(from a scratch repository root, read from README.md, every value "
+                "recomputed)"),
     "python -m vim_jax.tools.import_enhancing --ckpt=imagenet_vitvq_base.ckpt "
     "--config=configs/enhancing_vitvq_base.py --workdir=workdirs/enhancing_base":
         Run(edits=(("configs/enhancing_vitvq_base.py", "configs/enhancing_vitvq_base.py:tiny"),),
@@ -157,25 +159,14 @@ def _lay_out_inputs(root: str, tokenizer_dir: str, vim_dir: str, inception_files
                     lpips_files: dict) -> None:
   """What the README's commands read, where the README puts it (relative to the root): trained
   runs under workdirs/, the published files' stand-ins in the published layouts."""
-  for source, name in ((tokenizer_dir, "vitvq_base"), (vim_dir, "vim"), (vim_dir, "vim_large")):
-    target = os.path.join(root, "workdirs", name)
-    shutil.copytree(source, target)
-    # As if trained from this root: the default weights paths (relative to where a run starts,
-    # recorded absolute) point at the root's weights/, where the README's converters write.
-    config = os.path.join(target, "config.json")
-    text = open(config).read().replace(os.path.join(os.getcwd(), "weights"),
-                                       os.path.join(root, "weights"))
-    open(config, "w").write(text)
+  for source, name in ((tokenizer_dir, "vitvq_base"), (vim_dir, "vim")):
+    readme_commands.copy_run(source, root, name)
   shutil.copy(inception_files["pth"], os.path.join(root, "pt_inception-2015-12-05-6726825d.pth"))
   hub = os.path.join(root, "home/.cache/torch/hub/checkpoints")
   os.makedirs(hub)
   shutil.copy(lpips_files["vgg_path"], os.path.join(hub, "vgg16-397923af.pth"))
   shutil.copy(lpips_files["head_path"], os.path.join(root, "lpips_head_vgg.pth"))
-  # ADM's reference batch holds mu and sigma of 2048-d pool features (random stand-ins).
   rng = np.random.default_rng(0)
-  features = rng.normal(size=(4096, 2048))
-  np.savez(os.path.join(root, "VIRTUAL_imagenet256_labeled.npz"), mu=features.mean(0),
-           sigma=np.cov(features, rowvar=False))
   import torch
   from enhancing_reference import Tokenizer
   torch.save(Tokenizer().lightning_checkpoint(step=7), os.path.join(root,
@@ -212,9 +203,6 @@ def test_readme_commands_run_from_the_repository_root(tokenizer_dir, vim_dir, in
   assert config["tokenizer_workdir"] == os.path.join(root, "workdirs/enhancing_base")
   assert config["fid"]["inception_weights"] == os.path.join(
       root, "weights/pt_inception-2015-12-05.msgpack")
-  results = json.load(open(glob.glob(os.path.join(root, "workdirs/vim_large/eval/results_*"))[0]))
-  assert results["metrics"]["fid_vs_VIRTUAL_imagenet256_labeled"]["num_images"] == 12
-  assert "class_accuracy_rejection0.5" in results["metrics"]
   samples = np.load(os.path.join(root, "workdirs/vim/samples/samples.npz"))
   assert sorted(set(samples["labels"].tolist())) == [0, 3] and len(samples["labels"]) == 8
   # Nothing was written outside the scratch copy's root by a relative path gone astray.
