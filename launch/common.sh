@@ -107,13 +107,15 @@ tpu_scp_all() {
 # "python -m vim_jax.main" but not the command line of the shell running pkill/pgrep, which
 # holds the bracketed text itself.
 TRAIN_PATTERN='[p]ython -m vim_jax[.]main'
+# The worker script around it (launch/worker_train.sh), told not to rerun (RESTARTS).
+WORKER_PATTERN='[l]aunch/worker_train[.]sh'
 
 # stop_command TIMEOUT_S: the remote script tpu_stop.sh runs on each worker. It sends SIGTERM
 # to the training processes (each saves a checkpoint at the next step and exits 0) and waits
 # until they have exited, so the checkpoint is committed when it returns; exit 1 on timeout.
 stop_command() {
   local timeout_s="$1"
-  printf '%s' "pkill -TERM -f '${TRAIN_PATTERN}' || { echo \"\$(hostname): no run\"; exit 0; }; \
+  printf '%s' "pkill -TERM -f '${WORKER_PATTERN}'; pkill -TERM -f '${TRAIN_PATTERN}' || { echo \"\$(hostname): no run\"; exit 0; }; \
 for _ in \$(seq ${timeout_s}); do pgrep -f '${TRAIN_PATTERN}' >/dev/null || \
 { echo \"\$(hostname): stopped\"; exit 0; }; sleep 1; done; \
 echo \"\$(hostname): still running after ${timeout_s} s\" >&2; exit 1"

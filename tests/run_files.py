@@ -27,7 +27,7 @@ def eval_images(config) -> np.ndarray:
   """The run's eval images exactly as its eval pass sees them: float [N, S, S, 3] in [-1, 1],
   padding removed."""
   from vim_jax.data import pipeline, preprocess
-  _, eval_data = pipeline.build_pipelines(config, 0, 1)
+  _, eval_data = pipeline.build_pipelines(config)
   return preprocess.to_unit_range(
       np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()]))
 

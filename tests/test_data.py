@@ -125,8 +125,8 @@ def test_shapes_classes_differ_in_pixels():
 def test_train_batches_are_a_function_of_step_and_split_over_processes():
   source = sources.ShapesSource("train", 40, 16, seed=3)
   whole = pipeline.InputPipeline(source, 8, 16, seed=5, train=True)
-  parts = [pipeline.InputPipeline(source, 8, 16, seed=5, train=True, process_index=p,
-                                  process_count=2) for p in range(2)]
+  parts = [pipeline.InputPipeline(source, 8, 16, seed=5, train=True, rows=np.arange(4) + 4 * p)
+           for p in range(2)]
   for step in (0, 4, 7):  # step 5 crosses into the second epoch (40 examples / 8)
     full = whole.local_batch(step)
     halves = [p.local_batch(step) for p in parts]
@@ -189,7 +189,7 @@ def test_images_cross_as_uint8_and_are_scaled_on_the_device():
   images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
   images[0, 0, 0] = [0, 128, 255]
   batch = parallel.global_batch_from_local({"image": images, "label": np.arange(8, dtype=np.int32)},
-                                           mesh)
+                                           mesh, 8)
   assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
   assert batch["image"].sharding == parallel.batch_sharding(mesh)
   on_device = np.asarray(batch["image"])

@@ -125,6 +125,13 @@ def test_worker_script_appends_the_log_and_copies_it_to_the_workdir(tmp_path):
   import socket
   copies = (tmp_path / "gcloud.txt").read_text().splitlines()
   assert copies == [f"storage cp -q {log} gs://b/run/logs/{socket.gethostname()}.log"] * 2
+  # RESTARTS=1: one rerun after the failed exit, then the failure stands.
+  restarted = {**env, "FAKE_EXIT": "3", "RESTARTS": "1", "RESTART_DELAY": "0",
+               "VIM_JAX_LOG": str(tmp_path / "restarts.log")}
+  assert _run(script, restarted, *args).returncode == 3
+  restarts_log = (tmp_path / "restarts.log").read_text()
+  assert restarts_log.count("launch: --config=") == 2 and restarts_log.count("exit 3") == 2
+  assert "=== restart 1 of 1 in 0 s" in restarts_log
 
 
 def test_exec_runs_single_process_commands_on_a_single_host_only():

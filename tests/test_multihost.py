@@ -1,15 +1,20 @@
-"""Multi-host: 2 processes on 127.0.0.1 (4 virtual CPU devices each, gloo collectives) run the
-tiny stage-1 and stage-2 configs through `python -m vim_jax.main` and must match a
-1-process, 1-device run of the same config, trained in the pytest process: the loss and the
+"""Multi-host, rehearsed on one machine as on a pod slice: 4 processes on 127.0.0.1 (gloo
+collectives) whose mesh puts the tensor axis across processes, so that pairs of processes hold
+the same batch rows (VIM-Large's tensor=4 on a v4-128), run the tiny stage-1 and stage-2
+configs through `python -m vim_jax.main` and must match a 1-process, 1-device run of the same
+config, trained in the pytest process: the loss and the
 gradient norm at every step, and every array of the final checkpoint (params, Adam's moments,
 the discriminator). The reference runs on one device because 8 virtual devices on 2 cores only
 cost time: a gradient summed or averaged over the wrong devices or processes differs from it as
 much as from an 8-device run."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +25,7 @@ from run_compare import assert_leaves_close
 from run_files import cli_env, event_scalars
 from vim_jax import fileio, main, runs
 
-STEPS = 4
+STEPS = 8
 
 
 def _free_port() -> int:
@@ -42,23 +47,29 @@ def _flags(config_spec, overrides):
   return [f"--config={config_spec}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-def _run_two_processes(args, workdir, log_dir):
+def _run_processes(count, args, workdir, log_dir, devices_per_process=1, env=None):
+  """`python -m vim_jax.main ARGS` as `count` processes of `devices_per_process` CPU devices
+  on 127.0.0.1; env(i): extra environment of process i. Returns their log files."""
   port = _free_port()
-  logs = _start_two_processes(
-      lambda i: [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
-                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}"], log_dir)
-  assert "process 1 of 2, 4 local / 8 global devices" in open(logs[1]).read()
+  logs = _start_processes(
+      count, lambda i: [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
+                        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+                        f"--process_id={i}"], log_dir, devices_per_process, env)
+  last = open(logs[-1]).read()
+  total = count * devices_per_process
+  assert (f"process {count - 1} of {count}, {devices_per_process} local / {total} global "
+          "devices") in last
+  return logs
 
 
-def _start_two_processes(command, log_dir):
-  """Runs command(0) and command(1) together (4 CPU devices each); their log files."""
+def _start_processes(count, command, log_dir, devices_per_process=4, env=None):
+  """Runs command(0) ... command(count - 1) together; their log files, once all exit 0."""
   procs, logs = [], []
-  for i in range(2):
+  for i in range(count):
     logs.append(os.path.join(log_dir, f"process{i}.log"))
     procs.append(subprocess.Popen(
-        command(i), cwd=REPO_ROOT, env=cli_env(4), stdout=open(logs[-1], "w"),
-        stderr=subprocess.STDOUT))
+        command(i), cwd=REPO_ROOT, env={**cli_env(devices_per_process), **(env(i) if env else {})},
+        stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
   try:
     codes = [p.wait(timeout=900) for p in procs]
   finally:
@@ -70,6 +81,12 @@ def _start_two_processes(command, log_dir):
     errors = [line for line in text.splitlines() if "Error" in line]  # a long array can hide it
     assert code == 0, "\n".join(errors[-5:]) + "\n...\n" + text[-3000:]
   return logs
+
+
+def fed_rows(log: str) -> str:
+  """The rows of each training batch a process's log says it loads."""
+  return re.search(r"input: this process loads rows (\S+) of each training batch", 
+                   open(log).read()).group(1)
 
 
 def checkpoint_arrays(workdir) -> dict[str, np.ndarray]:
@@ -106,33 +123,91 @@ STAGE1 = {"total_steps": STEPS, "log_every": 1, "eval_every": 1000, "checkpoint_
 
 @pytest.fixture(scope="module")
 def stage1_runs(tmp_path_factory):
+  """The 1-device reference, and 4 processes of 1 device with mesh fsdp=2 x tensor=2: each
+  tensor group spans 2 processes, which hold (and load) the same half of every batch. The
+  4-process run is first killed: process 2 gets SIGKILL after step 4's checkpoint; the others
+  must stop on their own, saying why, and the same command then resumes and finishes."""
   root = tmp_path_factory.mktemp("multihost1")
   spec = "configs/vitvq_base.py:tiny"
   _run_single(spec, STAGE1, str(root / "single"))
-  _run_two_processes(_flags(spec, STAGE1), str(root / "multi"), str(root))
-  return str(root / "single"), str(root / "multi")
+  flags = _flags(spec, {**STAGE1, "checkpoint_every": 4, "mesh.data": 1, "mesh.fsdp": 2,
+                        "mesh.tensor": 2}) + ["--heartbeat_timeout=10"]
+  killed = _kill_one_of_four(flags, str(root / "multi"), str(root / "killed"), victim=2,
+                             after="step 5/")
+  logs = _run_processes(4, flags, str(root / "multi"), str(root))
+  return str(root / "single"), str(root / "multi"), logs, killed
 
 
-def test_stage1_two_processes_match_one(stage1_runs):
-  single, multi = stage1_runs
+def _kill_one_of_four(flags, workdir, log_dir, victim: int, after: str):
+  """Starts the 4 processes, SIGKILLs `victim` once process 0 has logged `after`; returns
+  {'codes', 'seconds' (kill to the last exit), 'logs' (texts)}."""
+  os.makedirs(log_dir)
+  port = _free_port()
+  logs = [os.path.join(log_dir, f"process{i}.log") for i in range(4)]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "vim_jax.main", *flags, f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=4", f"--process_id={i}"],
+      cwd=REPO_ROOT, env=cli_env(1), stdout=open(logs[i], "w"), stderr=subprocess.STDOUT)
+      for i in range(4)]
+  try:
+    start = time.time()
+    while after not in open(logs[0]).read():
+      assert all(p.poll() is None for p in procs), open(logs[0]).read()[-3000:]
+      assert time.time() - start < 600, "the run never reached " + after
+      time.sleep(0.05)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    codes = [p.wait(timeout=120) for p in procs]
+    seconds = time.time() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return {"codes": codes, "seconds": seconds, "logs": [open(log).read() for log in logs]}
+
+
+def test_stage1_four_processes_with_tensor_across_processes_match_one(stage1_runs):
+  single, multi, logs, _ = stage1_runs
+  assert [fed_rows(log) for log in logs] == ["[0..7]", "[0..7]", "[8..15]", "[8..15]"]
   worst = assert_runs_match(single, multi)
-  print(f"\nstage 1, 2 processes vs 1: largest difference {worst:.3g} of a leaf's scale")
+  print(f"\nstage 1, 4 processes (fsdp 2 x tensor 2, tensor across processes, killed once and "
+        f"resumed) vs 1: largest difference {worst:.3g} of a leaf's scale")
 
 
-def test_stage2_two_slices_fsdp_tensor_match_one(stage1_runs, tmp_path):
-  single_tok, _ = stage1_runs
+def test_a_dead_process_stops_the_others_which_say_so_and_a_rerun_resumes(stage1_runs):
+  _, multi, logs, killed = stage1_runs
+  codes, texts = killed["codes"], killed["logs"]
+  assert codes[2] == -signal.SIGKILL
+  assert all(code != 0 for code in codes), codes  # nobody pretends the run finished
+  # Bounded: the survivors' collectives fail at once, JAX's heartbeat (10 s here) ends them.
+  assert killed["seconds"] < 60, killed["seconds"]
+  survivors = [texts[i] for i in (0, 1, 3)]
+  assert any("Task 2 heartbeat timeout" in t for t in survivors)  # JAX names the dead process
+  said = [t for t in survivors if "stopped: " in t and "Start every process again" in t]
+  assert said, "no survivor explained what to do"
+  assert "the run resumes from step 4, exactly" in said[0]
+  rerun = open(logs[0]).read()
+  assert "checkpoint: restoring step 4" in rerun and "resumed at step 4" in rerun
+  print(f"\nSIGKILL of process 2 of 4: the others exited {killed['seconds']:.1f} s later "
+        f"(codes {codes})")
+
+
+def test_stage2_two_nodes_of_two_processes_match_one(stage1_runs, tmp_path):
+  """A GPU cluster's layout: 2 nodes (SLURM_NODEID) of 2 processes, one device each (one
+  process per GPU); data parallel over the nodes (dcn_data=2 counts nodes, not processes),
+  tensor=2 over each node's 2 devices, so every tensor group spans the node's 2 processes."""
+  single_tok, _, _, _ = stage1_runs
   spec = "configs/vim_base.py:tiny"
   overrides = {"tokenizer_workdir": single_tok, "total_steps": STEPS, "log_every": 1,
-               "eval_every": 1000, "checkpoint_every": 1000, "mesh.data": 2, "mesh.fsdp": 2,
-               "mesh.tensor": 2}
+               "eval_every": 1000, "checkpoint_every": 1000}
   _run_single(spec, overrides, str(tmp_path / "single"))
-  # The same global mesh built as 2 "slices" (one per process) joined over DCN on the data
-  # axis: data = 1 (in-slice) x 2 (across).
-  _run_two_processes(_flags(spec, {**overrides, "mesh.data": 1, "mesh.dcn_data": 2}),
-                     str(tmp_path / "multi"), str(tmp_path))
+  mesh = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 2, "mesh.dcn_data": 2}
+  logs = _run_processes(4, _flags(spec, {**overrides, **mesh}), str(tmp_path / "multi"),
+                        str(tmp_path), env=lambda i: {"SLURM_NODEID": str(i // 2)})
+  assert [fed_rows(log) for log in logs] == ["[0..7]", "[0..7]", "[8..15]", "[8..15]"]
   worst = assert_runs_match(str(tmp_path / "single"), str(tmp_path / "multi"))
-  print(f"\nstage 2 (data 2 over DCN x fsdp 2 x tensor 2), 2 processes vs 1: largest "
-        f"difference {worst:.3g} of a leaf's scale")
+  print(f"\nstage 2 (2 nodes over DCN x tensor 2 across each node's 2 processes), 4 processes "
+        f"vs 1: largest difference {worst:.3g} of a leaf's scale")
 
 
 def test_eval_split_inception_statistics_on_two_processes_match_one(inception_files, tmp_path):
@@ -144,8 +219,8 @@ def test_eval_split_inception_statistics_on_two_processes_match_one(inception_fi
   from vim_jax import fid, reported_metrics
   port, out = _free_port(), str(tmp_path / "stats.npz")
   script = os.path.join(REPO_ROOT, "tests", "multihost_fid_stats.py")
-  _start_two_processes(lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
-                                  inception_files["flax"], out], str(tmp_path))
+  _start_processes(2, lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
+                                 inception_files["flax"], out], str(tmp_path))
   two = fid.FeatureStats.load(out)
   one = reported_metrics.reference_stats(reference_config(),
                                          fid.FeatureExtractor(inception_files["flax"],

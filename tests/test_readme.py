@@ -103,7 +103,7 @@ PLAN = {
     "python -m vim_jax.tools.prepare_data --name=imagenet2012 --data_dir=/mnt/disk/tfds":
         Covered("tests/conftest.py::fake_imagenet (the same command with a relative "
                 "$TFDS_DATA_DIR, read from README.md)"),
-    "python -m vim_jax.main ... --config.data.data_dir=gs://$BUCKET/tfds":
+    "python -m vim_jax.main ... --config.data.data_dir=gs://my-bucket/tensorflow_datasets":
         LeftOut("a gs:// bucket (no object store here yet; issue 28), and `...` stands for a "
                 "whole training command"),
     "python -m vim_jax.main --config=configs/vitvq_base.py --workdir=$WORKDIR "

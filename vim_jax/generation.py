@@ -48,7 +48,7 @@ class Sampler:
                             jax.device_put(padded, self.label_sharding),
                             jax.random.fold_in(jax.random.key(seed), i))
       log.debug("sampled %d / %d", min(start + self.batch_size, len(labels)), len(labels))
-      yield preprocess.to_uint8(np.asarray(images))[:len(chunk)]
+      yield preprocess.to_uint8(parallel.fetch(images))[:len(chunk)]
 
   def generate(self, labels: np.ndarray, seed: int) -> np.ndarray:
     """uint8 images [N, S, S, 3] for int labels [N]."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
@@ -42,6 +43,9 @@ _COORDINATOR = flags.DEFINE_string(
     "(with --num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Multi-process jobs: seconds without a heartbeat after which JAX "
+    "declares a process dead and stops the others (JAX's default, 100).", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -74,10 +78,29 @@ def start_distributed():
   import jax
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                             local_device_ids=local_device_ids_for_task(os.environ))
+                             local_device_ids=local_device_ids_for_task(os.environ),
+                             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   logging.info("distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def worker_failure_message(error: BaseException, workdir: str, process: int, count: int) -> str:
+  """What a process of a multi-process job says when its run fails: most often another
+  process died, and every process must be started again."""
+  from vim_jax import runs
+  found = re.findall(r"/task:(\d+)|Task (\d+) heartbeat", str(error))
+  dead = sorted({int(a or b) for a, b in found} - {process})
+  who = (f"JAX names process {', '.join(map(str, dead))}" if dead else
+         "JAX's coordination service names it within --heartbeat_timeout seconds ('Task N "
+         "heartbeat timeout': process N)")
+  steps = runs.checkpoint_steps(workdir)
+  resume = f"step {steps[-1]}" if steps else "the start (no checkpoint yet)"
+  return (f"process {process} of {count} stopped: {type(error).__name__}: "
+          f"{str(error).splitlines()[0][:300] if str(error) else ''}\n"
+          f"In a job of {count} processes this is most often another process that died: {who}. "
+          f"Start every process again with the same command (launch/README.md, 'When a worker "
+          f"dies'); the run resumes from {resume}, exactly.")
 
 
 def train(config, workdir: str, **kwargs):
@@ -163,7 +186,15 @@ def main(argv):
   config = fileio.with_absolute_paths(config)
   logging.info("config:\n%s", config)
   train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
-  train(config, fileio.absolute(_WORKDIR.value))
+  workdir = fileio.absolute(_WORKDIR.value)
+  try:
+    train(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except; explained, then raised as it was
+    import jax
+    if jax.process_count() > 1:
+      logging.error("%s", worker_failure_message(e, workdir, jax.process_index(),
+                                                 jax.process_count()))
+    raise
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ layout is a config change.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import os
+import socket
 import math
 from collections.abc import Sequence
 
@@ -80,24 +84,46 @@ def _ici_device_array(shape: tuple[int, ...], devices: list) -> np.ndarray:
     return np.asarray(devices).reshape(shape)
 
 
-def granules(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
+def granules(devices: Sequence[jax.Device], host_of_process: dict[int, int] | None = None
+             ) -> list[list[jax.Device]]:
   """Devices grouped by slice (TPU multi-slice: device.slice_index) when they span several,
-  else by process (one host per granule, as on GPU clusters), in a stable order."""
+  else by host, in a stable order. A host is a machine: on a GPU cluster with one process per
+  GPU (SLURM), a node's 8 processes are one host (`host_of_process`, default
+  `process_hosts()`); elsewhere each process is its own host."""
   slices = {getattr(d, "slice_index", None) for d in devices}
   by_slice = None not in slices and len(slices) > 1
-  key = (lambda d: d.slice_index) if by_slice else (lambda d: d.process_index)
+  if not by_slice and host_of_process is None:
+    host_of_process = process_hosts()
+  key = (lambda d: d.slice_index) if by_slice else (
+      lambda d: host_of_process.get(d.process_index, d.process_index))
   groups: dict[int, list] = {}
   for d in devices:
     groups.setdefault(key(d), []).append(d)
   return [groups[k] for k in sorted(groups)]
 
 
+def process_hosts() -> dict[int, int]:
+  """{process index: host number} of this job's processes, hosts numbered by their first
+  process. A host is named by SLURM_NODEID under SLURM, else by the machine's hostname; each
+  process says its own and all gather them (a collective: every process calls this). {} in a
+  single process, where each (compile-only) device's process stands for a host."""
+  if jax.process_count() == 1:
+    return {}
+  from jax.experimental import multihost_utils
+  name = os.environ.get("SLURM_NODEID") or socket.gethostname()
+  digest = np.frombuffer(hashlib.sha256(name.encode()).digest()[:4], np.int32)  # x64 is off
+  names = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+  first: dict[int, int] = {}
+  return {p: first.setdefault(int(n), len(first)) for p, n in enumerate(names)}
+
+
 def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over `devices` (default: all) with axes (data, fsdp, tensor) and Auto axis types.
 
   mesh_config.{data,fsdp,tensor} lay out the devices of one slice (ICI); the optional
-  mesh_config.dcn_{data,fsdp,tensor} (default 1) lay out the slices, or the hosts when the
-  devices are all in one slice, over the data-center network. Each mesh axis is then
+  mesh_config.dcn_{data,fsdp,tensor} (default 1) lay out the slices, or the hosts (machines:
+  a GPU node with one process per GPU is one host) when the devices are all in one slice, over
+  the data-center network. Each mesh axis is then
   ici_size x dcn_size, with the DCN part outermost, so collectives on a DCN axis cross slices
   once. Put data parallelism on DCN (dcn_data=-1): it only all-reduces gradients once a step.
   """
@@ -147,14 +173,61 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global jax.Arrays sharded over the batch axes from this process's slice of the batch.
-  uint8 images cross to the devices as uint8 and become float32 in [-1, 1] there."""
+def batch_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None
+               ) -> np.ndarray:
+  """The rows of a [global_batch_size, ...] batch that the devices of `process_index` (default:
+  this process) hold under batch_sharding(mesh), sorted, each once: the rows that process
+  loads. They are a contiguous 1/P of the batch only when the batch axes alone span the
+  processes; when the tensor (or any other) axis spans processes too (VIM-Large's tensor=4 on
+  a v4-128 puts each tensor group on 2 hosts), several processes hold the same rows and each
+  must load them, identically."""
+  if process_index is None:
+    process_index = jax.process_index()
+  return np.asarray(_batch_rows(mesh, global_batch_size, process_index), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_rows(mesh: Mesh, global_batch_size: int, process_index: int) -> tuple[int, ...]:
+  rows: set[int] = set()
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+  for device, index in index_map.items():
+    if device.process_index == process_index:
+      rows.update(range(*index[0].indices(global_batch_size)))
+  return tuple(sorted(rows))
+
+
+def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                            global_batch_size: int, images_to_unit_range: bool = True
+                            ) -> dict[str, jax.Array]:
+  """Global [global_batch_size, ...] jax.Arrays sharded over the batch axes, from this
+  process's rows of the batch (`batch_rows(mesh, global_batch_size)`, in that order). uint8
+  images cross to the devices as uint8 and become float32 in [-1, 1] there (unless
+  images_to_unit_range is False)."""
   sharding = batch_sharding(mesh)
-  batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-  if "image" in batch and batch["image"].dtype == jnp.uint8:
+  rows = len(batch_rows(mesh, global_batch_size)) if jax.process_count() > 1 else (
+      global_batch_size)
+  batch = {}
+  for key, value in local_batch.items():
+    if len(value) != rows:
+      raise ValueError(f"batch[{key!r}] holds {len(value)} rows; this process's devices hold "
+                       f"{rows} of the global batch of {global_batch_size} (load them with "
+                       "parallel.batch_rows).")
+    batch[key] = jax.make_array_from_process_local_data(
+        sharding, value, (global_batch_size,) + value.shape[1:])
+  if images_to_unit_range and "image" in batch and batch["image"].dtype == jnp.uint8:
     batch["image"] = _images_to_unit_range(batch["image"])
   return batch
+
+
+def fetch(tree):
+  """Host numpy copies of a tree of global jax.Arrays, whole on every process (arrays spread
+  over several processes are gathered: jax refuses to read them directly)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
 
 
 @jax.jit

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
-from jax.experimental import multihost_utils
 
 from vim_jax import fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
@@ -32,10 +31,16 @@ from vim_jax.models import vitvqgan
 log = logging.getLogger(__name__)
 
 
+def data_parallel_mesh():
+  """Every device on the batch: the probe's forward passes hold the whole model per device."""
+  return parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+
+
 def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
                      blocks: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
-  """One ordered pass over `data`: ({block: features [N, D]}, labels [N])."""
-  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  """One ordered pass over `data` (built with rows_of(data_parallel_mesh())): ({block:
+  features [N, D]}, labels [N])."""
+  mesh = data_parallel_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   model, tok = trained.model, trained.tokenizer
 
@@ -53,12 +58,13 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
   feats: dict[int, list] = {b: [] for b in blocks}
   labels = []
   for local in data.iterate():
-    images = parallel.global_batch_from_local({"image": local["image"]}, mesh)["image"]
-    out = multihost_utils.process_allgather(features(params, tok_params, images), tiled=True)
-    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+    batch = parallel.global_batch_from_local(local, mesh, data.global_batch_size)
+    out, label, mask = parallel.fetch((features(params, tok_params, batch["image"]),
+                                       batch["label"], batch["mask"]))
+    mask = mask.astype(bool)
     for b in blocks:
-      feats[b].append(np.asarray(out[b])[mask])
-    labels.append(multihost_utils.process_allgather(local["label"], tiled=True)[mask])
+      feats[b].append(out[b][mask])
+    labels.append(label[mask])
   return {b: np.concatenate(f) for b, f in feats.items()}, np.concatenate(labels)
 
 
@@ -126,7 +132,7 @@ def run_probe(workdir: str, blocks: list[int] | None = None) -> dict[int, float]
   passes = {
       split: pipeline.InputPipeline(
           built[split], config.eval_batch_size, config.image_size, config.seed, train=False,
-          process_index=jax.process_index(), process_count=jax.process_count(),
+          rows=pipeline.rows_of(data_parallel_mesh(), config.eval_batch_size),
           num_workers=config.data.num_workers,
           max_examples=p.num_train_images if split == "train" else p.num_eval_images)
       for split in ("train", "eval")}

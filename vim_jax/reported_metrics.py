@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,23 +44,29 @@ def metric(value: float, num_images: int, against: str = "") -> dict:
   return entry
 
 
-def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1
+def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1, mesh=None
                       ) -> tuple[Iterator[np.ndarray], int]:
   """(uint8 batches of the run's eval split, their number), up to max_images (-1 = the run's
-  num_eval_images). Every process gets the same, whole batches: each reads its share of a
-  batch and the shares are gathered, as the FeatureExtractor expects (the same images on every
-  process; each device featurizes its rows of them)."""
+  num_eval_images). Every process gets the same, whole batches: each reads the rows its
+  devices hold in `mesh` (default: every device on the batch) and they are gathered, as the
+  FeatureExtractor expects (the same images on every process; each device featurizes its rows
+  of them)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if max_images > 0:
     config.num_eval_images = max_images
-  _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
+  several = jax.process_count() > 1
+  if several:
+    mesh = mesh or parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  _, eval_data = pipeline.build_pipelines(config, mesh if several else None)
 
   def whole_batches():
     for local in eval_data.iterate():
       images, mask = local["image"], local["mask"]  # this process's rows, uint8 and {0, 1}
-      if jax.process_count() > 1:
-        images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-        mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+      if several:
+        batch = parallel.global_batch_from_local({"image": images, "mask": mask}, mesh,
+                                                 eval_data.global_batch_size,
+                                                 images_to_unit_range=False)
+        images, mask = parallel.fetch((batch["image"], batch["mask"]))
       yield images[mask.astype(bool)]
 
   return whole_batches(), eval_data.num_examples
@@ -98,7 +103,8 @@ def reference_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExt
   warning = not_the_papers_protocol(config, path)
   if warning:
     log.warning(warning)
-  batches, total = eval_split_images(config, max_images)
+  batches, total = eval_split_images(config, max_images,
+                                     extractor.mesh if extractor is not None else None)
   return extractor.extract(batches, data_label(config.data), total).stats
 
 
@@ -161,7 +167,7 @@ def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
   mesh = extractor.mesh
   dp = parallel.data_parallel_size(mesh)
   config.eval_batch_size = max(dp, config.eval_batch_size // dp * dp)
-  _, eval_data = pipeline.build_pipelines(config, jax.process_index(), jax.process_count())
+  _, eval_data = pipeline.build_pipelines(config, mesh)
   models = stage1.build_models(config)
   replicated = NamedSharding(mesh, P())
   lpips_params = {}

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from vim_jax import fileio, image_metrics, losses, microbatch, optim, parallel
 from vim_jax.data import pipeline, preprocess
@@ -281,19 +280,18 @@ def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipelin
   all_indices, first = [], None
   count = 0
   for local in eval_pipeline.iterate():
-    batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
-    out = eval_fn(params, batch, lpips_params)
-    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+    batch = parallel.global_batch_from_local(
+        {"image": local["image"], "mask": local["mask"]}, mesh, eval_pipeline.global_batch_size)
+    out = eval_fn(params, {"image": batch["image"]}, lpips_params)
+    mask = parallel.fetch(batch["mask"]).astype(bool)
     if first is None or consume is not None:  # images travel to the host only when needed
-      images, recons = multihost_utils.process_allgather(
-          (batch["image"], out["reconstruction"]), tiled=True)
-      images, recons = np.asarray(images)[mask], np.asarray(recons)[mask]
+      images, recons = parallel.fetch((batch["image"], out["reconstruction"]))
+      images, recons = images[mask], recons[mask]
       first = first or (images, recons)
       if consume is not None:
         consume(preprocess.to_uint8(images), preprocess.to_uint8(recons))
     per_image = [k for k in ("psnr", "ssim", "l1", "l2", "lpips") if k in out]
-    out = multihost_utils.process_allgather({k: out[k] for k in per_image + ["indices"]},
-                                            tiled=True)
+    out = parallel.fetch({k: out[k] for k in per_image + ["indices"]})
     for key in per_image:
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(out[key], np.float64)[mask]))
     all_indices.append(np.asarray(out["indices"])[mask])

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from vim_jax import microbatch, optim, parallel, token_sampling, train_lib
 from vim_jax.data import pipeline
@@ -133,9 +132,11 @@ def sampling_config_from(config) -> token_sampling.SamplingConfig:
 def evaluate(eval_fn, params, tokenizer_params, eval_data: pipeline.InputPipeline, mesh):
   sums, count = {"nll": 0.0, "accuracy": 0.0}, 0
   for local in eval_data.iterate():
-    batch = parallel.global_batch_from_local(model_inputs(local), mesh)
-    out = multihost_utils.process_allgather(eval_fn(params, batch, tokenizer_params), tiled=True)
-    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+    batch = parallel.global_batch_from_local({**model_inputs(local), "mask": local["mask"]}, mesh,
+                                             eval_data.global_batch_size)
+    mask = batch.pop("mask")
+    out, mask = parallel.fetch((eval_fn(params, batch, tokenizer_params), mask))
+    mask = mask.astype(bool)
     for k in sums:
       sums[k] += float(np.sum(np.asarray(out[k], np.float64)[mask]))
     count += int(mask.sum())

@@ -32,14 +32,17 @@ class Generation:
   chip_config: str  # libtpu's chip config: megacore = the chip's cores as one device
   hbm_bytes: int  # per chip
   peak_bf16_flops: float  # per chip per second, Google Cloud's published figure
+  host_shape: tuple[int, int, int]  # the chips one host (TPU VM worker) holds
 
 
-# Per-chip figures from the Google Cloud TPU system-architecture pages.
+# Per-chip figures and hosts from the Google Cloud TPU system-architecture pages: v4 and v5p
+# hosts hold 2x2x1 chips (a v4-128, 4x4x4, is 16 hosts); v5e and v6e hosts hold 8 chips, 2x4
+# ("Chips per host: 8"; a v5e-16, 4x4, is 2 hosts). Slices smaller than a host are one host.
 GENERATIONS = {
-    "v4": Generation("v4", 2, 3, "megacore", 32 * GIB, 275e12),
-    "v5p": Generation("v5p", 2, 3, "megacore", 95 * GIB, 459e12),
-    "v5e": Generation("v5e", 1, 2, "default", 16 * GIB, 197e12),
-    "v6e": Generation("v6e", 1, 2, "default", 32 * GIB, 918e12),
+    "v4": Generation("v4", 2, 3, "megacore", 32 * GIB, 275e12, (2, 2, 1)),
+    "v5p": Generation("v5p", 2, 3, "megacore", 95 * GIB, 459e12, (2, 2, 1)),
+    "v5e": Generation("v5e", 1, 2, "default", 16 * GIB, 197e12, (2, 4, 1)),
+    "v6e": Generation("v6e", 1, 2, "default", 32 * GIB, 918e12, (2, 4, 1)),
 }
 ALIASES = {"v5litepod": "v5e"}
 
@@ -57,6 +60,17 @@ class SliceSpec:
   def topology(self) -> str:
     """libtpu's topology name, e.g. 'v4:4x4x4'."""
     return f"{self.generation.name}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    """The chips of one host along each torus axis (3 entries; a 2-D slice's third is 1):
+    the generation's host, cut to the slice when the slice is smaller."""
+    shape = tuple(self.shape) + (1,) * (3 - len(self.shape))
+    return tuple(min(h, s) for h, s in zip(self.generation.host_shape, shape))
+
+  @property
+  def hosts(self) -> int:
+    return self.chips // math.prod(self.host_bounds)
 
 
 def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
@@ -119,12 +133,11 @@ def compile_only_devices(spec: SliceSpec, num_slices: int = 1) -> list:
     raise RuntimeError(INSTALL_HINT)
   prepare_environment()
   from jax.experimental import topologies
-  # Hosts of 2x2 chips (4 per host, as on v4, v5p and multi-host v5e / v6e slices); fewer
-  # when the slice is smaller. Only the process layout depends on it, not the program.
-  host = tuple(min(s, 2) for s in spec.shape) + (1,) * (3 - len(spec.shape))
+  # The hosts as the hardware has them: the devices' process indices (which host feeds which
+  # chips) come from here; the compiled program does not depend on them.
   description = topologies.get_topology_desc(
       topology_name=spec.topology, platform="tpu",
-      chip_config_name=spec.generation.chip_config, chips_per_host_bounds=host,
+      chip_config_name=spec.generation.chip_config, chips_per_host_bounds=spec.host_bounds,
       num_slices=num_slices)
   devices = list(description.devices)
   expected = spec.chips * num_slices

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,8 +49,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
   mesh = parallel.create_mesh(config.mesh, devices)
   train_lib.check_divisible(mesh, batch_size=config.batch_size,
                             eval_batch_size=config.eval_batch_size)
-  train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
-                                                   jax.process_count())
+  train_data, eval_data = pipeline.build_pipelines(config, mesh)
   # --- Model, optimizer, state ----------------------------------------------------------------
   model = classifier_lib.ConvClassifier.from_config(config, train_data.num_classes)
   tx = build_optimizer(config)
@@ -84,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
   step, history = int(state.step), []
   for local in train_data.iterate(step, config.total_steps - step):
     batch = parallel.global_batch_from_local({"image": local["image"], "label": local["label"]},
-                                             mesh)
+                                             mesh, config.batch_size)
     state, metrics = train_step(state, batch)
     history.append(metrics)
     step += 1
@@ -99,10 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
       break
   correct = count = 0
   for local in eval_data.iterate():
-    images = parallel.global_batch_from_local({"image": local["image"]}, mesh)["image"]
-    pred = np.asarray(multihost_utils.process_allgather(predict(state.params, images), tiled=True))
-    mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
-    labels = multihost_utils.process_allgather(local["label"], tiled=True)
+    batch = parallel.global_batch_from_local(local, mesh, config.eval_batch_size)
+    pred, labels, mask = parallel.fetch((predict(state.params, batch["image"]), batch["label"],
+                                         batch["mask"]))
+    mask = mask.astype(bool)
     correct += int(np.sum((pred == labels)[mask]))
     count += int(mask.sum())
   result = {"accuracy": correct / count, "num_images": count}

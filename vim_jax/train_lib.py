@@ -62,6 +62,15 @@ def describe_memory(compiled, name: str) -> str:
           f"total {mib(total):.1f} MiB")
 
 
+def log_parameter_overview(params) -> None:
+  """clu's table of parameter shapes, with each one's mean and std when this process can read
+  every value (a tensor-parallel group across hosts holds parts of some arrays elsewhere)."""
+  from clu import parameter_overview
+  readable = all(x.is_fully_addressable for x in jax.tree.leaves(params)
+                 if isinstance(x, jax.Array))
+  parameter_overview.log_parameter_overview(params, include_stats=readable)
+
+
 def mean_metrics(history: list[dict]) -> dict[str, float]:
   """Host means of a list of per-step metric dicts of (device) scalars."""
   history = jax.device_get(history)

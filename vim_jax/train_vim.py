@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import parameter_overview
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -58,13 +56,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   replicated = NamedSharding(mesh, P())
   log.info("mesh: %s", dict(mesh.shape))
   train_lib.check_divisible(mesh, batch_size=config.batch_size,
-                            eval_batch_size=config.eval_batch_size,
-                            num_grid_images=config.num_grid_images)
+                            eval_batch_size=config.eval_batch_size)
   microbatch.check(config, parallel.data_parallel_size(mesh))
 
   # --- Input ----------------------------------------------------------------------------------
-  train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
-                                                   jax.process_count())
+  train_data, eval_data = pipeline.build_pipelines(config, mesh)
   if config.model.num_classes and config.model.num_classes != train_data.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but the dataset has "
                      f"{train_data.num_classes} classes; set them equal (0 = unconditional).")
@@ -97,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_params = vitvqgan.count_params(state.params)
   log.info("VIM parameters: %.2fM", num_params / 1e6)
   if is_main:
-    parameter_overview.log_parameter_overview(state.params)
+    train_lib.log_parameter_overview(state.params)
 
   # --- Compiled steps ---------------------------------------------------------------------------
   batch_sharding = parallel.batch_sharding(mesh)
@@ -134,11 +130,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     n = config.num_grid_images
-    labels = np.arange(n, dtype=np.int32) % max(model.num_classes, 1)
+    # Drawn in a batch rounded up to the data-parallel size (16 grid images on 64 chips).
+    dp = parallel.data_parallel_size(mesh)
+    labels = np.arange(-(-n // dp) * dp, dtype=np.int32) % max(model.num_classes, 1)
     with parallel.tracing_context(mesh, rules):
       images = sample_fn(state.params, decoder_params,
                          jax.device_put(labels, batch_sharding), jax.random.key(step))
-    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    images = parallel.fetch(images)[:n]
     grid = visualize.tile(visualize.preprocess.to_uint8(images), columns=max(model.num_classes, 4))
     writer.write_images(step, {"samples": grid[None]})
     if is_main:
@@ -164,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       with parallel.tracing_context(mesh, rules):
         images = sample_fn(state.params, decoder_params, jax.device_put(chunk, batch_sharding),
                            jax.random.fold_in(jax.random.key(step), i))
-      images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+      images = parallel.fetch(images)
       yield visualize.preprocess.to_uint8(images)[:min(b, num - start)]
 
   def run_fid(step: int):
@@ -195,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = start_step
   while step < config.total_steps:
     local = next(train_iter)
-    batch = parallel.global_batch_from_local(model_inputs(local), mesh)
+    batch = parallel.global_batch_from_local(model_inputs(local), mesh, config.batch_size)
     state, metrics = train_step(state, batch, tok.params)
     windows.close_pending()  # the previous window, now that this step is queued
     windows.add(metrics)

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import parameter_overview
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -70,8 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   microbatch.check(config, parallel.data_parallel_size(mesh))
 
   # --- Input ----------------------------------------------------------------------------------
-  train_data, eval_data = pipeline.build_pipelines(config, jax.process_index(),
-                                                   jax.process_count())
+  train_data, eval_data = pipeline.build_pipelines(config, mesh)
   log.info("data: %s, %d train / %d eval examples, %d classes", config.data.source,
            train_data.num_examples, eval_data.num_examples, train_data.num_classes)
 
@@ -98,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.info("parameters: %s (total %.2fM)", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()},
            sum(counts.values()) / 1e6)
   if is_main:
-    parameter_overview.log_parameter_overview(state.params)
+    train_lib.log_parameter_overview(state.params)
 
   # --- Compiled steps ---------------------------------------------------------------------------
   batch_sharding = parallel.batch_sharding(mesh)
@@ -165,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = start_step
   while step < config.total_steps:
     local = next(train_iter)
-    batch = parallel.global_batch_from_local({"image": local["image"]}, mesh)
+    batch = parallel.global_batch_from_local({"image": local["image"]}, mesh, config.batch_size)
     state, metrics = train_step(state, batch, lpips_params)
     windows.close_pending()  # the previous window, now that this step is queued
     windows.add(metrics)
@@ -196,6 +194,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def summarize_for_tests(state: TrainState) -> dict[str, np.ndarray]:
   """Flat host copy of the params, for equality checks across runs and meshes."""
-  flat = flax.traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+  flat = flax.traverse_util.flatten_dict(parallel.fetch(state.params), sep="/")
   return {k: np.asarray(v) for k, v in flat.items()}
 

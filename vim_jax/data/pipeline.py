@@ -5,8 +5,11 @@ through a fresh permutation of the source each epoch, and the augmentation of ea
 seeded by (seed, step, position). Resuming at step s therefore reproduces exactly the batches
 an uninterrupted run would have seen, with nothing to checkpoint but the step.
 
-Each process loads only its own 1/process_count of the global batch (multi-host), using a
-thread pool, and batches are prefetched in a background thread. Corrupt images are replaced by
+Each process loads only the rows of the global batch that its devices hold
+(`parallel.batch_rows`: a contiguous 1/P of the batch when only the batch axes span processes;
+the same rows as another process when a tensor group spans two hosts), using a thread pool, and
+batches are prefetched in a background thread. A row's example and augmentation depend on its
+global position only, so processes that hold the same rows load identical examples. Corrupt images are replaced by
 the next readable example, counted and reported, never fatal.
 """
 
@@ -20,16 +23,18 @@ import queue
 import threading
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
+from vim_jax import parallel
 from vim_jax.data import preprocess, sources
 
 log = logging.getLogger(__name__)
 
 
 class InputPipeline:
-  """Batches of {'image': uint8 [b, S, S, 3], 'label': int32 [b],
-  'mask': float32 [b]} for this process (b = global_batch_size / process_count); from a
+  """Batches of {'image': uint8 [b, S, S, 3], 'label': int32 [b], 'mask': float32 [b]} holding
+  this process's `rows` of each global batch (b = len(rows); all of them by default); from a
   pre-tokenized source, 'tokens': int32 [b, N] instead of 'image'. Images stay uint8 until
   they are on the device (parallel.global_batch_from_local scales them to [-1, 1] there): a
   quarter of float32's host-to-device traffic.
@@ -39,17 +44,17 @@ class InputPipeline:
   """
 
   def __init__(self, source, global_batch_size: int, image_size: int, seed: int, train: bool,
-               random_flip: bool = True, process_index: int = 0, process_count: int = 1,
-               num_workers: int = 0, max_examples: int | None = None):
-    if global_batch_size % process_count:
-      raise ValueError(f"global batch size {global_batch_size} is not divisible by "
-                       f"{process_count} processes; change config.batch_size.")
+               random_flip: bool = True, rows: np.ndarray | None = None, num_workers: int = 0,
+               max_examples: int | None = None):
     if len(source) == 0:
       raise ValueError("the data source is empty.")
+    self.rows = np.arange(global_batch_size) if rows is None else np.asarray(rows, np.int64)
+    if len(self.rows) == 0 or self.rows.min() < 0 or self.rows.max() >= global_batch_size:
+      raise ValueError(f"rows {self.rows[:8]}... must be non-empty and within the global batch "
+                       f"of {global_batch_size}.")
     self.source, self.global_batch_size, self.image_size = source, global_batch_size, image_size
     self.seed, self.train, self.random_flip = seed, train, random_flip
-    self.process_index, self.process_count = process_index, process_count
-    self.local_batch_size = global_batch_size // process_count
+    self.local_batch_size = len(self.rows)
     self.num_examples = len(source) if not max_examples or max_examples < 0 else min(
         len(source), max_examples)
     # Source indices that failed to decode: never read again (a corrupt file stays corrupt),
@@ -118,17 +123,14 @@ class InputPipeline:
     return {"image": image, "label": example["label"]}
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's slice of the global batch at `step`."""
+    """This process's rows of the global batch at `step`."""
     indices, valid = self._global_indices(step)
-    lo = self.process_index * self.local_batch_size
-    sl = slice(lo, lo + self.local_batch_size)
-    positions = np.arange(lo, lo + self.local_batch_size)
-    futures = [self._pool.submit(self._load, int(i), step, int(p))
-               for i, p in zip(indices[sl], positions)]
+    futures = [self._pool.submit(self._load, int(indices[row]), step, int(row))
+               for row in self.rows]
     examples = [f.result() for f in futures]
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "label"}
     batch["label"] = np.asarray([e["label"] for e in examples], np.int32)
-    batch["mask"] = valid[sl].astype(np.float32)
+    batch["mask"] = valid[self.rows].astype(np.float32)
     return batch
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None,
@@ -179,15 +181,39 @@ def available_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def build_pipelines(config, process_index: int = 0, process_count: int = 1):
-  """(train, eval) InputPipelines from config.data, config.batch_size, config.image_size."""
+def build_pipelines(config, mesh=None):
+  """(train, eval) InputPipelines from config.data, config.batch_size, config.image_size, each
+  loading the rows of its batches that this process's devices hold in `mesh` (None: one
+  process, every row)."""
   d = config.data
   train_source = sources.build_source(d, "train", config.image_size, config.seed)
   eval_source = sources.build_source(d, "eval", config.image_size, config.seed)
-  common = dict(image_size=config.image_size, process_index=process_index,
-                process_count=process_count, num_workers=d.num_workers)
+  common = dict(image_size=config.image_size, num_workers=d.num_workers)
+  train_rows = rows_of(mesh, config.batch_size)
+  if train_rows is not None and len(train_rows) < config.batch_size:
+    log.info("input: this process loads rows %s of each training batch of %d (the rows its "
+             "devices hold)", describe_rows(train_rows), config.batch_size)
   train = InputPipeline(train_source, config.batch_size, seed=config.seed, train=True,
-                        random_flip=d.random_flip, **common)
+                        random_flip=d.random_flip, rows=train_rows, **common)
   evaluation = InputPipeline(eval_source, config.eval_batch_size, seed=config.seed, train=False,
-                             max_examples=config.num_eval_images, **common)
+                             max_examples=config.num_eval_images,
+                             rows=rows_of(mesh, config.eval_batch_size), **common)
   return train, evaluation
+
+
+def describe_rows(rows: np.ndarray) -> str:
+  """Sorted rows as runs: '[0..63, 256..319]'."""
+  breaks = np.flatnonzero(np.diff(rows) != 1)
+  starts = np.concatenate([[0], breaks + 1])
+  ends = np.concatenate([breaks, [len(rows) - 1]])
+  return "[" + ", ".join(f"{rows[s]}..{rows[e]}" for s, e in zip(starts, ends)) + "]"
+
+
+def rows_of(mesh, global_batch_size: int) -> np.ndarray | None:
+  """This process's rows of a global batch laid over `mesh` (None = all: one process)."""
+  if mesh is None:
+    if jax.process_count() > 1:
+      raise ValueError("several processes: pass the mesh, whose sharding says which batch "
+                       "rows each process loads.")
+    return None
+  return parallel.batch_rows(mesh, global_batch_size)

@@ -17,7 +17,6 @@ import logging
 import jax
 import numpy as np
 from absl import app, flags
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vim_jax import fileio, log_filters, parallel, runs
@@ -45,8 +44,7 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
     source = sources.build_source(config.data, split, config.image_size, config.seed)
     meta["num_classes"] = source.num_classes
     data = pipeline.InputPipeline(source, batch, config.image_size, config.seed, train=False,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count(),
+                                  rows=pipeline.rows_of(mesh, batch),
                                   num_workers=config.data.num_workers)
     tokens, labels, shard, count = [], [], 0, 0
 
@@ -61,11 +59,12 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
       shard, tokens, labels = shard + 1, [], []
 
     for local in data.iterate():
-      images = parallel.global_batch_from_local({"image": local["image"]}, mesh)["image"]
-      idx = np.asarray(multihost_utils.process_allgather(encode(params, images), tiled=True))
-      mask = multihost_utils.process_allgather(local["mask"], tiled=True).astype(bool)
+      device_batch = parallel.global_batch_from_local(local, mesh, batch)
+      idx, label, mask = parallel.fetch((encode(params, device_batch["image"]),
+                                         device_batch["label"], device_batch["mask"]))
+      mask = mask.astype(bool)
       tokens.append(idx.reshape(idx.shape[0], -1)[mask].astype(np.int32))
-      labels.append(multihost_utils.process_allgather(local["label"], tiled=True)[mask])
+      labels.append(label[mask])
       count += int(mask.sum())
       if sum(len(t) for t in tokens) >= shard_size:
         flush()
