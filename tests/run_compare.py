@@ -44,7 +44,8 @@ def assert_leaves_close(la: dict, lb: dict, rel=1e-4, floor=1e-5, param_atol=0.0
     gradient is near zero moves by up to the learning rate per step whatever the rounding of
     its sum over devices. Pass the peak learning rate when comparing params across meshes.
     The moments are linear (mu) and quadratic (nu) in the gradients and need no such slack.
-  rel=0 asks for bit-equality. Returns the largest difference relative to a leaf's scale."""
+  rel=0 asks for bit-equality. Returns the largest share of its tolerance a leaf's difference
+  uses (0..1; with rel=0, 0)."""
   assert la.keys() == lb.keys()
   group_max: dict[str, float] = {}
   for key, value in la.items():
@@ -63,7 +64,8 @@ def assert_leaves_close(la: dict, lb: dict, rel=1e-4, floor=1e-5, param_atol=0.0
     if diff > tolerance:
       failures.append(f"{key}: max difference {diff:.3g} (scale {scale:.3g}, tolerance "
                       f"{tolerance:.3g})")
-    worst = max(worst, diff / (scale + 1e-30))
+    elif tolerance:
+      worst = max(worst, diff / tolerance)
   assert not failures, "\n".join(failures)
   return worst
 
