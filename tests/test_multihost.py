@@ -218,11 +218,11 @@ def test_stage2_two_nodes_of_two_processes_stopped_by_sigterm_and_rerun_match_on
   flags, workdir = _flags(spec, {**overrides, **mesh}), str(tmp_path / "multi")
   nodes = lambda i: {"SLURM_NODEID": str(i // 2)}  # noqa: E731
   stopped = _interrupt(flags, workdir, str(tmp_path / "stopped"),
-                       dict.fromkeys(range(4), signal.SIGTERM), after="step 3/", env=nodes)
+                       dict.fromkeys(range(4), signal.SIGTERM), after="step 1/", env=nodes)
   assert stopped["codes"] == [0, 0, 0, 0], [t[-2000:] for t in stopped["logs"]]
   saved = {int(re.search(r"stop requested: saved step (\d+)", t).group(1))
            for t in stopped["logs"]}
-  assert len(saved) == 1 and 3 <= min(saved) < STEPS, saved  # one step, for all 4
+  assert len(saved) == 1 and 1 < min(saved) < STEPS, saved  # one step, for all 4
   (step,) = saved
   logs = _run_processes(4, flags, workdir, str(tmp_path), env=nodes)
   assert f"resumed at step {step}" in open(logs[0]).read()
