@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import readme_commands
 from conftest import REPO_ROOT
 from run_files import cli_env
 
@@ -91,32 +92,35 @@ def _assert_printed_equals_analysis(text, numbers):
   assert numbers["flops_per_device"] > 0
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "vim_jax.compile_report", *args, "--topology=v4-8"],
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                        env=cli_env())
+README_COMPILE_REPORT = readme_commands.find("python -m vim_jax.compile_report")
+# The README's command at tiny size on the smallest v4 slice (a v4-128 compiles for minutes).
+README_TINY_EDITS = (("configs/vim_large.py", "configs/vim_large.py:tiny"),
+                     ("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),
+                     ("--topology=v4-128", "--topology=v4-8"))
 
 
 def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis():
-  """Stage 1 with LPIPS and the GAN, and stage 2 tokenizing images inside its step, through the
-  CLI; the same configs compiled here for the same slice give the analyses it printed (the TPU
-  compiler is deterministic)."""
-  from configs import vim_base, vitvq_base
+  """Stage 1 with LPIPS and the GAN, and stage 2 tokenizing images inside its step (the
+  README's compile_report command, read from README.md, at tiny size), through the CLI; the
+  same configs compiled here for the same slice give the analyses it printed (the TPU compiler
+  is deterministic)."""
+  from configs import vim_large, vitvq_base
   from vim_jax import compile_report, tpu_slices
   spec = tpu_slices.parse("v4-8")
   devices = tpu_slices.compile_only_devices(spec)
   stage1 = vitvq_base.get_config("tiny")
   stage1.update(perceptual_weights="/nonexistent")  # shapes only: no file is read
   stage1.loss.perceptual = 0.1
-  stage2 = vim_base.get_config("tiny")
+  stage2 = vim_large.get_config("tiny")
   tokenizer = vitvq_base.get_config("tiny")
-  for config, args, kwargs in (
-      (stage1, ["--config=configs/vitvq_base.py:tiny", "--config.loss.perceptual=0.1",
-                "--config.perceptual_weights=/nonexistent"], {}),
-      (stage2, ["--config=configs/vim_base.py:tiny",
-                "--tokenizer_config=configs/vitvq_base.py:tiny"],
-       {"tokenizer_config": tokenizer})):
-    proc = _cli(*args)
+  readme_argv = readme_commands.to_argv(README_COMPILE_REPORT, {}, README_TINY_EDITS)
+  for config, argv, kwargs in (
+      (stage1, [sys.executable, "-m", "vim_jax.compile_report",
+                "--config=configs/vitvq_base.py:tiny", "--config.loss.perceptual=0.1",
+                "--config.perceptual_weights=/nonexistent", "--topology=v4-8"], {}),
+      (stage2, readme_argv, {"tokenizer_config": tokenizer})):
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 1 x v4-8 (v4:2x2x1, 4 chips)" in proc.stdout
     assert "of 32 GiB HBM" in proc.stdout and "at 40% MFU of a v4 chip's 275" in proc.stdout

@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,9 +98,9 @@ PLAN = {
             writes=("workdirs/vim_on_enhancing/checkpoints/2",)),
     "python -m vim_jax.compile_report --config=configs/vim_large.py --topology=v4-128 "
     "--tokenizer_config=configs/vitvq_base.py":
-        Run(edits=(("configs/vim_large.py", "configs/vim_large.py:tiny"),
-                   ("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),
-                   ("--topology=v4-128", "--topology=v4-8"))),
+        Covered("tests/test_compile_report.py::test_tiny_configs_compile_for_a_v4_8_and_print_"
+                "the_compiled_analysis (read from README.md, :tiny on a v4-8, from the "
+                "repository root, every printed number checked)"),
     "python -m vim_jax.tools.prepare_data --name=imagenet2012 --data_dir=/mnt/disk/tfds":
         Covered("tests/conftest.py::fake_imagenet (the same command with a relative "
                 "$TFDS_DATA_DIR, read from README.md)"),
@@ -143,6 +144,10 @@ def test_every_readme_command_is_planned():
   for command, plan in PLAN.items():
     for old, _ in getattr(plan, "edits", ()):
       assert old in command, f"edit {old!r} does not apply to {command!r}"
+    if isinstance(plan, Covered):  # the named test exists
+      path, _, name = plan.test.split()[0].partition("::")
+      text = open(os.path.join(REPO_ROOT, path), encoding="utf-8").read()
+      assert re.search(rf"def {name}\b", text), f"{plan.test} names no test of {path}"
 
 
 def test_ci_runs_the_readme_quickstart_line_as_written():
