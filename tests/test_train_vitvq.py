@@ -264,22 +264,55 @@ def _reconstruct(config, params, step):
                                            rngs={"dropout": rng})["reconstruction"])(params)
 
 
-def test_one_step_updates_generator_and_discriminator(tiny_config):
-  tiny_config.update(ema_decay=0.5)
-  tiny_config.discriminator.lecam_weight = 0.1
-  state, new, metrics = _one_step(tiny_config)
-  assert _changed(state.params, new.params)
-  assert _changed(state.disc_params, new.disc_params)
-  assert _changed(state.ema_params, new.ema_params)
-  # EMA after one step: 0.5 * init + 0.5 * new params.
-  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new.ema_params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-  assert float(metrics["disc/r1_penalty"]) > 0  # step 0 is an R1 step
-  assert float(new.lecam_ema["real"]) == pytest.approx(0.01 * float(metrics["disc/logits_real"]),
-                                                        rel=1e-5)
-  for key in ("loss_adversarial", "disc/loss", "disc/logits_real", "disc/logits_fake"):
-    assert math.isfinite(float(metrics[key])), key
+def test_two_steps_update_generator_discriminator_ema_and_lecam(tiny_config):
+  """Two train steps with a generator EMA at decay 0.9 and LeCam on, against float64 numpy
+  from the saved states (the discriminator's logits recomputed here at each step's params):
+  - the EMA is d e + (1 - d) p after each step: 0.9 p0 + 0.1 p1, then 0.81 p0 + 0.09 p1 +
+    0.1 p2 (at the former test's d = 0.5, (1 - d) e + d p gave the same values);
+  - the LeCam averages follow their own logits: real from D(x), fake from D(G(z));
+  - the discriminator's loss adds + lecam_weight x (mean (D(x) - ema_fake)^2 +
+    mean (D(G(z)) - ema_real)^2) at the averages before the step (step 1 has no R1, step 0's
+    comes from the lazy R1 test's metric)."""
+  tiny_config.update(ema_decay=0.9)
+  d_cfg = tiny_config.discriminator
+  d_cfg.lecam_weight = 0.1
+  assert d_cfg.r1_interval > 1 and d_cfg.lecam_ema_decay == 0.99
+  states, metrics = _steps(tiny_config, 2)
+  for before, after in zip(states, states[1:]):
+    assert _changed(before.params, after.params)
+    assert _changed(before.disc_params, after.disc_params)
+  assert float(metrics[0]["disc/r1_penalty"]) > 0  # step 0 is an R1 step
+  assert float(metrics[1]["disc/r1_penalty"]) == 0
+
+  params = [jax.tree.map(lambda x: np.asarray(x, np.float64), s.params) for s in states]
+  expected_ema = {1: jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, *params[:2]),
+                  2: jax.tree.map(lambda p0, p1, p2: 0.81 * p0 + 0.09 * p1 + 0.1 * p2, *params)}
+  for step, expected in expected_ema.items():
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(states[step].ema_params)):
+      np.testing.assert_allclose(np.asarray(b), a, rtol=1e-6, atol=1e-7)
+
+  disc = stage1.build_models(tiny_config).discriminator
+  logits = jax.jit(lambda p, x: disc.apply({"params": p}, x))
+  softplus = lambda x: np.logaddexp(0.0, x)
+  decay, ema = d_cfg.lecam_ema_decay, {"real": 0.0, "fake": 0.0}
+  for step in range(2):
+    d_params = states[step].disc_params
+    real = np.asarray(logits(d_params, IMAGES), np.float64)
+    fake = np.asarray(logits(d_params, _reconstruct(tiny_config, states[step].params, step)),
+                      np.float64)
+    lecam = np.mean((real - ema["fake"]) ** 2) + np.mean((fake - ema["real"]) ** 2)
+    m = metrics[step]
+    assert float(m["disc/lecam"]) == pytest.approx(lecam, rel=1e-4), step
+    r1 = 0.5 * d_cfg.r1_gamma * float(m["disc/r1_penalty"])
+    expected_loss = np.mean(softplus(-real)) + np.mean(softplus(fake)) + r1 + 0.1 * lecam
+    assert float(m["disc/loss"]) == pytest.approx(expected_loss, rel=1e-5), step
+    ema = {"real": decay * ema["real"] + (1 - decay) * np.mean(real),
+           "fake": decay * ema["fake"] + (1 - decay) * np.mean(fake)}
+    for key in ("real", "fake"):
+      assert float(states[step + 1].lecam_ema[key]) == pytest.approx(ema[key], rel=1e-5), (
+          step, key)
+  print(f"\nLeCam at step 1: {lecam:.4f} (x 0.1 in a loss of {expected_loss:.4f}); averages "
+        f"{ema}")
 
 
 def test_discriminator_start_step_delays_the_game(tiny_config):
@@ -360,3 +393,4 @@ def test_generator_gradient_equals_direct_differentiation(tiny_config, adaptive)
   flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   assert_leaves_close(flat({"params": expected}), flat({"params": mu}), rel=1e-3)
+
