@@ -394,3 +394,67 @@ def test_generator_gradient_equals_direct_differentiation(tiny_config, adaptive)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   assert_leaves_close(flat({"params": expected}), flat({"params": mu}), rel=1e-3)
 
+
+def test_perceptual_gradient_reaches_the_tokenizer_through_the_reconstruction(tiny_config):
+  """The perceptual term alone (every other weight 0), with a smooth stand-in for LPIPS that
+  has its calling convention (images, reconstructions) -> [B] and frozen params: the step's
+  gradient in the decoder is the derivative of its loss, checked by central differences of
+  that loss (the same jitted step, run at params moved along a direction u) against
+  <gradient, u>, the gradient read back from Adam's first moment; the encoder gets one too
+  (straight through). A stop_gradient on the reconstruction before LPIPS leaves the value (and
+  loss_perceptual > 0) as it is but makes the gradient 0, so it fails. (The real network's
+  gradient: test_lpips.py.)"""
+  import flax.linen as nn
+  import optax
+
+  class Perceptual(nn.Module):
+    """mean over pixels of w_c (x - y)^2 + 0.1 sin(3 x y): [B, H, W, 3] twice -> [B]."""
+
+    @nn.compact
+    def __call__(self, x, y):
+      w = self.param("w", nn.initializers.ones, (3,))
+      return jnp.mean(w * (x - y) ** 2 + 0.1 * jnp.sin(3 * x * y), axis=(1, 2, 3))
+
+  # Plain outputs: logit-Laplace's clip to [-1, 1] would put kinks in the difference quotients.
+  tiny_config.model.logit_laplace = False
+  tiny_config.loss.update(l2=0.0, logit_laplace=0.0, vq=0.0, adversarial=0.0, perceptual=1.0)
+  models = stage1.Stage1Models(stage1.build_models(tiny_config).tokenizer, None, Perceptual())
+  perceptual_params = {"w": jnp.array([0.5, 1.0, 2.0])}
+  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
+  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  step = jax.jit(stage1.make_train_step(models, tx, schedule, disc_tx, tiny_config))
+  new, metrics = step(state, {"image": IMAGES}, perceptual_params)
+  loss_at = lambda params: float(step(state.replace(params=params), {"image": IMAGES},
+                                      perceptual_params)[1]["loss"])
+  assert float(metrics["loss_perceptual"]) == float(metrics["loss"]) > 0
+  grad_norm = float(metrics["grad_norm"])
+  assert grad_norm > 0
+  # Adam's first moment after one step: (1 - b1) x the gradient clipped to grad_clip_norm.
+  opt = tiny_config.optimizer
+  scale = (1 - opt.b1) * min(1.0, opt.grad_clip_norm / grad_norm)
+  grads = jax.tree.map(lambda m: np.asarray(m, np.float64) / scale,
+                       optax.tree_utils.tree_get(new.opt_state, "mu"))
+  assert float(optax.tree.norm(grads)) == pytest.approx(grad_norm, rel=1e-4)
+  assert float(optax.tree.norm(grads["encoder"])) > 1e-3 * grad_norm
+  # Directions in the decoder's params (all of them, its first and its last layer): through the
+  # encoder the loss is piecewise constant (the code lookup), and the straight-through gradient
+  # is no derivative of it.
+  def only(*path):
+    keep = lambda p: tuple(getattr(k, "key", None) for k in p[:len(path)]) == path
+    return jax.tree_util.tree_map_with_path(lambda p, g: g if keep(p) else 0 * g, grads)
+
+  directions = {"decoder": only("decoder"), "from_code": only("decoder", "from_code"),
+                "output_ffn": only("decoder", "output_ffn")}
+  h = 1e-3
+  for name, u in directions.items():
+    u_norm = float(optax.tree.norm(u))
+    u = jax.tree.map(lambda x: x / u_norm, u)  # unit length
+    move = lambda sign: jax.tree.map(lambda p, d: (p + sign * h * d).astype(p.dtype),
+                                     state.params, u)
+    finite_difference = (loss_at(move(1)) - loss_at(move(-1))) / (2 * h)
+    directional = sum(float(np.sum(g * d)) for g, d in zip(jax.tree.leaves(grads),
+                                                          jax.tree.leaves(u)))
+    print(f"\n{name}: central difference {finite_difference:.6f}, <gradient, u> "
+          f"{directional:.6f}")
+    assert finite_difference == pytest.approx(directional, rel=1e-3), name
