@@ -162,8 +162,68 @@ def test_preprocess_resizes_crops_and_scales():
   scaled = preprocess.to_unit_range(out)  # what the devices compute from it
   assert scaled.dtype == np.float32 and scaled[:, :8].max() == -1.0 and scaled[:, 12:].min() == 1.0
   np.testing.assert_array_equal(preprocess.to_uint8(scaled), out)  # and back, exactly
-  flipped = preprocess.preprocess_image(image, 40, np.random.default_rng(0), random_flip=True)
-  assert flipped.shape == (40, 40, 3)
+
+
+class _ListSource:
+  """A source over given uint8 images, label = index."""
+
+  num_classes = 2
+
+  def __init__(self, images):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": i}
+
+
+def _find_crop(out, images):
+  """(image index, top, left, flipped) of the crop `out` (mirrored left-right when flipped) of
+  one of `images`, found by comparing with every slice; None when it is no such crop."""
+  size = out.shape[0]
+  for index, image in enumerate(images):
+    h, w = image.shape[:2]
+    for flipped in (False, True):
+      unflipped = out[:, ::-1] if flipped else out
+      for top in range(h - size + 1):
+        for left in range(w - size + 1):
+          if np.array_equal(unflipped, image[top:top + size, left:left + size]):
+            return index, top, left, flipped
+  return None
+
+
+def test_training_batches_are_random_crops_and_mirror_images():
+  """Every training image is a slice of its source image at some offset, mirrored left-right
+  or not; over 80 draws with a fixed seed the offsets vary along the long side (vertical for
+  a tall image, horizontal for a wide one) and both flip outcomes occur, near half each. Eval
+  batches are the centre crop, never mirrored; random_flip=False never mirrors. (Images whose
+  shorter side is the image size, so no resizing is involved.)"""
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (12, 19, 3), dtype=np.uint8),  # wide
+            rng.integers(0, 256, (19, 12, 3), dtype=np.uint8)]  # tall
+  source = _ListSource(images)
+  found = []
+  pipe = pipeline.InputPipeline(source, 8, 12, seed=0, train=True, num_workers=1)
+  for step in range(10):
+    batch = pipe.local_batch(step)
+    for out, label in zip(batch["image"], batch["label"]):
+      match = _find_crop(out, images)
+      assert match is not None and match[0] == label, (step, match, label)
+      found.append(match)
+  wide = {left for index, top, left, _ in found if index == 0}
+  tall = {top for index, top, left, _ in found if index == 1}
+  assert {top for index, top, _, _ in found if index == 0} == {0} and len(wide) >= 5, wide
+  assert {left for index, _, left, _ in found if index == 1} == {0} and len(tall) >= 5, tall
+  flips = sum(f for *_, f in found)
+  assert 0.3 < flips / len(found) < 0.7, flips
+  no_flip = pipeline.InputPipeline(source, 8, 12, seed=0, train=True, random_flip=False,
+                                   num_workers=1)
+  assert not any(_find_crop(out, images)[3] for out in no_flip.local_batch(0)["image"])
+  eval_pipe = pipeline.InputPipeline(source, 2, 12, seed=0, train=False, num_workers=1)
+  eval_batch = next(eval_pipe.iterate())["image"]
+  assert [_find_crop(out, images) for out in eval_batch] == [(0, 0, 3, False), (1, 3, 0, False)]
 
 
 def test_simple_style_uses_the_palette_and_solid_backgrounds():

@@ -21,12 +21,59 @@ def test_output_shapes_and_depth_scale_with_image_size(size):
   assert out.shape == (4,) and out.dtype == jnp.float32
 
 
-def test_forward_runs_and_rejects_wrong_sizes():
-  d = disc_lib.StyleGANDiscriminator(32, channel_base=256, max_channels=32)
-  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+def _conv(x, kernel, bias, stride, pad):
+  """Cross-correlation of x [B, H, W, C] with an HWIO kernel, zero padding, in float64."""
+  kh, kw = kernel.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  out = sum(xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride] @ kernel[i, j]
+            for i in range(kh) for j in range(kw))
+  return out if bias is None else out + bias
+
+
+def _discriminator_reference(p, x, group_size):
+  """StyleGAN2's residual discriminator as the module docstring describes it, in float64
+  numpy: lrelu(0.2) x sqrt(2); fromRGB; per block conv3x3, blur [1,3,3,1]^2 / 64 (pad 1 before,
+  2 after), conv3x3 stride 2, plus a blurred 1x1 stride-2 skip without bias, summed / sqrt(2);
+  the std over groups of `group_size` consecutive examples, averaged, as one more channel;
+  conv3x3, dense, dense logit."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  lrelu = lambda v: np.where(v > 0, v, 0.2 * v) * np.sqrt(2.0)
+  k = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0
+
+  def blur(v):
+    vp = np.pad(v, ((0, 0), (1, 2), (1, 2), (0, 0)))
+    return sum(k[i, j] * vp[:, i:i + v.shape[1], j:j + v.shape[2]] for i in range(4)
+               for j in range(4))
+
+  h = lrelu(_conv(x, p["from_rgb"]["kernel"], p["from_rgb"]["bias"], 1, 0))
+  for size in (32, 16, 8):
+    b = p[f"block_{size}"]
+    y = lrelu(_conv(h, b["conv0"]["kernel"], b["conv0"]["bias"], 1, 1))
+    y = lrelu(_conv(blur(y), b["conv1"]["kernel"], b["conv1"]["bias"], 2, 1))
+    h = (y + _conv(blur(h), b["skip"]["kernel"], None, 2, 0)) / np.sqrt(2.0)
+  groups = h.reshape(-1, group_size, *h.shape[1:])
+  std = np.sqrt(groups.var(axis=1) + 1e-8).mean(axis=(1, 2, 3))  # one value per group
+  feature = np.repeat(std, group_size)[:, None, None, None] * np.ones(h.shape[:3] + (1,))
+  h = np.concatenate([h, feature], axis=-1)
+  h = lrelu(_conv(h, p["conv_4x4"]["kernel"], p["conv_4x4"]["bias"], 1, 1))
+  h = lrelu(h.reshape(len(h), -1) @ p["fc"]["kernel"] + p["fc"]["bias"])
+  return (h @ p["logit"]["kernel"] + p["logit"]["bias"])[:, 0]
+
+
+def test_forward_matches_numpy_and_rejects_wrong_sizes():
+  """The logits of a 32 px discriminator (3 residual blocks, two minibatch-stddev groups)
+  against the float64 reference written out from the architecture's description."""
+  d = disc_lib.StyleGANDiscriminator(32, channel_base=256, max_channels=32, mbstd_group_size=4)
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   params = nn.meta.unbox(jax.jit(d.init)(jax.random.key(1), x))
+  # Non-zero biases, so that each one's place is checked too.
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
   logits = jax.jit(d.apply)(params, x)
-  assert logits.shape == (4,) and np.all(np.isfinite(np.asarray(logits)))
+  assert logits.shape == (8,)
+  expected = _discriminator_reference(params["params"], np.asarray(x, np.float64), 4)
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+  assert np.std(expected) > 1e-2  # the examples' logits differ: a real check of each
   with pytest.raises(ValueError, match="built for 32x32"):
     d.apply(params, jnp.zeros((4, 64, 64, 3)))
 

@@ -219,7 +219,8 @@ def test_evaluate_names_what_it_compares_against():
   config.data.update(source="tokens")
   with pytest.raises(ValueError, match="--reference_stats"):
     reported_metrics.data_label(config.data)
-  assert np.isfinite(fid.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)))
+  # N(0, I) against N(1, I) in 2-D: only the means differ, ||0 - 1||^2 = 2.
+  assert fid.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)) == pytest.approx(2.0)
 
 
 def test_gfid_of_an_imagenet_run_warns_without_the_papers_reference(caplog, tmp_path):

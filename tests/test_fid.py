@@ -87,6 +87,54 @@ def test_inception_score_closed_forms():
     fid.inception_score(uniform[:5])
 
 
+def _inception_score_reference(probabilities, splits):
+  """improved-GAN's IS in float64, written out: for each of `splits` consecutive equal parts,
+  exp(mean over its images of KL(p(y|x) || p_part(y))), p_part the part's own marginal; then
+  the mean and (population) std of those scores."""
+  p = np.asarray(probabilities, np.float64)
+  n = len(p)
+  scores = []
+  for i in range(splits):
+    part = p[i * n // splits:(i + 1) * n // splits]
+    marginal = part.mean(axis=0)
+    kl = [sum(q * np.log(q / m) for q, m in zip(row, marginal) if q > 0) for row in part]
+    scores.append(np.exp(np.mean(kl)))
+  return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_uses_each_splits_own_marginal_and_exp_of_the_mean_kl():
+  """Splits whose marginals differ, so that a global marginal, or mean(exp KL) for
+  exp(mean KL), gives another value. Closed form: 10 confident images over 5 classes (score 5)
+  then 10 uniform ones (score 1): mean 3, std 2. Then Dirichlet rows of a different sharpness and
+  support per split, against the float64 reference."""
+  k = 12
+  confident = np.zeros((10, k))
+  confident[np.arange(10), np.arange(10) % 5] = 1.0
+  probs = np.concatenate([confident, np.full((10, k), 1 / k)])
+  mean, std = fid.inception_score(probs, splits=2)
+  assert mean == pytest.approx(3.0, rel=1e-9) and std == pytest.approx(2.0, rel=1e-9)
+
+  rng = np.random.default_rng(8)
+  parts = [rng.dirichlet(np.full(k, 0.3), size=16),  # sharp, all classes
+           rng.dirichlet(np.full(k, 3.0), size=16),  # flat
+           np.pad(rng.dirichlet(np.full(4, 0.5), size=16), ((0, 0), (0, k - 4)))]  # 4 classes
+  probs = np.concatenate(parts)
+  expected = _inception_score_reference(probs, splits=3)
+  mean, std = fid.inception_score(probs, splits=3)
+  assert mean == pytest.approx(expected[0], rel=1e-9) and std == pytest.approx(expected[1],
+                                                                               rel=1e-9)
+  # The wrong variants differ from it by more than any rounding.
+  def kl(part, marginal):
+    ratio = np.divide(part, marginal, out=np.ones_like(part), where=part > 0)
+    return np.sum(part * np.log(ratio), axis=1)
+
+  global_marginal = np.mean([np.exp(kl(q, probs.mean(0)).mean()) for q in parts])
+  mean_of_exp = np.mean([np.exp(kl(q, q.mean(0))).mean() for q in parts])
+  print(f"\nIS {mean:.4f} +- {std:.4f}; with a global marginal {global_marginal:.4f}; "
+        f"mean(exp KL) {mean_of_exp:.4f}")
+  assert min(abs(global_marginal - mean), abs(mean_of_exp - mean)) > 1e-2 * mean
+
+
 def test_statistics_files_round_trip_and_read_adm_reference_batches(tmp_path):
   rng = np.random.default_rng(4)
   stats = fid.FeatureStats(rng.normal(size=4), _random_cov(rng, 4), 77, "shapes eval split")

@@ -119,3 +119,87 @@ def test_mesh_shape_resolution():
     parallel.resolve_mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
   with pytest.raises(ValueError, match="uses 4 devices"):
     parallel.resolve_mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
+
+
+def _vitvqgan_reference(p, images, patch, eps_ll):
+  """The paper-layout ViT-VQGAN forward written out in float64 numpy from the paper's
+  description: patches (raster order, each p x p x 3 row-major) -> linear -> + learned
+  positions -> pre-LN blocks (multi-head attention, GELU MLP) with a final LayerNorm -> the
+  Linear-tanh-Linear output FFN -> linear to the code space; l2-normalized lookup of the
+  nearest code; the decoder's mirror image, whose FFN gives (mu, log b) per pixel channel;
+  reconstruction sigmoid(mu), unsquashed from [eps, 1 - eps] and clipped to [-1, 1]."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  dense = lambda x, q: x @ q["kernel"] + q["bias"]
+  gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+  def layer_norm(x, q):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * q["scale"] + q["bias"]
+
+  def transformer(x, q):
+    blocks = q["layers"]["block"]
+    for i in range(blocks["ln_mlp"]["scale"].shape[0]):  # the scanned layers
+      b = jax.tree.map(lambda a: a[i], blocks)
+      a = b["attention"]
+      y = layer_norm(x, b["ln_attention"])
+      qkv = [np.einsum("bld,dhk->blhk", y, a[f"{n}_kernel"]) + a[f"{n}_bias"]
+             for n in ("query", "key", "value")]
+      logits = np.einsum("bqhk,bshk->bhqs", qkv[0], qkv[1]) / np.sqrt(qkv[0].shape[-1])
+      weights = np.exp(logits - logits.max(-1, keepdims=True))
+      weights /= weights.sum(-1, keepdims=True)
+      heads = np.einsum("bhqs,bshk->bqhk", weights, qkv[2])
+      x = x + np.einsum("blhk,hkd->bld", heads, a["out_kernel"]) + a["out_bias"]
+      y = layer_norm(x, b["ln_mlp"])
+      x = x + dense(gelu(dense(y, b["mlp"]["fc1"])), b["mlp"]["fc2"])
+    return layer_norm(x, q["ln_final"])
+
+  ffn = lambda x, q: dense(np.tanh(dense(x, q["hidden"])), q["out"])
+  normalize = lambda v: v / np.sqrt(np.sum(v**2, -1, keepdims=True) + 1e-6)
+  b, size = images.shape[:2]
+  g = size // patch
+  patches = images.reshape(b, g, patch, g, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, g * g, -1)
+  enc, dec = p["encoder"], p["decoder"]
+  x = dense(patches, enc["patch_embedding"]) + enc["position_embedding"]
+  z = normalize(dense(ffn(transformer(x, enc["transformer"]), enc["output_ffn"]), enc["to_code"]))
+  codebook = normalize(p["quantizer"]["codebook"])
+  indices = np.argmax(z @ codebook.T, -1)
+  codes = codebook[indices]
+  x = dense(codes, dec["from_code"]) + dec["position_embedding"]
+  out = ffn(transformer(x, dec["transformer"]), dec["output_ffn"])  # [B, N, p * p * 6]
+  pixels = out.reshape(b, g, g, patch, patch, 6).transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, size, size, 6)
+  mu, log_scale = pixels[..., :3], pixels[..., 3:]
+  x01 = (1 / (1 + np.exp(-mu)) - eps_ll) / (1 - 2 * eps_ll)
+  return {"indices": indices.reshape(b, g, g), "mu": mu, "log_scale": log_scale,
+          "reconstruction": np.clip(x01, 0, 1) * 2 - 1,
+          "vq_loss": 1.25 * np.mean((z - codes) ** 2)}
+
+
+def test_paper_layout_vitvqgan_matches_a_numpy_forward(tiny_config):
+  """The paper's layout (learned position embeddings, output FFNs, logit-Laplace head, scanned
+  pre-LN blocks as the paper configs build them) at 8 px, against the float64 reference with
+  the same params, every one of them moved off its initial value (zero biases, unit LayerNorm
+  scales) so that each one's place shows."""
+  c = tiny_config
+  c.image_size = 8
+  for stack in (c.model.encoder, c.model.decoder):
+    stack.update(num_layers=2, width=16, num_heads=2, head_dim=4, mlp_dim=32)
+  c.model.update(patch_size=4, codebook_size=16, code_dim=4)
+  assert (c.model.position_embedding, c.model.output_ffn, c.model.logit_laplace) == (
+      "learned", True, True) and c.model.encoder.scan_layers
+  model = vitvqgan.ViTVQGAN.from_config(c)
+  images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3), minval=-1, maxval=1)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))["params"]
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  out = jax.jit(model.apply)({"params": params}, images)
+  ref = _vitvqgan_reference(params, np.asarray(images, np.float64), 4,
+                            model.logit_laplace_eps)
+  np.testing.assert_array_equal(np.asarray(out["indices"]), ref["indices"])
+  assert len(np.unique(ref["indices"])) > 2
+  for key in ("mu", "log_scale", "reconstruction"):
+    np.testing.assert_allclose(np.asarray(out[key]), ref[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  assert float(out["vq_loss"]) == pytest.approx(ref["vq_loss"], rel=1e-4)

@@ -109,3 +109,32 @@ def _leaf(trees, name):
   for key in path:
     node = node[key]
   return node
+
+
+def _warmup_cosine(step, peak, end, warmup, total):
+  """Linear from 0 to peak over `warmup` steps, then half a cosine from peak to end over the
+  remaining total - warmup steps, then end (written out here, not through optax)."""
+  if step < warmup:
+    return peak * step / warmup
+  t = min(step - warmup, total - warmup) / (total - warmup)
+  return end + (peak - end) * 0.5 * (1 + np.cos(np.pi * t))
+
+
+def test_stage1_schedule_is_linear_warmup_then_cosine_to_end_lr():
+  """The stage-1 schedule against its closed form: at the paper's config (peak 1e-4 after 50k
+  linear warmup steps, cosine to 5e-5 at step 500k: 7.5e-5 halfway through the decay), at a
+  small one, and where warmup_steps >= total_steps (warmup then ends one step before the end)."""
+  from configs import vitvq_base
+  paper = vitvq_base.get_config().optimizer
+  schedule = optim.warmup_cosine_schedule(paper, 500_000)
+  for step, expected in ((0, 0.0), (25_000, 5e-5), (50_000, 1e-4), (275_000, 7.5e-5),
+                         (500_000, 5e-5), (600_000, 5e-5)):
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+  small = ml_collections.ConfigDict(dict(peak_lr=2.0, end_lr=0.5, warmup_steps=4))
+  schedule = optim.warmup_cosine_schedule(small, 20)
+  for step in range(0, 25):
+    assert float(schedule(step)) == pytest.approx(_warmup_cosine(step, 2.0, 0.5, 4, 20),
+                                                  rel=1e-6, abs=1e-7), step
+  clamped = optim.warmup_cosine_schedule(small, 3)  # warmup 4 > 3 steps: warmup 2
+  assert [float(clamped(s)) for s in range(5)] == pytest.approx(
+      [_warmup_cosine(s, 2.0, 0.5, 2, 3) for s in range(5)], rel=1e-6, abs=1e-7)

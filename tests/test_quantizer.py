@@ -62,17 +62,109 @@ def test_codebook_statistics_closed_form():
   assert float(uniform["perplexity"]) == pytest.approx(4.0, rel=1e-6)
 
 
-def test_gradients_reach_the_encoder(tiny_config):
+def _normalized(x, eps=1e-6):
+  """float64 x / sqrt(||x||^2 + eps) and the norm, along the last axis (l2_normalize's form)."""
+  norm = np.sqrt(np.sum(x**2, -1, keepdims=True) + eps)
+  return x / norm, norm
+
+
+def _normalize_vjp(x, cotangent, eps=1e-6):
+  """The cotangent of x from the cotangent of x / r, r = sqrt(||x||^2 + eps):
+  g / r - x (x . g) / r^3 (the Jacobian I / r - x x^T / r^3 is symmetric)."""
+  _, r = _normalized(x, eps)
+  return cotangent / r - x * np.sum(x * cotangent, -1, keepdims=True) / r**3
+
+
+def _vq_gradients(z, codebook, beta, upstream=None):
+  """float64 closed forms of the gradients of ||sg[zh] - e||^2 + beta ||zh - sg[e]||^2 (means
+  over every element; zh, e the l2-normalized latent and its code) plus, when given, the
+  upstream cotangent of the quantized output carried straight through to zh.
+
+  The codebook term moves the codes only: d/d e_k = sum over the tokens that chose k of
+  2 (e_k - zh_n) / M. The commitment term moves the latent only: d/d zh_n = 2 beta (zh_n - e_n)
+  / M. Both go through the normalizations' Jacobians. Returns (d/d z, d/d codebook, indices).
+  """
+  zh, _ = _normalized(z)
+  ch, _ = _normalized(codebook)
+  indices = np.argmax(zh @ ch.T, -1)  # cosine similarity on unit vectors
+  e = ch[indices]
+  m = z.size
+  d_codes = np.zeros_like(ch)
+  np.add.at(d_codes, indices.reshape(-1), (2 * (e - zh) / m).reshape(-1, z.shape[-1]))
+  d_zh = 2 * beta * (zh - e) / m + (0.0 if upstream is None else upstream)
+  return _normalize_vjp(z, d_zh), _normalize_vjp(codebook, d_codes), indices
+
+
+def test_vq_loss_gradients_reach_codebook_and_latent_by_their_own_terms():
+  """The two terms of the VQ loss have equal values, so only their gradients tell them apart:
+  the codebook entries get the codebook term's gradient alone (not scaled by beta), the latent
+  gets beta x the commitment term's plus the downstream gradient through the straight-through
+  estimator on the normalized latent, and nothing else. Against float64 closed forms: fails if
+  beta weighs the codebook term, if either stop_gradient is missing, or if the estimator passes
+  the gradient to the codes or to the unnormalized latent."""
+  beta = 0.25
+  z = np.random.default_rng(3).normal(size=(2, 6, 4)).astype(np.float32)
+  vq = quantizer_lib.VectorQuantizer(codebook_size=8, code_dim=4, beta=beta)
+  params = nn.meta.unbox(vq.init(jax.random.key(4), z))
+  target = np.random.default_rng(5).normal(size=z.shape).astype(np.float32)
+
+  def loss(params, z):
+    z_st, _, aux = vq.apply(params, z)
+    return aux["vq_loss"] + jnp.sum(z_st * target), aux["vq_loss"]
+
+  (d_params, d_z), _ = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, z)
+  codebook = np.asarray(params["params"]["codebook"], np.float64)
+  zz = z.astype(np.float64)
+  expected_z, expected_codebook, indices = _vq_gradients(zz, codebook, beta, upstream=target)
+  assert len(np.unique(indices)) > 1  # several codes move
+  np.testing.assert_array_equal(np.asarray(vq.apply(params, z)[1]), indices)
+  np.testing.assert_allclose(np.asarray(d_params["params"]["codebook"]), expected_codebook,
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(d_z), expected_z, rtol=1e-4, atol=1e-7)
+  # The VQ loss alone, where beta x the commitment gradient is all the latent gets.
+  d_params, d_z = jax.grad(lambda p, z: loss(p, z)[1], argnums=(0, 1))(params, z)
+  expected_z, expected_codebook, _ = _vq_gradients(zz, codebook, beta)
+  np.testing.assert_allclose(np.asarray(d_params["params"]["codebook"]), expected_codebook,
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(d_z), expected_z, rtol=1e-4, atol=1e-8)
+
+
+def test_tokenizer_gradients_reach_encoder_and_codebook_by_their_terms(tiny_config):
+  """The tokenizer's loss mean(reconstruction^2) + vq_loss, differentiated as a whole, against a
+  second computation: the codebook's gradient is the codebook term's closed form alone (the
+  reconstruction reaches the codes only through the straight-through estimator, which passes
+  nothing to them); the encoder's is its output's vector-Jacobian product with the closed form
+  of beta x the commitment term plus the decoder's gradient at the codes, carried through the
+  latent's normalization."""
   model = vitvqgan.ViTVQGAN.from_config(tiny_config)
   images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))["params"]
 
   def loss(p):
-    return jnp.mean(model.apply({"params": p}, images)["reconstruction"] ** 2)
+    out = model.apply({"params": p}, images)
+    return jnp.mean(out["reconstruction"] ** 2) + out["vq_loss"]
 
   grads = jax.jit(jax.grad(loss))(params)
-  enc_norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads["encoder"]))
-  assert enc_norm > 0, "no gradient reached the encoder through the straight-through estimator"
+  encode = lambda p: model.apply({"params": p}, images, method=lambda m, x: m.encoder(x))
+  z = np.asarray(jax.jit(encode)(params), np.float64)
+  codebook = np.asarray(params["quantizer"]["codebook"], np.float64)
+  _, _, indices = _vq_gradients(z, codebook, model.beta)
+  codes = _normalized(codebook)[0][indices].astype(np.float32)
+  decoder_grad = jax.jit(jax.grad(lambda c: jnp.mean(model.apply(
+      {"params": params}, c, method=lambda m, c: m.decode(c)["reconstruction"]) ** 2)))(codes)
+  expected_z, expected_codebook, _ = _vq_gradients(z, codebook, model.beta,
+                                                   upstream=np.asarray(decoder_grad))
+  np.testing.assert_allclose(np.asarray(grads["quantizer"]["codebook"]), expected_codebook,
+                             rtol=1e-4, atol=1e-8)
+  (expected,) = jax.jit(lambda p, ct: jax.vjp(encode, p)[1](ct))(
+      params, jnp.asarray(expected_z, jnp.float32))
+  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
+                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, expected = flat(grads["encoder"]), flat(expected["encoder"])
+  assert got.keys() == expected.keys()
+  scale = max(np.max(np.abs(ref)) for ref in expected.values())
+  for name, ref in expected.items():  # (the key bias's gradient is 0: softmax ignores it)
+    np.testing.assert_allclose(got[name], ref, rtol=1e-3, atol=1e-5 * scale, err_msg=name)
 
 
 def test_indices_round_trip_through_decode_from_indices(tiny_config):

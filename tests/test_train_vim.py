@@ -163,23 +163,6 @@ def test_sample_cli(vim_dir, tmp_path):
   assert os.path.exists(tmp_path / "samples.png") and os.path.exists(tmp_path / "samples.npz")
 
 
-def test_linear_probe_on_separable_features():
-  rng = np.random.default_rng(0)
-  centres = rng.normal(size=(3, 16)) * 3
-  y = rng.integers(0, 3, 600)
-  x = centres[y] + rng.normal(size=(600, 16))
-  acc = probe.train_linear_probe(x[:400], y[:400], x[400:], y[400:], 3, steps=300,
-                                 batch_size=64, lr=1e-2)
-  assert acc > 0.95
-  # Standardisation uses the train split's statistics for both splits.
-  train_x, eval_x = rng.normal(3, 2, size=(50, 4)), rng.normal(-1, 5, size=(20, 4))
-  std_train, std_eval = probe.standardise(train_x, eval_x)
-  mean, std = train_x.mean(0), train_x.std(0)
-  np.testing.assert_allclose(std_eval, (eval_x - mean) / std, rtol=1e-5)
-  np.testing.assert_allclose(std_train.mean(0), 0, atol=1e-12)
-  np.testing.assert_allclose(std_train.std(0), 1, rtol=1e-5)
-
-
 def test_probe_features_are_a_blocks_sequence_mean_without_labels(vim_dir):
   """Features of block b = the mean over positions of block b's output (flax's captured
   intermediates of a plain forward pass) on the image's tokens with the null class; the

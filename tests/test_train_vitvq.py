@@ -264,22 +264,55 @@ def _reconstruct(config, params, step):
                                            rngs={"dropout": rng})["reconstruction"])(params)
 
 
-def test_one_step_updates_generator_and_discriminator(tiny_config):
-  tiny_config.update(ema_decay=0.5)
-  tiny_config.discriminator.lecam_weight = 0.1
-  state, new, metrics = _one_step(tiny_config)
-  assert _changed(state.params, new.params)
-  assert _changed(state.disc_params, new.disc_params)
-  assert _changed(state.ema_params, new.ema_params)
-  # EMA after one step: 0.5 * init + 0.5 * new params.
-  expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new.ema_params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-  assert float(metrics["disc/r1_penalty"]) > 0  # step 0 is an R1 step
-  assert float(new.lecam_ema["real"]) == pytest.approx(0.01 * float(metrics["disc/logits_real"]),
-                                                        rel=1e-5)
-  for key in ("loss_adversarial", "disc/loss", "disc/logits_real", "disc/logits_fake"):
-    assert math.isfinite(float(metrics[key])), key
+def test_two_steps_update_generator_discriminator_ema_and_lecam(tiny_config):
+  """Two train steps with a generator EMA at decay 0.9 and LeCam on, against float64 numpy
+  from the saved states (the discriminator's logits recomputed here at each step's params):
+  - the EMA is d e + (1 - d) p after each step: 0.9 p0 + 0.1 p1, then 0.81 p0 + 0.09 p1 +
+    0.1 p2 (at the former test's d = 0.5, (1 - d) e + d p gave the same values);
+  - the LeCam averages follow their own logits: real from D(x), fake from D(G(z));
+  - the discriminator's loss adds + lecam_weight x (mean (D(x) - ema_fake)^2 +
+    mean (D(G(z)) - ema_real)^2) at the averages before the step (step 1 has no R1, step 0's
+    comes from the lazy R1 test's metric)."""
+  tiny_config.update(ema_decay=0.9)
+  d_cfg = tiny_config.discriminator
+  d_cfg.lecam_weight = 0.1
+  assert d_cfg.r1_interval > 1 and d_cfg.lecam_ema_decay == 0.99
+  states, metrics = _steps(tiny_config, 2)
+  for before, after in zip(states, states[1:]):
+    assert _changed(before.params, after.params)
+    assert _changed(before.disc_params, after.disc_params)
+  assert float(metrics[0]["disc/r1_penalty"]) > 0  # step 0 is an R1 step
+  assert float(metrics[1]["disc/r1_penalty"]) == 0
+
+  params = [jax.tree.map(lambda x: np.asarray(x, np.float64), s.params) for s in states]
+  expected_ema = {1: jax.tree.map(lambda p0, p1: 0.9 * p0 + 0.1 * p1, *params[:2]),
+                  2: jax.tree.map(lambda p0, p1, p2: 0.81 * p0 + 0.09 * p1 + 0.1 * p2, *params)}
+  for step, expected in expected_ema.items():
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(states[step].ema_params)):
+      np.testing.assert_allclose(np.asarray(b), a, rtol=1e-6, atol=1e-7)
+
+  disc = stage1.build_models(tiny_config).discriminator
+  logits = jax.jit(lambda p, x: disc.apply({"params": p}, x))
+  softplus = lambda x: np.logaddexp(0.0, x)
+  decay, ema = d_cfg.lecam_ema_decay, {"real": 0.0, "fake": 0.0}
+  for step in range(2):
+    d_params = states[step].disc_params
+    real = np.asarray(logits(d_params, IMAGES), np.float64)
+    fake = np.asarray(logits(d_params, _reconstruct(tiny_config, states[step].params, step)),
+                      np.float64)
+    lecam = np.mean((real - ema["fake"]) ** 2) + np.mean((fake - ema["real"]) ** 2)
+    m = metrics[step]
+    assert float(m["disc/lecam"]) == pytest.approx(lecam, rel=1e-4), step
+    r1 = 0.5 * d_cfg.r1_gamma * float(m["disc/r1_penalty"])
+    expected_loss = np.mean(softplus(-real)) + np.mean(softplus(fake)) + r1 + 0.1 * lecam
+    assert float(m["disc/loss"]) == pytest.approx(expected_loss, rel=1e-5), step
+    ema = {"real": decay * ema["real"] + (1 - decay) * np.mean(real),
+           "fake": decay * ema["fake"] + (1 - decay) * np.mean(fake)}
+    for key in ("real", "fake"):
+      assert float(states[step + 1].lecam_ema[key]) == pytest.approx(ema[key], rel=1e-5), (
+          step, key)
+  print(f"\nLeCam at step 1: {lecam:.4f} (x 0.1 in a loss of {expected_loss:.4f}); averages "
+        f"{ema}")
 
 
 def test_discriminator_start_step_delays_the_game(tiny_config):
@@ -360,3 +393,68 @@ def test_generator_gradient_equals_direct_differentiation(tiny_config, adaptive)
   flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
                        for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   assert_leaves_close(flat({"params": expected}), flat({"params": mu}), rel=1e-3)
+
+
+def test_perceptual_gradient_reaches_the_tokenizer_through_the_reconstruction(tiny_config):
+  """The perceptual term alone (every other weight 0), with a smooth stand-in for LPIPS that
+  has its calling convention (images, reconstructions) -> [B] and frozen params: the step's
+  gradient in the decoder is the derivative of its loss, checked by central differences of
+  that loss (the same jitted step, run at params moved along a direction u) against
+  <gradient, u>, the gradient read back from Adam's first moment; the encoder gets one too
+  (straight through). A stop_gradient on the reconstruction before LPIPS leaves the value (and
+  loss_perceptual > 0) as it is but makes the gradient 0, so it fails. (The real network's
+  gradient: test_lpips.py.)"""
+  import flax.linen as nn
+  import optax
+
+  class Perceptual(nn.Module):
+    """mean over pixels of w_c (x - y)^2 + 0.1 sin(3 x y): [B, H, W, 3] twice -> [B]."""
+
+    @nn.compact
+    def __call__(self, x, y):
+      w = self.param("w", nn.initializers.ones, (3,))
+      return jnp.mean(w * (x - y) ** 2 + 0.1 * jnp.sin(3 * x * y), axis=(1, 2, 3))
+
+  # Plain outputs: logit-Laplace's clip to [-1, 1] would put kinks in the difference quotients.
+  tiny_config.model.logit_laplace = False
+  tiny_config.loss.update(l2=0.0, logit_laplace=0.0, vq=0.0, adversarial=0.0, perceptual=1.0)
+  models = stage1.Stage1Models(stage1.build_models(tiny_config).tokenizer, None, Perceptual())
+  perceptual_params = {"w": jnp.array([0.5, 1.0, 2.0])}
+  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
+  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  step = jax.jit(stage1.make_train_step(models, tx, schedule, disc_tx, tiny_config))
+  new, metrics = step(state, {"image": IMAGES}, perceptual_params)
+  loss_at = lambda params: float(step(state.replace(params=params), {"image": IMAGES},
+                                      perceptual_params)[1]["loss"])
+  assert float(metrics["loss_perceptual"]) == float(metrics["loss"]) > 0
+  grad_norm = float(metrics["grad_norm"])
+  assert grad_norm > 0
+  # Adam's first moment after one step: (1 - b1) x the gradient clipped to grad_clip_norm.
+  opt = tiny_config.optimizer
+  scale = (1 - opt.b1) * min(1.0, opt.grad_clip_norm / grad_norm)
+  grads = jax.tree.map(lambda m: np.asarray(m, np.float64) / scale,
+                       optax.tree_utils.tree_get(new.opt_state, "mu"))
+  assert float(optax.tree.norm(grads)) == pytest.approx(grad_norm, rel=1e-4)
+  assert float(optax.tree.norm(grads["encoder"])) > 1e-3 * grad_norm
+  # Directions in the decoder's params (all of them, its first and its last layer): through the
+  # encoder the loss is piecewise constant (the code lookup), and the straight-through gradient
+  # is no derivative of it.
+  def only(*path):
+    keep = lambda p: tuple(getattr(k, "key", None) for k in p[:len(path)]) == path
+    return jax.tree_util.tree_map_with_path(lambda p, g: g if keep(p) else 0 * g, grads)
+
+  directions = {"decoder": only("decoder"), "from_code": only("decoder", "from_code"),
+                "output_ffn": only("decoder", "output_ffn")}
+  h = 1e-3
+  for name, u in directions.items():
+    u_norm = float(optax.tree.norm(u))
+    u = jax.tree.map(lambda x: x / u_norm, u)  # unit length
+    move = lambda sign: jax.tree.map(lambda p, d: (p + sign * h * d).astype(p.dtype),
+                                     state.params, u)
+    finite_difference = (loss_at(move(1)) - loss_at(move(-1))) / (2 * h)
+    directional = sum(float(np.sum(g * d)) for g, d in zip(jax.tree.leaves(grads),
+                                                          jax.tree.leaves(u)))
+    print(f"\n{name}: central difference {finite_difference:.6f}, <gradient, u> "
+          f"{directional:.6f}")
+    assert finite_difference == pytest.approx(directional, rel=1e-3), name
