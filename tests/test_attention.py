@@ -1,5 +1,7 @@
 """Attention kernels: splash (in Pallas interpret mode, so it runs on CPU) against XLA's
-attention, the 'auto' choice per backend, and the errors for a kernel the backend lacks."""
+attention, every kernel in bfloat16 (cuDNN where a GPU is present) against a float64 reference
+within what bf16 rounding explains, the 'auto' choice per backend, and the errors for a kernel
+the backend lacks."""
 
 import dataclasses
 
@@ -106,3 +108,62 @@ def test_splash_tiles_divide_the_sequence():
   assert attention.splash_block_size(640, 512) == 128
   with pytest.raises(ValueError, match="divisible by 128, got 64"):
     attention.splash_block_size(64, 512)
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16's 8-bit significand: round to nearest within 2^-8
+
+
+def bf16_attention_reference(q, k, v, causal: bool, q_prescaled_in_bf16: bool):
+  """The float64 attention of bfloat16 inputs q, k, v [B, L, H, K], and an elementwise bound
+  on what bfloat16 rounding explains in a kernel that, like XLA's, cuDNN's and splash's, takes
+  the q k^T products and the softmax in float32, with u = 2^-8:
+  - probabilities P rounded to bf16 before P v (XLA, cuDNN; splash keeps them float32): each
+    P_j within u P_j, so the output within u sum_j P_j |v_j|;
+  - the output rounded to bf16: within u |o|;
+  - with q_prescaled_in_bf16 (splash: this repo multiplies q by bf16(1 / sqrt(K)) before the
+    kernel), unless 1 / sqrt(K) is a power of two: q's scale and product each rounded, so
+    logit s_j within e_j = 2u sum_d |q_d k_jd| / sqrt(K), and to first order the output within
+    sum_j P_j e_j |v_j - o|.
+  float32 accumulation (2^-24 per add) is far below these. Returns (o, bound), [B, L, H, K]."""
+  q, k, v = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (q, k, v))
+  length, scale = q.shape[1], 1 / np.sqrt(q.shape[-1])
+  logits = np.einsum("blhd,bmhd->bhlm", q, k) * scale
+  if causal:
+    logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  o = np.einsum("bhlm,bmhd->blhd", p, v)
+  bound = BF16_UNIT_ROUNDOFF * (np.einsum("bhlm,bmhd->blhd", p, np.abs(v)) + np.abs(o))
+  if q_prescaled_in_bf16 and np.log2(scale) % 1:
+    e = 2 * BF16_UNIT_ROUNDOFF * scale * np.einsum("blhd,bmhd->bhlm", np.abs(q), np.abs(k))
+    spread = np.abs(v.transpose(0, 2, 1, 3)[:, :, None] - o.transpose(0, 2, 1, 3)[:, :, :, None])
+    bound += np.einsum("bhlm,bhlmd->blhd", p * e, spread)  # spread: |v_m - o_l| [B, H, L, L, K]
+  return o, bound
+
+
+@pytest.mark.parametrize("implementation, head_dim, causal", [
+    ("xla", 64, True), ("xla", 64, False), ("splash", 64, True), ("splash", 64, False),
+    ("splash", 96, True), ("cudnn", 64, True), ("cudnn", 64, False)])
+def test_bfloat16_attention_is_within_what_bfloat16_rounding_explains(implementation, head_dim,
+                                                                      causal):
+  """Each kernel in bfloat16 against the float64 attention of the same (bf16) inputs, within
+  the elementwise bound bf16_attention_reference derives (the rounding of the probabilities
+  and the output, and for splash of q's pre-scaling): a kernel that, say, rounded its logits to
+  bf16, or scaled q and k by K^-1/4 each in bf16, fails (3-9 x this bound here).
+  Splash runs in Pallas interpret mode; cuDNN only where jax's backend is an NVIDIA GPU."""
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    pytest.skip("cuDNN attention needs an NVIDIA GPU as jax's backend, and this run's is "
+                f"{jax.default_backend()!r} (the suite sets JAX_PLATFORMS=cpu unless it is "
+                "already set: run with JAX_PLATFORMS=cuda on a GPU machine to include it)")
+  q, k, v = qkv(1, 128, 2, head_dim, seed=3)
+  # Logits of standard deviation 3, a sharp attention like a trained model's, where an error in
+  # the logits moves the output most.
+  q, k, v = (x.astype(jnp.bfloat16) for x in (3 * q, k, v))
+  with attention.pallas_interpret():
+    out = jax.jit(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, causal=causal, implementation=implementation, block=128))(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  expected, bound = bf16_attention_reference(q, k, v, causal, implementation == "splash")
+  ratio = np.abs(np.asarray(out.astype(jnp.float32), np.float64) - expected) / bound
+  print(f"\n{implementation} bf16, head_dim {head_dim}: worst error {ratio.max():.2f} x the bound")
+  assert ratio.max() <= 1.0, np.unravel_index(np.argmax(ratio), ratio.shape)

@@ -138,3 +138,31 @@ def test_stage1_schedule_is_linear_warmup_then_cosine_to_end_lr():
   clamped = optim.warmup_cosine_schedule(small, 3)  # warmup 4 > 3 steps: warmup 2
   assert [float(clamped(s)) for s in range(5)] == pytest.approx(
       [_warmup_cosine(s, 2.0, 0.5, 2, 3) for s in range(5)], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("arg", ["", "tiny"], ids=["paper", "tiny"])
+def test_stage2_schedule_against_its_closed_form(arg):
+  """VIM's learning rate at every phase boundary and between, against the closed form written
+  out here in float64: lr(t) = peak t / w for t < w (linear warmup from 0), peak until the decay
+  starts at d, peak (end / peak)^((t - d) / (T - d)) from d to T, end after. The paper's config
+  (w 5k, d 80k, T 450k) and the tiny one (no warmup: peak from step 0). A warmup one step
+  longer, a curved warmup, or a decay starting a step late fails here."""
+  from configs import vim_base
+  config = vim_base.get_config(arg or None)
+  opt, total = config.optimizer, config.total_steps
+  peak, end, w, d = opt.peak_lr, opt.end_lr, opt.warmup_steps, opt.decay_start
+
+  def expected(t):
+    if t < w:
+      return peak * t / w
+    if t <= d:
+      return peak
+    return peak * (end / peak) ** ((min(t, total) - d) / (total - d))
+
+  schedule = optim.warmup_exponential_schedule(opt, total)
+  steps = sorted({0, 1, w // 4, w // 2, 3 * w // 4, max(w - 1, 0), w, w + 1, (w + d) // 2, d,
+                  d + 1, d + (total - d) // 3, (d + total) // 2, total - 1, total, total + 100})
+  # optax computes the warmup as peak - peak (1 - t / w) in float32: an absolute error of a
+  # few float32 ulps of peak (2^-24 peak each), large relative to lr(t) only for t << w.
+  for t in steps:
+    assert float(schedule(t)) == pytest.approx(expected(t), rel=2e-6, abs=peak * 2**-21), t

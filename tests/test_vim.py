@@ -119,6 +119,58 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
   np.testing.assert_array_equal(top1, greedy)
 
 
+
+def _filtered_softmax(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
+  """The distribution a draw should follow, in float64: softmax(logits / T) restricted to the k
+  largest logits (all when k = 0) and renormalised there, zero elsewhere. logits: [B, V]."""
+  z = np.asarray(logits, np.float64) / temperature
+  if top_k:
+    kth = -np.sort(-z, axis=-1)[:, top_k - 1:top_k]
+    z = np.where(z >= kth, z, -np.inf)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  return p / p.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5, V - 1, V, 0])
+def test_top_k_leaves_exactly_k_tokens_with_the_softmax_renormalised_over_them(top_k):
+  """softmax(filter_logits(logits, k)) has exactly k non-zero probabilities (V for k = 0 or
+  k >= V), and they equal the numpy softmax restricted to the k largest logits: a filter that
+  keeps only the argmax, or the k smallest, or changes the kept logits, fails."""
+  logits = np.asarray(jax.random.normal(jax.random.key(0), (4, V)) * 3)
+  filtered = np.asarray(token_sampling.filter_logits(jnp.asarray(logits), top_k=top_k),
+                        np.float64)
+  p = np.exp(filtered - filtered.max(-1, keepdims=True))  # finfo.min - max underflows to 0
+  p /= p.sum(-1, keepdims=True)
+  expected = _filtered_softmax(logits, 1.0, top_k)
+  np.testing.assert_array_equal(np.count_nonzero(p, axis=-1), [top_k or V] * 4)
+  np.testing.assert_allclose(p, expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, 0), (2.0, 0), (1.0, 5), (0.5, 5)])
+def test_sampled_tokens_follow_the_tempered_top_k_softmax(temperature, top_k):
+  """The sampler's first token (which depends only on the label) over n = 4096 sequences,
+  against softmax(logits / T) restricted to the top k, computed in numpy from the full forward
+  pass: a token outside the top k never appears, and each token's frequency is within 5
+  binomial standard deviations sqrt(p (1 - p) / n) of p (plus one draw, for tokens so unlikely
+  that a single draw exceeds that). `logits * T` for `logits / T`, or a top-k filter that keeps
+  only the argmax, moves some frequency by far more (each is tried in the note of issue 31)."""
+  model, params = _model()
+  n = 4096
+  labels = jnp.full((n,), 1, jnp.int32)
+  config = token_sampling.SamplingConfig(temperature=temperature, top_k=top_k)
+  first = np.asarray(jax.jit(lambda p, l, k: token_sampling.sample_tokens(
+      model, p, l, k, config))(params, labels, jax.random.key(11))[:, 0])
+  logits = model.apply({"params": params}, jnp.zeros((1, N), jnp.int32), labels[:1])[:, 0]
+  p = _filtered_softmax(np.asarray(logits), temperature, top_k)[0]
+  frequency = np.bincount(first, minlength=V) / n
+  assert np.all(frequency[p == 0] == 0), "a token outside the top k was drawn"
+  bound = 5 * np.sqrt(p * (1 - p) / n) + 1 / n
+  worst = int(np.argmax(np.abs(frequency - p) / bound))
+  assert np.all(np.abs(frequency - p) <= bound), (
+      f"token {worst}: frequency {frequency[worst]:.4f}, expected {p[worst]:.4f} +- "
+      f"{bound[worst]:.4f}")
+
+
 def _guided_reference(model, params, labels, key, scale):
   """Sampling at temperature 1 with guided logits u + s (c - u), where c and u come from two
   full forward passes (the labels, and the null class) over the prefix: no cache, no batching
