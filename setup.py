@@ -17,6 +17,10 @@ setup(
         "ml-collections>=1.1",
         "absl-py>=2.0",  # flags and logging of every command
         "etils[epath]>=1.5",  # vim_jax.fileio: one path layer for local and gs:// files
+        # orbax lists a gs:// checkpoint folder's steps through google.cloud.storage (to ask
+        # whether the bucket has a hierarchical namespace) without declaring it: without it
+        # every checkpoint save and restore in a bucket fails with an ImportError.
+        "google-cloud-storage>=2.14",
         "clu>=0.0.12",
         "tensorboard>=2.20",
         # tf.summary backs clu's TensorBoard writer and tfds' decoders.

@@ -170,3 +170,15 @@ def test_local_paths_come_out_absolute_and_urls_unchanged(tmp_path, monkeypatch)
   assert resolved.stage1.perceptual_weights == str(tmp_path / "weights/lpips_vgg16_v0.1.msgpack")
   assert resolved.stage1.data.data_dir == "" and resolved.stage1.data.folder_eval_fraction == 0.02
   assert config.stage2.tokenizer_workdir == "workdirs/q/tokenizer"  # a copy; the input stays
+
+
+def test_the_gcs_client_orbax_imports_for_buckets_is_installed():
+  """orbax lists the steps of a gs:// checkpoint folder through google.cloud.storage (asking
+  whether the bucket has a hierarchical namespace) but does not declare it: without it, every
+  save and restore in a bucket fails with an ImportError (found against a GCS emulator, issue
+  28). setup.py declares it; this fails when orbax stops needing it, or the install lacks it."""
+  import inspect
+  from orbax.checkpoint._src.path import gcs_utils
+  assert "from google.cloud import storage" in inspect.getsource(gcs_utils.get_bucket)
+  from google.cloud import storage
+  assert callable(storage.Client)
