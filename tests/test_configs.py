@@ -123,6 +123,10 @@ def test_vim_paper_sizes_and_parameter_counts(size):
   assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.peak_lr) == (0.9, 0.96, 4.5e-4)
   assert (config.optimizer.warmup_steps, config.optimizer.decay_start) == (5000, 80_000)
   assert (config.optimizer.end_lr, config.batch_size, config.model.dropout) == (1e-5, 1024, 0.1)
+  assert (config.total_steps, config.optimizer.weight_decay) == (450_000, 0.0)  # none stated
+  # Not the paper's (it trains without guidance): the class dropped 10% of the time, as
+  # classifier-free guidance's authors do, so that sampling can use guidance_scale > 1.
+  assert config.label_dropout == 0.1
   count = _abstract_counts(config)["vim"]
   paper = config_base.PAPER_VIM_PARAMS[size]
   print(f"VIM-{size}: {count / 1e6:.0f}M parameters (paper {paper / 1e6:.0f}M)")

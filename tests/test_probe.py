@@ -28,7 +28,7 @@ def test_linear_probe_accuracy_equals_a_numpy_solution():
   eval split of two classes, 27 + 3 points near their centres (so that standardising it by its
   own statistics would move it), with 6 of its 30 labels wrong on purpose: the probe's eval
   top-1 is the numpy solution's, which is exactly 24 / 30. Returning the train accuracy,
-  standardising the eval split by its own statistics or too little training gives another
+  standardising the eval split by its own statistics or an untrained probe gives another
   value; the former bound (acc > 0.95 on separable clusters) passed the first two."""
   rng = np.random.default_rng(0)
   centres = rng.normal(size=(3, 6)) * 2
