@@ -99,11 +99,13 @@ README_TINY_EDITS = (("configs/vim_large.py", "configs/vim_large.py:tiny"),
                      ("--topology=v4-128", "--topology=v4-8"))
 
 
-def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis():
-  """Stage 1 with LPIPS and the GAN, and stage 2 tokenizing images inside its step (the
-  README's compile_report command, read from README.md, at tiny size), through the CLI; the
-  same configs compiled here for the same slice give the analyses it printed (the TPU compiler
-  is deterministic)."""
+def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys):
+  """Stage 1 with LPIPS and the GAN, and stage 2 tokenizing images inside its step, compiled
+  for a v4-8: what the report prints equals the compiled program's analyses. Stage 2 goes
+  through the README's compile_report command (read from README.md, :tiny on a v4-8, from the
+  repository root), and the same config compiled here gives the analysis it printed (the TPU
+  compiler is deterministic); stage 1 is compiled once, here, and printed as the CLI prints
+  (its CLI path: test_cli_reports_a_stage1_config_without_weights_or_data)."""
   from configs import vim_large, vitvq_base
   from vim_jax import compile_report, tpu_slices
   spec = tpu_slices.parse("v4-8")
@@ -111,23 +113,23 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis():
   stage1 = vitvq_base.get_config("tiny")
   stage1.update(perceptual_weights="/nonexistent")  # shapes only: no file is read
   stage1.loss.perceptual = 0.1
-  stage2 = vim_large.get_config("tiny")
-  tokenizer = vitvq_base.get_config("tiny")
-  readme_argv = readme_commands.to_argv(README_COMPILE_REPORT, {}, README_TINY_EDITS)
-  for config, argv, kwargs in (
-      (stage1, [sys.executable, "-m", "vim_jax.compile_report",
-                "--config=configs/vitvq_base.py:tiny", "--config.loss.perceptual=0.1",
-                "--config.perceptual_weights=/nonexistent", "--topology=v4-8"], {}),
-      (stage2, readme_argv, {"tokenizer_config": tokenizer})):
-    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                          env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on 1 x v4-8 (v4:2x2x1, 4 chips)" in proc.stdout
-    assert "of 32 GiB HBM" in proc.stdout and "at 40% MFU of a v4 chip's 275" in proc.stdout
-    numbers = compile_report.report(config, devices, capacity_bytes=spec.generation.hbm_bytes,
-                                    **kwargs)
+  proc = subprocess.run(readme_commands.to_argv(README_COMPILE_REPORT, {}, README_TINY_EDITS),
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                        env=cli_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  capsys.readouterr()
+  numbers = compile_report.report(stage1, devices, capacity_bytes=spec.generation.hbm_bytes)
+  compile_report.print_report(stage1, numbers, spec)
+  printed_stage1 = capsys.readouterr().out
+  stage2 = compile_report.report(vim_large.get_config("tiny"), devices,
+                                 capacity_bytes=spec.generation.hbm_bytes,
+                                 tokenizer_config=vitvq_base.get_config("tiny"))
+  for text, numbers in ((printed_stage1, numbers), (proc.stdout, stage2)):
+    assert "on 1 x v4-8 (v4:2x2x1, 4 chips)" in text
+    assert "of 32 GiB HBM" in text and "at 40% MFU of a v4 chip's 275" in text
     assert numbers["platform"] == "tpu" and numbers["devices"] == 4
-    _assert_printed_equals_analysis(proc.stdout, numbers)
+    _assert_printed_equals_analysis(text, numbers)
+  assert "trainer=vitvq" in printed_stage1 and "trainer=vim" in proc.stdout
 
 
 def test_splash_attention_compiles_into_the_tpu_program():
