@@ -139,7 +139,7 @@ def test_unprepared_or_tfrecord_dataset_stops_with_the_prepare_command(fake_imag
 def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_files, tmp_path):
   """The README's ImageNet step 4 at tiny size, read from README.md and run from the root of
   the repository copy that holds the prepared data, with its relative $WORKDIR and
-  $TFDS_DATA_DIR; then vim_jax.evaluate on the run, from elsewhere."""
+  $TFDS_DATA_DIR; then vim_jax.evaluate on the run, from elsewhere, after the data moved."""
   root = fake_imagenet["root"]
   variables = {"WORKDIR": "run", "TFDS_DATA_DIR": "tfds"}
   env = {**run_files.cli_env(), **variables}  # one CPU device, as a user's shell has
@@ -158,11 +158,17 @@ def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_fi
   # From the run's TensorBoard scalars, not its log: the eval line is written by a background
   # thread and a C++ log line can land inside it.
   trained_psnr = run_files.event_scalars(workdir)["eval/psnr"][10]
+  # The data moves after training (another disk, another bucket): evaluate reads it where
+  # --data_dir says, not where config.json recorded it.
+  moved = str(tmp_path / "moved_tfds")
+  shutil.move(os.path.join(root, "tfds"), moved)
   out = str(tmp_path / "eval")
   evaluate = subprocess.run(
       [sys.executable, "-m", "vim_jax.evaluate", f"--workdir={workdir}", f"--out={out}",
-       f"--inception_weights={inception_files['flax']}", "--batch_size=8"],
+       f"--inception_weights={inception_files['flax']}", "--batch_size=8",
+       f"--data_dir={moved}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  shutil.move(moved, os.path.join(root, "tfds"))  # fake_imagenet is shared by the module
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   metrics = json.load(open(os.path.join(out, "results_00000010.json")))["metrics"]
   print(f"\ntiny run on the fake ImageNet: eval PSNR {metrics['psnr']['value']:.3f} dB")
@@ -171,3 +177,31 @@ def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_fi
   assert metrics["psnr"]["value"] == pytest.approx(trained_psnr, abs=1e-3)
   assert metrics["rfid_vs_imagenet2012_validation"]["against"] == (
       "imagenet2012_validation (8 images)")
+
+
+def test_a_run_records_the_tfds_data_dir_it_reads(tmp_path, monkeypatch):
+  """The launch scripts give the data's location as $TFDS_DATA_DIR, not in the config: the run's
+  config records it (absolute) so that evaluate and the notebook, started later without the
+  variable, find the data; a data_dir the config sets, or a source other than tfds, stays."""
+  from vim_jax import main
+  from vim_jax.data import sources
+  from configs import vitvq_base
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("TFDS_DATA_DIR", "tfds")
+  config = vitvq_base.get_config()
+  assert config.data.source == "tfds" and config.data.data_dir == ""
+  assert sources.with_recorded_data_dir(config).data.data_dir == str(tmp_path / "tfds")
+  monkeypatch.setenv("TFDS_DATA_DIR", "gs://bucket/tensorflow_datasets")
+  config.data.data_dir = ""
+  assert sources.with_recorded_data_dir(config).data.data_dir == (
+      "gs://bucket/tensorflow_datasets")
+  monkeypatch.delenv("TFDS_DATA_DIR")
+  config.data.data_dir = ""
+  assert sources.with_recorded_data_dir(config).data.data_dir == os.path.expanduser(
+      "~/tensorflow_datasets")
+  config.data.data_dir = "/data/tfds"
+  assert sources.with_recorded_data_dir(config).data.data_dir == "/data/tfds"
+  shapes = vitvq_base.get_config("tiny")
+  assert sources.with_recorded_data_dir(shapes).data.data_dir == ""
+  import inspect  # main's one resolution step applies it to every run
+  assert "sources.with_recorded_data_dir(" in inspect.getsource(main.main)

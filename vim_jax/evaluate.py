@@ -33,7 +33,7 @@ import os
 import ml_collections
 from absl import app, flags
 
-from vim_jax import fid, log_filters, reported_metrics, runs, stage2
+from vim_jax import fid, fileio, log_filters, reported_metrics, runs, stage2
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,18 @@ def define_flags():
   flags.register_validator("acceptance", lambda a: 0 < a <= 1,
                            "--acceptance must be in (0, 1]: the share of samples kept.")
   flags.DEFINE_string("out", "", "Output folder; default WORKDIR/eval.")
+  flags.DEFINE_string("data_dir", "", "The tfds data_dir of the run's dataset, when it has "
+                      "moved since training; default: the one the run's config.json records.")
   flags.DEFINE_list("fid_between", [], "Two statistics files A.npz,B.npz: print their FID and "
                     "exit (no workdir needed).")
+
+
+def moved_data(config):
+  """`config` (in place) reading its tfds data from --data_dir, when given."""
+  data_dir = flags.FLAGS.data_dir
+  if data_dir and config.get("data") is not None:
+    config.data.data_dir = fileio.absolute(data_dir)
+  return config
 
 
 def main(argv):
@@ -85,7 +95,7 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a stage-1 or stage-2 run).")
-  config = runs.read_run_config(FLAGS.workdir)
+  config = moved_data(runs.read_run_config(FLAGS.workdir))
   fid_config = config.get("fid") or ml_collections.ConfigDict({})
   weights = FLAGS.inception_weights or fid_config.get(
       "inception_weights", "weights/pt_inception-2015-12-05.msgpack")
@@ -94,6 +104,7 @@ def main(argv):
           "inception": {"weights": weights, "resize": FLAGS.resize}}
   if config.trainer == "vitvq":
     tok = runs.load_tokenizer(FLAGS.workdir, FLAGS.step)
+    moved_data(tok.config)
     results, real = reported_metrics.evaluate_tokenizer(tok, extractor, FLAGS.num_images)
     step = tok.step
   elif config.trainer == "vim":

@@ -182,8 +182,10 @@ def main(argv):
   hide_gpus_from_tensorflow()
   start_distributed()
   from vim_jax import fileio, train_lib
-  # Relative paths are resolved once, here, against the folder the command starts in.
-  config = fileio.with_absolute_paths(config)
+  from vim_jax.data import sources
+  # Relative paths are resolved once, here, against the folder the command starts in, and a
+  # tfds run records the data_dir it reads ($TFDS_DATA_DIR when its config leaves it empty).
+  config = sources.with_recorded_data_dir(fileio.with_absolute_paths(config))
   logging.info("config:\n%s", config)
   train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
   workdir = fileio.absolute(_WORKDIR.value)

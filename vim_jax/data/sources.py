@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from vim_jax import fileio
 from vim_jax.data import shapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -110,6 +111,17 @@ def tfds_data_dir(data_dir: str | None = None) -> str:
   """The tfds data_dir in force: the given one, else $TFDS_DATA_DIR, else ~/tensorflow_datasets
   (tfds' own default)."""
   return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def with_recorded_data_dir(config):
+  """`config` with a tfds source's empty data_dir replaced by the data_dir in force now
+  (tfds_data_dir: $TFDS_DATA_DIR or ~/tensorflow_datasets), so that the run's config.json says
+  where its data is. The launch scripts pass the location as $TFDS_DATA_DIR; evaluate and the
+  notebook run later, where that variable is not set. Changes `config` in place; returns it."""
+  data = config.get("data")
+  if data is not None and data.get("source") == "tfds" and not data.get("data_dir"):
+    data.data_dir = fileio.absolute(tfds_data_dir())
+  return config
 
 
 def prepare_command(name: str, data_dir: str) -> str:
