@@ -11,9 +11,9 @@ import os
 import time
 
 import jax
-from clu import metric_writers
 
-from vim_jax import generation, runs, stage2, train_classifier, train_lib, train_vim, train_vitvq
+from vim_jax import (generation, runs, stage2, summaries, train_classifier, train_lib, train_vim,
+                     train_vitvq)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
   results = timed("sampling", generation.sample_and_report, trained, os.path.join(workdir, "samples"),
                   labels, config.sample_seed, stage2.sampling_config_from(trained.config),
                   os.path.join(workdir, "classifier"), config.acceptance)
-  writer = metric_writers.create_default_writer(os.path.join(workdir, "samples"),
-                                                just_logging=jax.process_index() > 0)
+  writer = summaries.create_default_writer(os.path.join(workdir, "samples"),
+                                           just_logging=jax.process_index() > 0)
   scalars = {"sample/class_accuracy": results["class_accuracy"],
              "sample/classifier_eval_accuracy": classifier["accuracy"]}
   if "class_accuracy_rejection" in results:

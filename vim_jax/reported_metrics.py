@@ -246,13 +246,12 @@ def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor
 # ----------------------------------------------------------------------------------------------
 def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
   """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
-  from clu import metric_writers
+  from vim_jax import summaries
   fileio.makedirs(out_dir)
   path = fileio.join(out_dir, f"results_{step:08d}.json")
   if jax.process_index() == 0:
     fileio.write_json(path, {**info, "step": step, "metrics": results})
-  writer = metric_writers.create_default_writer(out_dir,
-                                                just_logging=jax.process_index() != 0)
+  writer = summaries.create_default_writer(out_dir, just_logging=jax.process_index() != 0)
   writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})
   writer.flush()
   return path

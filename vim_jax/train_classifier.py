@@ -91,6 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
       history = []
       train_lib.check_finite(scalars["loss"], step, latest)
       writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+      writer.flush()  # events reach TensorBoard at each log step, not only at the end
       log.info("classifier step %d/%d: loss %.4f, accuracy %.3f", step, config.total_steps,
                scalars["loss"], scalars["accuracy"])
     if (should_stop is not None and should_stop(step)) or train_lib.preemption_requested(step):

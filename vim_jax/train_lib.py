@@ -141,13 +141,11 @@ def open_workdir(workdir: str, config):
 
   Only process 0 writes TensorBoard summaries; the others just log.
   """
-  from clu import metric_writers
-
-  from vim_jax import config_checks, fileio, runs
+  from vim_jax import config_checks, fileio, runs, summaries
   config_checks.check(config)  # before anything is written or compiled
   fileio.makedirs(workdir)
   runs.write_config(workdir, config)
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  return summaries.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
 def check_divisible(mesh, **batch_sizes):
@@ -189,6 +187,10 @@ class TrainWindows:
   called right after dispatching), so fetching never waits for the newest step and the
   device's queue never runs dry for a log line. The run's last window (the end, or a stop) is
   closed at once. `describe(step, scalars)` writes the trainer's log line.
+
+  close_pending() returns whether it wrote a window: the trainer then flushes its writer, so
+  that each window reaches TensorBoard at its log step (vim_jax.summaries writes event files on
+  flush only; the run's last window lands with the trainer's final flush).
   """
 
   def __init__(self, writer, progress: Progress, describe):
@@ -208,9 +210,9 @@ class TrainWindows:
     if at_once:
       self.close_pending()
 
-  def close_pending(self):
+  def close_pending(self) -> bool:
     if self._pending is None:
-      return
+      return False
     step, history, last_checkpoint, skipped_images = self._pending
     self._pending = None
     scalars = mean_metrics(history)
@@ -221,6 +223,7 @@ class TrainWindows:
                                      for k, v in scalars.items()})
     self.logged.append({"step": step, **scalars})
     self.describe(step, scalars)
+    return True
 
 
 def save_if_finite(ckpt, step: int, state, last_loss, last_checkpoint: int | None) -> int:

@@ -195,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local = next(train_iter)
     batch = parallel.global_batch_from_local(model_inputs(local), mesh, config.batch_size)
     state, metrics = train_step(state, batch, tok.params)
-    windows.close_pending()  # the previous window, now that this step is queued
+    if windows.close_pending():  # the previous window, now that this step is queued
+      writer.flush()  # events reach TensorBoard at each log step, not only at the end
     windows.add(metrics)
     step += 1
     is_last = step == config.total_steps
