@@ -6,16 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import token_sampling
+from vim_jax import hlo_stats, token_sampling
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 
 V, N, C = 32, 12, 3
 
 
-def _model(num_classes=C, condition_every_position=False):
+def _model(num_classes=C, condition_every_position=False, scan_layers=False):
   stack = transformer.StackConfig(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64,
-                                  causal=True)
+                                  causal=True, scan_layers=scan_layers)
   model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=num_classes,
                       condition_every_position=condition_every_position)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, N), jnp.int32),
@@ -82,6 +82,38 @@ def test_greedy_sampling_is_deterministic_and_matches_the_uncached_sampler():
   # Greedy tokens are the argmax of the full forward pass on the sampled sequence.
   logits = model.apply({"params": params}, a, labels)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_a_scanned_model_decodes_in_the_unrolled_layout_with_the_same_samples():
+  """sample_tokens unrolls a scanned stack for decoding (transformer.unstack_layers): the
+  tokens equal the full forward pass of the scanned model, at temperature 1."""
+  model, params = _model(scan_layers=True)
+  labels, key = jnp.array([0, 1, 2]), jax.random.key(5)
+  cached = token_sampling.sample_tokens(model, params, labels, key)
+  ref = token_sampling.sample_tokens_without_cache(model, params, labels, key)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(ref))
+  unrolled, unrolled_params = token_sampling.decoding_layout(model, params)
+  assert not unrolled.stack.scan_layers and "block_01" in unrolled_params["transformer"]
+  np.testing.assert_array_equal(
+      unrolled_params["transformer"]["block_01"]["mlp"]["fc1"]["kernel"],
+      params["transformer"]["layers"]["block"]["mlp"]["fc1"]["kernel"][1])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_each_decoded_token_writes_one_cache_position_per_layer_and_copies_nothing(scan_layers):
+  """In the compiled sampler (guided: 2 x 3 sequences), the token loop's only writes to a
+  KV-cache-shaped buffer are the two dynamic-update-slices per layer (K and V at the new
+  position). The layer-scanned decode this replaced copied the cache 12 times per loop body
+  (stacked cache sliced out, written back, transposed for the attention einsum)."""
+  model, params = _model(scan_layers=scan_layers)
+  labels = jnp.array([0, 1, 2])
+  config = token_sampling.SamplingConfig(top_k=5, guidance_scale=2.0)
+  hlo = jax.jit(lambda p, l, k: token_sampling.sample_tokens(model, p, l, k, config)).lower(
+      params, labels, jax.random.key(0)).compile().as_text()
+  (cache_shape,) = {x.shape for x in jax.tree.leaves(token_sampling.init_cache(
+      token_sampling.decoding_layout(model, params)[0], 6))}
+  writes = hlo_stats.buffer_writes_in_loops(hlo, cache_shape)
+  assert writes == {"updates": 2 * model.stack.num_layers, "full": 0}, writes
 
 
 def test_fixed_seed_reproduces_samples_and_seeds_differ():

@@ -4,6 +4,12 @@ Each of the N steps runs the model on one token per sequence against the cached 
 values of the earlier positions, so a sample costs N single-token passes instead of N passes
 over a growing prefix. Temperature, top-k, top-p (nucleus) and classifier-free guidance
 (logits = uncond + scale * (cond - uncond), with the null label as the unconditional half).
+
+The step runs near its memory floor: it reads the params and the cache once and writes one
+position of each layer's keys and values (in place, in the loop's carried buffers). For that,
+a model with scanned layers decodes in the unrolled layout (`decoding_layout`), and the cache
+is kept heads-major (see MultiHeadAttention); `tests/test_vim.py` counts the copies in the
+compiled loop, `benchmarks/decode_floor.py` times the step against the floor.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 
 
@@ -43,6 +50,18 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def decoding_layout(model: vim_lib.VIM, params) -> tuple[vim_lib.VIM, dict]:
+  """The same VIM with its layers unrolled, and its params in that layout (unchanged when
+  they already are). Callers that sample many batches convert once (Sampler does), so that the
+  scanned copy need not be kept; sample_tokens converts what it is given."""
+  if not model.stack.scan_layers:
+    return model, params
+  model = model.clone(stack=dataclasses.replace(model.stack, scan_layers=False))
+  params = {**params, "transformer": transformer.unstack_layers(params["transformer"],
+                                                                model.stack.num_layers)}
+  return model, params
+
+
 def init_cache(model: vim_lib.VIM, batch_size: int):
   """Zeroed KV cache for `batch_size` sequences."""
   shapes = jax.eval_shape(
@@ -63,6 +82,7 @@ def sample_tokens(model: vim_lib.VIM, params, labels: jax.Array, rng: jax.Array,
   Returns:
     int32 [B, N] tokens in raster order.
   """
+  model, params = decoding_layout(model, params)
   batch = labels.shape[0]
   guided = model.num_classes > 0 and config.guidance_scale != 1.0
   model_labels = labels

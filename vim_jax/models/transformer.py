@@ -14,7 +14,9 @@ Two layouts of the blocks' params, chosen by `StackConfig.scan_layers`:
             program per layer (compile time grows with depth);
   scanned   transformer/layers/block/... with a leading [num_layers] axis (logical axis
             'layers'): one block under nn.scan, compiled once. The paper configs use it.
-Checkpoints of one layout do not load into the other; `checkpoint.py` says so by name.
+Checkpoints of one layout do not load into the other; `checkpoint.py` says so by name, and
+`unstack_layers` turns scanned params into the unrolled layout (decoding uses it: see
+`vim_jax/token_sampling.py`).
 `remat_policy` picks what the backward pass recomputes: 'none', 'full' (the whole block) or
 'minimal' (keep the matmul outputs without a batch dimension, i.e. recompute only the
 elementwise work and attention).
@@ -28,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vim_jax.models import attention as attention_lib
 
@@ -156,22 +159,38 @@ class MultiHeadAttention(nn.Module):
       out = attention_lib.dot_product_attention(
           q, key, value, causal=self.causal, implementation=self.attention,
           block=self.attention_block)
-    else:  # one or a few new tokens against the cache: XLA (the scores are [L, cache_length])
-      b, length = x.shape[:2]
-      shape = (b, cache_length, h, k)
-      cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
-      cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
-      start = (0, decode_index, 0, 0)
-      cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
-      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
-      query_pos = decode_index + jnp.arange(length)
-      mask = jnp.arange(cache_length)[None, :] <= query_pos[:, None]  # [L, cache_length]
-      out = jax.nn.dot_product_attention(q, cached_key.value, cached_value.value,
-                                         mask=mask[None, None])
+    else:
+      out = self._attend_to_cache(q, key, value, decode_index, cache_length)
     out_kernel = self.param("out_kernel", dense_init(("heads", "kv", "embed")), (h, k, width))
     out_bias = self.param("out_bias", zeros_init(("embed",)), (width,))
     y = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
     return y + out_bias.astype(self.dtype)
+
+  def _attend_to_cache(self, q, key, value, decode_index, cache_length):
+    """q, key, value [B, L, H, K] of the L tokens at decode_index.. -> [B, L, H, K].
+
+    The 'cache' collection holds keys and values as [B, H, K, cache_length], positions minor:
+    both products below then read the cache in place at memory speed (measured on CPU;
+    on TPU a minor axis of K = 64 would also be padded to 128 lanes). A
+    [B, cache_length, H, K] cache made XLA transpose every layer's cache at every token. Only
+    the L new positions are written (dynamic_update_slice, in place in the decoding loop)."""
+    b, length, h, k = q.shape
+    shape = (b, h, k, cache_length)
+    cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
+    cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
+    start = (0, 0, 0, decode_index)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value,
+                                                    jnp.einsum("blhk->bhkl", key), start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value,
+                                                      jnp.einsum("blhk->bhkl", value), start)
+    scale = jnp.asarray(1.0 / np.sqrt(k), q.dtype)
+    logits = jnp.einsum("blhk,bhkt->bhlt", q * scale, cached_key.value,
+                        preferred_element_type=jnp.float32)
+    query_pos = decode_index + jnp.arange(length)
+    mask = jnp.arange(cache_length)[None, :] <= query_pos[:, None]  # [L, cache_length]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhlt,bhkt->blhk", probs, cached_value.value)
 
 
 class MlpBlock(nn.Module):
@@ -294,3 +313,19 @@ class Transformer(nn.Module):
                                capture_block, name="layers")(
         (x, captured), jnp.arange(self.config.num_layers, dtype=jnp.int32), decode_index)
     return x, captured
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """A Transformer's params in the scanned layout ('layers/block/...' with a leading
+  [num_layers] axis) -> the same values in the unrolled layout ('block_00/...', ...).
+
+  Decoding runs the unrolled layout: with the layers under nn.scan, every decoded token
+  sliced each layer's cache out of a stacked [num_layers, ...] buffer and wrote it back into a
+  new one, moving the whole KV cache several times per token instead of one position."""
+  if "layers" not in params:
+    raise ValueError(f"expected scanned Transformer params (a 'layers' entry); got "
+                     f"{sorted(params)}.")
+  unrolled = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    unrolled[f"block_{i:02d}"] = jax.tree.map(lambda p, i=i: p[i], params["layers"]["block"])
+  return unrolled
