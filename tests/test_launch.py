@@ -134,14 +134,17 @@ def test_worker_script_appends_the_log_and_copies_it_to_the_workdir(tmp_path):
   assert "=== restart 1 of 1 in 0 s" in restarts_log
 
 
-def test_exec_runs_single_process_commands_on_a_single_host_only():
+def test_exec_runs_commands_on_worker_0_of_one_host_and_on_every_worker_of_a_pod():
   script = os.path.join(REPO_ROOT, "launch", "tpu_exec.sh")
   out = _run(script, TPU_ENV, "evaluate", "--workdir=gs://b/run")
   assert out.returncode == 0, out.stderr
   assert "--worker=0" in out.stdout and "python\\ -m\\ vim_jax.evaluate\\ --workdir=gs://b/run" in (
       out.stdout)
+  assert "--distributed" not in out.stdout
   out = _run(script, {**TPU_ENV, "ACCELERATOR_TYPE": "v5p-128"}, "sample", "--workdir=gs://b/r")
-  assert out.returncode == 2 and "spans several hosts; sample runs as one process" in out.stderr
+  assert out.returncode == 0, out.stderr
+  assert "--worker=all" in out.stdout and (
+      "python -m vim_jax.sample --distributed=on --workdir=gs://b/r" in out.stdout.replace("\\ ", " "))
   out = _run(script, TPU_ENV, "main", "--config=x")
   assert out.returncode == 2 and "expected evaluate, sample, probe or tools.pretokenize" in (
       out.stderr)
@@ -196,24 +199,25 @@ def test_stop_command_signals_the_run_not_itself_and_waits_for_the_checkpoint(tm
 def test_slurm_runs_one_process_per_gpu_and_each_takes_its_gpu():
   script = open(os.path.join(REPO_ROOT, "launch", "slurm_gpu.sbatch")).read()
   assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --gpus-per-task=1" in script
-  from vim_jax import main
+  from vim_jax import distributed
   # Bound to one GPU per task: that GPU is device 0 of the process.
-  assert main.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "5"}) == [0]
+  assert distributed.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "5"}) == [0]
   # Every GPU visible (no binding): JAX's own choice, GPU SLURM_LOCALID.
-  assert main.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) is None
-  assert main.local_device_ids_for_task({}) is None
+  assert distributed.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) is None
+  assert distributed.local_device_ids_for_task({}) is None
 
 
 def test_distributed_auto_starts_only_for_several_tasks_or_a_coordinator():
-  from vim_jax import main
-  auto = lambda environ, coordinator=None: main.wants_distributed("auto", coordinator, environ)
+  from vim_jax import distributed
+  auto = lambda environ, coordinator=None: distributed.wants_distributed("auto", coordinator,
+                                                                        environ)
   assert not auto({})
   assert auto({"SLURM_NTASKS": "16", "SLURM_PROCID": "3"})
   assert not auto({"SLURM_NTASKS": "1"})  # an interactive one-task allocation runs alone
   assert auto({"OMPI_COMM_WORLD_SIZE": "4"})
   assert not auto({"OMPI_COMM_WORLD_SIZE": "1"})
   assert auto({}, coordinator="10.0.0.1:1234")
-  assert main.wants_distributed("on", None, {})
-  assert not main.wants_distributed("off", "10.0.0.1:1234", {"SLURM_NTASKS": "16"})
+  assert distributed.wants_distributed("on", None, {})
+  assert not distributed.wants_distributed("off", "10.0.0.1:1234", {"SLURM_NTASKS": "16"})
   # The suite's own processes never inherit a launcher's variables (tests/conftest.py).
   assert not [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_"))]

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vim_jax import log_filters  # noqa: E402
+from vim_jax import distributed, log_filters  # noqa: E402
 
 TRAINERS = {
     "vitvq": "vim_jax.train_vitvq",  # stage 1: the ViT-VQGAN tokenizer
@@ -33,56 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard logs and images; "
     "rerun with the same one to resume.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-host start-up (jax.distributed.initialize). on: always (TPU pod slices, where JAX "
-    "finds the coordinator itself; SLURM; Open MPI); auto: when --coordinator_address is given "
-    "or SLURM / Open MPI report several tasks; off: single process.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for clusters JAX cannot detect "
-    "(with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout", 100, "Multi-process jobs: seconds without a heartbeat after which JAX "
-    "declares a process dead and stops the others (JAX's default, 100).", lower_bound=1)
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def local_device_ids_for_task(environ) -> list[int] | None:
-  """The GPU a cluster task should use, when JAX's own guess would be wrong.
-
-  Under SLURM and Open MPI, JAX gives each process `local_device_ids=[its local rank]`, which
-  is right when every task sees all of the node's GPUs (one process per GPU). When the
-  scheduler binds one GPU to each task (`--gpus-per-task=1`), CUDA_VISIBLE_DEVICES holds that
-  one GPU, visible as device 0, and the local rank would name a device that does not exist.
-  """
-  visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-  return [0] if len(visible) == 1 else None
-
-
-def wants_distributed(mode: str, coordinator_address: str | None, environ) -> bool:
-  """Whether to start jax.distributed: `on` always, `off` never, `auto` when a coordinator is
-  given or a SLURM / Open MPI job runs more than one task (a one-task job runs alone)."""
-  if mode in ("on", "off"):
-    return mode == "on"
-  several_tasks = any(int(environ.get(k) or "1") > 1
-                      for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  return bool(coordinator_address) or several_tasks
-
-
-def start_distributed():
-  """jax.distributed.initialize when the job spans several processes (see --distributed)."""
-  if not wants_distributed(_DISTRIBUTED.value, _COORDINATOR.value, os.environ):
-    return
-  import jax
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                             local_device_ids=local_device_ids_for_task(os.environ),
-                             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
-  logging.info("distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
 
 
 def worker_failure_message(error: BaseException, workdir: str, process: int, count: int) -> str:
@@ -203,7 +155,7 @@ def main(argv):
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
   hide_gpus_from_tensorflow()
-  start_distributed()
+  distributed.start()
   from vim_jax import fileio, train_lib
   from vim_jax.data import sources
   # Relative paths are resolved once, here, against the folder the command starts in, and a
