@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Run one of the single-process commands (evaluate, sample, probe, tools.pretokenize) on a
-# single-host slice, in the foreground, appending its output to ~/vim_jax_<command>.log.
-#   TPU_NAME=vim-eval ZONE=us-central2-b ACCELERATOR_TYPE=v4-8 \
-#   launch/tpu_exec.sh evaluate --workdir=gs://BUCKET/runs/vitvq_base \
+# Run evaluate, sample, probe or tools.pretokenize on a slice, in the foreground, appending each
+# worker's output to its ~/vim_jax_<command>.log.
+#   TPU_NAME=vim-v4-128 ZONE=us-central2-b ACCELERATOR_TYPE=v4-128 \
+#   launch/tpu_exec.sh evaluate --workdir=gs://BUCKET/runs/vim_large \
 #     --inception_weights=gs://BUCKET/weights/pt_inception-2015-12-05.msgpack
-# Why a single host: these commands start one JAX process (no jax.distributed), while on a
-# multi-host slice every host must run the same program. A v4-8, v5p-8, v5e-8 or v6e-8 created
-# next to the pod reads the same gs:// workdirs (VIM-Large's 1.85B params fit one host
-# replicated).
+# On a single-host slice (v4-8, v5p-8, v5e-8, v6e-8) the command runs on worker 0. On a
+# multi-host slice (or several slices) every worker runs the same command with
+# --distributed=on, as training does: the work is split over every chip, process 0 writes the
+# results, and a stage-2 evaluation that is stopped continues when the same line is run again.
 # Optional: PROJECT, QUEUED / SPOT (as for tpu_create.sh), TFDS_DATA_DIR.
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -23,11 +23,11 @@ case "${command_name}" in
     ;;
 esac
 size="${ACCELERATOR_TYPE##*-}"
+workers=0
+distributed_flag=""
 if [[ ! "${size}" =~ ^[0-9]+$ || "${size}" -gt 8 || "${NUM_SLICES}" -gt 1 ]]; then
-  echo "error: ACCELERATOR_TYPE=${ACCELERATOR_TYPE} (NUM_SLICES=${NUM_SLICES}) spans several" \
-    "hosts; ${command_name} runs as one process. Create a single-host slice (v4-8, v5p-8," \
-    "v5e-8 or v6e-8) that reads the same gs:// workdir, and run it there." >&2
-  exit 2
+  workers=all
+  distributed_flag=" --distributed=on"
 fi
 args=""
 for a in "$@"; do
@@ -39,7 +39,11 @@ if [[ -n "${TFDS_DATA_DIR:-}" ]]; then
 fi
 log_name="vim_jax_${command_name}.log"
 remote="set -o pipefail; cd ~/vim_jax && . ~/vim_env/bin/activate && \
-${data_env}python -m vim_jax.${command_name}${args} 2>&1 | tee -a ~/${log_name}"
-plan "run vim_jax.${command_name} on ${TPU_NAME} (${ACCELERATOR_TYPE}); output also in" \
-  "the home folder's ${log_name}"
-NODE=0 tpu_ssh 0 "${remote}"
+${data_env}python -m vim_jax.${command_name}${distributed_flag}${args} 2>&1 | tee -a ~/${log_name}"
+plan "run vim_jax.${command_name} on ${TPU_NAME} (${ACCELERATOR_TYPE}, worker ${workers});" \
+  "output also in each worker's ~/${log_name}"
+if [[ "${workers}" == "all" ]]; then
+  tpu_ssh all "${remote}"
+else
+  NODE=0 tpu_ssh 0 "${remote}"
+fi

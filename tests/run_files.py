@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
+import subprocess
 
 import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def event_scalars(folder: str) -> dict[str, dict[int, float]]:
@@ -43,3 +47,30 @@ def cli_env(devices: int | None = None) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = " ".join(flags)
   return env
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(count, command, log_dir, devices_per_process=4, env=None):
+  """Runs command(0) ... command(count - 1) together; their log files, once all exit 0."""
+  procs, logs = [], []
+  for i in range(count):
+    logs.append(os.path.join(log_dir, f"process{i}.log"))
+    procs.append(subprocess.Popen(
+        command(i), cwd=REPO_ROOT, env={**cli_env(devices_per_process), **(env(i) if env else {})},
+        stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
+  try:
+    codes = [p.wait(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for code, log in zip(codes, logs):
+    text = open(log).read()
+    errors = [line for line in text.splitlines() if "Error" in line]  # a long array can hide it
+    assert code == 0, "\n".join(errors[-5:]) + "\n...\n" + text[-3000:]
+  return logs

@@ -11,7 +11,6 @@ much as from an 8-device run."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,10 @@ import jax
 
 from conftest import REPO_ROOT
 from run_compare import assert_leaves_close
-from run_files import cli_env, event_scalars
+from run_files import cli_env, event_scalars, free_port, start_processes
 from vim_jax import fileio, main, runs
 
 STEPS = 8
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _run_single(config_spec, overrides, workdir):
@@ -50,8 +43,8 @@ def _flags(config_spec, overrides):
 def _run_processes(count, args, workdir, log_dir, devices_per_process=1, env=None):
   """`python -m vim_jax.main ARGS` as `count` processes of `devices_per_process` CPU devices
   on 127.0.0.1; env(i): extra environment of process i. Returns their log files."""
-  port = _free_port()
-  logs = _start_processes(
+  port = free_port()
+  logs = start_processes(
       count, lambda i: [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
                         f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
                         f"--process_id={i}"], log_dir, devices_per_process, env)
@@ -59,27 +52,6 @@ def _run_processes(count, args, workdir, log_dir, devices_per_process=1, env=Non
   total = count * devices_per_process
   assert (f"process {count - 1} of {count}, {devices_per_process} local / {total} global "
           "devices") in last
-  return logs
-
-
-def _start_processes(count, command, log_dir, devices_per_process=4, env=None):
-  """Runs command(0) ... command(count - 1) together; their log files, once all exit 0."""
-  procs, logs = [], []
-  for i in range(count):
-    logs.append(os.path.join(log_dir, f"process{i}.log"))
-    procs.append(subprocess.Popen(
-        command(i), cwd=REPO_ROOT, env={**cli_env(devices_per_process), **(env(i) if env else {})},
-        stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
-  try:
-    codes = [p.wait(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for code, log in zip(codes, logs):
-    text = open(log).read()
-    errors = [line for line in text.splitlines() if "Error" in line]  # a long array can hide it
-    assert code == 0, "\n".join(errors[-5:]) + "\n...\n" + text[-3000:]
   return logs
 
 
@@ -150,7 +122,7 @@ def _interrupt(flags, workdir, log_dir, signals: dict, after: str, env=None):
   sends signals[i] to process i; returns {'codes', 'seconds' (signal to the last exit),
   'logs' (texts)}. env(i): extra environment of process i."""
   os.makedirs(log_dir)
-  port = _free_port()
+  port = free_port()
   logs = [os.path.join(log_dir, f"process{i}.log") for i in range(4)]
   procs = [subprocess.Popen(
       [sys.executable, "-m", "vim_jax.main", *flags, f"--workdir={workdir}",
@@ -240,9 +212,9 @@ def test_eval_split_inception_statistics_on_two_processes_match_one(inception_fi
   to device_put is not the same on each process".)"""
   from multihost_fid_stats import reference_config
   from vim_jax import fid, reported_metrics
-  port, out = _free_port(), str(tmp_path / "stats.npz")
+  port, out = free_port(), str(tmp_path / "stats.npz")
   script = os.path.join(REPO_ROOT, "tests", "multihost_fid_stats.py")
-  _start_processes(2, lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
+  start_processes(2, lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
                                  inception_files["flax"], out], str(tmp_path))
   two = fid.FeatureStats.load(out)
   one = reported_metrics.reference_stats(reference_config(),

@@ -18,6 +18,13 @@ the paper's 50k by default) and reports
 and with --classifier_workdir also class_accuracy and, at --acceptance < 1, the same metrics for
 classifier rejection sampling (suffix _rejection<rate>).
 
+Every process of a multi-host slice runs the same command (the --distributed flags and
+auto-detection are main's): samples and Inception features are split over every device of
+every process, and process 0 writes the results. A stage-2 evaluation saves each finished
+batch under OUT/progress_<step>/ (vim_jax/eval_progress.py): after a preemption (SIGTERM stops
+it after the current batch, exit 0) or a crash, the same command continues where it stopped,
+with the numbers an uninterrupted run gives, and logs its progress with an ETA.
+
 Every value is written with what it was computed against and the number of images, to
 OUT/results_<step>.json and to TensorBoard under OUT (default OUT = WORKDIR/eval). Images
 reach Inception as uint8, as if saved to PNG, and are resized to 299 the pytorch-fid way
@@ -33,7 +40,8 @@ import os
 import ml_collections
 from absl import app, flags
 
-from vim_jax import fid, fileio, log_filters, reported_metrics, runs, stage2
+from vim_jax import (distributed, eval_progress, fid, fileio, log_filters,
+                     reported_metrics, runs, stage2, train_lib)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,7 @@ def define_flags():
                       "moved since training; default: the one the run's config.json records.")
   flags.DEFINE_list("fid_between", [], "Two statistics files A.npz,B.npz: print their FID and "
                     "exit (no workdir needed).")
+  distributed.define_flags()
 
 
 def moved_data(config):
@@ -95,6 +104,9 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a stage-1 or stage-2 run).")
+  distributed.start()
+  train_lib.install_preemption_handler()  # SIGTERM: stop after the current batch, exit 0
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
   config = moved_data(runs.read_run_config(FLAGS.workdir))
   fid_config = config.get("fid") or ml_collections.ConfigDict({})
   weights = FLAGS.inception_weights or fid_config.get(
@@ -112,19 +124,37 @@ def main(argv):
     reference = FLAGS.reference_stats or fid_config.get("reference_stats", "")
     real = reported_metrics.reference_stats(config, extractor, reference, FLAGS.reference_images)
     label = reported_metrics.reference_label_for(reference, config, real)
-    results = reported_metrics.evaluate_generator(
-        trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed,
-        stage2.sampling_config_from(config), FLAGS.batch_size, FLAGS.classifier_workdir,
-        FLAGS.acceptance)
     step = trained.step
-    info["sampling"] = stage2.sampling_config_from(config).__dict__
+    sampling = stage2.sampling_config_from(config)
+    info["sampling"] = sampling.__dict__
+    try:
+      progress = eval_progress.ShardedProgress(
+          os.path.join(out, f"progress_{step:08d}"),
+          {**info, "step": step, "num_samples": FLAGS.num_samples, "seed": FLAGS.seed,
+           "classifier_workdir": FLAGS.classifier_workdir, "acceptance": FLAGS.acceptance,
+           "reference": label,
+           # The global batch (--batch_size rounded to the devices): which samples a batch
+           # draws and how the statistics are summed. A slice of another size resumes with
+           # the --batch_size that gives the same.
+           "global_batch_size": extractor.batch_size})
+    except eval_progress.IdentityMismatch as e:
+      raise app.UsageError(str(e)) from None
+    results = reported_metrics.evaluate_generator(
+        trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed, sampling,
+        FLAGS.batch_size, FLAGS.classifier_workdir, FLAGS.acceptance, progress)
+    if results is None:
+      print(f"stopped by SIGTERM; progress saved in {progress.directory}: run the same command "
+            "to continue.")
+      return
   else:
     raise app.UsageError(f"{FLAGS.workdir!r} holds a {config.trainer!r} run; evaluate takes a "
                          "stage-1 ('vitvq') or stage-2 ('vim') workdir.")
-  if FLAGS.save_reference_stats:
+  if FLAGS.save_reference_stats and distributed.is_writer():
     real.save(FLAGS.save_reference_stats)
     log.info("reference statistics written to %s", FLAGS.save_reference_stats)
-  path = reported_metrics.write_results(FLAGS.out or os.path.join(FLAGS.workdir, "eval"), step, results, info)
+  path = reported_metrics.write_results(out, step, results, info)
+  if config.trainer == "vim":
+    progress.remove()  # the results hold all of it now
   print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n{reported_metrics.format_results(results)}\n"
         f"written to {path}")
 

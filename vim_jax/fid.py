@@ -197,7 +197,7 @@ class FeatureExtractor:
     self.resize = resize
     self.log_every_seconds = log_every_seconds
     replicated = NamedSharding(self.mesh, P())
-    self.params = jax.device_put(params, replicated)
+    self.params = parallel.replicate(params, self.mesh)
     self.batch_sharding = parallel.batch_sharding(self.mesh)
     model = inception.InceptionV3FID(resize=resize)
 
@@ -254,12 +254,22 @@ class FeatureAccumulator:
   def count(self) -> int:
     return self.moments.count
 
-  def add(self, images: np.ndarray):
+  def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [n, H, W, 3] of any n -> (pool [n, 2048], probabilities [n, 1008])."""
     step = self.extractor.batch_size
-    for i in range(0, len(images), step):
-      pool, probs = self.extractor(images[i:i + step])
-      self.moments.update(pool)
-      self.probabilities.append(probs)
+    parts = [self.extractor(images[i:i + step]) for i in range(0, len(images), step)]
+    return (np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts]))
+
+  def add(self, images: np.ndarray):
+    self.add_features(*self.features(images))
+
+  def add_features(self, pool: np.ndarray, probabilities: np.ndarray):
+    """Adds features computed earlier (a resumed evaluation's saved ones), in the extractor's
+    batches, so that the float64 moments come out as if the images were added now."""
+    step = self.extractor.batch_size
+    for i in range(0, len(pool), step):
+      self.moments.update(pool[i:i + step])
+      self.probabilities.append(probabilities[i:i + step])
 
   def result(self) -> Features:
     if not self.probabilities:

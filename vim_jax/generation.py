@@ -34,21 +34,31 @@ class Sampler:
     self.batch_size = max(dp, batch_size // dp * dp)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.label_sharding = parallel.batch_sharding(self.mesh)
+    # Decoding runs the unrolled layout (token_sampling.decoding_layout): converted once here
+    # (on the host), not inside every compiled call.
+    model, params = token_sampling.decoding_layout(trained.model, jax.device_get(trained.params))
     self._sample = jax.jit(
-        stage2.make_sample_fn(trained.model, trained.tokenizer.model, sampling_config),
+        stage2.make_sample_fn(model, trained.tokenizer.model, sampling_config),
         in_shardings=(replicated, replicated, self.label_sharding, None))
-    self._params = jax.device_put(trained.params, replicated)
-    self._tok_params = jax.device_put(trained.tokenizer.params, replicated)
+    self._params = parallel.replicate(params, self.mesh)
+    self._tok_params = parallel.replicate(trained.tokenizer.params, self.mesh)
+
+  def num_batches(self, num_samples: int) -> int:
+    return -(-num_samples // self.batch_size)
+
+  def batch(self, labels: np.ndarray, seed: int, index: int) -> np.ndarray:
+    """uint8 images of batch `index` of `labels` (rows index * batch_size ...): the same
+    images whether the batches before it were drawn or not (a resumed evaluation)."""
+    chunk = labels[index * self.batch_size:(index + 1) * self.batch_size]
+    padded = np.resize(chunk, self.batch_size).astype(np.int32)  # the last batch repeats
+    images = self._sample(self._params, self._tok_params,
+                          jax.device_put(padded, self.label_sharding),
+                          jax.random.fold_in(jax.random.key(seed), index))
+    return preprocess.to_uint8(parallel.fetch(images))[:len(chunk)]
 
   def batches(self, labels: np.ndarray, seed: int) -> Iterator[np.ndarray]:
-    for i, start in enumerate(range(0, len(labels), self.batch_size)):
-      chunk = labels[start:start + self.batch_size]
-      padded = np.resize(chunk, self.batch_size).astype(np.int32)  # the last batch repeats
-      images = self._sample(self._params, self._tok_params,
-                            jax.device_put(padded, self.label_sharding),
-                            jax.random.fold_in(jax.random.key(seed), i))
-      log.debug("sampled %d / %d", min(start + self.batch_size, len(labels)), len(labels))
-      yield preprocess.to_uint8(parallel.fetch(images))[:len(chunk)]
+    for i in range(self.num_batches(len(labels))):
+      yield self.batch(labels, seed, i)
 
   def generate(self, labels: np.ndarray, seed: int) -> np.ndarray:
     """uint8 images [N, S, S, 3] for int labels [N]."""
@@ -77,17 +87,28 @@ def class_probabilities(classifier, params, images: np.ndarray, batch_size: int 
 def rejection_batches(sampler: Sampler, labels: np.ndarray, seed: int, classifier,
                       classifier_params, acceptance: float):
   """Per requested class c, yields (positions of c in labels, kept images uint8 [n_c, S, S, 3],
-  their probability of c [n_c]): the n_c of ceil(n_c / acceptance) candidates that the
-  classifier finds most likely to be c. One class's candidates are in memory at a time."""
-  if not 0 < acceptance <= 1:
-    raise ValueError(f"acceptance={acceptance}; expected a rate in (0, 1].")
+  their probabilities of every class [n_c, C]): the n_c of ceil(n_c / acceptance) candidates
+  that the classifier finds most likely to be c. One class's candidates are in memory at a
+  time."""
   for c in np.unique(labels):
     where = np.nonzero(labels == c)[0]
-    m = math.ceil(len(where) / acceptance)
-    candidates = sampler.generate(np.full(m, c, np.int32), seed * 1009 + int(c))
-    p = class_probabilities(classifier, classifier_params, candidates)[:, c]
-    best = np.argsort(-p)[:len(where)]
-    yield where, candidates[best], p[best]
+    kept, probs = rejection_for_class(sampler, int(c), len(where), seed, classifier,
+                                      classifier_params, acceptance)
+    yield where, kept, probs
+
+
+def rejection_for_class(sampler: Sampler, c: int, n: int, seed: int, classifier,
+                        classifier_params, acceptance: float) -> tuple[np.ndarray, np.ndarray]:
+  """The n of ceil(n / acceptance) samples of class c (seed seed * 1009 + c) that the
+  classifier finds most likely to be c: (images uint8 [n, S, S, 3], their class probabilities
+  [n, C])."""
+  if not 0 < acceptance <= 1:
+    raise ValueError(f"acceptance={acceptance}; expected a rate in (0, 1].")
+  m = math.ceil(n / acceptance)
+  candidates = sampler.generate(np.full(m, c, np.int32), seed * 1009 + c)
+  probs = class_probabilities(classifier, classifier_params, candidates)
+  best = np.argsort(-probs[:, c], kind="stable")[:n]
+  return candidates[best], probs[best]
 
 
 def rejection_sample(trained, labels: np.ndarray, seed: int, sampling_config, classifier,
@@ -100,9 +121,9 @@ def rejection_sample(trained, labels: np.ndarray, seed: int, sampling_config, cl
   sampler = Sampler(trained, sampling_config, batch_size)
   images = np.zeros((len(labels), *(trained.config.image_size,) * 2, 3), np.uint8)
   scores = np.zeros(len(labels), np.float32)
-  for where, kept, p in rejection_batches(sampler, labels, seed, classifier, classifier_params,
-                                          acceptance):
-    images[where], scores[where] = kept, p
+  for where, kept, probs in rejection_batches(sampler, labels, seed, classifier,
+                                              classifier_params, acceptance):
+    images[where], scores[where] = kept, probs[:, labels[where[0]]]
   return images, scores
 
 
@@ -138,13 +159,15 @@ def sample_and_report(trained, out_dir: str, labels: np.ndarray, seed: int, samp
       results["acceptance"] = acceptance
       results["class_accuracy_rejection"] = class_accuracy(classifier, classifier_params,
                                                            rejected, labels)
-      fileio.save_npz(fileio.join(out_dir, "samples_rejection.npz"), images=rejected,
-                      labels=labels)
-      save_grid(rejected, labels, fileio.join(out_dir, "samples_rejection.png"))
-  fileio.save_npz(fileio.join(out_dir, "samples.npz"), images=images, labels=labels)
-  save_grid(images, labels, fileio.join(out_dir, "samples.png"))
-  fileio.write_json(fileio.join(out_dir, "results.json"), results)
-  log.info("samples written to %s: %s", out_dir, results)
+      if jax.process_index() == 0:
+        fileio.save_npz(fileio.join(out_dir, "samples_rejection.npz"), images=rejected,
+                        labels=labels)
+        save_grid(rejected, labels, fileio.join(out_dir, "samples_rejection.png"))
+  if jax.process_index() == 0:  # every process holds the same samples; one writes them
+    fileio.save_npz(fileio.join(out_dir, "samples.npz"), images=images, labels=labels)
+    save_grid(images, labels, fileio.join(out_dir, "samples.png"))
+    fileio.write_json(fileio.join(out_dir, "results.json"), results)
+    log.info("samples written to %s: %s", out_dir, results)
   return results
 
 

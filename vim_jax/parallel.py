@@ -219,6 +219,13 @@ def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh,
   return batch
 
 
+def replicate(tree, mesh: Mesh):
+  """A copy of tree (arrays of this process) on every device of `mesh`. Through the host: in a
+  multi-process job a process's device arrays cannot be put on a sharding that spans other
+  processes' devices, while a host array is taken to be the same on every process."""
+  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
+
+
 def fetch(tree):
   """Host numpy copies of a tree of global jax.Arrays, whole on every process (arrays spread
   over several processes are gathered: jax refuses to read them directly)."""

@@ -10,7 +10,9 @@ eval split is the probe accuracy.
 
   python -m vim_jax.probe --workdir=workdirs/vim [--blocks=2,4]
 
-prints a table of top-1 per block (default: config.probe.block and the last block).
+prints a table of top-1 per block (default: config.probe.block and the last block). On a
+multi-host slice every worker runs the same command (the --distributed flags are main's): each
+process reads and featurizes the rows its devices hold, and process 0 writes probe.json.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from vim_jax import fileio, log_filters, parallel, runs
+from vim_jax import distributed, fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -41,7 +43,6 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
   """One ordered pass over `data` (built with rows_of(data_parallel_mesh())): ({block:
   features [N, D]}, labels [N])."""
   mesh = data_parallel_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   model, tok = trained.model, trained.tokenizer
 
   @jax.jit
@@ -53,8 +54,8 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
     return {b: model.apply({"params": params}, tokens, null, b, method=vim_lib.VIM.features)
             for b in blocks}
 
-  params = jax.device_put(trained.params, replicated)
-  tok_params = jax.device_put(tok.params, replicated)
+  params = parallel.replicate(trained.params, mesh)
+  tok_params = parallel.replicate(tok.params, mesh)
   feats: dict[int, list] = {b: [] for b in blocks}
   labels = []
   for local in data.iterate():
@@ -158,20 +159,23 @@ def main(argv):
   del argv
   log_filters.install()
   FLAGS = flags.FLAGS
+  distributed.start()
   blocks = [int(b) for b in FLAGS.blocks.split(",")] if FLAGS.blocks else None
   try:
     results = run_probe(FLAGS.workdir, blocks)
   except UntrainedNullCondition as e:
     raise SystemExit(f"error: {e}") from None
   trained_layers = runs.load_vim(FLAGS.workdir).model.stack.num_layers
-  print(format_table(results, trained_layers))
-  fileio.write_json(fileio.join(FLAGS.workdir, "probe.json"),
-                    {str(k): v for k, v in results.items()})
+  if distributed.is_writer():  # every process trained the same probe on the same features
+    print(format_table(results, trained_layers))
+    fileio.write_json(fileio.join(FLAGS.workdir, "probe.json"),
+                      {str(k): v for k, v in results.items()})
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A stage-2 (VIM) workdir.")
   flags.DEFINE_string("blocks", "", "Comma-separated 1-based blocks to probe; default "
                       "config.probe.block and the last block.")
+  distributed.define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -18,7 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import fid, fileio, generation, parallel, runs, stage1, token_sampling
+from vim_jax import (eval_progress, fid, fileio, generation, parallel, runs, stage1,
+                     token_sampling)
 from vim_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -188,57 +190,109 @@ def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
 # ----------------------------------------------------------------------------------------------
 # Stage 2.
 # ----------------------------------------------------------------------------------------------
-def _tap(batches: Iterator[np.ndarray], fn: Callable[[np.ndarray, int], None]):
-  """Yields the batches unchanged, calling fn(batch, offset) on each."""
-  offset = 0
-  for batch in batches:
-    fn(batch, offset)
-    offset += len(batch)
-    yield batch
-
-
 def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor,
                        reference: fid.FeatureStats, reference_label: str, num_samples: int,
                        seed: int, sampling_config: token_sampling.SamplingConfig,
                        batch_size: int = 64, classifier_workdir: str = "",
-                       acceptance: float = 1.0) -> dict[str, dict]:
-  """gFID and IS of num_samples class-balanced samples (and with rejection sampling)."""
+                       acceptance: float = 1.0,
+                       progress: eval_progress.ShardedProgress | None = None
+                       ) -> dict[str, dict] | None:
+  """gFID and IS of num_samples class-balanced samples (and with rejection sampling).
+
+  With `progress`, every finished batch (and rejection class) is saved there and a rerun
+  continues after the last one (vim_jax/eval_progress.py). Returns None when a SIGTERM stopped
+  it (progress saved)."""
   labels = generation.requested_labels(num_samples, trained.model.num_classes, "")
   sampler = generation.Sampler(trained, sampling_config, batch_size)
   against = f"{reference.description} ({reference.num_images or '?'} images)"
-  classifier = None
+  classifier = classifier_params = None
   if classifier_workdir:
     if trained.model.num_classes == 0:
       raise ValueError("--classifier_workdir scores class-conditional samples; this VIM is "
                        "unconditional.")
     classifier, classifier_params = runs.load_classifier(classifier_workdir)
-  correct = [0]
+  samples = fid.FeatureAccumulator(extractor, "samples")
 
-  def score(batch, offset):
+  def sample_batch(i: int):
+    images = sampler.batch(labels, seed, i)
+    correct = 0
     if classifier is not None:
-      probs = generation.class_probabilities(classifier, classifier_params, batch)
-      correct[0] += int(np.sum(np.argmax(probs, -1) == labels[offset:offset + len(batch)]))
+      probs = generation.class_probabilities(classifier, classifier_params, images)
+      wanted = labels[i * sampler.batch_size:i * sampler.batch_size + len(images)]
+      correct = int(np.sum(np.argmax(probs, -1) == wanted))
+    return (*samples.features(images), correct)
 
-  feats = extractor.extract(_tap(sampler.batches(labels, seed), score), "samples", num_samples)
-  results = generator_metrics(feats, reference, reference_label, against, "")
+  num_batches = sampler.num_batches(num_samples)
+  correct = _resumable_pass("samples", num_batches, sample_batch, samples, progress,
+                            unit_images=sampler.batch_size, total_images=num_samples)
+  if correct is None:
+    return None
+  results = generator_metrics(samples.result(), reference, reference_label, against, "")
   if classifier is None:
     return results
-  results["class_accuracy"] = metric(correct[0] / num_samples, num_samples,
-                                                classifier_workdir)
+  results["class_accuracy"] = metric(correct / num_samples, num_samples, classifier_workdir)
   if acceptance < 1:
     suffix = f"_rejection{acceptance:g}"
-    acc = fid.FeatureAccumulator(extractor, f"samples{suffix}")
-    kept_correct = 0
-    for where, kept, _ in generation.rejection_batches(sampler, labels, seed, classifier,
-                                                   classifier_params, acceptance):
-      acc.add(kept)
-      probs = generation.class_probabilities(classifier, classifier_params, kept)
-      kept_correct += int(np.sum(np.argmax(probs, -1) == labels[where]))
-    results.update(generator_metrics(acc.result(), reference, reference_label,
-                                                against, suffix))
-    results[f"class_accuracy{suffix}"] = metric(kept_correct / num_samples,
-                                                           num_samples, classifier_workdir)
+    kept = fid.FeatureAccumulator(extractor, f"samples{suffix}")
+    classes = np.unique(labels)
+
+    def rejection_class(j: int):
+      c = int(classes[j])
+      images, probs = generation.rejection_for_class(
+          sampler, c, int(np.sum(labels == c)), seed, classifier, classifier_params, acceptance)
+      return (*kept.features(images), int(np.sum(np.argmax(probs, -1) == c)))
+
+    kept_correct = _resumable_pass(f"rejection{acceptance:g}", len(classes), rejection_class,
+                                   kept, progress, unit_images=num_samples / len(classes),
+                                   total_images=num_samples, step_offset=num_batches)
+    if kept_correct is None:
+      return None
+    results.update(generator_metrics(kept.result(), reference, reference_label, against,
+                                     suffix))
+    results[f"class_accuracy{suffix}"] = metric(kept_correct / num_samples, num_samples,
+                                                classifier_workdir)
   return results
+
+
+def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
+                    progress: eval_progress.ShardedProgress | None, unit_images: float,
+                    total_images: int, step_offset: int = 0,
+                    log_every_seconds: float = 30.0) -> int | None:
+  """Runs compute(unit) -> (pool [n, 2048], probabilities [n, 1008], correct) for every unit
+  in order, adding the features to `accumulator`; units an earlier run finished are read
+  from `progress` instead. Returns the summed `correct`, or None when a SIGTERM asked to stop
+  (every process stops after the same unit: train_lib.preemption_requested)."""
+  from vim_jax import train_lib
+  done = progress.finished_units(phase) if progress else 0
+  correct = 0
+  for unit in range(done):
+    shard = progress.load(phase, unit)
+    accumulator.add_features(shard["pool"], shard["probabilities"])
+    correct += int(shard["correct"])
+  if done:
+    log.info("%s: resumed after %d of %d units (%d images) saved in %s", phase, done, num_units,
+             accumulator.count, progress.directory)
+  start = last_log = time.time()
+  for unit in range(done, num_units):
+    pool, probabilities, unit_correct = compute(unit)
+    if progress:
+      progress.save(phase, unit, pool=pool, probabilities=probabilities,
+                    correct=np.int64(unit_correct))
+    accumulator.add_features(pool, probabilities)
+    correct += unit_correct
+    now = time.time()
+    if now - last_log > log_every_seconds or unit + 1 == num_units:
+      last_log = now
+      rate = (unit + 1 - done) * unit_images / (now - start)
+      left = (num_units - unit - 1) * unit_images / rate
+      log.info("%s: %d / %d images (%d / %d units), %.2f images/s, ETA %s", phase,
+               accumulator.count, total_images, unit + 1, num_units, rate,
+               train_lib.format_duration(left))
+    if train_lib.preemption_requested(step_offset + unit):
+      log.info("%s: stopped by SIGTERM after unit %d of %d; progress is saved: run the same "
+               "command to continue.", phase, unit + 1, num_units)
+      return None
+  return correct
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ with the class accuracy of the samples under the classifier, when one is given. 
 --classifier_workdir and --acceptance < 1, rejection sampling (paper Sec. 4.2): for each
 requested class, draw ceil(n / acceptance) candidates and keep the n that the classifier
 gives the highest probability of that class.
+
+On a multi-host slice every worker runs the same command (the --distributed flags are main's):
+the samples are split over every device of every process, and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 
 from absl import app, flags
 
-from vim_jax import generation, log_filters, runs, token_sampling
+from vim_jax import distributed, generation, log_filters, runs, token_sampling
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,14 @@ def define_flags():
                      "no rejection.")
   flags.register_validator("acceptance", lambda a: 0 < a <= 1,
                            "--acceptance must be in (0, 1]: the share of samples kept.")
+  distributed.define_flags()
 
 
 def main(argv):
   log_filters.install()
   del argv
   FLAGS = flags.FLAGS
+  distributed.start()
   trained = runs.load_vim(FLAGS.workdir)
   s = trained.config.sampling
   pick = lambda flag, default: default if flag is None else flag
@@ -60,7 +65,8 @@ def main(argv):
   results = generation.sample_and_report(
       trained, FLAGS.out or os.path.join(FLAGS.workdir, "samples"), labels, FLAGS.seed,
       sampling_config, FLAGS.classifier_workdir, FLAGS.acceptance, FLAGS.batch_size)
-  print(json.dumps(results, indent=2))
+  if distributed.is_writer():
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Reads the images described by the config's `data` section (centre crop, no augme
 writes {train,eval}-NNNNN.tokens.npy (int32 [n, N]) and .labels.npy plus meta.json, and then
 stage 2 trains on them with --config.data.source=tokens --config.data.tokens_dir=<out>.
 This trades the paper's on-the-fly augmentation for not running the tokenizer every step.
+On a multi-host slice every worker runs the same command (the --distributed flags are main's):
+each process tokenizes the rows its devices hold, and process 0 writes the shards.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import fileio, log_filters, parallel, runs
+from vim_jax import distributed, fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vitvqgan
 
@@ -31,8 +33,7 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
   """Writes the token shards and meta.json; returns the meta dict."""
   tok = runs.load_tokenizer(config.tokenizer_workdir, with_decoder=False)
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(tok.params, replicated)
+  params = parallel.replicate(tok.params, mesh)
   encode = jax.jit(lambda p, x: tok.model.apply({"params": p}, x,
                                                 method=vitvqgan.ViTVQGAN.encode_to_indices))
   fileio.makedirs(out_dir)
@@ -80,8 +81,10 @@ def main(argv):
   del argv
   log_filters.install()
   FLAGS = flags.FLAGS
+  distributed.start()
   meta = pretokenize(FLAGS.config, FLAGS.out, FLAGS.shard_size)
-  print(json.dumps(meta, indent=2))
+  if distributed.is_writer():
+    print(json.dumps(meta, indent=2))
 
 
 if __name__ == "__main__":
@@ -89,5 +92,6 @@ if __name__ == "__main__":
                                   "tokenizer_workdir are used).", lock_config=True)
   flags.DEFINE_string("out", None, "Output folder for the token shards.")
   flags.DEFINE_integer("shard_size", 50_000, "Images per shard file.", lower_bound=1)
+  distributed.define_flags()
   flags.mark_flags_as_required(["config", "out"])
   app.run(main)
