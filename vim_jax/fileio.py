@@ -19,6 +19,7 @@ import copy
 import io
 import json
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -125,7 +126,8 @@ def write_bytes(p: str | epath.Path, data: bytes) -> None:
   if is_remote(target):
     target.write_bytes(data)
     return
-  tmp = target.parent / (target.name + ".tmp")
+  # A temporary name without the target's: TensorBoard reads any file named *tfevents*.
+  tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
   tmp.write_bytes(data)
   tmp.replace(target)
 
