@@ -276,3 +276,28 @@ def test_the_server_stopping_mid_run_ends_it_with_the_bucket_named_and_a_rerun_r
     assert _digest(f"gs://{BUCKET}/fault", env, cwd)[0] == "12"
   finally:
     server.stop()
+
+
+def test_only_connection_failures_are_reported_as_an_unreachable_bucket():
+  """A run on gs:// that fails for its own reasons (a missing object, a bad value) raises as
+  usual; only a server that cannot be reached ends it with 'the bucket stopped answering'."""
+  from vim_jax import main
+
+  def chained(outer, inner):
+    try:
+      try:
+        raise inner
+      except BaseException as e:
+        raise outer from e
+    except BaseException as e:
+      return e
+
+  workdir = "gs://bucket/runs/a"
+  missing = chained(RuntimeError("restore failed"), FileNotFoundError("gs://bucket/x/1"))
+  assert main.unreachable_bucket(missing, workdir) is None
+  assert main.unreachable_bucket(ValueError("bad shape"), workdir) is None
+  refused = chained(RuntimeError("save failed"), ConnectionRefusedError(111, "refused"))
+  assert main.unreachable_bucket(refused, workdir) == "gs://bucket"
+  tensorstore = ValueError("UNAVAILABLE: Error writing gs://bucket/c: Connection refused")
+  assert main.unreachable_bucket(tensorstore, workdir) == "gs://bucket"
+  assert main.unreachable_bucket(refused, "/local/run") is None

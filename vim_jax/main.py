@@ -55,14 +55,26 @@ def worker_failure_message(error: BaseException, workdir: str, process: int, cou
           f"dies'); the run resumes from {resume}, exactly.")
 
 
+# Exception classes (by name, anywhere in an exception's class hierarchy: aiohttp, requests,
+# google-api-core and the builtins) that mean the storage server could not be reached, as
+# opposed to a missing object or a permission (which are the run's own errors to report).
+_CONNECTION_ERRORS = {"ConnectionError", "TimeoutError", "ClientConnectorError",
+                      "ServerDisconnectedError", "ClientOSError", "ServiceUnavailable",
+                      "RetryError", "gaierror"}
+# What tensorstore and gcsfs say in a message when they give up on an unreachable server.
+_CONNECTION_MESSAGES = ("Connection refused", "Cannot connect to host", "UNAVAILABLE",
+                        "Server disconnected", "Connection reset")
+
+
 def unreachable_bucket(error: BaseException, workdir: str) -> str | None:
   """gs://BUCKET of a remote workdir when `error` came from its storage client failing to
-  reach it (an OSError, e.g. a refused connection, somewhere in its causes); else None."""
+  reach the server (a refused or dropped connection, somewhere in its causes); else None."""
   if not workdir.startswith("gs://"):
     return None
   seen = error
   while seen is not None:
-    if isinstance(seen, OSError) or type(seen).__module__.startswith(("aiohttp", "google.")):
+    names = {cls.__name__ for cls in type(seen).__mro__}
+    if names & _CONNECTION_ERRORS or any(m in str(seen) for m in _CONNECTION_MESSAGES):
       return "gs://" + workdir[len("gs://"):].split("/", 1)[0]
     seen = seen.__cause__ or seen.__context__
   return None
