@@ -61,6 +61,7 @@ import pytest  # noqa: E402
 # 2026-12-02). With pytest-xdist they are handed out first, so that no worker starts a long file
 # while the other has nothing left to do; without it the order changes nothing.
 LONGEST_FILES = ("test_evaluate.py", "test_train_vitvq.py", "test_multihost.py",
+                 "test_evaluation_at_scale.py",
                  "test_compile_report.py", "test_readme.py", "test_preemption.py",
                  "test_lpips.py", "test_train_vim.py", "test_microbatch.py", "test_quickstart.py",
                  "test_layers.py", "test_prepare_data.py", "test_notebook.py")

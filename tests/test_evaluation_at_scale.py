@@ -74,6 +74,12 @@ def test_evaluation_stopped_by_sigterm_then_sigkill_resumes_to_the_straight_numb
   assert code == 0 and "stopped by SIGTERM" in log, log[-3000:]
   first = len(glob.glob(shards))
   assert 2 <= first < 6 + 6 and not glob.glob(os.path.join(out, "results_*.json"))
+  # Other settings would draw other samples: refused, rather than mixed with the saved ones.
+  proc = subprocess.run([*argv, "--seed=1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=600, env=cli_env())
+  assert proc.returncode != 0
+  assert "holds the progress of another evaluation: seed was 0, now 1" in proc.stderr, (
+      proc.stderr[-2000:])
   # SIGKILL in the rejection phase: nothing is said, the unit at hand is lost.
   code = _stop_when(argv, os.path.join(out, "progress_*", "rejection*.npz"), 1, signal.SIGKILL,
                     tmp_path / "second.log")
@@ -89,19 +95,6 @@ def test_evaluation_stopped_by_sigterm_then_sigkill_resumes_to_the_straight_numb
         f"{_metrics(out)}")
   assert _metrics(out) == expected  # exactly: the same float64 sums in the same order
   assert not glob.glob(os.path.join(out, "progress_*"))
-
-
-def test_a_rerun_with_other_settings_refuses_the_saved_progress(vim_dir, classifier_dir,
-                                                                 inception_files, tmp_path):
-  out = str(tmp_path / "eval")
-  argv = _evaluate_argv(vim_dir, classifier_dir, inception_files["flax"], out)
-  assert _stop_when(argv, os.path.join(out, "progress_*", "*.npz"), 1, signal.SIGKILL,
-                    tmp_path / "killed.log") == -signal.SIGKILL
-  proc = subprocess.run([*argv, "--seed=1"], cwd=REPO_ROOT, capture_output=True, text=True,
-                        timeout=600, env=cli_env())
-  assert proc.returncode != 0
-  assert "holds the progress of another evaluation: seed was 0, now 1" in proc.stderr, (
-      proc.stderr[-2000:])
 
 
 def test_two_processes_evaluate_and_sample_as_one(straight, vim_dir, classifier_dir,
