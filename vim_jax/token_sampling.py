@@ -71,6 +71,40 @@ def init_cache(model: vim_lib.VIM, batch_size: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def is_guided(model: vim_lib.VIM, config: SamplingConfig) -> bool:
+  """Classifier-free guidance runs: a class-conditional model at a scale != 1 (each image then
+  decodes two sequences, its class and the null class, as one batch)."""
+  return model.num_classes > 0 and config.guidance_scale != 1.0
+
+
+def make_decode_step(model: vim_lib.VIM, config: SamplingConfig = SamplingConfig()):
+  """One step of sample_tokens' loop:
+  (params, cache, previous [R], labels [R], tokens [B, N], index, rng) -> (cache, previous,
+  tokens), where R = B sequences, or 2B with guidance (each image's class and the null class,
+  interleaved: [c_0, null, c_1, null, ...], so that with the batch split over devices a pair
+  never straddles two: halves [classes; nulls] made every step exchange logits), and the token at `index` is drawn with fold_in(rng, index). The compile report
+  compiles it on its own."""
+  guided = is_guided(model, config)
+
+  def step(params, cache, previous, labels, tokens, index, rng):
+    logits, mutated = model.apply({"params": params, "cache": cache}, previous, labels, index,
+                                  method=vim_lib.VIM.decode, mutable=["cache"])
+    if guided:  # rows are (class, null) pairs: a pair stays on one device of the batch axes
+      pairs = logits.reshape(-1, 2, logits.shape[-1])
+      cond, uncond = pairs[:, 0], pairs[:, 1]
+      logits = uncond + config.guidance_scale * (cond - uncond)
+    if config.temperature == 0:
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+      token = jax.random.categorical(jax.random.fold_in(rng, index), logits).astype(jnp.int32)
+    tokens = tokens.at[:, index].set(token)
+    previous = jnp.repeat(token, 2) if guided else token
+    return mutated["cache"], previous, tokens
+
+  return step
+
+
 def sample_tokens(model: vim_lib.VIM, params, labels: jax.Array, rng: jax.Array,
                   config: SamplingConfig = SamplingConfig()) -> jax.Array:
   """Draws token sequences.
@@ -83,32 +117,19 @@ def sample_tokens(model: vim_lib.VIM, params, labels: jax.Array, rng: jax.Array,
     int32 [B, N] tokens in raster order.
   """
   model, params = decoding_layout(model, params)
-  batch = labels.shape[0]
-  guided = model.num_classes > 0 and config.guidance_scale != 1.0
   model_labels = labels
-  if guided:  # the conditional and the unconditional halves run as one batch
-    model_labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
-  cache = init_cache(model, model_labels.shape[0])
+  if is_guided(model, config):  # each image's class and null rows run side by side, as a pair
+    model_labels = jnp.stack([labels, jnp.full_like(labels, model.null_label)], 1).reshape(-1)
+  step = make_decode_step(model, config)
 
-  def step(index, carry):
+  def body(index, carry):
     cache, previous, tokens = carry
-    logits, mutated = model.apply({"params": params, "cache": cache}, previous, model_labels,
-                                  index, method=vim_lib.VIM.decode, mutable=["cache"])
-    if guided:
-      cond, uncond = jnp.split(logits, 2)
-      logits = uncond + config.guidance_scale * (cond - uncond)
-    if config.temperature == 0:
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-      logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-      token = jax.random.categorical(jax.random.fold_in(rng, index), logits).astype(jnp.int32)
-    tokens = tokens.at[:, index].set(token)
-    previous = jnp.concatenate([token, token]) if guided else token
-    return mutated["cache"], previous, tokens
+    return step(params, cache, previous, model_labels, tokens, index, rng)
 
-  tokens = jnp.zeros((batch, model.num_tokens), jnp.int32)
-  previous = jnp.zeros((model_labels.shape[0],), jnp.int32)
-  _, _, tokens = jax.lax.fori_loop(0, model.num_tokens, step, (cache, previous, tokens))
+  carry = (init_cache(model, model_labels.shape[0]),
+           jnp.zeros((model_labels.shape[0],), jnp.int32),
+           jnp.zeros((labels.shape[0], model.num_tokens), jnp.int32))
+  _, _, tokens = jax.lax.fori_loop(0, model.num_tokens, body, carry)
   return tokens
 
 
