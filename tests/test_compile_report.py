@@ -160,3 +160,136 @@ def test_a_layout_that_cannot_fit_exits_nonzero_saying_so():
   assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
   assert "error: does not fit" in proc.stderr and "on 1 x v5e-8 (16 GiB per chip)" in proc.stderr
   assert "--config.mesh.fsdp=-1" in proc.stderr  # how to make it fit
+
+
+# --- The sampler (--program=sample) -----------------------------------------------------------
+
+def test_decode_step_is_the_samplers_loop_body():
+  """N calls of the step the report compiles draw sample_tokens' tokens (guidance, top-k)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from configs import vim_base
+  from vim_jax import token_sampling
+  from vim_jax.models import vim as vim_lib
+  config = vim_base.get_config("tiny")
+  model = vim_lib.VIM.from_config(config, vocab_size=32, num_tokens=16)
+  labels = jnp.array([0, 3, 5], jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
+                                    labels[:1]))["params"]
+  sampling = token_sampling.SamplingConfig(temperature=1.0, top_k=8, guidance_scale=2.0)
+  rng = jax.random.key(7)
+  expected = token_sampling.sample_tokens(model, params, labels, rng, sampling)
+  unrolled, params = token_sampling.decoding_layout(model, params)
+  step = jax.jit(token_sampling.make_decode_step(unrolled, sampling))
+  rows = jnp.stack([labels, jnp.full_like(labels, model.null_label)], 1).reshape(-1)
+  cache, previous = token_sampling.init_cache(unrolled, 6), jnp.zeros((6,), jnp.int32)
+  tokens = jnp.zeros((3, 16), jnp.int32)
+  for index in range(16):
+    cache, previous, tokens = step(params, cache, previous, rows, tokens, jnp.int32(index), rng)
+  assert (tokens == expected).all()
+
+
+def _tiny_stage2(guidance_scale: float):
+  from configs import vim_base, vitvq_base
+  config = vim_base.get_config("tiny")
+  config.sampling.guidance_scale = guidance_scale
+  return config, vitvq_base.get_config("tiny")
+
+
+def test_sampler_report_equals_its_closed_forms_on_8_cpu_devices():
+  """Guided sampling of 16 images on 8 devices: 32 sequences, 4 per device. The decode loop
+  carries the params (replicated) and one device's share of the KV cache (the CPU pads
+  nothing), writes one position of each layer's K and V a step and copies none; XLA's bytes
+  accessed for the step hold that floor, within a small factor; the 50k estimate is the
+  formula."""
+  import jax
+
+  from vim_jax import compile_report, tpu_slices
+  config, tokenizer = _tiny_stage2(guidance_scale=2.0)
+  numbers = compile_report.sample_report(config, jax.devices()[:8], batch_size=16,
+                                         tokenizer_config=tokenizer)
+  m, tokens = config.model, numbers["num_tokens"]
+  assert (numbers["rows"], numbers["devices"], numbers["guided"]) == (32, 8, True)
+  assert numbers["params_bytes"] == 4 * numbers["params"]  # float32, every param on each device
+  # keys and values, every layer, 4 sequences, every position, float32 (the tiny compute dtype)
+  cache = 2 * m.num_layers * 4 * m.num_heads * m.head_dim * tokens * 4
+  assert numbers["cache_bytes"] == cache
+  assert numbers["model_floor_bytes"] == numbers["params_bytes"] + cache
+  assert numbers["loop_cache_bytes"] == cache
+  floor = numbers["loop_bytes"]  # + the tokens, the labels, the key and the counter
+  assert numbers["model_floor_bytes"] < floor < numbers["model_floor_bytes"] + 4096
+  assert numbers["cache_writes"] == {"updates": 2 * m.num_layers, "full": 0}
+  assert floor <= numbers["xla_step_bytes"] < 3 * floor
+  assert numbers["argument_bytes"] >= numbers["params_bytes"]
+  assert numbers["step_flops"] > 2 * numbers["params"] * 4 * 0.5  # the matmuls of 4 sequences
+  v4 = tpu_slices.GENERATIONS["v4"]
+  estimate = compile_report.sampling_estimate(numbers, v4, num_samples=50_000)
+  batches = -(-50_000 // 16)
+  decode = batches * tokens * floor / 1228e9
+  decoder = batches * numbers["decoder_flops"] / (0.4 * 275e12)
+  assert estimate["batches"] == batches == 3125
+  assert estimate["floor_seconds"] == pytest.approx(decode + decoder, rel=1e-12)
+  assert estimate["measured_seconds"] == pytest.approx(1.42 * decode + decoder, rel=1e-12)
+  unguided = compile_report.sample_report(_tiny_stage2(1.0)[0], jax.devices()[:8],
+                                          tokenizer_config=tokenizer)
+  # the default batch: config.sampling.batch_size (8) sequences per device, one per image
+  assert (unguided["batch_size"], unguided["rows"]) == (64, 64)
+  assert unguided["cache_bytes"] == 2 * cache
+
+
+def test_the_decode_loop_state_is_read_in_the_tpus_tiled_layout():
+  """A TPU pads the dims a tile covers: a [32 sequences, 32 heads, 64, 1024 positions] bf16
+  cache with head_dim minor-most takes 128 lanes per head (twice its size); with the batch
+  minor-most (128 sequences) nothing is padded. The decode loop is the largest while loop."""
+  from vim_jax import hlo_stats
+  mib, size = 2**20, hlo_stats.array_bytes
+  assert size("bf16", (32, 32, 64, 1024), (2, 0, 1, 3), (8, 128)) == 256 * mib
+  assert size("bf16", (128, 16, 96, 1024), (0, 2, 1, 3), (8, 128)) == 384 * mib
+  assert size("bf16", (1, 1, 2048), (2, 1, 0), (2, 128)) == 2 * 2048 * 2
+  assert size("f32", (3, 5)) == 60  # no tiles (CPU): as stored
+  hlo = ("  %while.1 = (s32[]{:T(128)}, bf16[32,32,64,1024]{2,0,1,3:T(8,128)(2,1)}, "
+         "bf16[2048,8192]{1,0:T(8,128)(2,1)S(3)}) while(%tuple.1), condition=%c, body=%b\n"
+         "  %while.2 = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) while(%tuple.2), body=%b2\n")
+  assert hlo_stats.largest_loop_state(hlo, (32, 32, 64, 1024)) == {
+      "bytes": 4 + 256 * mib + 32 * mib, "cache_bytes": 256 * mib}
+
+
+def test_sampler_report_refuses_a_batch_the_chips_cannot_split():
+  proc = subprocess.run(
+      [sys.executable, "-m", "vim_jax.compile_report", "--program=sample",
+       "--config=configs/vim_base.py:tiny", "--tokenizer_config=configs/vitvq_base.py:tiny",
+       "--num_cpu_devices=8", "--sample_batch_size=12"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+  assert ("error: --sample_batch_size=12: the sampler splits each batch evenly over the 8 chips; "
+          "use a positive multiple of 8 (e.g. 8)") in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_sampler_compiles_for_a_v4_8_and_prints_the_estimate():
+  """The CLI on a v4-8 (4 chips), guided: 16 sequences, 4 per chip, within the chip's HBM;
+  the decode step moves nothing between chips (each image's class and null rows sit side by
+  side on one chip; as halves [classes; nulls] they made 8-10 collective-permutes a step); the
+  wall-time line is the formula on the numbers it printed."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "vim_jax.compile_report", "--program=sample",
+       "--config=configs/vim_base.py:tiny", "--tokenizer_config=configs/vitvq_base.py:tiny",
+       "--topology=v4-8", "--sample_batch_size=8", "--config.sampling.guidance_scale=2",
+       "--num_samples=500000000"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout
+  assert "global batch 8 images (guidance 2: 16 sequences decoded, 4 per chip)" in text
+  assert "data-parallel on v4-8 (v4:2x2x1, 4 chips)" in text and "of 32 GiB HBM (0%)" in text
+  assert "collectives: none" in text, text
+  floor = float(re.search(r"read once a step, ([0-9.e-]+) GB", text).group(1)) * 1e9
+  step_ms = float(re.search(r"HBM\): ([0-9.e-]+) ms", text).group(1))
+  assert step_ms == pytest.approx(floor / 1228e9 * 1e3, rel=1e-3)
+  minutes = re.search(r"500,000,000 samples: 62500000 batches x 64 decode steps: ([0-9.,]+) min at "
+                      r"the floor, ([0-9.,]+) min at 1.42x it", text)
+  assert minutes, text
+  floor_minutes = 62_500_000 * 64 * floor / 1228e9 / 60
+  assert float(minutes.group(1)) == pytest.approx(floor_minutes, rel=3e-3)
+  assert float(minutes.group(2)) == pytest.approx(1.42 * floor_minutes, rel=3e-3)

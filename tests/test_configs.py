@@ -133,6 +133,21 @@ def test_vim_paper_sizes_and_parameter_counts(size):
   assert abs(count - paper) / paper < 0.10
 
 
+@pytest.mark.parametrize("size", ["base", "large"])
+def test_sampling_batch_is_sequences_per_chip(size):
+  """config.sampling.batch_size counts sequences decoded per chip (what fills its memory: the
+  KV cache); with guidance each image is two, so the global batch of images halves."""
+  from vim_jax import stage2
+  config = load_config_file(os.path.join(REPO_ROOT, "configs", f"vim_{size}.py"))
+  per_chip = config_base.SAMPLING_BATCH_PER_CHIP[size]
+  assert config.sampling.batch_size == per_chip and per_chip % 2 == 0
+  assert stage2.sampling_batch_size(config, 64) == 64 * per_chip  # a v4-128
+  config.sampling.guidance_scale = 2.0
+  assert stage2.sampling_batch_size(config, 64) == 64 * per_chip // 2
+  config.model.num_classes = 0  # unconditional: no null-class half to decode
+  assert stage2.sampling_batch_size(config, 4) == 4 * per_chip
+
+
 def _run_main(args, timeout=300):
   from run_files import cli_env
   return subprocess.run([sys.executable, "-m", "vim_jax.main", *args], cwd=REPO_ROOT, env=cli_env(),

@@ -272,6 +272,10 @@ VIM_SIZES = {
 }
 PAPER_VIM_PARAMS = {"base": 650e6, "large": 1697e6}
 PAPER_PROBE_BLOCK = {"base": 10, "large": 15}
+# Sequences decoded at once per chip when sampling (config.sampling.batch_size): the most that
+# keep ~30% of a v4 chip's 32 GiB free in the compiled sampler (Base 70%, Large 62%), from the
+# TPU compiles in benchmarks/RESULTS.md ("Sampling 50k images: sizing on TPU (issue 29)").
+SAMPLING_BATCH_PER_CHIP = {"base": 128, "large": 16}
 
 
 def stage2_config(size: str) -> ml_collections.ConfigDict:
@@ -315,6 +319,11 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=1.0, top_k=0, top_p=1.0,  # the paper samples at temperature 1, no filtering
       guidance_scale=1.0,  # classifier-free guidance; 1 = off
+      # Sequences decoded at once per chip (device): what fills its memory, since each holds a
+      # KV cache (151 MB for Base, 302 MB for Large; on TPU up to 2x that as laid out). With
+      # guidance each image decodes two (its class and the null class), so a batch holds half
+      # as many images; the global batch is stage2.sampling_batch_size(config, devices).
+      batch_size=SAMPLING_BATCH_PER_CHIP[size],
   ))
   # gFID / IS of num_images class-balanced samples during training, against the eval split
   # (its statistics computed once per run) or fid.reference_stats; python -m vim_jax.evaluate
@@ -354,6 +363,7 @@ def make_tiny_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.update(peak_lr=1e-3, warmup_steps=0, decay_start=10)  # as make_tiny: no warmup
   c.update(batch_size=16, eval_batch_size=16, num_eval_images=32, total_steps=20, log_every=5,
            eval_every=10, checkpoint_every=10, num_grid_images=8)
+  c.sampling.batch_size = 8  # sequences per device: 64 images on the tests' 8 CPU devices
   c.probe.update(block=1, steps=50, batch_size=32, num_train_images=256, num_eval_images=64)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   return c

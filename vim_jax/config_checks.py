@@ -13,7 +13,8 @@ from typing import Callable
 # Fields that must be whole numbers >= 1, wherever they appear in a config.
 POSITIVE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "batch_size",
             "eval_batch_size", "keep_checkpoints", "grad_accum_steps", "num_grid_images",
-            "num_samples", "fid.num_images", "fid.batch_size", "probe.steps", "probe.batch_size")
+            "num_samples", "fid.num_images", "fid.batch_size", "probe.steps", "probe.batch_size",
+            "sampling.batch_size")
 # Counts of images where -1 means "the whole split".
 COUNT_OR_ALL = ("num_eval_images", "probe.num_train_images", "probe.num_eval_images")
 # Periods where 0 turns the feature off.

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
 import ml_collections
 from absl import app, flags
 
@@ -55,8 +56,11 @@ def define_flags():
                       "config.fid.inception_weights.")
   flags.DEFINE_enum("resize", "bilinear", ["bilinear", "bilinear_antialias"],
                     "How images reach 299 px: pytorch-fid's bilinear, or antialiased.")
-  flags.DEFINE_integer("batch_size", 64, "Images per Inception / sampling batch.",
-                       lower_bound=1)
+  flags.DEFINE_integer("batch_size", None, "Images per global batch (over every device) of "
+                       "sampling and Inception, rounded down to a multiple of the devices. "
+                       "Default: stage 2, the run's config.sampling.batch_size sequences per "
+                       "device (halved with guidance; benchmarks/RESULTS.md sizes it for TPU "
+                       "chips); stage 1, 64.", lower_bound=1)
   flags.DEFINE_integer("num_images", -1, "Stage 1: eval images to use; -1 = the run's "
                        "num_eval_images (-1 there = the whole split).")
   flags.DEFINE_integer("num_samples", 50_000, "Stage 2: samples to draw (class-balanced).",
@@ -111,7 +115,9 @@ def main(argv):
   fid_config = config.get("fid") or ml_collections.ConfigDict({})
   weights = FLAGS.inception_weights or fid_config.get(
       "inception_weights", "weights/pt_inception-2015-12-05.msgpack")
-  extractor = fid.FeatureExtractor(weights, resize=FLAGS.resize, batch_size=FLAGS.batch_size)
+  batch_size = FLAGS.batch_size or (
+      stage2.sampling_batch_size(config, jax.device_count()) if config.trainer == "vim" else 64)
+  extractor = fid.FeatureExtractor(weights, resize=FLAGS.resize, batch_size=batch_size)
   info = {"workdir": FLAGS.workdir, "trainer": config.trainer,
           "inception": {"weights": weights, "resize": FLAGS.resize}}
   if config.trainer == "vitvq":
@@ -141,7 +147,7 @@ def main(argv):
       raise app.UsageError(str(e)) from None
     results = reported_metrics.evaluate_generator(
         trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed, sampling,
-        FLAGS.batch_size, FLAGS.classifier_workdir, FLAGS.acceptance, progress)
+        batch_size, FLAGS.classifier_workdir, FLAGS.acceptance, progress)
     if results is None:
       print(f"stopped by SIGTERM; progress saved in {progress.directory}: run the same command "
             "to continue.")

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 
+import jax
 from absl import app, flags
 
-from vim_jax import distributed, generation, log_filters, runs, token_sampling
+from vim_jax import distributed, generation, log_filters, runs, stage2, token_sampling
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ def define_flags():
                        lower_bound=1)
   flags.DEFINE_string("classes", "", "Comma-separated class ids; default all classes.")
   flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same samples.")
-  flags.DEFINE_integer("batch_size", 64, "Samples per device batch (rounded to the device "
-                       "count).", lower_bound=1)
+  flags.DEFINE_integer("batch_size", None, "Samples per global batch (over every device), "
+                       "rounded down to a multiple of the devices. Default: the run's "
+                       "config.sampling.batch_size sequences per device (halved with guidance).",
+                       lower_bound=1)
   flags.DEFINE_float("temperature", None, "Default: the run's config.sampling.temperature.")
   flags.DEFINE_integer("top_k", None, "0 = off. Default: the run's config.", lower_bound=0)
   flags.DEFINE_float("top_p", None, "1 = off. Default: the run's config.")
@@ -64,7 +67,10 @@ def main(argv):
   labels = generation.requested_labels(FLAGS.num_samples, trained.model.num_classes, FLAGS.classes)
   results = generation.sample_and_report(
       trained, FLAGS.out or os.path.join(FLAGS.workdir, "samples"), labels, FLAGS.seed,
-      sampling_config, FLAGS.classifier_workdir, FLAGS.acceptance, FLAGS.batch_size)
+      sampling_config, FLAGS.classifier_workdir, FLAGS.acceptance,
+      FLAGS.batch_size or stage2.sampling_batch_size(
+          trained.config, jax.device_count(),
+          token_sampling.is_guided(trained.model, sampling_config)))
   if distributed.is_writer():
     print(json.dumps(results, indent=2))
 

@@ -129,6 +129,25 @@ def sampling_config_from(config) -> token_sampling.SamplingConfig:
   return token_sampling.SamplingConfig(s.temperature, s.top_k, s.top_p, s.guidance_scale)
 
 
+def guided(config) -> bool:
+  """Whether a stage-2 config samples with classifier-free guidance (token_sampling.is_guided:
+  each image then decodes two sequences, its class and the null class)."""
+  return config.model.num_classes > 0 and config.sampling.guidance_scale != 1.0
+
+
+def sampling_batch_size(config, num_devices: int, with_guidance: bool | None = None) -> int:
+  """Images per sampling batch over `num_devices` data-parallel devices (the global batch).
+
+  config.sampling.batch_size counts sequences decoded at once per device, which is what fills
+  a chip's memory (the KV cache); with guidance each image is two of them, so a batch holds
+  half as many images (with_guidance: whether the sampler guides, when a command overrides
+  the config's scale). See benchmarks/RESULTS.md, "Sampling 50k images: sizing on TPU"."""
+  with_guidance = guided(config) if with_guidance is None else with_guidance
+  # Runs saved before the field existed sampled 64 images per batch on one device.
+  per_device = config.sampling.get("batch_size", 64) // (2 if with_guidance else 1)
+  return max(1, per_device) * num_devices
+
+
 def evaluate(eval_fn, params, tokenizer_params, eval_data: pipeline.InputPipeline, mesh):
   sums, count = {"nll": 0.0, "accuracy": 0.0}, 0
   for local in eval_data.iterate():

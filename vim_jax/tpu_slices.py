@@ -33,16 +33,19 @@ class Generation:
   hbm_bytes: int  # per chip
   peak_bf16_flops: float  # per chip per second, Google Cloud's published figure
   host_shape: tuple[int, int, int]  # the chips one host (TPU VM worker) holds
+  hbm_bytes_per_second: float  # per chip, Google Cloud's published HBM bandwidth
 
 
 # Per-chip figures and hosts from the Google Cloud TPU system-architecture pages: v4 and v5p
 # hosts hold 2x2x1 chips (a v4-128, 4x4x4, is 16 hosts); v5e and v6e hosts hold 8 chips, 2x4
 # ("Chips per host: 8"; a v5e-16, 4x4, is 2 hosts). Slices smaller than a host are one host.
+# HBM bandwidth per chip from the same pages (v4: 1.2 TB/s, taken as 1228 GB/s; v5e 819 GB/s,
+# v5p 2765 GB/s, v6e 1640 GB/s): a KV-cached decode step is bound by it, not by the FLOPs.
 GENERATIONS = {
-    "v4": Generation("v4", 2, 3, "megacore", 32 * GIB, 275e12, (2, 2, 1)),
-    "v5p": Generation("v5p", 2, 3, "megacore", 95 * GIB, 459e12, (2, 2, 1)),
-    "v5e": Generation("v5e", 1, 2, "default", 16 * GIB, 197e12, (2, 4, 1)),
-    "v6e": Generation("v6e", 1, 2, "default", 32 * GIB, 918e12, (2, 4, 1)),
+    "v4": Generation("v4", 2, 3, "megacore", 32 * GIB, 275e12, (2, 2, 1), 1228e9),
+    "v5p": Generation("v5p", 2, 3, "megacore", 95 * GIB, 459e12, (2, 2, 1), 2765e9),
+    "v5e": Generation("v5e", 1, 2, "default", 16 * GIB, 197e12, (2, 4, 1), 819e9),
+    "v6e": Generation("v6e", 1, 2, "default", 32 * GIB, 918e12, (2, 4, 1), 1640e9),
 }
 ALIASES = {"v5litepod": "v5e"}
 
