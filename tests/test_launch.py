@@ -179,11 +179,19 @@ def test_stop_command_signals_the_run_not_itself_and_waits_for_the_checkpoint(tm
           f"  time.sleep(1.5); open({str(marker)!r}, 'w').write('ok'); sys.exit(0)\n"
           "signal.signal(signal.SIGTERM, stop)\n"
           "time.sleep(60)\n")
-  fake = subprocess.Popen(["bash", "-c", 'exec -a "python -m vim_jax.main" "$0" -c "$1"',
+  # The stand-in's command line carries this test's folder, and the patterns are narrowed to
+  # it: the real ones would also stop other tests' `python -m vim_jax.main` (pytest-xdist
+  # runs them beside this one), as they stop every run on a TPU worker.
+  own = f" --workdir={tmp_path}"
+  fake = subprocess.Popen(["bash", "-c", f'exec -a "python -m vim_jax.main{own}" "$0" -c "$1"',
                            sys.executable, code])
   try:
     remote = subprocess.run(["bash", "-c", "source launch/common.sh; stop_command 20"],
                             cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    patterns = ("[p]ython -m vim_jax[.]main", "[l]aunch/worker_train[.]sh")
+    assert all(p in remote for p in patterns), remote
+    remote = remote.replace(patterns[0], patterns[0] + own).replace(patterns[1],
+                                                                     patterns[1] + own)
     import time
     time.sleep(0.5)  # let the stand-in install its handler
     out = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, timeout=60)

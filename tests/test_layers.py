@@ -72,14 +72,15 @@ def test_scanned_equals_unrolled_forward_gradient_and_captured_block(stacks):
 
 
 def test_scanned_kv_cached_decoding_equals_unrolled(stacks):
-  """Feeding the tokens one at a time through a stacked [layers, B, L, H, K] cache gives the
+  """Feeding the tokens one at a time through a stacked [layers, B, H, K, L] cache gives the
   unrolled stack's full-sequence outputs."""
   unrolled, scanned, x, params, restacked = stacks
   full = unrolled.apply({"params": params}, x)
   length = x.shape[1]
   cache = scanned.init(jax.random.key(0), x[:, :1], decode_index=jnp.zeros((), jnp.int32),
                        cache_length=length)["cache"]
-  assert jax.tree.leaves(cache)[0].shape == (CONFIG.num_layers, 2, length, 2, 16)
+  # [layers, B, H, K, positions]: heads-major, positions minor (see _attend_to_cache)
+  assert jax.tree.leaves(cache)[0].shape == (CONFIG.num_layers, 2, 2, 16, length)
   outs = []
   for i in range(length):
     out, mutated = scanned.apply({"params": restacked, "cache": cache}, x[:, i:i + 1],
