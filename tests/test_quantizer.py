@@ -1,5 +1,7 @@
 """The factorized l2-normalized quantizer and the tokenizer's index round trip."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -181,3 +183,105 @@ def test_indices_round_trip_through_decode_from_indices(tiny_config):
   # Re-encoding the codes themselves is stable: indices -> codes -> same indices.
   vq = model.bind(params).quantizer
   np.testing.assert_array_equal(np.asarray(vq.lookup(vq.embed(indices))), np.asarray(indices))
+
+
+def _near_ties(rows: int = 32, d: int = 32, gap: float = 1e-4, seed: int = 0):
+  """Unit latents z [rows, d] and a codebook [3 rows, d] holding, for each latent, three codes
+  whose cosine similarities to it are 0.9, 0.9 - gap and 0.9 - 2 gap (in random order): the
+  top two differ by `gap`, under bf16's resolution (2^-8 relative, ~4e-3 at 0.9). The other
+  latents' codes are random directions, far below."""
+  rng = np.random.default_rng(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  z = unit(rng.normal(size=(rows, d)))
+  codes = []
+  for latent in z:
+    side = rng.normal(size=(3, d))
+    side = unit(side - (side @ latent)[:, None] * latent)  # orthogonal to the latent
+    cos = 0.9 - gap * rng.permutation(3)
+    codes.append(cos[:, None] * latent + np.sqrt(1 - cos**2)[:, None] * side)
+  return z.astype(np.float32), np.concatenate(codes).astype(np.float32)
+
+
+def test_near_ties_pick_the_float64_nearest_code():
+  """Codes 1e-4 apart in cosine similarity: the lookup picks float64's nearest for every latent
+  (l2 and Euclidean). The same scores from bf16-rounded inputs, which is what a TPU's default
+  float32 matmul computes (one bf16 pass), pick another code for most of them: the case is a
+  real near-tie, not one any precision resolves."""
+  import ml_dtypes
+  z, codebook = _near_ties()
+  zn, _ = _normalized(z.astype(np.float64))
+  cn, _ = _normalized(codebook.astype(np.float64))
+  expected = np.argmax(zn @ cn.T, -1)
+  bf16 = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64)
+  one_bf16_pass = np.argmax(bf16(zn) @ bf16(cn).T, -1)
+  assert np.sum(one_bf16_pass != expected) >= len(z) // 4
+  for l2 in (True, False):
+    vq = quantizer_lib.VectorQuantizer(codebook_size=len(codebook), code_dim=z.shape[-1],
+                                       l2_normalize=l2)
+    params = {"params": {"codebook": jnp.asarray(codebook)}}
+    _, indices, _ = jax.jit(vq.apply)(params, z[None])
+    if l2:
+      reference = expected
+    else:  # Euclidean on the raw (unit, to float32 rounding) vectors
+      zz, cc = z.astype(np.float64), codebook.astype(np.float64)
+      reference = np.argmin(((zz[:, None] - cc) ** 2).sum(-1), -1)
+    np.testing.assert_array_equal(np.asarray(indices[0]), reference, err_msg=f"l2={l2}")
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general equation of a jaxpr, nested ones (jit, custom_vjp, scan...) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          found += _dot_generals(sub)
+  return found
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_every_lookup_product_runs_at_highest_precision(l2):
+  """A CPU computes float32 products in float32 whatever the precision says, so the near-tie test
+  above cannot fail here for a missing precision: the traced program must ask for HIGHEST on
+  every dot (forward and gradient) and take float32 operands, which TPU and GPU then honour."""
+  z = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
+  vq = quantizer_lib.VectorQuantizer(codebook_size=16, code_dim=8, l2_normalize=l2)
+  params = nn.meta.unbox(vq.init(jax.random.key(0), z))
+
+  def loss(params, z):
+    z_st, _, aux = vq.apply(params, z)
+    return jnp.sum(z_st) + aux["vq_loss"]
+
+  for fn in (lambda p, z: vq.apply(p, z), jax.grad(loss, argnums=(0, 1)),
+             lambda p, z: vq.apply(p, z.astype(jnp.bfloat16))):
+    dots = _dot_generals(jax.make_jaxpr(fn)(params, z).jaxpr)
+    assert dots, "the lookup's product was not found in the jaxpr"
+    for eqn in dots:
+      precision = eqn.params["precision"]
+      assert precision == (jax.lax.Precision.HIGHEST,) * 2, eqn
+      assert all(v.aval.dtype == jnp.float32 for v in eqn.invars), eqn
+
+
+def test_the_tpu_program_keeps_the_lookup_product_at_highest_precision():
+  """libtpu's compile for a v4 chip (compile-only, no TPU needed): the lookup's product, fused
+  with the argmax, is a float32 convolution with operand_precision={highest,highest} and its
+  operands are not converted to bf16 first."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from vim_jax import tpu_slices
+  devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
+  replicated = NamedSharding(Mesh(np.array(devices[:1]), ("data",)), PartitionSpec())
+  vq = quantizer_lib.VectorQuantizer(codebook_size=1024, code_dim=32)
+  lookup = lambda codebook, z: vq.apply({"params": {"codebook": codebook}}, z)[1]
+  shapes = (jax.ShapeDtypeStruct((1024, 32), jnp.float32, sharding=replicated),
+            jax.ShapeDtypeStruct((4, 256, 32), jnp.float32, sharding=replicated))
+  text = jax.jit(lookup).lower(*shapes).compile().as_text()
+  products = [line for line in text.splitlines()
+              if ("convolution(" in line or " dot(" in line) and "lookup" in line]
+  assert products, text
+  for line in products:
+    assert "operand_precision={highest,highest}" in line and "= f32[" in line, line
+  assert not re.search(r"bf16\[[0-9,]*\]\S* convert\(", text), text

@@ -65,12 +65,23 @@ class VectorQuantizer(nn.Module):
     return l2_normalize(codebook) if self.l2_normalize else codebook
 
   def lookup(self, z: jax.Array) -> jax.Array:
-    """z: [..., d] (already normalized when l2) -> int32 indices [...]."""
+    """z: [..., d] (already normalized when l2) -> int32 indices [...].
+
+    The scores are float32 products at HIGHEST precision on every backend: at the default
+    precision a TPU runs a float32 matmul as one bf16 pass (8 mantissa bits, ~4e-3 relative),
+    and cosine similarities of nearby codes differ by less than that, so the argmax, and with it
+    pretokenized data, would depend on the chip that made it. The lookup is d (32) wide, so the
+    6-pass cost is small against the encoder; no gradient flows through the argmax, so the
+    straight-through and VQ-loss paths are unchanged.
+    """
+    z = z.astype(jnp.float32)
     codebook = self.normalized_codebook()
+    dot = jnp.einsum("...d,kd->...k", z, codebook, precision=jax.lax.Precision.HIGHEST,
+                     preferred_element_type=jnp.float32)
     if self.l2_normalize:
-      scores = jnp.einsum("...d,kd->...k", z, codebook)
+      scores = dot
     else:  # argmin ||z - e||^2 == argmax (2 z.e - ||e||^2)
-      scores = 2.0 * jnp.einsum("...d,kd->...k", z, codebook) - jnp.sum(codebook**2, -1)
+      scores = 2.0 * dot - jnp.sum(codebook**2, -1)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
   def embed(self, indices: jax.Array) -> jax.Array:
