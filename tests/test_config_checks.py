@@ -116,3 +116,22 @@ def test_cli_says_which_field_and_exits_before_start_up(tmp_path):
       env={**cli_env(), "PYTHONPATH": REPO_ROOT})
   assert proc.returncode != 0 and "--num_samples=0" in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_an_unknown_dropout_prng_is_named_with_the_choices():
+  """config.dropout_rng (stage 1, stage 2, and the quickstart's stages) takes the names in
+  vim_jax/prng.py alone; a misspelt one stops the run at start, naming it and the choices."""
+  from vim_jax import prng
+  for name, field in (("vitvq_base.py", "dropout_rng"), ("vim_base.py", "dropout_rng"),
+                      ("quickstart.py", "stage1.dropout_rng"),
+                      ("quickstart.py", "stage2.dropout_rng")):
+    config = _load(name)
+    _set(config, field, "philox")
+    with pytest.raises(config_checks.ConfigValueError) as error:
+      config_checks.check(config)
+    assert (f"config.{field}='philox' must be one of auto, threefry, rbg, unsafe_rbg"
+            in str(error.value)), (name, str(error.value))
+  config = _load("vim_base.py")
+  for value in prng.DROPOUT_RNGS:
+    config.dropout_rng = value
+    config_checks.check(config)

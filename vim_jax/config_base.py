@@ -102,6 +102,10 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "vitvq"
   c.seed = 0
+  # The PRNG of the train step's dropout masks (vim_jax/prng.py): auto = rbg (XLA's
+  # RngBitGenerator, cheap on TPU, MaxText's choice) on TPU and threefry elsewhere; or threefry,
+  # rbg, unsafe_rbg. Init keys stay threefry: a seed gives the same params on every backend.
+  c.dropout_rng = "auto"
   c.image_size = 256
 
   c.model = ml_collections.ConfigDict(dict(
@@ -283,6 +287,11 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "vim"
   c.seed = 0
+  # The PRNG of the train step's dropout and label-dropout masks (vim_jax/prng.py): auto
+  # = rbg (XLA's RngBitGenerator, cheap on TPU, MaxText's choice) on TPU and threefry elsewhere;
+  # or threefry, rbg, unsafe_rbg. Init keys stay threefry: a seed gives the same params on every
+  # backend.
+  c.dropout_rng = "auto"
   c.image_size = 256
   c.tokenizer_workdir = ""  # a stage-1 workdir (required)
   c.model = ml_collections.ConfigDict(dict(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from vim_jax.prng import DROPOUT_RNGS
+
 # Fields that must be whole numbers >= 1, wherever they appear in a config.
 POSITIVE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "batch_size",
             "eval_batch_size", "keep_checkpoints", "grad_accum_steps", "num_grid_images",
@@ -29,6 +31,8 @@ _RANGES = (
     ("sampling.temperature", lambda v: v >= 0, ">= 0 (0 = greedy, 1 = the model's distribution)"),
     ("sampling.top_k", lambda v: _is_int(v) and v >= 0, "a whole number >= 0 (0 = off)"),
     ("sampling.top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    ("dropout_rng", lambda v: v in DROPOUT_RNGS, f"one of {', '.join(DROPOUT_RNGS)} (the dropout "
+     "PRNG; auto, the default, is rbg on TPU and threefry elsewhere)"),
 )
 
 _HINTS = {

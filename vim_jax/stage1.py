@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vim_jax import fileio, image_metrics, losses, microbatch, optim, parallel
+from vim_jax import fileio, image_metrics, losses, microbatch, optim, parallel, prng
 from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
 from vim_jax.models import lpips as lpips_lib
@@ -120,11 +120,11 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
   weights = config.loss.to_dict()
   d_cfg = config.discriminator
   tokenizer, disc, lpips = models.tokenizer, models.discriminator, models.lpips
-  base_rng = jax.random.key(config.seed)
   k = config.get("grad_accum_steps", 1)
 
   def train_step(state: TrainState, batch, lpips_params):
-    rng = jax.random.fold_in(base_rng, state.step)
+    # The key is made where the step is traced: its implementation follows the mesh's platform.
+    rng = jax.random.fold_in(prng.dropout_key(config), state.step)
     disc_active = state.step >= d_cfg.start_step  # an option delays the adversarial game
     is_r1_step = state.step % d_cfg.r1_interval == 0
 

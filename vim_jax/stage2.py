@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vim_jax import microbatch, optim, parallel, token_sampling, train_lib
+from vim_jax import microbatch, optim, parallel, prng, token_sampling, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import vitvqgan
@@ -57,11 +57,11 @@ def make_train_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN, tx, schedu
   With config.grad_accum_steps = k, the gradient is the mean over k microbatches (see
   vim_jax/microbatch.py); data_parallel is the mesh's data x fsdp size.
   """
-  base_rng = jax.random.key(config.seed)
   k = config.get("grad_accum_steps", 1)
 
   def train_step(state: TrainState, batch, tokenizer_params):
-    rng = jax.random.fold_in(base_rng, state.step)
+    # The key is made where the step is traced: its implementation follows the mesh's platform.
+    rng = jax.random.fold_in(prng.dropout_key(config), state.step)
     drop_rng, dropout_rng = jax.random.split(rng)
     labels = batch["label"]
     if model.num_classes and config.label_dropout > 0:  # for classifier-free guidance
