@@ -166,6 +166,12 @@ def main(argv):
   except config_checks.ConfigValueError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
+  from vim_jax import prng
+  # Before anything starts a jax backend (or TF, which may load libtpu too): libtpu reads its
+  # flags once, when it starts.
+  if prng.configure_libtpu(config):
+    logging.info("LIBTPU_INIT_ARGS=%s (rbg dropout draws each chip's shard alone; vim_jax/prng.py)",
+                 os.environ["LIBTPU_INIT_ARGS"])
   hide_gpus_from_tensorflow()
   distributed.start()
   from vim_jax import fileio, train_lib
