@@ -48,6 +48,15 @@ GENERATIONS = {
     "v6e": Generation("v6e", 1, 2, "default", 32 * GIB, 918e12, (2, 4, 1), 1640e9),
 }
 ALIASES = {"v5litepod": "v5e"}
+# jax's device_kind of each generation's chip ('TPU v5 lite' is a v5e, 'TPU v6 lite' a v6e).
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v5 lite": "v5e",
+                "TPU v5e": "v5e", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+
+
+def generation_of_device_kind(kind: str) -> Generation | None:
+  """The Generation of a jax TPU device's device_kind (None when unknown)."""
+  name = DEVICE_KINDS.get(kind.strip())
+  return GENERATIONS[name] if name else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,11 +29,11 @@ class TrainState:
 def compile_step(jitted, *args):
   """Traces, lowers and compiles `jitted` for `args` (arrays or ShapeDtypeStructs).
 
-  Returns (compiled, FLOPs per device per call: vim_jax/flops.py's count over the devices the
-  program runs on). The count reads the same trace the program is compiled from, unless that
-  trace calls a fused attention kernel whose matmuls it cannot see: then the Python function
-  is traced once more with XLA attention (not the jitted one, whose cached trace holds the
-  kernel).
+  Returns (compiled, flops.StepFlops per device per call: model and hardware FLOPs, counted
+  over the devices the program runs on). The count reads the same trace the program is
+  compiled from, unless that trace calls a fused attention kernel whose matmuls it cannot see:
+  then the Python function is traced once more with XLA attention (not the jitted one, whose
+  cached trace holds the kernel).
   """
   from vim_jax import flops
   traced = jitted.trace(*args)
@@ -42,7 +42,19 @@ def compile_step(jitted, *args):
                if isinstance(s, jax.sharding.Sharding)]
   num_devices = max((s.num_devices for s in shardings), default=1)
   step_fn = getattr(jitted, "__wrapped__", jitted)
-  return compiled, flops.traced_flops(traced, step_fn, *args) / num_devices
+  return compiled, flops.traced_flops(traced, step_fn, *args).scaled(1 / num_devices)
+
+
+def describe_flops(flops_per_device, name: str, peak: float | None) -> str:
+  """One line with a step's model and hardware FLOPs per device (vim_jax/flops.py)."""
+  line = (f"{name}: {flops_per_device.model / 1e9:.3f} model GFLOP per device per step, "
+          f"{flops_per_device.hardware / 1e9:.3f} hardware GFLOP (+{100 * flops_per_device.recompute_share:.1f}% "
+          "recompute; matmuls and convolutions counted from the jaxpr, vim_jax/flops.py)")
+  if peak:
+    line += f"; MFU and HFU against {peak / 1e12:.0f} bf16 TFLOP/s per device"
+  else:
+    line += "; no known peak FLOP/s for this device, so no MFU / HFU"
+  return line
 
 
 def describe_memory(compiled, name: str) -> str:
@@ -78,17 +90,20 @@ def mean_metrics(history: list[dict]) -> dict[str, float]:
 
 
 class Progress:
-  """Throughput and ETA between log points.
+  """Throughput, FLOP rate, MFU / HFU and ETA between log points.
 
   Measures wall time between calls, so it includes input waiting: the numbers are what the
-  run achieves, not an idealised kernel speed.
+  run achieves, not an idealised kernel speed. flops_per_step_per_device: a flops.StepFlops
+  (the mean over a cycle of step variants, e.g. lazy R1); peak_flops: the device's bf16 peak
+  FLOP/s (flops.peak_flops_per_second), None when unknown (no MFU / HFU then).
   """
 
   def __init__(self, start_step: int, total_steps: int, global_batch_size: int,
-               flops_per_step_per_device: float, num_devices: int,
-               tokens_per_example: int = 0):
+               flops_per_step_per_device, num_devices: int, tokens_per_example: int = 0,
+               peak_flops: float | None = None):
     self.total_steps, self.batch = total_steps, global_batch_size
     self.flops = flops_per_step_per_device
+    self.peak = peak_flops
     self.tokens_per_example = tokens_per_example
     self.devices = num_devices
     self.last_step, self.last_time = start_step, time.perf_counter()
@@ -102,8 +117,12 @@ class Progress:
     out = {
         "steps_per_sec": steps_per_sec,
         "images_per_sec_per_device": steps_per_sec * self.batch / self.devices,
-        "tflops_per_sec_per_device": steps_per_sec * self.flops / 1e12,
+        "tflops_per_sec_per_device": steps_per_sec * self.flops.model / 1e12,
+        "hardware_tflops_per_sec_per_device": steps_per_sec * self.flops.hardware / 1e12,
     }
+    if self.peak:
+      out["mfu"] = steps_per_sec * self.flops.model / self.peak
+      out["hfu"] = steps_per_sec * self.flops.hardware / self.peak
     if self.tokens_per_example:
       out["tokens_per_sec_per_device"] = out["images_per_sec_per_device"] * self.tokens_per_example
     return out
@@ -114,6 +133,12 @@ class Progress:
       return float("nan")
     rate = (time.perf_counter() - self.start_time) / done
     return rate * (self.total_steps - step)
+
+  def utilisation(self, scalars: dict) -> str:
+    """', MFU x%, HFU y%' for a log line ('' without a known peak)."""
+    if "mfu" not in scalars:
+      return ""
+    return f", MFU {100 * scalars['mfu']:.1f}%, HFU {100 * scalars['hfu']:.1f}%"
 
 
 def format_duration(seconds: float) -> str:

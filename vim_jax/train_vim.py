@@ -20,8 +20,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (checkpoint, fid, microbatch, parallel, reported_metrics, runs, train_lib,
-                     visualize)
+from vim_jax import (checkpoint, fid, flops, microbatch, parallel, reported_metrics, runs,
+                     train_lib, visualize)
 from vim_jax.data import pipeline
 from vim_jax.models import inception, vitvqgan
 from vim_jax.stage2 import (build_model, build_optimizer, evaluate, make_eval_step,
@@ -120,9 +120,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         train_step, abstract_state, batch_spec(config.batch_size), tok.params)
     eval_step, _ = train_lib.compile_step(eval_step, abstract_state.params,
                                           batch_spec(config.eval_batch_size), tok.params)
+  peak = flops.peak_flops_per_second(mesh.devices.flat[0])
   log.info(train_lib.describe_memory(train_step, "train step"))
-  log.info("train step: %.3f GFLOP per device per step (matmuls, counted from the jaxpr by "
-           "vim_jax/flops.py; includes tokenization)", flops_per_step / 1e9)
+  log.info(train_lib.describe_flops(flops_per_step, "train step (with tokenization)", peak))
 
   def run_eval(step: int):
     metrics = evaluate(eval_step, state.params, tok.params, eval_data, mesh)
@@ -177,14 +177,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # --- Loop -------------------------------------------------------------------------------------
   progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step,
-                                mesh.size, tokens_per_example=tok.num_tokens)
+                                mesh.size, tokens_per_example=tok.num_tokens, peak_flops=peak)
 
   def describe(step, scalars):
     log.info("step %d/%d: loss %.4f (%.3f bits/token), accuracy %.3f, %.2f steps/s, "
-             "%.0f tokens/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
-             scalars["loss"], scalars["bits_per_token"], scalars["accuracy"],
-             scalars["steps_per_sec"], scalars["tokens_per_sec_per_device"],
-             scalars["tflops_per_sec_per_device"],
+             "%.0f tokens/s/device, %.3f model TFLOP/s/device%s, ETA %s", step,
+             config.total_steps, scalars["loss"], scalars["bits_per_token"],
+             scalars["accuracy"], scalars["steps_per_sec"], scalars["tokens_per_sec_per_device"],
+             scalars["tflops_per_sec_per_device"], progress.utilisation(scalars),
              train_lib.format_duration(progress.eta_seconds(step)))
 
   windows = train_lib.TrainWindows(writer, progress, describe)

@@ -31,6 +31,9 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _interpret = False
 # Set by xla_only(): every kernel choice resolves to XLA (for counting a step's FLOPs).
 _xla_only = False
+# Name scope of causal attention's matmuls: vim_jax/flops.py counts them at half (the masked
+# half is no model work, and the fused kernels skip it).
+CAUSAL_SCOPE = "causal_attention"
 
 
 @contextlib.contextmanager
@@ -150,5 +153,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
                  splash_can_shard=splash_can_shard)
   if kind == "splash":
     return _splash(q, k, v, causal, block)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kind)
+  with jax.named_scope(CAUSAL_SCOPE if causal else "attention"):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kind)
 
