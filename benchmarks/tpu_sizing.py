@@ -68,8 +68,8 @@ def row(name: str, spec, numbers) -> str:
   needed = f"{paper:,.0f} img/s = {needed_mfu:.1%} MFU" if paper else ""
   gib = lambda key: numbers[key] / 2**30
   return (f"| {name} | {config.batch_size} | {numbers['mesh']} | {gib('argument_bytes'):.2f} / "
-          f"{gib('temp_bytes'):.2f} / **{gib('total_bytes'):.2f} GiB "
-          f"({numbers['total_bytes'] / g.hbm_bytes:.0%})** | "
+          f"{gib('temp_bytes'):.2f} / **{gib('peak_bytes'):.2f} GiB "
+          f"({numbers['peak_bytes'] / g.hbm_bytes:.0%})** | "
           f"{numbers['flops_per_device'] / 1e12:.2f} | {step:.3f} s, "
           f"{images_per_sec:,.0f} img/s | {needed} | "
           f"{numbers['compile_seconds']:.0f} s |")
@@ -106,7 +106,7 @@ def smallest(name: str, generation: str):
     spec = tpu_slices.parse(f"{generation}-{chips * cores}")
     fit = fits_with(name, spec)
     if fit is not None:
-      return spec.name, fit[0], fit[1]["total_bytes"] / 2**30
+      return spec.name, fit[0], fit[1]["peak_bytes"] / 2**30
   return None
 
 

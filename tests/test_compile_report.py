@@ -66,10 +66,13 @@ def test_slice_names_give_chips_and_torus_shapes():
 
 def _printed(text: str) -> dict[str, float]:
   """The numbers compile_report prints: GiB per chip and TFLOP per step."""
+  memory = next(line for line in text.splitlines() if line.startswith("per "))  # the step's
   found = {k: float(v) for k, v in re.findall(
-      r"(arguments|outputs|temporaries|aliased|total) ([0-9.]+) GiB", text)}
-  found["tflop"] = float(re.search(r"per step: ([0-9.e-]+) TFLOP", text).group(1))
-  found["xla_tflop"] = float(re.search(r"cost analysis: ([0-9.e-]+) TFLOP", text).group(1))
+      r"(arguments|outputs|temporaries|aliased|total) ([0-9.]+) GiB", memory)}
+  found["tflop"] = float(re.search(r"per step: ([0-9.e-]+) TFLOP model", text).group(1))
+  found["hardware_tflop"] = float(re.search(r", ([0-9.e-]+) TFLOP hardware", text).group(1))
+  found["xla_tflop"] = float(re.search(r"cost analysis of the step: ([0-9.e-]+) TFLOP",
+                                       text).group(1))
   return found
 
 
@@ -89,7 +92,8 @@ def _assert_printed_equals_analysis(text, numbers):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   assert printed["xla_tflop"] == pytest.approx(cost["flops"] / 1e12, rel=1e-5)
   assert printed["tflop"] == pytest.approx(numbers["flops_per_device"] / 1e12, rel=1e-5)
-  assert numbers["flops_per_device"] > 0
+  assert printed["hardware_tflop"] == pytest.approx(numbers["flops"].hardware / 1e12, rel=1e-5)
+  assert 0 < numbers["flops"].model <= numbers["flops"].hardware
 
 
 README_COMPILE_REPORT = readme_commands.find("python -m vim_jax.compile_report")
@@ -118,7 +122,8 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
                         env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   capsys.readouterr()
-  numbers = compile_report.report(stage1, devices, capacity_bytes=spec.generation.hbm_bytes)
+  numbers = stage1_numbers = compile_report.report(stage1, devices,
+                                                    capacity_bytes=spec.generation.hbm_bytes)
   compile_report.print_report(stage1, numbers, spec)
   printed_stage1 = capsys.readouterr().out
   stage2 = compile_report.report(vim_large.get_config("tiny"), devices,
@@ -130,6 +135,16 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
     assert numbers["platform"] == "tpu" and numbers["devices"] == 4
     _assert_printed_equals_analysis(text, numbers)
   assert "trainer=vitvq" in printed_stage1 and "trainer=vim" in proc.stdout
+  # Lazy R1 is its own program: its memory line equals its analysis; the FLOPs are the mean
+  # per step over the R1 cycle, between the regular step's and the R1 step's.
+  numbers = stage1_numbers
+  r1, m = numbers["r1"], numbers["r1"]["compiled"].memory_analysis()
+  r1_line = next(l for l in printed_stage1.splitlines() if l.startswith("the R1 step"))
+  assert "(every 4 steps)" in r1_line
+  assert f"temporaries {m.temp_size_in_bytes / 2**30:.3f} GiB" in r1_line
+  assert numbers["peak_bytes"] == max(numbers["total_bytes"], r1["total_bytes"])
+  assert r1["flops"].model > numbers["flops"].model
+  assert "r1" not in stage2
 
 
 def test_splash_attention_compiles_into_the_tpu_program():

@@ -25,10 +25,13 @@ def test_batch_that_does_not_split_is_a_clear_error(tiny_config):
     microbatch.check(tiny_config, data_parallel=2)
 
 
-def _run(step_fn, state, batches):
-  step = jax.jit(step_fn)
-  for batch in batches:
-    state, metrics = step(state, batch, {})
+def _run(step_fn, state, batches, step_variant=None):
+  """step_variant(i) -> the step function for step i (default: step_fn every step)."""
+  steps = {}
+  for i, batch in enumerate(batches):
+    fn = step_variant(i) if step_variant else step_fn
+    steps.setdefault(fn, jax.jit(fn))
+    state, metrics = steps[fn](state, batch, {})
   return state, metrics
 
 
@@ -47,8 +50,9 @@ def test_stage1_accumulated_update_equals_one_large_batch(tiny_config):
   results = {}
   for k in (1, 2):
     tiny_config.grad_accum_steps = k
-    results[k] = _run(stage1.make_train_step(models, tx, schedule, disc_tx, tiny_config), state,
-                      batches)
+    variants = stage1.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
+    results[k] = _run(None, state, batches,
+                      lambda i: variants[stage1.is_r1_step(tiny_config, i)])
   (one, m1), (two, m2) = results[1], results[2]
   for key in ("loss", "grad_norm", "disc/loss", "disc/grad_norm", "disc/r1_penalty"):
     assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-4), key

@@ -232,10 +232,11 @@ def _steps(config, num_steps):
   tx, schedule, disc_tx = stage1.build_optimizers(config)
   init = stage1.make_init_fn(models, tx, disc_tx, config, init_batch=1)
   states = [nn.meta.unbox(jax.jit(init)(jax.random.key(0)))]
-  step = jax.jit(stage1.make_train_step(models, tx, schedule, disc_tx, config))
+  steps = {r1: jax.jit(fn) for r1, fn in
+           stage1.make_train_steps(models, tx, schedule, disc_tx, config).items()}
   all_metrics = []
-  for _ in range(num_steps):
-    state, metrics = step(states[-1], {"image": IMAGES}, {})
+  for i in range(num_steps):
+    state, metrics = steps[stage1.is_r1_step(config, i)](states[-1], {"image": IMAGES}, {})
     states.append(state)
     all_metrics.append(metrics)
   return states, all_metrics
@@ -474,3 +475,35 @@ def test_perceptual_gradient_reaches_the_tokenizer_through_the_reconstruction(ti
     # relative. Measured agreement: 5e-5. The gradient with stop_gradient on the
     # reconstruction is 0, which no tolerance below 1 lets through.
     assert finite_difference == pytest.approx(directional, rel=1e-3), name
+
+
+def test_the_regular_step_holds_nothing_for_r1(tiny_config):
+  """Lazy R1 is a second compiled step, not a lax.cond in every step: neither program holds a
+  cond, the regular one computes no input gradient of D (fewer FLOPs, both counts) and needs
+  no more memory than the R1 step; a run without R1 (gamma 0) has only the regular step."""
+  import flax.linen as nn
+
+  from vim_jax import flops, train_lib
+  models = stage1.build_models(tiny_config)
+  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
+  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  steps = stage1.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
+  assert sorted(steps) == [False, True]
+  compiled, counted = {}, {}
+  for with_r1, fn in steps.items():
+    jaxpr = jax.make_jaxpr(fn)(state, {"image": IMAGES}, {})
+    assert "cond[" not in str(jaxpr), with_r1
+    compiled[with_r1], counted[with_r1] = train_lib.compile_step(jax.jit(fn), state,
+                                                                 {"image": IMAGES}, {})
+  assert counted[False].model < counted[True].model
+  assert counted[False].hardware < counted[True].hardware
+  memory = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}
+  assert memory[False] <= memory[True], memory
+  mean = flops.mean_over_cycle(counted[False], counted[True], stage1.r1_interval(tiny_config))
+  assert counted[False].model < mean.model < counted[True].model
+  assert [stage1.is_r1_step(tiny_config, s) for s in range(6)] == [True, False, False, False,
+                                                                     True, False]
+  tiny_config.discriminator.r1_gamma = 0.0
+  assert list(stage1.make_train_steps(models, tx, schedule, disc_tx, tiny_config)) == [False]
+  assert not stage1.is_r1_step(tiny_config, 0)

@@ -126,7 +126,7 @@ def _tokenizer_model(config, tokenizer_config, for_sampling: bool = False):
 
 
 def _stage1(config, mesh, batch_sharding, replicated):
-  """(init_fn, step_fn, batch spec, frozen LPIPS params or {})."""
+  """(init_fn, {with_r1: step_fn}, batch spec, frozen LPIPS params or {})."""
   import jax
   import jax.numpy as jnp
 
@@ -136,7 +136,7 @@ def _stage1(config, mesh, batch_sharding, replicated):
   tx, schedule, disc_tx = stage1.build_optimizers(config)
   dp = parallel.data_parallel_size(mesh)
   init_fn = stage1.make_init_fn(models, tx, disc_tx, config, dp)
-  step_fn = stage1.make_train_step(models, tx, schedule, disc_tx, config, dp)
+  step_fns = stage1.make_train_steps(models, tx, schedule, disc_tx, config, dp)
   b = config.batch_size
   batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
                                          jnp.float32, sharding=batch_sharding)}
@@ -146,11 +146,11 @@ def _stage1(config, mesh, batch_sharding, replicated):
     frozen = jax.eval_shape(lpips_lib.LPIPS().init, jax.random.key(0), x, x)["params"]
     frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                          sharding=replicated), frozen)
-  return init_fn, step_fn, batch, frozen
+  return init_fn, step_fns, batch, frozen
 
 
 def _stage2(config, mesh, rules, batch_sharding, tok_model, tokens_per_image, codebook_size):
-  """(init_fn, step_fn, batch spec, frozen encoder params or {})."""
+  """(init_fn, {False: step_fn}, batch spec, frozen encoder params or {})."""
   import jax
   import jax.numpy as jnp
 
@@ -181,7 +181,7 @@ def _stage2(config, mesh, rules, batch_sharding, tok_model, tokens_per_image, co
     batch["image"] = jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
                                           jnp.float32, sharding=batch_sharding)
     frozen = runs.frozen_encoder_shapes(tok_model, mesh, rules)
-  return init_fn, step_fn, batch, frozen
+  return init_fn, {False: step_fn}, batch, frozen
 
 
 def tree_bytes(tree) -> int:
@@ -219,9 +219,11 @@ def xla_cost(compiled) -> dict:
 def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: int = 8192,
            tokenizer_config=None, capacity_bytes: int | None = None) -> dict:
   """Compiles config's train step over `devices` (default: jax's); returns the numbers it
-  prints, and the compiled step under 'compiled'.
+  prints, and the compiled step under 'compiled'. A stage-1 config with lazy R1 also compiles
+  its R1 step (stage1.make_train_steps), whose memory is under 'r1'; the FLOPs are the mean
+  per step over an R1 cycle ('flops': flops.StepFlops; 'flops_per_device': its model FLOPs).
 
-  capacity_bytes: the chip's memory; DoesNotFit is raised when the step needs more (or when
+  capacity_bytes: the chip's memory; DoesNotFit is raised when a step needs more (or when
   the TPU compiler itself runs out of memory).
   """
   import flax.linen as nn
@@ -229,7 +231,7 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from vim_jax import checkpoint, microbatch, parallel, train_lib
+  from vim_jax import checkpoint, flops, microbatch, parallel, stage1, train_lib
 
   mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.axis_rules(config)
@@ -238,11 +240,11 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   train_lib.check_divisible(mesh, batch_size=config.batch_size)
   microbatch.check(config, parallel.data_parallel_size(mesh))
   if config.trainer == "vitvq":
-    init_fn, step_fn, batch, frozen = _stage1(config, mesh, batch_sharding, replicated)
+    init_fn, step_fns, batch, frozen = _stage1(config, mesh, batch_sharding, replicated)
   elif config.trainer == "vim":
     tok_model = _tokenizer_model(config, tokenizer_config)
-    init_fn, step_fn, batch, frozen = _stage2(config, mesh, rules, batch_sharding, tok_model,
-                                              tokens_per_image, codebook_size)
+    init_fn, step_fns, batch, frozen = _stage2(config, mesh, rules, batch_sharding, tok_model,
+                                               tokens_per_image, codebook_size)
   else:
     raise ValueError(f"config.trainer={config.trainer!r}; compile_report handles 'vitvq' and "
                      "'vim' configs.")
@@ -253,23 +255,37 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
   start = time.perf_counter()
-  with parallel.tracing_context(mesh, rules):
-    compiled, flops = _compile(jitted, abstract, batch, frozen)
+  compiled, step_flops = {}, {}
+  for with_r1, step_fn in step_fns.items():
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
+                     out_shardings=(shardings, None), donate_argnums=(0,))
+    with parallel.tracing_context(mesh, rules):
+      compiled[with_r1], step_flops[with_r1] = _compile(jitted, abstract, batch, frozen)
+  mean_flops = step_flops[False]
+  if True in step_flops:
+    mean_flops = flops.mean_over_cycle(step_flops[False], step_flops[True],
+                                       stage1.r1_interval(config))
   numbers = {"mesh": dict(mesh.shape), "devices": mesh.size, "platform": mesh_platform(mesh),
              "params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
-             "flops_per_device": flops, "compile_seconds": time.perf_counter() - start,
-             "compiled": compiled}
-  cost = xla_cost(compiled)
+             "flops": mean_flops, "flops_per_device": mean_flops.model,
+             "compile_seconds": time.perf_counter() - start, "compiled": compiled[False]}
+  cost = xla_cost(compiled[False])
   if "flops" in cost:
     numbers["xla_flops_per_device"] = float(cost["flops"])
-  numbers.update(memory_numbers(compiled))
-  numbers["summary"] = train_lib.describe_memory(compiled, "train step")
-  numbers["collectives"] = count_collectives(compiled.as_text())
-  if capacity_bytes and numbers.get("total_bytes", 0) > capacity_bytes:
-    raise DoesNotFit(f"the step needs {numbers['total_bytes'] / 2**30:.2f} GiB per chip")
+  numbers.update(memory_numbers(compiled[False]))
+  numbers["summary"] = train_lib.describe_memory(compiled[False], "train step")
+  numbers["collectives"] = count_collectives(compiled[False].as_text())
+  if True in compiled:
+    numbers["r1"] = {**memory_numbers(compiled[True]), "compiled": compiled[True],
+                     "flops": step_flops[True], "interval": stage1.r1_interval(config),
+                     "summary": train_lib.describe_memory(compiled[True], "R1 step")}
+  # What the run needs per chip: the larger of its step programs.
+  numbers["peak_bytes"] = max(numbers.get("total_bytes", 0),
+                              numbers.get("r1", {}).get("total_bytes", 0))
+  for name, n in (("the step", numbers), ("the R1 step", numbers.get("r1", {}))):
+    if capacity_bytes and n.get("total_bytes", 0) > capacity_bytes:
+      raise DoesNotFit(f"{name} needs {n['total_bytes'] / 2**30:.2f} GiB per chip")
   return numbers
 
 
@@ -382,7 +398,7 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
       "decoder_params": int(sum(x.size for x in jax.tree.leaves(tok_params["decoder"]))),
       "params_bytes": tree_bytes(params), "cache_bytes": tree_bytes(cache) // chips,
-      "step_flops": step_flops, "xla_step_flops": float(cost.get("flops", float("nan"))),
+      "step_flops": step_flops.hardware, "xla_step_flops": float(cost.get("flops", float("nan"))),
       "xla_step_bytes": float(cost.get("bytes accessed", float("nan"))),
       "decoder_flops": decoder_flops, "compile_seconds": time.perf_counter() - start,
       "compiled": compiled, "step_compiled": step_compiled,
@@ -516,31 +532,40 @@ def speed_lines(flops_per_chip: float, batch_size: int, peak_flops: float, peak_
 
 
 def print_report(config, numbers: dict, spec=None, num_slices: int = 1):
-  gib = lambda key: numbers.get(key, float("nan")) / 2**30
   where = (f"{num_slices} x {spec.name} ({spec.topology}, {spec.chips * num_slices} chips)"
            if spec else f"{numbers['devices']} x {numbers['platform']}")
   print(f"config trainer={config.trainer}, {numbers['params'] / 1e6:.1f}M params, global batch "
         f"{config.batch_size}, mesh {numbers['mesh']} on {where}; compiled in "
         f"{numbers['compile_seconds']:.0f} s")
   unit = "chip" if spec else "device"
-  capacity = (f" of {spec.generation.hbm_bytes / 2**30:.0f} GiB HBM "
-              f"({100 * numbers['total_bytes'] / spec.generation.hbm_bytes:.0f}%)"
-              if spec and "total_bytes" in numbers else "")
-  print(f"per {unit}: arguments {gib('argument_bytes'):.3f} GiB, outputs "
-        f"{gib('output_bytes'):.3f} GiB, temporaries {gib('temp_bytes'):.3f} GiB, aliased "
-        f"{gib('alias_bytes'):.3f} GiB, total {gib('total_bytes'):.3f} GiB{capacity}")
+
+  def memory_line(n: dict, what: str) -> str:
+    gib = lambda key: n.get(key, float("nan")) / 2**30
+    capacity = (f" of {spec.generation.hbm_bytes / 2**30:.0f} GiB HBM "
+                f"({100 * n['total_bytes'] / spec.generation.hbm_bytes:.0f}%)"
+                if spec and "total_bytes" in n else "")
+    return (f"{what}per {unit}: arguments {gib('argument_bytes'):.3f} GiB, outputs "
+            f"{gib('output_bytes'):.3f} GiB, temporaries {gib('temp_bytes'):.3f} GiB, aliased "
+            f"{gib('alias_bytes'):.3f} GiB, total {gib('total_bytes'):.3f} GiB{capacity}")
+
+  print(memory_line(numbers, ""))
+  if "r1" in numbers:
+    print(memory_line(numbers["r1"], f"the R1 step (every {numbers['r1']['interval']} steps) "))
   xla = numbers.get("xla_flops_per_device")
-  print(f"per {unit} per step: {numbers['flops_per_device'] / 1e12:.6g} TFLOP (matmuls and "
-        "convolutions, every scanned layer; vim_jax/flops.py)" +
-        (f"; XLA's cost analysis: {xla / 1e12:.6g} TFLOP (a scanned stack's body once)"
-         if xla is not None else ""))
+  f = numbers["flops"]
+  cycle = " (mean over an R1 cycle)" if "r1" in numbers else ""
+  print(f"per {unit} per step: {f.model / 1e12:.6g} TFLOP model{cycle} (what MFU counts: "
+        f"causal attention at half, no recompute), {f.hardware / 1e12:.6g} TFLOP hardware "
+        f"(+{100 * f.recompute_share:.1f}% rematerialised; vim_jax/flops.py)" +
+        (f"; XLA's cost analysis of the step: {xla / 1e12:.6g} TFLOP (a scanned stack's body "
+         "once)" if xla is not None else ""))
   if spec:
-    for line in speed_lines(numbers["flops_per_device"], config.batch_size,
-                            spec.generation.peak_bf16_flops,
+    for line in speed_lines(f.model, config.batch_size, spec.generation.peak_bf16_flops,
                             f"a {spec.generation.name} chip's "
                             f"{spec.generation.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s",
                             paper_throughput(config)):
       print(line)
+    print(f"HFU at 40% MFU: {0.4 * (1 + f.recompute_share):.1%}")
   else:
     print("(memory from the CPU backend: a structural check, not a TPU's figure; use "
           "--topology for that)")

@@ -107,8 +107,21 @@ def _image_cotangents(cotangent: dict) -> dict:
   return {k: v for k, v in cotangent.items() if k != "vq_loss"}
 
 
+def r1_interval(config) -> int:
+  """Steps between lazy R1 steps (StyleGAN2), 0 when the run has no R1 (no discriminator, or
+  discriminator.r1_gamma = 0)."""
+  d = config.discriminator
+  return d.r1_interval if config.loss.adversarial > 0 and d.r1_gamma > 0 else 0
+
+
+def is_r1_step(config, step: int) -> bool:
+  """Whether the step that starts at `step` (the state's step before it) adds R1."""
+  interval = r1_interval(config)
+  return bool(interval) and step % interval == 0
+
+
 def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
-                    data_parallel: int = 1) -> Callable:
+                    data_parallel: int = 1, with_r1: bool = False) -> Callable:
   """(state, batch, lpips_params) -> (state, metrics).
 
   batch['image']: [B, S, S, 3] in [-1, 1]. The tokenizer and the discriminator are updated in
@@ -116,6 +129,12 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
   real images and the (stopped) reconstructions of this step, both from this step's params.
   With config.grad_accum_steps = k, both gradients (and the metrics) are means over k
   microbatches (vim_jax/microbatch.py; data_parallel is the mesh's data x fsdp size).
+
+  with_r1: the variant that adds the lazy R1 penalty, run when is_r1_step (every
+  r1_interval steps), as StyleGAN2 separates its phases. Chosen in Python rather than by a
+  lax.cond inside one program: under the gradient, a cond's saved activations become outputs
+  of its forward, zero-filled and held on every step without R1 (727 MiB per 4 images for
+  BB's discriminator at 256 px), and a cond is costed at its costlier branch.
   """
   weights = config.loss.to_dict()
   d_cfg = config.discriminator
@@ -126,7 +145,6 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
     # The key is made where the step is traced: its implementation follows the mesh's platform.
     rng = jax.random.fold_in(prng.dropout_key(config), state.step)
     disc_active = state.step >= d_cfg.start_step  # an option delays the adversarial game
-    is_r1_step = state.step % d_cfg.r1_interval == 0
 
     def microbatch_gradients(micro, index):
       """The tokenizer's and the discriminator's gradients and the metrics on `micro`."""
@@ -182,9 +200,9 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
         d_fn = lambda x: disc.apply({"params": disc_params}, x)
         real_logits, fake_logits = d_fn(images), d_fn(fakes)
         adversarial = losses.discriminator_loss(real_logits, fake_logits, d_cfg.loss)
-        # Lazy R1: every r1_interval steps, scaled by the interval (StyleGAN2).
-        r1 = jax.lax.cond(is_r1_step, lambda: losses.r1_penalty(d_fn, images),
-                          lambda: jnp.zeros((), jnp.float32)) * d_cfg.r1_interval
+        # Lazy R1 (StyleGAN2): in the R1 variant only, scaled by the interval.
+        r1 = (losses.r1_penalty(d_fn, images) * d_cfg.r1_interval if with_r1
+              else jnp.zeros((), jnp.float32))
         d_total = adversarial + 0.5 * d_cfg.r1_gamma * r1
         lecam = jnp.zeros(())
         if state.lecam_ema is not None:
@@ -228,6 +246,15 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
     return new_state, metrics
 
   return train_step
+
+
+def make_train_steps(models: Stage1Models, tx, schedule, disc_tx, config,
+                     data_parallel: int = 1) -> dict[bool, Callable]:
+  """The step variants a run uses, keyed by with_r1: the regular step, and the R1 step when
+  the run has R1 (r1_interval > 0). The loop picks steps[is_r1_step(config, step)]."""
+  variants = (False, True) if r1_interval(config) else (False,)
+  return {with_r1: make_train_step(models, tx, schedule, disc_tx, config, data_parallel,
+                                   with_r1) for with_r1 in variants}
 
 
 def make_eval_step(models: Stage1Models) -> Callable:

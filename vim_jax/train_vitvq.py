@@ -21,13 +21,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, fid, microbatch, parallel, reported_metrics, train_lib, visualize
+from vim_jax import (checkpoint, fid, flops, microbatch, parallel, reported_metrics, train_lib,
+                     visualize)
 from vim_jax.data import pipeline
 from vim_jax.models import inception
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.models import vitvqgan
-from vim_jax.stage1 import (TrainState, build_models, build_optimizers, evaluate, make_eval_step,
-                            make_init_fn, make_train_step)
+from vim_jax.stage1 import (TrainState, build_models, build_optimizers, evaluate, is_r1_step,
+                            make_eval_step, make_init_fn, make_train_steps, r1_interval)
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +103,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = parallel.batch_sharding(mesh)
   image_spec = lambda b: {"image": jax.ShapeDtypeStruct(
       (b, config.image_size, config.image_size, 3), jnp.float32, sharding=batch_sharding)}
-  train_step = jax.jit(make_train_step(models, tx, schedule, disc_tx, config,
-                                       parallel.data_parallel_size(mesh)),
-                       in_shardings=(state_shardings, batch_sharding, replicated),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+  # The regular step and, with lazy R1, the R1 step run every r1_interval steps: two programs,
+  # so the regular one holds nothing for R1 (stage1.make_train_step).
+  train_steps, step_flops = {}, {}
   eval_step = jax.jit(make_eval_step(models),
                       in_shardings=(state_shardings.params, batch_sharding, replicated))
   with parallel.tracing_context(mesh, rules):
-    train_step, flops_per_step = train_lib.compile_step(
-        train_step, abstract_state, image_spec(config.batch_size), lpips_params)
+    for with_r1, step_fn in make_train_steps(models, tx, schedule, disc_tx, config,
+                                             parallel.data_parallel_size(mesh)).items():
+      jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+      train_steps[with_r1], step_flops[with_r1] = train_lib.compile_step(
+          jitted, abstract_state, image_spec(config.batch_size), lpips_params)
     eval_step, _ = train_lib.compile_step(eval_step, abstract_state.params,
                                           image_spec(config.eval_batch_size), lpips_params)
-  log.info(train_lib.describe_memory(train_step, "train step"))
-  log.info("train step: %.3f GFLOP per device per step (matmuls and convolutions, counted from "
-           "the jaxpr; vim_jax/flops.py)", flops_per_step / 1e9)
+  peak = flops.peak_flops_per_second(mesh.devices.flat[0])
+  for with_r1, compiled in train_steps.items():
+    name = "train step with R1" if with_r1 else "train step"
+    log.info(train_lib.describe_memory(compiled, name))
+    log.info(train_lib.describe_flops(step_flops[with_r1], name, peak))
+  flops_per_step = step_flops[False]
+  if True in step_flops:  # R1 at its real frequency
+    flops_per_step = flops.mean_over_cycle(step_flops[False], step_flops[True],
+                                           r1_interval(config))
 
   # rFID / IS in the eval pass every fid.every steps; the real images' statistics are computed
   # at the first one and kept for the run.
@@ -146,14 +156,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # --- Loop -------------------------------------------------------------------------------------
   progress = train_lib.Progress(start_step, config.total_steps, config.batch_size, flops_per_step,
-                                mesh.size)
+                                mesh.size, peak_flops=peak)
 
   def describe(step, scalars):
     log.info("step %d/%d: loss %.4f, l2 %.4g, usage %.3f, %.2f steps/s, "
-             "%.1f img/s/device, %.3f TFLOP/s/device, ETA %s", step, config.total_steps,
+             "%.1f img/s/device, %.3f model TFLOP/s/device%s, ETA %s", step, config.total_steps,
              scalars["loss"], scalars["loss_l2"], scalars["codebook_usage"],
              scalars["steps_per_sec"], scalars["images_per_sec_per_device"],
-             scalars["tflops_per_sec_per_device"],
+             scalars["tflops_per_sec_per_device"], progress.utilisation(scalars),
              train_lib.format_duration(progress.eta_seconds(step)))
 
   windows = train_lib.TrainWindows(writer, progress, describe)
@@ -164,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   while step < config.total_steps:
     local = next(train_iter)
     batch = parallel.global_batch_from_local({"image": local["image"]}, mesh, config.batch_size)
-    state, metrics = train_step(state, batch, lpips_params)
+    state, metrics = train_steps[is_r1_step(config, step)](state, batch, lpips_params)
     if windows.close_pending():  # the previous window, now that this step is queued
       writer.flush()  # events reach TensorBoard at each log step, not only at the end
     windows.add(metrics)
