@@ -1,6 +1,7 @@
 """The dropout PRNG switch (config.dropout_rng, vim_jax/prng.py): which implementation each
 setting gives where, the masks it draws, the libtpu flag, and exact resume under rbg."""
 
+import os
 import re
 import shutil
 
@@ -191,3 +192,21 @@ def test_the_stage1_train_step_draws_dropout_from_the_configs_prng(tiny_config):
     assert "random_bits" in text, setting  # dropout is drawn
     assert set(re.findall(r"key<(\w+)>", text)) == {key_type}, setting
     assert set(re.findall(r"random_seed\[impl=(\w+)", text)) == {key_type}, setting
+
+
+def test_a_compile_for_a_tpu_slice_draws_each_chips_masks_only():
+  """The compile report sizes rbg dropout as main's runs have it: libtpu partitions the
+  RngBitGenerator (tpu_slices names the flag), so on 4 data-parallel chips each draws the
+  masks of its 16 of the 64 sequences, not the whole batch's (u32[64, ...] then sliced)."""
+  from configs import vim_base
+  from vim_jax import compile_report, tpu_slices
+  config = vim_base.get_config("tiny")
+  config.update(batch_size=64, dropout_rng="rbg")
+  config.data.source = "tokens"
+  devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
+  assert prng.TPU_FLAG in os.environ["LIBTPU_INIT_ARGS"]
+  hlo = compile_report.report(config, devices, tokens_per_image=64,
+                              codebook_size=256)["compiled"].as_text()
+  batches = {int(b) for b in re.findall(r"= u32\[(\d+),[\d,]*\]\{[^}]*\} rng-bit-generator\(",
+                                        hlo)}
+  assert batches == {16}, batches

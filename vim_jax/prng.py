@@ -92,7 +92,14 @@ def configure_libtpu(config, environ=os.environ) -> bool:
   jax for devices (vim_jax/main.py does). Returns whether the flag is named in the variable."""
   if all(setting == "threefry" for setting in _settings(config)):
     return False
+  name_libtpu_flag(environ)
+  return True
+
+
+def name_libtpu_flag(environ=os.environ) -> None:
+  """Appends TPU_FLAG to environ['LIBTPU_INIT_ARGS'] unless the flag is named there already.
+  tpu_slices does it for every compile-only slice, so that the compile report sizes rbg's
+  masks per chip, as main's runs have them (the flag changes no other program)."""
   args = environ.get("LIBTPU_INIT_ARGS", "")
   if TPU_FLAG.split("=")[0] not in args:
     environ["LIBTPU_INIT_ARGS"] = f"{args} {TPU_FLAG}".strip()
-  return True

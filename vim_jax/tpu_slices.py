@@ -137,6 +137,10 @@ def prepare_environment():
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # RngBitGenerator partitioned per chip, as vim_jax/main.py sets it for rbg dropout (the TPU
+  # default): without it each chip's program would draw the whole batch's masks.
+  from vim_jax import prng
+  prng.name_libtpu_flag(os.environ)
 
 
 def compile_only_devices(spec: SliceSpec, num_slices: int = 1) -> list:
