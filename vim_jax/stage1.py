@@ -195,13 +195,16 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
         return grads, None, metrics
 
       fakes = jax.lax.stop_gradient(diff["reconstruction"])
+      # R1's double backward through D starts once the tokenizer's gradient exists: left free,
+      # the compiler may run it while the tokenizer's activations are still held.
+      r1_images = jax.lax.optimization_barrier((images, grads))[0] if with_r1 else images
 
       def discriminator_loss(disc_params):
         d_fn = lambda x: disc.apply({"params": disc_params}, x)
         real_logits, fake_logits = d_fn(images), d_fn(fakes)
         adversarial = losses.discriminator_loss(real_logits, fake_logits, d_cfg.loss)
         # Lazy R1 (StyleGAN2): in the R1 variant only, scaled by the interval.
-        r1 = (losses.r1_penalty(d_fn, images) * d_cfg.r1_interval if with_r1
+        r1 = (losses.r1_penalty(d_fn, r1_images) * d_cfg.r1_interval if with_r1
               else jnp.zeros((), jnp.float32))
         d_total = adversarial + 0.5 * d_cfg.r1_gamma * r1
         lecam = jnp.zeros(())
