@@ -5,7 +5,9 @@
 
 The first form compiles each config's train step (stage 1 with its full objective at batch
 256, stage 2 at batch 1024 tokenizing with ViT-VQGAN Base, as configs/vim_*.py train) for one
-slice and prints a markdown row per config: per-chip HBM, TFLOP per chip per step, step time
+slice, with the config's own defaults (grad_accum_steps, remat), and prints a markdown row per
+config: per-chip HBM (stage 1 with lazy R1: the regular step's, and the R1 step's total) and
+the share left free, model and hardware TFLOP per chip per step (vim_jax/flops.py), step time
 and images/s at 40% MFU, the paper's throughput and the MFU it needs, and the compile time.
 
 --smallest walks each generation's slices up from its smallest to 64 chips and reports the
@@ -33,15 +35,18 @@ CONFIGS = {  # name: (config file, global batch)
 }
 
 
-def load(name: str, grad_accum_steps: int = 1):
+def load(name: str, grad_accum_steps: int | None = None):
+  """The config at its paper batch, with its own grad_accum_steps unless one is given."""
   from vim_jax import main
   path, batch = CONFIGS[name]
   config = main.load_config_file(os.path.join(ROOT, path))
-  config.update(batch_size=batch, grad_accum_steps=grad_accum_steps)
+  config.update(batch_size=batch)
+  if grad_accum_steps is not None:
+    config.grad_accum_steps = grad_accum_steps
   return config
 
 
-def compile_for(name: str, spec, grad_accum_steps: int = 1):
+def compile_for(name: str, spec, grad_accum_steps: int | None = None):
   """compile_report's numbers, or None when the layout does not fit."""
   from vim_jax import compile_report, main
   config = load(name, grad_accum_steps)
@@ -59,18 +64,23 @@ def compile_for(name: str, spec, grad_accum_steps: int = 1):
 
 
 def row(name: str, spec, numbers) -> str:
+  """A markdown row: layout, per-chip memory (the regular step's; the R1 step's total beside it
+  when the config has one) and what is free, model / hardware FLOPs, speed at 40% MFU."""
   from vim_jax import compile_report
   config = numbers["config"]
   g = spec.generation
   paper = compile_report.paper_throughput(config)
+  f = numbers["flops"]
   step, images_per_sec, needed_mfu = compile_report.speed(
-      numbers["flops_per_device"], config.batch_size, g.peak_bf16_flops, paper)
+      f.model, config.batch_size, g.peak_bf16_flops, paper)
   needed = f"{paper:,.0f} img/s = {needed_mfu:.1%} MFU" if paper else ""
-  gib = lambda key: numbers[key] / 2**30
-  return (f"| {name} | {config.batch_size} | {numbers['mesh']} | {gib('argument_bytes'):.2f} / "
-          f"{gib('temp_bytes'):.2f} / **{gib('peak_bytes'):.2f} GiB "
-          f"({numbers['peak_bytes'] / g.hbm_bytes:.0%})** | "
-          f"{numbers['flops_per_device'] / 1e12:.2f} | {step:.3f} s, "
+  gib = lambda n, key: n[key] / 2**30
+  r1 = (f"; R1 step {gib(numbers['r1'], 'total_bytes'):.2f}" if "r1" in numbers else "")
+  return (f"| {name} | {config.batch_size} | {numbers['mesh']}, accumulation "
+          f"{config.grad_accum_steps} | {gib(numbers, 'argument_bytes'):.2f} / "
+          f"{gib(numbers, 'temp_bytes'):.2f} / {gib(numbers, 'total_bytes'):.2f}{r1} GiB | "
+          f"**{1 - numbers['peak_bytes'] / g.hbm_bytes:.0%}** | "
+          f"{f.model / 1e12:.2f} / {f.hardware / 1e12:.2f} | {step:.3f} s, "
           f"{images_per_sec:,.0f} img/s | {needed} | "
           f"{numbers['compile_seconds']:.0f} s |")
 
@@ -137,14 +147,15 @@ def main():
   print(f"{spec.name}: {spec.chips} chips ({spec.topology}), "
         f"{spec.generation.hbm_bytes / 2**30:.0f} GiB HBM and "
         f"{spec.generation.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s per chip")
-  print("| config | global batch | mesh | per chip: arguments / temporaries / total | "
-        "TFLOP per chip per step | at 40% MFU | paper | compile |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| config | global batch | mesh, grad_accum_steps | per chip: arguments / temporaries / "
+        "total | HBM free | model / hardware TFLOP per chip per step | at 40% MFU | paper | "
+        "compile |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in names:
     start = time.perf_counter()
     numbers = compile_for(name, spec)
     if numbers is None:
-      print(f"| {name} | | | does not fit ({time.perf_counter() - start:.0f} s) | | | | |",
+      print(f"| {name} | | | does not fit ({time.perf_counter() - start:.0f} s) | | | | | |",
             flush=True)
     else:
       print(row(name, spec, numbers), flush=True)

@@ -280,6 +280,12 @@ PAPER_PROBE_BLOCK = {"base": 10, "large": 15}
 # keep ~30% of a v4 chip's 32 GiB free in the compiled sampler (Base 70%, Large 62%), from the
 # TPU compiles in benchmarks/RESULTS.md ("Sampling 50k images: sizing on TPU (issue 29)").
 SAMPLING_BATCH_PER_CHIP = {"base": 128, "large": 16}
+# Microbatches per optimizer step (config.grad_accum_steps) by size: the fewest that leave 30%
+# of a v4 chip's 32 GiB free at the paper's batch 1024 on a v4-128 (benchmarks/RESULTS.md,
+# "Headroom on a v4-128"). VIM-Large at 1 needs 95% (the minimal remat policy keeps each
+# layer's q, k, v and fc1 outputs for 16 sequences per chip); at 2 it halves them at no FLOP
+# cost (FSDP's weight gathers and gradient reductions then run twice per step).
+GRAD_ACCUM_STEPS = {"base": 1, "large": 2}
 
 
 def stage2_config(size: str) -> ml_collections.ConfigDict:
@@ -316,7 +322,7 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
   ))
   c.data = data_config()
   c.batch_size = 1024
-  c.grad_accum_steps = 1  # microbatches per optimizer step (see stage1_config)
+  c.grad_accum_steps = GRAD_ACCUM_STEPS[size]  # microbatches per step (see stage1_config)
   c.total_steps = 450_000
   c.eval_batch_size = 256
   c.num_eval_images = 10_000
@@ -371,7 +377,7 @@ def make_tiny_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.update(source="shapes", shapes_train_size=2048, shapes_eval_size=64, num_workers=4)
   c.optimizer.update(peak_lr=1e-3, warmup_steps=0, decay_start=10)  # as make_tiny: no warmup
   c.update(batch_size=16, eval_batch_size=16, num_eval_images=32, total_steps=20, log_every=5,
-           eval_every=10, checkpoint_every=10, num_grid_images=8)
+           eval_every=10, checkpoint_every=10, num_grid_images=8, grad_accum_steps=1)
   c.sampling.batch_size = 8  # sequences per device: 64 images on the tests' 8 CPU devices
   c.probe.update(block=1, steps=50, batch_size=32, num_train_images=256, num_eval_images=64)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
