@@ -6,6 +6,10 @@ import pytest
 from vim_jax import flops, train_lib
 
 
+def _progress():
+  return train_lib.Progress(0, 10, 8, flops.StepFlops(1e9, 1e9), 1)
+
+
 class _Writer:
   def __init__(self):
     self.writes = []
@@ -16,7 +20,7 @@ class _Writer:
 
 def test_a_window_is_fetched_after_the_next_step_is_dispatched_and_the_last_at_once():
   writer, lines = _Writer(), []
-  windows = train_lib.TrainWindows(writer, train_lib.Progress(0, 10, 8, flops.StepFlops(1e9, 1e9), 1),
+  windows = train_lib.TrainWindows(writer, _progress(),
                                    lambda step, scalars: lines.append((step, scalars["loss"])))
   windows.add({"loss": jnp.asarray(1.0)})
   windows.add({"loss": jnp.asarray(3.0)})
@@ -33,7 +37,7 @@ def test_a_window_is_fetched_after_the_next_step_is_dispatched_and_the_last_at_o
 
 
 def test_a_nan_window_stops_the_run_naming_its_step_and_the_last_checkpoint():
-  windows = train_lib.TrainWindows(_Writer(), train_lib.Progress(0, 10, 8, flops.StepFlops(1e9, 1e9), 1),
+  windows = train_lib.TrainWindows(_Writer(), _progress(),
                                    lambda step, scalars: None)
   windows.add({"loss": jnp.asarray(float("nan"))})
   windows.end(4, 3, 0, at_once=False)

@@ -47,9 +47,10 @@ def compile_step(jitted, *args):
 
 def describe_flops(flops_per_device, name: str, peak: float | None) -> str:
   """One line with a step's model and hardware FLOPs per device (vim_jax/flops.py)."""
-  line = (f"{name}: {flops_per_device.model / 1e9:.3f} model GFLOP per device per step, "
-          f"{flops_per_device.hardware / 1e9:.3f} hardware GFLOP (+{100 * flops_per_device.recompute_share:.1f}% "
-          "recompute; matmuls and convolutions counted from the jaxpr, vim_jax/flops.py)")
+  f = flops_per_device
+  line = (f"{name}: {f.model / 1e9:.3f} model GFLOP per device per step, "
+          f"{f.hardware / 1e9:.3f} hardware GFLOP (+{100 * f.recompute_share:.1f}% recompute; "
+          "matmuls and convolutions counted from the jaxpr, vim_jax/flops.py)")
   if peak:
     line += f"; MFU and HFU against {peak / 1e12:.0f} bf16 TFLOP/s per device"
   else:
