@@ -63,6 +63,7 @@ import pytest  # noqa: E402
 LONGEST_FILES = ("test_evaluate.py", "test_train_vitvq.py", "test_multihost.py",
                  "test_evaluation_at_scale.py",
                  "test_compile_report.py", "test_readme.py", "test_preemption.py",
+                 "test_accelerator_benchmark.py", "test_prng.py",
                  "test_lpips.py", "test_train_vim.py", "test_microbatch.py", "test_quickstart.py",
                  "test_layers.py", "test_prepare_data.py", "test_notebook.py")
 
