@@ -16,13 +16,13 @@ setup(
         "orbax-checkpoint>=0.12,<0.13",
         "ml-collections>=1.1",
         "absl-py>=2.0",  # flags and logging of every command
-        "etils[epath]>=1.5",  # vim_jax.fileio: one path layer for local and gs:// files
+        "etils[epath]>=1.5",  # vim_jax.infra.fileio: one path layer for local and gs:// files
         # orbax lists a gs:// checkpoint folder's steps through google.cloud.storage (to ask
         # whether the bucket has a hierarchical namespace) without declaring it: without it
         # every checkpoint save and restore in a bucket fails with an ImportError.
         "google-cloud-storage>=2.14",
         "clu>=0.0.12",
-        # Our TensorBoard event writer (vim_jax/summaries.py) encodes its protos and frames its
+        # Our TensorBoard event writer (vim_jax/infra/summaries.py) encodes its protos and frames its
         # records with these (google-crc32c also comes with google-cloud-storage).
         "tensorboard>=2.20",
         "google-crc32c>=1.5",
@@ -54,7 +54,7 @@ setup(
                  "jax[tpu]>=0.10,<0.11",
                  # A real GCS server for the gs:// tests (tests/gcs_emulator.py), and gcsfs,
                  # the client $STORAGE_EMULATOR_HOST sends gs:// files through
-                 # (vim_jax/storage.py).
+                 # (vim_jax/infra/storage.py).
                  "gcp-storage-emulator>=2026.7", "gcsfs>=2025.5"],
     },
 )

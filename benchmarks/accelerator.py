@@ -7,7 +7,7 @@ On the first device JAX sees (one GPU, or one TPU chip of a host), in under 8 mi
 paper sizes on an H100/H200:
   bb      ViT-VQGAN BB with its full objective (L2, logit-Laplace, LPIPS, StyleGAN2 D with lazy
           R1 at its real frequency: its own compiled step every r1_interval steps) at 256 px:
-          images/s, model and hardware TFLOP/s, MFU and HFU (vim_jax/flops.py's counts);
+          images/s, model and hardware TFLOP/s, MFU and HFU (vim_jax/infra/flops.py's counts);
   vim     VIM-Base's train step on 1024-token sequences (pre-tokenized, as after
           `vim_jax.tools.pretokenize`): tokens/s, MFU and HFU, once with XLA attention and once
           with the fused kernel 'auto' picks there (cuDNN on GPU, splash on TPU): the
@@ -41,7 +41,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from decode_floor import median_time  # noqa: E402
-from vim_jax import flops, stage1, stage2, token_sampling, train_lib  # noqa: E402
+from vim_jax.infra import flops
+from vim_jax.sampling import autoregressive
+from vim_jax.trainers import tokenizer_step, train_lib, vim_step
 from vim_jax.models import vim as vim_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,23 +94,23 @@ def bench_bb(size: dict, peak) -> list[dict]:
   config = load_config(size["bb_config"])
   config.update(batch_size=size["bb_batch"], perceptual_weights="")
   config.loss.perceptual = 0.1
-  models = stage1.build_models(config)  # LPIPS with random weights (perceptual > 0)
-  tx, schedule, disc_tx = stage1.build_optimizers(config)
+  models = tokenizer_step.build_models(config)  # LPIPS with random weights (perceptual > 0)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(config)
   s = config.image_size
   images = jax.random.uniform(jax.random.key(1), (config.batch_size, s, s, 3), minval=-1,
                               maxval=1)
   lpips_params = jax.jit(models.lpips.init)(jax.random.key(2), images[:1], images[:1])["params"]
-  state = nn.meta.unbox(jax.jit(stage1.make_init_fn(models, tx, disc_tx, config, 1))(
+  state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
       jax.random.key(0)))
   compiled, counted = {}, {}
   start = time.perf_counter()
-  for with_r1, fn in stage1.make_train_steps(models, tx, schedule, disc_tx, config).items():
+  for with_r1, fn in tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, config).items():
     compiled[with_r1], counted[with_r1] = train_lib.compile_step(
         jax.jit(fn, donate_argnums=(0,)), state, {"image": images}, lpips_params)
   compile_seconds = time.perf_counter() - start
-  interval = stage1.r1_interval(config)
+  interval = tokenizer_step.r1_interval(config)
   mean = flops.mean_over_cycle(counted[False], counted[True], interval)
-  run = lambda i, st: compiled[stage1.is_r1_step(config, i)](st, {"image": images}, lpips_params)
+  run = lambda i, st: compiled[tokenizer_step.is_r1_step(config, i)](st, {"image": images}, lpips_params)
   state, _ = timed_steps(run, state, interval)  # one cycle to warm up
   steps = interval * size["bb_cycles"]
   state, seconds = timed_steps(run, state, steps)
@@ -133,7 +135,7 @@ def _vim_variants(platform: str):
 def bench_vim(size: dict, peak) -> list[dict]:
   """VIM-Base's train step on token sequences: XLA attention against the fused kernel, and
   the dropout PRNG."""
-  from vim_jax import prng
+  from vim_jax.infra import prng
   rows = []
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, size["codebook"],
@@ -150,14 +152,14 @@ def bench_vim(size: dict, peak) -> list[dict]:
     kind = _attention_kind(model)
     if attention == "auto" and kind == "xla" and dropout_rng == "auto":
       continue  # no fused kernel here (CPU): the xla row is that
-    tx, schedule = stage2.build_optimizer(config)
+    tx, schedule = vim_step.build_optimizer(config)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["tokens"][:1],
                                                batch["label"][:1]))["params"]
-    state = stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=tx.init(params))
     start = time.perf_counter()
     step, counted = train_lib.compile_step(
-        jax.jit(stage2.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,)),
+        jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,)),
         state, batch, {})
     compile_seconds = time.perf_counter() - start
     run = lambda i, st, step=step: step(st, batch, {})
@@ -192,11 +194,11 @@ def bench_decode(size: dict, peak) -> list[dict]:
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
                                              jnp.zeros((1, size["tokens"]), jnp.int32),
                                              labels[:1]))["params"]
-  model, params = token_sampling.decoding_layout(model, params)  # as the Sampler holds them
-  cache = token_sampling.init_cache(model, size["decode_batch"])
+  model, params = autoregressive.decoding_layout(model, params)  # as the Sampler holds them
+  cache = autoregressive.init_cache(model, size["decode_batch"])
   bandwidth = flops.hbm_bytes_per_second(jax.devices()[0])
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  sample = jax.jit(lambda p, l, r: token_sampling.sample_tokens(model, p, l, r))
+  sample = jax.jit(lambda p, l, r: autoregressive.sample_tokens(model, p, l, r))
   read_once = jax.jit(lambda tree: [jnp.sum(x) for x in jax.tree.leaves(tree)])
   rows = []
   dtypes = ["float32"] + ([model.dtype.name] if model.dtype.name != "float32" else [])
@@ -248,7 +250,7 @@ def main(argv=None):
                       help=f"comma-separated sections of {','.join(SECTIONS)}")
   parser.add_argument("--json", default="accelerator.json", help="where the rows are written")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
-                      help="the device's dense bf16 peak TFLOP/s when flops.py does not know it")
+                      help="the device's dense bf16 peak TFLOP/s when infra/flops.py does not know it")
   args = parser.parse_args(argv)
   sections = [s.strip() for s in args.only.split(",") if s.strip()]
   unknown = sorted(set(sections) - set(SECTIONS))

@@ -25,7 +25,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vim_jax import generation, runs, stage2, token_sampling  # noqa: E402
+from vim_jax.infra import runs
+from vim_jax.sampling import autoregressive, generation
+from vim_jax.trainers import vim_step
 from vim_jax.data import preprocess, shapes, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,7 +52,7 @@ def eval_images(config, num_images: int):
 
 def vim_class_nll(trained, tokens: np.ndarray) -> np.ndarray:
   """Mean -log p(tokens | c) per image, [N, num_classes], from the trainer's own eval step."""
-  eval_step = jax.jit(stage2.make_eval_step(trained.model, trained.tokenizer.model))
+  eval_step = jax.jit(vim_step.make_eval_step(trained.model, trained.tokenizer.model))
   return np.stack([np.asarray(eval_step(trained.params, {"tokens": tokens, "label": np.full(
       len(tokens), c, np.int32)}, trained.tokenizer.params)["nll"])
                    for c in range(trained.model.num_classes)], axis=1)
@@ -82,7 +84,7 @@ def main(_):
            np.argmin(vim_class_nll(trained, tokens), axis=1))]
   requested = np.resize(np.arange(classes, dtype=np.int32), FLAGS.num_samples)
   for g in (float(s) for s in FLAGS.guidance.split(",")):
-    cfg = token_sampling.SamplingConfig(temperature=1.0, guidance_scale=g)
+    cfg = autoregressive.SamplingConfig(temperature=1.0, guidance_scale=g)
     samples = generation.generate(trained, requested, FLAGS.seed, cfg)
     rows.append((f"samples, guidance {g:g}", requested, predict(samples)))
 

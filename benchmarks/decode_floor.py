@@ -5,7 +5,7 @@
 A decode step must read every param and the whole KV cache once (the floor; the attention reads
 all cache_length positions, masked or not) and write one position of each layer's K and V.
 This times, on whatever device JAX sees:
-  sampler  the per-token time of `token_sampling.sample_tokens` (all `--tokens` steps of the
+  sampler  the per-token time of `autoregressive.sample_tokens` (all `--tokens` steps of the
            compiled loop, divided by their number; temperature 1, no top-k);
   floor    a compiled function that reads the same params and a cache of the same size once
            (a sum over every element);
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vim_jax import token_sampling  # noqa: E402
+from vim_jax.sampling import autoregressive
 from vim_jax.models import transformer  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
 
@@ -53,11 +53,11 @@ def measure(args, scan_layers: bool) -> dict:
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
                                              jnp.zeros((1, args.tokens), jnp.int32),
                                              labels[:1]))["params"]
-  config = token_sampling.SamplingConfig(temperature=1.0)
-  sample = jax.jit(lambda p, l, r: token_sampling.sample_tokens(model, p, l, r, config))
+  config = autoregressive.SamplingConfig(temperature=1.0)
+  sample = jax.jit(lambda p, l, r: autoregressive.sample_tokens(model, p, l, r, config))
   step = median_time(sample, params, labels, jax.random.key(1),
                      repeats=args.repeats) / args.tokens
-  cache = token_sampling.init_cache(model, args.batch)
+  cache = autoregressive.init_cache(model, args.batch)
   read_once = jax.jit(lambda tree: [jnp.sum(x) for x in jax.tree.leaves(tree)])
   floor = median_time(read_once, (params, cache), repeats=10)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

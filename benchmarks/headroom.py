@@ -6,7 +6,7 @@ collectives move per step (issue 30, item 3).
       [--hlo_out=/tmp/x.hlo.txt] [--json_out=/tmp/x.json]
 
 Compiles like vim_jax.compile_report (libtpu, compile-only devices) and prints: per-chip
-arguments / temporaries / total and the share of HBM left, TFLOP per chip per step (flops.py),
+arguments / temporaries / total and the share of HBM left, TFLOP per chip per step (infra/flops.py),
 and each collective kind with how many times it runs per step (ops inside a while loop counted
 once per iteration; the trip count is read from the loop condition's `i < N` constant, since
 the compiled TPU HLO carries no known_trip_count) and the bytes each chip sends per step:
@@ -39,7 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vim_jax import tpu_slices  # noqa: E402
+from vim_jax.infra import tpu_slices
 
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
@@ -251,7 +251,9 @@ def main():
     print_traffic(collective_traffic(open(args.analyze_hlo).read(), spec.chips))
     return
 
-  from vim_jax import compile_report, log_filters, main as vim_main
+  from vim_jax import compile_report
+  from vim_jax import main as vim_main
+  from vim_jax.infra import log_filters
   log_filters.install()
   spec = tpu_slices.parse(args.topology)
   import jax

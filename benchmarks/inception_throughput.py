@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vim_jax import fid  # noqa: E402
+from vim_jax.evaluators import fid
 from vim_jax.models import inception  # noqa: E402
 from vim_jax.tools import weights_io  # noqa: E402
 

@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 from vim_jax import config_base  # noqa: E402
 from vim_jax.main import load_config_file  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
-from vim_jax.models import vitvqgan  # noqa: E402
+from vim_jax.models import tokenizer as tokenizer_lib
 
 ROWS = [("SS", "vitvq_small.py", "small", "small"), ("BB", "vitvq_base.py", "base", "base"),
         ("SL", "vitvq_large.py", "small", "large")]
@@ -27,9 +27,9 @@ def main():
   print("|---|---|---|---|---|")
   for name, file, enc, dec in ROWS:
     config = load_config_file(os.path.join(ROOT, "configs", file))
-    model = vitvqgan.ViTVQGAN.from_config(config)
+    model = tokenizer_lib.ViTVQGAN.from_config(config)
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    counts = vitvqgan.count_params_by_stack(
+    counts = tokenizer_lib.count_params_by_stack(
         nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), images)))
     paper = config_base.PAPER_PARAMS_PER_STACK
     print(f"| {name} ({file}) | {counts['encoder'] / 1e6:.1f}M / {paper[enc] / 1e6:.0f}M "
@@ -44,7 +44,7 @@ def main():
     variables = jax.eval_shape(model.init, jax.random.key(0),
                                jax.ShapeDtypeStruct((1, 1024), jnp.int32),
                                jax.ShapeDtypeStruct((1,), jnp.int32))
-    n = vitvqgan.count_params(nn.meta.unbox(variables))
+    n = tokenizer_lib.count_params(nn.meta.unbox(variables))
     print(f"| VIM-{size} (vim_{size}.py) | {n / 1e6:.0f}M / "
           f"{config_base.PAPER_VIM_PARAMS[size] / 1e6:.0f}M |")
 

@@ -7,7 +7,7 @@ the discriminator, as the trainer checkpoints them) into a temporary folder. Eac
 runs in a fresh process and reports the time, the peak RSS of the load (VmHWM, reset just
 before it; Linux) and the RSS it leaves:
 - `full state`: restore the whole train state and keep its params (what consumers did before
-  vim_jax/runs.py);
+  vim_jax/infra/runs.py);
 - `runs.load_tokenizer`: the params (or EMA params) only, decoder included;
 - `without decoder`: encoder and codebook only (enough to tokenize, as stage 2 does).
 """
@@ -35,9 +35,9 @@ before = status("VmHWM")
 start = time.perf_counter()
 if mode == "full state":
   config = runs.read_run_config(workdir, "vitvq")
-  models = stage1.build_models(config)
-  tx, _, disc_tx = stage1.build_optimizers(config)
-  init = stage1.make_init_fn(models, tx, disc_tx, config, 1)
+  models = tokenizer_step.build_models(config)
+  tx, _, disc_tx = tokenizer_step.build_optimizers(config)
+  init = tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1)
   shapes = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"))
@@ -61,14 +61,15 @@ def write_initial_run(config_path: str, workdir: str):
   import jax
   import numpy as np
 
-  from vim_jax import checkpoint, fileio, stage1
+  from vim_jax.infra import checkpoint, fileio
+  from vim_jax.trainers import tokenizer_step
   from vim_jax.main import load_config_file
   config = load_config_file(config_path)
   config.loss.perceptual = 0.0  # LPIPS holds no state; skip its weights file
-  models = stage1.build_models(config)
-  tx, _, disc_tx = stage1.build_optimizers(config)
+  models = tokenizer_step.build_models(config)
+  tx, _, disc_tx = tokenizer_step.build_optimizers(config)
   import flax.linen as nn
-  state = nn.meta.unbox(jax.jit(stage1.make_init_fn(models, tx, disc_tx, config, 1))(
+  state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
       jax.random.key(0)))
   fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort())
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)

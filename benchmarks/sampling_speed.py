@@ -18,7 +18,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import vim_base  # noqa: E402
-from vim_jax import token_sampling  # noqa: E402
+from vim_jax.sampling import autoregressive
 from vim_jax.models import vim as vim_lib  # noqa: E402
 
 
@@ -44,9 +44,9 @@ def main():
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, num_tokens), jnp.int32),
                                       jnp.zeros((1,), jnp.int32)))["params"]
     labels = jnp.arange(batch, dtype=jnp.int32) % config.model.num_classes
-    cfg = token_sampling.SamplingConfig(temperature=1.0)
-    cached = jax.jit(lambda p, l, r: token_sampling.sample_tokens(model, p, l, r, cfg))
-    uncached = jax.jit(lambda p, l, r: token_sampling.sample_tokens_without_cache(model, p, l, r, cfg))
+    cfg = autoregressive.SamplingConfig(temperature=1.0)
+    cached = jax.jit(lambda p, l, r: autoregressive.sample_tokens(model, p, l, r, cfg))
+    uncached = jax.jit(lambda p, l, r: autoregressive.sample_tokens_without_cache(model, p, l, r, cfg))
     t_cached = best_time(cached, params, labels, jax.random.key(1))
     t_full = best_time(uncached, params, labels, jax.random.key(1))
     n = batch * num_tokens

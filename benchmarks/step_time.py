@@ -2,7 +2,7 @@
 
   python benchmarks/step_time.py [--steps 30] [--repeats 3]
 
-Builds each step with the trainers' own functions (vim_jax.stage1 / vim_jax.stage2) on the
+Builds each step with the trainers' own functions (vim_jax.trainers.tokenizer_step / vim_jax.trainers.vim_step) on the
 quickstart configs, runs it on fixed random batches on the default devices, and prints a
 table of milliseconds per step (median of --repeats timed runs of --steps steps, after a
 compile and a warm-up step) for unrolled and scanned layers. Run it on an otherwise idle
@@ -23,16 +23,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import quickstart  # noqa: E402
-from vim_jax import stage1, stage2  # noqa: E402
+from vim_jax.trainers import tokenizer_step, vim_step
 from vim_jax.models import vim as vim_lib  # noqa: E402
 
 
 def stage1_step(config):
-  models = stage1.build_models(config)
-  tx, schedule, disc_tx = stage1.build_optimizers(config)
-  state = nn.meta.unbox(jax.jit(stage1.make_init_fn(models, tx, disc_tx, config, 1))(
+  models = tokenizer_step.build_models(config)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(config)
+  state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
       jax.random.key(0)))
-  step = jax.jit(stage1.make_train_step(models, tx, schedule, disc_tx, config),
+  step = jax.jit(tokenizer_step.make_train_step(models, tx, schedule, disc_tx, config),
                  donate_argnums=(0,))
   s = config.image_size
   batch = {"image": jax.random.uniform(jax.random.key(1), (config.batch_size, s, s, 3),
@@ -42,13 +42,13 @@ def stage1_step(config):
 
 def stage2_step(config, tokens_per_image=64, codebook_size=512):
   model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
-  tx, schedule = stage2.build_optimizer(config)
+  tx, schedule = vim_step.build_optimizer(config)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, tokens_per_image),
                                                                   jnp.int32),
                                     jnp.zeros((1,), jnp.int32)))["params"]
-  state = stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=tx.init(params))
-  step = jax.jit(stage2.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,))
+  step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,))
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, codebook_size,
                                               (config.batch_size, tokens_per_image)), jnp.int32),

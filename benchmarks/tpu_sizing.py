@@ -7,7 +7,7 @@ The first form compiles each config's train step (stage 1 with its full objectiv
 256, stage 2 at batch 1024 tokenizing with ViT-VQGAN Base, as configs/vim_*.py train) for one
 slice, with the config's own defaults (grad_accum_steps, remat), and prints a markdown row per
 config: per-chip HBM (stage 1 with lazy R1: the regular step's, and the R1 step's total) and
-the share left free, model and hardware TFLOP per chip per step (vim_jax/flops.py), step time
+the share left free, model and hardware TFLOP per chip per step (vim_jax/infra/flops.py), step time
 and images/s at 40% MFU, the paper's throughput and the MFU it needs, and the compile time.
 
 --smallest walks each generation's slices up from its smallest to 64 chips and reports the
@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vim_jax import tpu_slices  # noqa: E402
+from vim_jax.infra import tpu_slices
 
 CONFIGS = {  # name: (config file, global batch)
     "ss": ("configs/vitvq_small.py", 256),

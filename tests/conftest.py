@@ -125,14 +125,14 @@ def tokenizer_dir(tmp_path_factory):
   """A tiny stage-1 run (4 steps, no GAN)."""
   import jax
   from configs import vitvq_base
-  from vim_jax import train_vitvq
+  from vim_jax.trainers import tokenizer as tokenizer_trainer
   config = vitvq_base.get_config("tiny")
   config.loss.adversarial = 0.0
   config.update(total_steps=4, eval_every=4, checkpoint_every=4, num_eval_images=16)
   workdir = str(tmp_path_factory.mktemp("tok"))
   # The session's runs train on one device: 8 virtual devices on 2 cores only cost time here
   # (the mesh tests compare 8 devices against 1).
-  train_vitvq.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  tokenizer_trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
 
 
@@ -148,9 +148,9 @@ def tiny_vim_config(tokenizer_dir, steps=2):
 def vim_dir(tokenizer_dir, tmp_path_factory):
   """A tiny class-conditional VIM run (3 steps) on tokenizer_dir."""
   import jax
-  from vim_jax import train_vim
+  from vim_jax.trainers import vim as vim_trainer
   workdir = str(tmp_path_factory.mktemp("vim"))
-  train_vim.train_and_evaluate(tiny_vim_config(tokenizer_dir, steps=3), workdir,
+  vim_trainer.train_and_evaluate(tiny_vim_config(tokenizer_dir, steps=3), workdir,
                                devices=jax.devices()[:1])
   return workdir
 
@@ -160,11 +160,11 @@ def classifier_dir(tmp_path_factory):
   """A tiny classifier run (5 steps) on the shapes data."""
   from configs import classifier as classifier_config
   import jax
-  from vim_jax import train_classifier
+  from vim_jax.trainers import classifier as classifier_trainer
   config = classifier_config.get_config()
   config.update(total_steps=5, num_eval_images=32)
   workdir = str(tmp_path_factory.mktemp("cls"))
-  train_classifier.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  classifier_trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
 
 

@@ -2,7 +2,7 @@
 loopback port, in a subprocess, with the fixes the clients we use need.
 
 `GcsEmulator()` starts it (one bucket, in memory) and `stop()`s it; `env()` is the environment
-a command needs to use it (only $STORAGE_EMULATOR_HOST: vim_jax/storage.py derives the rest);
+a command needs to use it (only $STORAGE_EMULATOR_HOST: vim_jax/infra/storage.py derives the rest);
 `objects()` lists the bucket through the JSON API, independently of every client under test.
 
 Run as a script, this file is the server: `python tests/gcs_emulator.py start --host 127.0.0.1

@@ -1,6 +1,6 @@
 """The reported metrics computed here in float64 numpy / scipy from their definitions, as
 pytorch-fid and the improved-GAN Inception Score code compute them, independently of
-vim_jax.fid's streaming moments and eigenvalue route."""
+vim_jax.evaluators.fid's streaming moments and eigenvalue route."""
 
 import warnings
 

@@ -24,9 +24,9 @@ def reference_config():
 
 def main(coordinator: str, process_id: int, inception_file: str, out: str):
   jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
-  from vim_jax import fid, reported_metrics
+  from vim_jax.evaluators import fid, paper_metrics
   extractor = fid.FeatureExtractor(inception_file, batch_size=8)
-  stats = reported_metrics.reference_stats(reference_config(), extractor)
+  stats = paper_metrics.reference_stats(reference_config(), extractor)
   if jax.process_index() == 0:
     stats.save(out)
 

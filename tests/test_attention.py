@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import parallel
+from vim_jax.infra import parallel
 from vim_jax.models import attention, transformer
 
 

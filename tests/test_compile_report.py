@@ -52,7 +52,7 @@ def test_cli_reports_a_stage1_config_without_weights_or_data():
 # --- Compiled for real TPU slices by libtpu (compile-only devices; no TPU needed) -------------
 
 def test_slice_names_give_chips_and_torus_shapes():
-  from vim_jax import tpu_slices
+  from vim_jax.infra import tpu_slices
   expected = {"v4-8": (4, "v4:2x2x1"), "v4-32": (16, "v4:2x2x4"), "v4-128": (64, "v4:4x4x4"),
               "v4-256": (128, "v4:4x4x8"), "v5p-64": (32, "v5p:2x4x4"), "v5e-8": (8, "v5e:2x4"),
               "v5litepod-16": (16, "v5e:4x4"), "v6e-64": (64, "v6e:8x8"), "v5e-1": (1, "v5e:1x1")}
@@ -111,7 +111,8 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
   compiler is deterministic); stage 1 is compiled once, here, and printed as the CLI prints
   (its CLI path: test_cli_reports_a_stage1_config_without_weights_or_data)."""
   from configs import vim_large, vitvq_base
-  from vim_jax import compile_report, tpu_slices
+  from vim_jax import compile_report
+  from vim_jax.infra import tpu_slices
   spec = tpu_slices.parse("v4-8")
   devices = tpu_slices.compile_only_devices(spec)
   stage1 = vitvq_base.get_config("tiny")
@@ -151,7 +152,8 @@ def test_splash_attention_compiles_into_the_tpu_program():
   """attention='auto' picks the Pallas splash kernel on TPU (sequence a multiple of 128): the
   compiled program calls the Mosaic kernel; with 'xla' it does not."""
   from configs import vim_base
-  from vim_jax import compile_report, tpu_slices
+  from vim_jax import compile_report
+  from vim_jax.infra import tpu_slices
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   config = vim_base.get_config("tiny")
   config.data.source = "tokens"
@@ -186,20 +188,20 @@ def test_decode_step_is_the_samplers_loop_body():
   import jax.numpy as jnp
 
   from configs import vim_base
-  from vim_jax import token_sampling
+  from vim_jax.sampling import autoregressive
   from vim_jax.models import vim as vim_lib
   config = vim_base.get_config("tiny")
   model = vim_lib.VIM.from_config(config, vocab_size=32, num_tokens=16)
   labels = jnp.array([0, 3, 5], jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
                                     labels[:1]))["params"]
-  sampling = token_sampling.SamplingConfig(temperature=1.0, top_k=8, guidance_scale=2.0)
+  sampling = autoregressive.SamplingConfig(temperature=1.0, top_k=8, guidance_scale=2.0)
   rng = jax.random.key(7)
-  expected = token_sampling.sample_tokens(model, params, labels, rng, sampling)
-  unrolled, params = token_sampling.decoding_layout(model, params)
-  step = jax.jit(token_sampling.make_decode_step(unrolled, sampling))
+  expected = autoregressive.sample_tokens(model, params, labels, rng, sampling)
+  unrolled, params = autoregressive.decoding_layout(model, params)
+  step = jax.jit(autoregressive.make_decode_step(unrolled, sampling))
   rows = jnp.stack([labels, jnp.full_like(labels, model.null_label)], 1).reshape(-1)
-  cache, previous = token_sampling.init_cache(unrolled, 6), jnp.zeros((6,), jnp.int32)
+  cache, previous = autoregressive.init_cache(unrolled, 6), jnp.zeros((6,), jnp.int32)
   tokens = jnp.zeros((3, 16), jnp.int32)
   for index in range(16):
     cache, previous, tokens = step(params, cache, previous, rows, tokens, jnp.int32(index), rng)
@@ -221,7 +223,8 @@ def test_sampler_report_equals_its_closed_forms_on_8_cpu_devices():
   formula."""
   import jax
 
-  from vim_jax import compile_report, tpu_slices
+  from vim_jax import compile_report
+  from vim_jax.infra import tpu_slices
   config, tokenizer = _tiny_stage2(guidance_scale=2.0)
   numbers = compile_report.sample_report(config, jax.devices()[:8], batch_size=16,
                                          tokenizer_config=tokenizer)
@@ -258,7 +261,7 @@ def test_the_decode_loop_state_is_read_in_the_tpus_tiled_layout():
   """A TPU pads the dims a tile covers: a [32 sequences, 32 heads, 64, 1024 positions] bf16
   cache with head_dim minor-most takes 128 lanes per head (twice its size); with the batch
   minor-most (128 sequences) nothing is padded. The decode loop is the largest while loop."""
-  from vim_jax import hlo_stats
+  from vim_jax.infra import hlo_stats
   mib, size = 2**20, hlo_stats.array_bytes
   assert size("bf16", (32, 32, 64, 1024), (2, 0, 1, 3), (8, 128)) == 256 * mib
   assert size("bf16", (128, 16, 96, 1024), (0, 2, 1, 3), (8, 128)) == 384 * mib

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import REPO_ROOT
 from run_files import cli_env
-from vim_jax import config_checks
+from vim_jax.infra import config_checks
 
 CONFIG_FILES = ("vitvq_base.py", "vitvq_small.py", "vitvq_large.py", "vim_base.py",
-                "vim_large.py", "classifier.py", "quickstart.py", "enhancing_vitvq_base.py",
+                "vim_large.py", "classifier.py", "trainers/quickstart.py", "enhancing_vitvq_base.py",
                 "enhancing_vitvq_small.py")
 
 
@@ -51,7 +51,7 @@ def test_each_bad_value_is_named_with_what_it_must_be():
                 **{f: (0, -2) for f in config_checks.COUNT_OR_ALL},
                 **{f: (-1,) for f in config_checks.PERIOD_OR_OFF}}
   checked = set()
-  for name in ("vitvq_base.py", "vim_base.py", "classifier.py", "quickstart.py"):
+  for name in ("vitvq_base.py", "vim_base.py", "classifier.py", "trainers/quickstart.py"):
     for field, values in bad_values.items():
       for value in values:
         config = _load(name)
@@ -74,11 +74,11 @@ def test_each_bad_value_is_named_with_what_it_must_be():
 
 @pytest.mark.parametrize("field,value,words", [
     ("acceptance", 0.0, "in (0, 1]"), ("acceptance", 1.5, "in (0, 1]"),
-    ("stage2.label_dropout", 1.0, "in [0, 1)"), ("stage2.sampling.temperature", -0.5, ">= 0"),
-    ("stage2.sampling.top_k", -1, "a whole number >= 0"), ("stage2.sampling.top_p", 0.0, "in (0, 1]")])
+    ("vim_step.label_dropout", 1.0, "in [0, 1)"), ("vim_step.sampling.temperature", -0.5, ">= 0"),
+    ("vim_step.sampling.top_k", -1, "a whole number >= 0"), ("vim_step.sampling.top_p", 0.0, "in (0, 1]")])
 def test_ranges_and_the_quickstart_stages_are_checked_at_once(field, value, words):
   """The quickstart's stage configs are checked before stage 1 trains."""
-  config = _load("quickstart.py")
+  config = _load("trainers/quickstart.py")
   _set(config, field, value)
   config.stage1.eval_every = 0  # every problem is listed, not only the first
   with pytest.raises(config_checks.ConfigValueError) as error:
@@ -89,11 +89,11 @@ def test_ranges_and_the_quickstart_stages_are_checked_at_once(field, value, word
 
 def test_trainers_refuse_before_writing_anything(tmp_path):
   from configs import vim_base
-  from vim_jax import train_vim
+  from vim_jax.trainers import vim as vim_trainer
   config = vim_base.get_config("tiny")
   config.update(eval_every=0, tokenizer_workdir=str(tmp_path / "no_tokenizer"))
   with pytest.raises(config_checks.ConfigValueError, match="config.eval_every=0"):
-    train_vim.train_and_evaluate(config, str(tmp_path / "run"))
+    vim_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
@@ -120,11 +120,11 @@ def test_cli_says_which_field_and_exits_before_start_up(tmp_path):
 
 def test_an_unknown_dropout_prng_is_named_with_the_choices():
   """config.dropout_rng (stage 1, stage 2, and the quickstart's stages) takes the names in
-  vim_jax/prng.py alone; a misspelt one stops the run at start, naming it and the choices."""
-  from vim_jax import prng
+  vim_jax/infra/prng.py alone; a misspelt one stops the run at start, naming it and the choices."""
+  from vim_jax.infra import prng
   for name, field in (("vitvq_base.py", "dropout_rng"), ("vim_base.py", "dropout_rng"),
-                      ("quickstart.py", "stage1.dropout_rng"),
-                      ("quickstart.py", "stage2.dropout_rng")):
+                      ("trainers/quickstart.py", "tokenizer_step.dropout_rng"),
+                      ("trainers/quickstart.py", "vim_step.dropout_rng")):
     config = _load(name)
     _set(config, field, "philox")
     with pytest.raises(config_checks.ConfigValueError) as error:

@@ -14,7 +14,7 @@ from vim_jax import config_base
 from vim_jax.main import load_config_file
 from vim_jax.models import classifier as classifier_lib
 from vim_jax.models import vim as vim_lib
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 from conftest import REPO_ROOT
 
@@ -34,7 +34,7 @@ def _abstract_counts(config):
   if config.trainer == "classifier":
     model = classifier_lib.ConvClassifier(6, tuple(config.model.widths))
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    return {"classifier": vitvqgan.count_params(jax.eval_shape(model.init, jax.random.key(0),
+    return {"classifier": tokenizer_lib.count_params(jax.eval_shape(model.init, jax.random.key(0),
                                                                  images))}
   if config.trainer == "vim":
     grid = config.image_size // (4 if config.image_size == 32 else 8)
@@ -42,17 +42,17 @@ def _abstract_counts(config):
     tokens = jax.ShapeDtypeStruct((1, grid * grid), jnp.int32)
     labels = jax.ShapeDtypeStruct((1,), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.key(0), tokens, labels)
-    return {"vim": vitvqgan.count_params(nn.meta.unbox(variables))}
-  model = vitvqgan.ViTVQGAN.from_config(config)
+    return {"vim": tokenizer_lib.count_params(nn.meta.unbox(variables))}
+  model = tokenizer_lib.ViTVQGAN.from_config(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return vitvqgan.count_params_by_stack(nn.meta.unbox(variables))
+  return tokenizer_lib.count_params_by_stack(nn.meta.unbox(variables))
 
 
 # Every config with no variant, and the :tiny variant of each config that has one.
 CONFIG_ARGS = [p for p in CONFIGS] + [p + ":tiny" for p in CONFIGS
                                       if os.path.basename(p).startswith(("vitvq", "vim"))]
-CONFIG_ARGS += [p + ":stage1" for p in CONFIGS if p.endswith("quickstart.py")]
+CONFIG_ARGS += [p + ":stage1" for p in CONFIGS if p.endswith("trainers/quickstart.py")]
 
 
 @pytest.mark.parametrize("spec", CONFIG_ARGS, ids=os.path.basename)
@@ -137,15 +137,15 @@ def test_vim_paper_sizes_and_parameter_counts(size):
 def test_sampling_batch_is_sequences_per_chip(size):
   """config.sampling.batch_size counts sequences decoded per chip (what fills its memory: the
   KV cache); with guidance each image is two, so the global batch of images halves."""
-  from vim_jax import stage2
+  from vim_jax.trainers import vim_step
   config = load_config_file(os.path.join(REPO_ROOT, "configs", f"vim_{size}.py"))
   per_chip = config_base.SAMPLING_BATCH_PER_CHIP[size]
   assert config.sampling.batch_size == per_chip and per_chip % 2 == 0
-  assert stage2.sampling_batch_size(config, 64) == 64 * per_chip  # a v4-128
+  assert vim_step.sampling_batch_size(config, 64) == 64 * per_chip  # a v4-128
   config.sampling.guidance_scale = 2.0
-  assert stage2.sampling_batch_size(config, 64) == 64 * per_chip // 2
+  assert vim_step.sampling_batch_size(config, 64) == 64 * per_chip // 2
   config.model.num_classes = 0  # unconditional: no null-class half to decode
-  assert stage2.sampling_batch_size(config, 4) == 4 * per_chip
+  assert vim_step.sampling_batch_size(config, 4) == 4 * per_chip
 
 
 def _run_main(args, timeout=300):
@@ -178,7 +178,7 @@ def _event_tags(workdir):
 
 def test_granules_group_devices_by_slice_then_process():
   from types import SimpleNamespace as D
-  from vim_jax import parallel
+  from vim_jax.infra import parallel
   by_slice = [D(id=i, slice_index=i // 2, process_index=i // 4) for i in range(8)]
   assert [[d.id for d in g] for g in parallel.granules(by_slice)] == [[0, 1], [2, 3], [4, 5],
                                                                       [6, 7]]
@@ -189,7 +189,7 @@ def test_granules_group_devices_by_slice_then_process():
 def test_dcn_mesh_needs_as_many_slices_as_asked():
   import jax
   import pytest
-  from vim_jax import parallel
+  from vim_jax.infra import parallel
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
                                    dcn_tensor=1))
   assert mesh.devices.size == jax.device_count()
@@ -200,6 +200,6 @@ def test_dcn_mesh_needs_as_many_slices_as_asked():
 
 def test_granules_fall_back_to_processes_within_one_slice():
   from types import SimpleNamespace as D
-  from vim_jax import parallel
+  from vim_jax.infra import parallel
   one_slice = [D(id=i, slice_index=0, process_index=i // 2) for i in range(4)]
   assert [[d.id for d in g] for g in parallel.granules(one_slice)] == [[0, 1], [2, 3]]

@@ -244,7 +244,7 @@ def test_simple_style_uses_the_palette_and_solid_backgrounds():
 def test_images_cross_as_uint8_and_are_scaled_on_the_device():
   """The pipeline's uint8 batches become float32 in [-1, 1] on the devices, sharded over the
   batch axes like any batch (a quarter of float32's host-to-device bytes)."""
-  from vim_jax import parallel
+  from vim_jax.infra import parallel
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
   images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
   images[0, 0, 0] = [0, 128, 255]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import losses
+from vim_jax.trainers import losses
 from vim_jax.models import discriminator as disc_lib
 
 

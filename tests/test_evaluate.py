@@ -15,7 +15,12 @@ import metric_reference
 import readme_commands
 import run_files
 from conftest import REPO_ROOT, tiny_vim_config
-from vim_jax import fid, generation, reported_metrics, runs, stage2, train_vim, train_vitvq
+from vim_jax.evaluators import fid, paper_metrics
+from vim_jax.infra import runs
+from vim_jax.sampling import generation
+from vim_jax.trainers import vim_step
+from vim_jax.trainers import tokenizer as tokenizer_trainer
+from vim_jax.trainers import vim as vim_trainer
 
 STAGE1_METRICS = ("rfid_vs_shapes_eval", "is_of_reconstructions", "is_of_reconstructions_std",
                   "psnr", "ssim", "l1", "l2", "codebook_usage", "codebook_usage_per_256",
@@ -25,7 +30,7 @@ STAGE1_METRICS = ("rfid_vs_shapes_eval", "is_of_reconstructions", "is_of_reconst
 def _one_device():
   """The CLI's layout (one device, as a user's shell), so that the recomputations below run
   the programs the CLI compiled: read back from the suite's compilation cache."""
-  from vim_jax import parallel
+  from vim_jax.infra import parallel
   return parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
@@ -55,12 +60,12 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   # The values, recomputed here: the eval images through the tokenizer, Inception features,
   # then FID, IS, usage and PSNR from their definitions (tests/metric_reference.py).
   from vim_jax.data import preprocess
-  from vim_jax.models import vitvqgan
+  from vim_jax.models import tokenizer as tokenizer_lib
   tok = runs.load_tokenizer(tokenizer_dir)
   images = run_files.eval_images(tok.config)
   outputs = tok.model.apply({"params": tok.params}, images)
   indices = tok.model.apply({"params": tok.params}, images,
-                            method=vitvqgan.ViTVQGAN.encode_to_indices)
+                            method=tokenizer_lib.ViTVQGAN.encode_to_indices)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16, mesh=_one_device())
   real_pool, _ = extractor(preprocess.to_uint8(images))
   recon = np.asarray(outputs["reconstruction"], np.float64)
@@ -80,7 +85,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   # The eval split against itself, featurized in two separate passes (the CLI's saved
   # statistics and one here): FID ~ 0.
   config = runs.read_run_config(tokenizer_dir, "vitvq")
-  here = reported_metrics.reference_stats(config, extractor)
+  here = paper_metrics.reference_stats(config, extractor)
   assert here.num_images == 16 and here.description == "shapes_eval"
   saved = fid.FeatureStats.load(real_path)
   self_fid = fid.fid_from_stats(saved, here)
@@ -107,7 +112,7 @@ def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir,
   readme_commands.put_inception_weights(root, inception_files["flax"])
   trained = runs.load_vim(vim_dir)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16, mesh=_one_device())
-  real_batches, _ = reported_metrics.eval_split_images(trained.config, 16)
+  real_batches, _ = paper_metrics.eval_split_images(trained.config, 16)
   real_pool, _ = extractor(np.concatenate(list(real_batches)))
   real = np.asarray(real_pool, np.float64)
   np.savez(os.path.join(root, "VIRTUAL_imagenet256_labeled.npz"), mu=real.mean(0),
@@ -127,7 +132,7 @@ def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir,
   assert fid_key in results, sorted(results)
 
   labels = generation.requested_labels(12, trained.model.num_classes, "")
-  sampling = stage2.sampling_config_from(trained.config)
+  sampling = vim_step.sampling_config_from(trained.config)
   sampler = generation.Sampler(trained, sampling, 16, mesh=_one_device())
   samples = np.concatenate(list(sampler.batches(labels, 0)))
   classifier, cparams = runs.load_classifier(classifier_dir)
@@ -153,17 +158,17 @@ def test_stage2_evaluate_cli_with_and_without_rejection(vim_dir, classifier_dir,
 def test_results_files_and_reference_labels(vim_dir, inception_files, tmp_path):
   trained = runs.load_vim(vim_dir)
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
-  reference = reported_metrics.reference_stats(trained.config, extractor, max_images=16)
-  results = {"fid_vs_shapes_eval": reported_metrics.metric(1.5, 12, "shapes_eval")}
+  reference = paper_metrics.reference_stats(trained.config, extractor, max_images=16)
+  results = {"fid_vs_shapes_eval": paper_metrics.metric(1.5, 12, "shapes_eval")}
   # The JSON and TensorBoard writer.
-  path = reported_metrics.write_results(str(tmp_path), 3, results, {"workdir": vim_dir})
+  path = paper_metrics.write_results(str(tmp_path), 3, results, {"workdir": vim_dir})
   assert json.load(open(path))["metrics"]["fid_vs_shapes_eval"] == {
       "value": 1.5, "num_images": 12, "against": "shapes_eval"}
   # A statistics file names the reference in the metric names.
   stats_path = str(tmp_path / "ref.npz")
   reference.save(stats_path)
-  loaded = reported_metrics.reference_stats(trained.config, extractor, stats_path)
-  assert reported_metrics.reference_label_for(stats_path, trained.config, loaded) == "shapes_eval"
+  loaded = paper_metrics.reference_stats(trained.config, extractor, stats_path)
+  assert paper_metrics.reference_label_for(stats_path, trained.config, loaded) == "shapes_eval"
 
 
 def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception_files,
@@ -174,10 +179,10 @@ def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception
   tiny_config.loss.adversarial = 0.0
   tiny_config.update(total_steps=2, eval_every=100, checkpoint_every=100, num_eval_images=16)
   tiny_config.fid.update(every=2, inception_weights=inception_files["flax"], batch_size=16)
-  result = train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "tok"),
+  result = tokenizer_trainer.train_and_evaluate(tiny_config, str(tmp_path / "tok"),
                                           devices=jax.devices()[:1])
   extractor = fid.FeatureExtractor(inception_files["flax"], batch_size=16)
-  expected, _ = reported_metrics.evaluate_tokenizer(runs.load_tokenizer(str(tmp_path / "tok")),
+  expected, _ = paper_metrics.evaluate_tokenizer(runs.load_tokenizer(str(tmp_path / "tok")),
                                                     extractor)
   for key in ("rfid_vs_shapes_eval", "is_of_reconstructions", "psnr"):
     assert result.eval_metrics[key] == pytest.approx(expected[key]["value"], rel=1e-4), key
@@ -187,15 +192,15 @@ def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception
   config.sampling.temperature = 0.0
   config.fid.update(every=2, num_images=10, inception_weights=inception_files["flax"],
                     batch_size=16)
-  result = train_vim.train_and_evaluate(config, str(tmp_path / "vim"), devices=jax.devices()[:1])
+  result = vim_trainer.train_and_evaluate(config, str(tmp_path / "vim"), devices=jax.devices()[:1])
   trained = runs.load_vim(str(tmp_path / "vim"))
-  sample = jax.jit(stage2.make_sample_fn(trained.model, trained.tokenizer.model,
-                                         stage2.sampling_config_from(config)))
+  sample = jax.jit(vim_step.make_sample_fn(trained.model, trained.tokenizer.model,
+                                         vim_step.sampling_config_from(config)))
   labels = np.resize(np.arange(6, dtype=np.int32), 16)  # class-balanced, padded to the batch
   images = preprocess.to_uint8(np.asarray(sample(trained.params, trained.tokenizer.params,
                                                  labels, jax.random.key(0))))[:10]
   pool, probs = extractor(images)
-  real_batches, total = reported_metrics.eval_split_images(config)
+  real_batches, total = paper_metrics.eval_split_images(config)
   real = np.concatenate(list(real_batches))
   assert len(real) == total == 32
   real_pool = np.concatenate([extractor(real[i:i + 16])[0] for i in range(0, total, 16)])
@@ -208,17 +213,17 @@ def test_trainers_compute_fid_periodically(tiny_config, tokenizer_dir, inception
 def test_missing_inception_weights_stop_the_run_at_start(tiny_config, tmp_path):
   tiny_config.fid.update(every=2, inception_weights=str(tmp_path / "missing.msgpack"))
   with pytest.raises(FileNotFoundError, match="convert_inception"):
-    train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    tokenizer_trainer.train_and_evaluate(tiny_config, str(tmp_path / "run"))
   assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*"))
 
 
 def test_evaluate_names_what_it_compares_against():
   from configs import vitvq_base
   config = vitvq_base.get_config()
-  assert reported_metrics.data_label(config.data) == "imagenet2012_validation"
+  assert paper_metrics.data_label(config.data) == "imagenet2012_validation"
   config.data.update(source="tokens")
   with pytest.raises(ValueError, match="--reference_stats"):
-    reported_metrics.data_label(config.data)
+    paper_metrics.data_label(config.data)
   # N(0, I) against N(1, I) in 2-D: only the means differ, ||0 - 1||^2 = 2.
   assert fid.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)) == pytest.approx(2.0)
 
@@ -230,14 +235,14 @@ def test_gfid_of_an_imagenet_run_warns_without_the_papers_reference(caplog, tmp_
   from vim_jax.data import sources
   config = vim_base.get_config()
   config.data.data_dir = str(tmp_path / "tfds")  # nothing prepared there
-  warning = reported_metrics.not_the_papers_protocol(config, "")
+  warning = paper_metrics.not_the_papers_protocol(config, "")
   for part in ("imagenet2012_validation", "50,000 samples", "VIRTUAL_imagenet256_labeled.npz",
-               "--reference_stats", reported_metrics.ADM_IMAGENET256_REFERENCE):
+               "--reference_stats", paper_metrics.ADM_IMAGENET256_REFERENCE):
     assert part in warning
-  assert reported_metrics.not_the_papers_protocol(config, "ref.npz") is None
+  assert paper_metrics.not_the_papers_protocol(config, "ref.npz") is None
   with caplog.at_level(logging.WARNING), pytest.raises(sources.DatasetNotPreparedError):
-    reported_metrics.reference_stats(config, extractor=None)
+    paper_metrics.reference_stats(config, extractor=None)
   assert warning in caplog.text
   shapes = vim_base.get_config("tiny")
   assert shapes.data.source == "shapes"
-  assert reported_metrics.not_the_papers_protocol(shapes, "") is None
+  assert paper_metrics.not_the_papers_protocol(shapes, "") is None

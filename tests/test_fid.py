@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from vim_jax import fid
+from vim_jax.evaluators import fid
 
 
 def _random_cov(rng, dim, rank=None):

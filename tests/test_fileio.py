@@ -2,7 +2,7 @@
 
 What this proves and what it cannot:
 - `test_no_module_opens_paths_around_the_path_layer` reads every module of the package and
-  fails on a builtin open / os / glob / numpy file call outside `vim_jax/fileio.py` and a short,
+  fails on a builtin open / os / glob / numpy file call outside `vim_jax/infra/fileio.py` and a short,
   reasoned allowlist. It cannot see a path handed to a third-party library.
 - The `object_store` fixture serves gs:// from a folder through etils.epath's backend hook, so
   every writer and reader we own runs against a store that is not the local path it names, from
@@ -23,7 +23,8 @@ from etils.epath import gpath
 from PIL import Image
 
 from conftest import REPO_ROOT
-from vim_jax import fid, fileio, runs, visualize
+from vim_jax.evaluators import fid
+from vim_jax.infra import fileio, runs, visualize
 from vim_jax.data import sources
 from vim_jax.models import inception, lpips
 from vim_jax.tools import weights_io
@@ -35,7 +36,7 @@ FILE_CALLS = {"open", "os.makedirs", "os.mkdir", "os.path.exists", "os.path.isdi
               "np.load", "shutil.rmtree", "shutil.copy", "shutil.move", "shutil.disk_usage",
               "Image.open"}
 ALLOWED = {
-    "vim_jax/fileio.py": "the path layer itself (np.load of a local file, for mmap)",
+    "vim_jax/infra/fileio.py": "the path layer itself (np.load of a local file, for mmap)",
     "vim_jax/data/sources.py": "FolderSource reads a local folder of images (data.folder); "
                                "datasets on GCS go through tfds",
     "vim_jax/tools/prepare_data.py": "checks the manual tars and the local disk's free space; "
@@ -60,7 +61,7 @@ def test_no_module_opens_paths_around_the_path_layer():
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.Call) and _dotted(node.func) in FILE_CALLS:
         offenders.append(f"{rel}:{node.lineno}: {_dotted(node.func)}(...)")
-  assert not offenders, ("use vim_jax.fileio (local and gs:// alike) instead of:\n" +
+  assert not offenders, ("use vim_jax.infra.fileio (local and gs:// alike) instead of:\n" +
                          "\n".join(offenders))
 
 

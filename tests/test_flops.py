@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vim_jax import flops
+from vim_jax.infra import flops
 from vim_jax.models import transformer
 
 
@@ -92,7 +92,7 @@ def test_a_periodic_step_counts_at_its_frequency_and_utilisation_divides_by_the_
   model and hardware FLOP/s over the device's peak, and absent without a known peak."""
   import time
 
-  from vim_jax import train_lib
+  from vim_jax.trainers import train_lib
   regular, periodic = flops.StepFlops(8.0, 10.0), flops.StepFlops(12.0, 18.0)
   assert flops.mean_over_cycle(regular, periodic, 4) == flops.StepFlops(9.0, 12.0)
   progress = train_lib.Progress(0, 100, 8, flops.StepFlops(3e12, 4e12), 1, peak_flops=100e12)
@@ -117,7 +117,7 @@ def test_peak_flops_by_device_kind():
 def test_a_jitted_step_traced_before_counts_its_fused_attention():
   """compile_step counts a step jit has already traced with splash (interpret mode here): the
   count is XLA attention's two matmuls, not the uncountable kernel's."""
-  from vim_jax import train_lib
+  from vim_jax.trainers import train_lib
   from vim_jax.models import attention
   q = jnp.zeros((1, 128, 2, 64))
   fn = lambda q: attention.dot_product_attention(q, q, q, causal=False,
@@ -131,7 +131,7 @@ def test_a_jitted_step_traced_before_counts_its_fused_attention():
 def test_compile_step_counts_from_its_own_trace_unless_a_kernel_hides_matmuls():
   """XLA attention: the count comes from the trace jit compiles (no second trace) and equals a
   fresh count; splash: the trace is seen to hold an opaque kernel."""
-  from vim_jax import train_lib
+  from vim_jax.trainers import train_lib
   from vim_jax.models import attention
   q = jnp.zeros((1, 128, 2, 64))
   make = lambda kind: (lambda q: attention.dot_product_attention(

@@ -1,5 +1,5 @@
 """gs:// against a real GCS server (tests/gcs_emulator.py): every command of the pipeline reads
-and writes a bucket through the one switch, $STORAGE_EMULATOR_HOST (vim_jax/storage.py).
+and writes a bucket through the one switch, $STORAGE_EMULATOR_HOST (vim_jax/infra/storage.py).
 
 Every command here runs as a user runs it, in a subprocess whose environment names the server;
 the pytest process itself never points its clients at it (the fake-backend tests in

@@ -1,6 +1,6 @@
 """Which batch rows each host feeds, on the real host layouts of TPU slices (issue 27).
 
-libtpu's compile-only devices (vim_jax/tpu_slices.py) carry the process index of the host that
+libtpu's compile-only devices (vim_jax/infra/tpu_slices.py) carry the process index of the host that
 owns each chip, as on the slice: v4/v5p hosts of 2x2x1 chips, v5e/v6e hosts of 8. Every paper
 config's default mesh and the documented alternatives (launch/README.md, "Mesh layouts") are
 built over them with `parallel.create_mesh`, and the rows `parallel.batch_rows` gives each
@@ -17,7 +17,7 @@ import collections
 import numpy as np
 import pytest
 
-from vim_jax import parallel, tpu_slices
+from vim_jax.infra import parallel, tpu_slices
 from vim_jax.data import pipeline, sources
 
 SLICES = ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v5p-8", "v5p-16", "v5p-32", "v5p-64",

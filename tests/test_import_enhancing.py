@@ -11,7 +11,8 @@ import torch
 
 from conftest import REPO_ROOT
 from enhancing_reference import Tokenizer
-from vim_jax import main, runs
+from vim_jax import main
+from vim_jax.infra import runs
 from vim_jax.tools import import_enhancing
 
 TINY = os.path.join(REPO_ROOT, "configs/enhancing_vitvq_small.py") + ":tiny"
@@ -40,18 +41,18 @@ def _images(n=4, size=64, seed=0):
 
 def test_imported_tokenizer_equals_the_pytorch_model(reference, imported):
   import jax
-  from vim_jax.models import vitvqgan
+  from vim_jax.models import tokenizer as tokenizer_lib
   tok = runs.load_tokenizer(imported)
   assert tok.step == 1234 and tok.config.model.pixel_range == "zero_to_one"
   images, images01 = _images()
   ours = np.asarray(jax.jit(lambda p, x: tok.model.apply(
-      {"params": p}, x, method=vitvqgan.ViTVQGAN.encode_to_indices))(tok.params, images))
+      {"params": p}, x, method=tokenizer_lib.ViTVQGAN.encode_to_indices))(tok.params, images))
   with torch.no_grad():
     theirs = reference.encode_codes(images01).numpy()
     their_recon = reference.decode_codes(torch.from_numpy(theirs)).numpy()
   equal = float(np.mean(ours.reshape(len(images), -1) == theirs))
   recon = np.asarray(jax.jit(lambda p, i: tok.model.apply(
-      {"params": p}, i, method=vitvqgan.ViTVQGAN.decode_from_indices))(tok.params, ours))
+      {"params": p}, i, method=tokenizer_lib.ViTVQGAN.decode_from_indices))(tok.params, ours))
   expected = their_recon.transpose(0, 2, 3, 1) * 2 - 1  # their [0, 1] output in our [-1, 1]
   worst = float(np.abs(recon - expected).max())
   print(f"\nequal code indices: {equal:.4f} of {theirs.size}; max |reconstruction difference| "

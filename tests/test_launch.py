@@ -207,7 +207,7 @@ def test_stop_command_signals_the_run_not_itself_and_waits_for_the_checkpoint(tm
 def test_slurm_runs_one_process_per_gpu_and_each_takes_its_gpu():
   script = open(os.path.join(REPO_ROOT, "launch", "slurm_gpu.sbatch")).read()
   assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --gpus-per-task=1" in script
-  from vim_jax import distributed
+  from vim_jax.infra import distributed
   # Bound to one GPU per task: that GPU is device 0 of the process.
   assert distributed.local_device_ids_for_task({"CUDA_VISIBLE_DEVICES": "5"}) == [0]
   # Every GPU visible (no binding): JAX's own choice, GPU SLURM_LOCALID.
@@ -216,7 +216,7 @@ def test_slurm_runs_one_process_per_gpu_and_each_takes_its_gpu():
 
 
 def test_distributed_auto_starts_only_for_several_tasks_or_a_coordinator():
-  from vim_jax import distributed
+  from vim_jax.infra import distributed
   auto = lambda environ, coordinator=None: distributed.wants_distributed("auto", coordinator,
                                                                         environ)
   assert not auto({})

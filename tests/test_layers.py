@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import checkpoint, parallel
+from vim_jax.infra import checkpoint, parallel
 from vim_jax.models import transformer
 
 CONFIG = transformer.StackConfig(num_layers=3, width=32, num_heads=2, head_dim=16, mlp_dim=64,

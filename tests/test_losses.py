@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vim_jax import image_metrics, losses
+from vim_jax.evaluators import image_metrics
+from vim_jax.trainers import losses
 
 
 def _images(seed, shape=(2, 16, 16, 3)):

@@ -80,15 +80,15 @@ def test_a_bfloat16_tokenizer_reports_float32_lpips(converted, tiny_config):
   at full precision. A bf16 VGG, what the model's dtype gave it before, is off by 2e-4 with
   these random weights: 10x the tolerance, so the check tells them apart."""
   import flax.linen as nn
-  from vim_jax import stage1
+  from vim_jax.trainers import tokenizer_step
   tiny_config.model.dtype = "bfloat16"
   tiny_config.perceptual_weights = converted[2]
-  models = stage1.build_models(tiny_config)
+  models = tokenizer_step.build_models(tiny_config)
   assert models.lpips.dtype == jnp.float32
   params = lpips.load_params(converted[2])["params"]
   images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
   tokenizer_params = nn.meta.unbox(jax.jit(models.tokenizer.init)(jax.random.key(1), images))
-  out = jax.jit(stage1.make_eval_step(models))(tokenizer_params["params"], {"image": images},
+  out = jax.jit(tokenizer_step.make_eval_step(models))(tokenizer_params["params"], {"image": images},
                                                params)
   recon = out["reconstruction"].astype(jnp.float32)
   float32 = np.asarray(lpips.LPIPS().apply({"params": params}, images, recon))
@@ -123,11 +123,11 @@ def test_converter_rejects_wrong_layouts(converted):
 
 
 def test_missing_weights_error_names_path_and_commands(tiny_config, tmp_path):
-  from vim_jax import train_vitvq
+  from vim_jax.trainers import tokenizer as tokenizer_trainer
   tiny_config.loss.perceptual = 0.1
   tiny_config.perceptual_weights = str(tmp_path / "nowhere.msgpack")
   with pytest.raises(FileNotFoundError) as e:
-    train_vitvq.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    tokenizer_trainer.train_and_evaluate(tiny_config, str(tmp_path / "run"))
   assert "nowhere.msgpack" in str(e.value)
   assert "python -m vim_jax.tools.convert_lpips" in str(e.value)
 

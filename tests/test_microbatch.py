@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from run_compare import assert_states_close
-from vim_jax import microbatch, stage1, stage2
+from vim_jax.trainers import microbatch, tokenizer_step, vim_step
 from vim_jax.models import vim as vim_lib
 
 
@@ -41,18 +41,18 @@ def test_stage1_accumulated_update_equals_one_large_batch(tiny_config):
   moved)."""
   tiny_config.update(ema_decay=0.9)
   tiny_config.discriminator.update(lecam_weight=0.1, r1_interval=2)
-  models = stage1.build_models(tiny_config)
-  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
-  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  models = tokenizer_step.build_models(tiny_config)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
+  init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
   state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
   batches = [{"image": jax.random.uniform(jax.random.key(i), (8, 32, 32, 3), minval=-1,
                                           maxval=1)} for i in range(2)]
   results = {}
   for k in (1, 2):
     tiny_config.grad_accum_steps = k
-    variants = stage1.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
+    variants = tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
     results[k] = _run(None, state, batches,
-                      lambda i: variants[stage1.is_r1_step(tiny_config, i)])
+                      lambda i: variants[tokenizer_step.is_r1_step(tiny_config, i)])
   (one, m1), (two, m2) = results[1], results[2]
   for key in ("loss", "grad_norm", "disc/loss", "disc/grad_norm", "disc/r1_penalty"):
     assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-4), key
@@ -71,10 +71,10 @@ def test_stage2_accumulated_update_equals_one_large_batch():
   config = vim_base.get_config("tiny")
   config.model.dropout = 0.0
   model = _tiny_vim()
-  tx, schedule = stage2.build_optimizer(config)
+  tx, schedule = vim_step.build_optimizer(config)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
                                     jnp.zeros((1,), jnp.int32)))["params"]
-  state = stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=tx.init(params))
   rng = np.random.default_rng(0)
   batches = [{"tokens": jnp.asarray(rng.integers(0, 64, (16, 16)), jnp.int32),
@@ -82,7 +82,7 @@ def test_stage2_accumulated_update_equals_one_large_batch():
   results = {}
   for k in (1, 4):
     config.grad_accum_steps = k
-    results[k] = _run(stage2.make_train_step(model, None, tx, schedule, config), state, batches)
+    results[k] = _run(vim_step.make_train_step(model, None, tx, schedule, config), state, batches)
   (one, m1), (four, m4) = results[1], results[4]
   for key in ("loss", "accuracy", "grad_norm"):
     assert float(m4[key]) == pytest.approx(float(m1[key]), rel=1e-5), key

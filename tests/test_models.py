@@ -6,16 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import parallel
-from vim_jax.models import transformer, vitvqgan
+from vim_jax.infra import parallel
+from vim_jax.models import transformer
+from vim_jax.models import tokenizer as tokenizer_lib
 
 
 def test_patchify_round_trip_and_raster_order():
   images = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
-  tokens = vitvqgan.patchify(images, 4)
+  tokens = tokenizer_lib.patchify(images, 4)
   assert tokens.shape == (2, 6, 48)
   np.testing.assert_array_equal(tokens[0, 1], images[0, 0:4, 4:8].reshape(-1))  # row 0, col 1
-  np.testing.assert_array_equal(vitvqgan.unpatchify(tokens, (2, 3), 4), images)
+  np.testing.assert_array_equal(tokenizer_lib.unpatchify(tokens, (2, 3), 4), images)
 
 
 def test_attention_width_is_independent_of_model_width():
@@ -60,7 +61,7 @@ def test_attention_matches_numpy_reference():
 
 
 def test_every_parameter_has_logical_axis_names(tiny_config):
-  model = vitvqgan.ViTVQGAN.from_config(tiny_config)
+  model = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   known = {name for name, _ in parallel.DEFAULT_AXIS_RULES}
@@ -71,7 +72,7 @@ def test_every_parameter_has_logical_axis_names(tiny_config):
 
 
 def test_logit_laplace_head_shapes(tiny_config):
-  model = vitvqgan.ViTVQGAN.from_config(tiny_config)
+  model = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
   images = jnp.zeros((2, 32, 32, 3))
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images))
   out = jax.jit(model.apply)(params, images)
@@ -82,7 +83,7 @@ def test_logit_laplace_head_shapes(tiny_config):
   expected = np.clip((1 / (1 + np.exp(-mu)) - eps) / (1 - 2 * eps), 0, 1) * 2 - 1
   np.testing.assert_allclose(np.asarray(out["reconstruction"]), expected, atol=1e-6)
   tiny_config.model.logit_laplace = False
-  plain = vitvqgan.ViTVQGAN.from_config(tiny_config)
+  plain = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
   out = jax.jit(plain.apply)(nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images)),
                              images)
   assert set(out) >= {"reconstruction", "indices", "vq_loss"} and "mu" not in out
@@ -95,19 +96,19 @@ def test_logit_laplace_reconstruction_inverts_the_squashing(eps):
   x = np.linspace(-1, 1, 41)
   squashed = (x + 1) / 2 * (1 - 2 * eps) + eps  # [-1, 1] -> [eps, 1 - eps]
   mu = np.log(squashed) - np.log1p(-squashed)
-  ours = np.asarray(vitvqgan.logit_laplace_reconstruction(jnp.asarray(mu, jnp.float32), eps))
+  ours = np.asarray(tokenizer_lib.logit_laplace_reconstruction(jnp.asarray(mu, jnp.float32), eps))
   np.testing.assert_allclose(ours, x, atol=2e-6)
-  extreme = vitvqgan.logit_laplace_reconstruction(jnp.array([-50.0, 50.0]), eps)
+  extreme = tokenizer_lib.logit_laplace_reconstruction(jnp.array([-50.0, 50.0]), eps)
   np.testing.assert_array_equal(np.asarray(extreme), [-1.0, 1.0])
 
 
 def test_bad_image_shape_is_a_clear_error(tiny_config):
-  model = vitvqgan.ViTVQGAN.from_config(tiny_config)
+  model = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
   with pytest.raises(ValueError, match=r"expected images of shape \[B, 32, 32, 3\]"):
     model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   tiny_config.image_size = 30
   with pytest.raises(ValueError, match="not a multiple of model.patch_size"):
-    vitvqgan.ViTVQGAN.from_config(tiny_config)
+    tokenizer_lib.ViTVQGAN.from_config(tiny_config)
 
 
 def test_mesh_shape_resolution():
@@ -188,7 +189,7 @@ def test_paper_layout_vitvqgan_matches_a_numpy_forward(tiny_config):
   c.model.update(patch_size=4, codebook_size=16, code_dim=4)
   assert (c.model.position_embedding, c.model.output_ffn, c.model.logit_laplace) == (
       "learned", True, True) and c.model.encoder.scan_layers
-  model = vitvqgan.ViTVQGAN.from_config(c)
+  model = tokenizer_lib.ViTVQGAN.from_config(c)
   images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))["params"]
   leaves, tree = jax.tree.flatten(params)

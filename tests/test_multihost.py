@@ -22,7 +22,8 @@ import jax
 from conftest import REPO_ROOT
 from run_compare import assert_leaves_close
 from run_files import cli_env, event_scalars, free_port, start_processes
-from vim_jax import fileio, main, runs
+from vim_jax import main
+from vim_jax.infra import fileio, runs
 
 STEPS = 8
 
@@ -216,13 +217,13 @@ def test_eval_split_inception_statistics_on_two_processes_match_one(inception_fi
   process. (Before the shares were gathered, jax 0.10 refused the first batch: "ndarray passed
   to device_put is not the same on each process".)"""
   from multihost_fid_stats import reference_config
-  from vim_jax import fid, reported_metrics
+  from vim_jax.evaluators import fid, paper_metrics
   port, out = free_port(), str(tmp_path / "stats.npz")
   script = os.path.join(REPO_ROOT, "tests", "multihost_fid_stats.py")
   start_processes(2, lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
                                  inception_files["flax"], out], str(tmp_path))
   two = fid.FeatureStats.load(out)
-  one = reported_metrics.reference_stats(reference_config(),
+  one = paper_metrics.reference_stats(reference_config(),
                                          fid.FeatureExtractor(inception_files["flax"],
                                                               batch_size=8))
   assert one.num_images == two.num_images == 20

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from vim_jax import optim
+from vim_jax.trainers import optim
 
 LR, WD, B1 = 0.5, 0.1, 0.9
 
@@ -64,7 +64,8 @@ def test_weight_decay_mask_on_the_real_models(scan_layers):
   (2-D when the layers are scanned), position embeddings and the codebook are not."""
   import flax.linen as nn
   from configs import vim_base, vitvq_base
-  from vim_jax.models import discriminator, vim, vitvqgan
+  from vim_jax.models import discriminator, vim
+  from vim_jax.models import tokenizer as tokenizer_lib
   stage1 = vitvq_base.get_config("tiny")
   stage2 = vim_base.get_config("tiny")
   for section in (stage1.model.encoder, stage1.model.decoder, stage2.model):
@@ -72,7 +73,7 @@ def test_weight_decay_mask_on_the_real_models(scan_layers):
   key = jax.random.key(0)
   image = jnp.zeros((1, stage1.image_size, stage1.image_size, 3))
   trees = {
-      "vitvqgan": jax.eval_shape(vitvqgan.ViTVQGAN.from_config(stage1).init, key, image),
+      "vitvqgan": jax.eval_shape(tokenizer_lib.ViTVQGAN.from_config(stage1).init, key, image),
       "vim": jax.eval_shape(vim.VIM.from_config(stage2, 64, 16).init, key,
                             jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,), jnp.int32)),
       "discriminator": jax.eval_shape(discriminator.StyleGANDiscriminator(32, 64, 32).init,

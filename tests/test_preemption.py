@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from vim_jax import runs
+from vim_jax.infra import runs
 
 STEPS = 10
 

@@ -1,4 +1,4 @@
-"""The dropout PRNG switch (config.dropout_rng, vim_jax/prng.py): which implementation each
+"""The dropout PRNG switch (config.dropout_rng, vim_jax/infra/prng.py): which implementation each
 setting gives where, the masks it draws, the libtpu flag, and exact resume under rbg."""
 
 import os
@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from vim_jax import prng, stage2, train_lib, train_vim
+from vim_jax.infra import prng
+from vim_jax.trainers import train_lib, vim_step
+from vim_jax.trainers import vim as vim_trainer
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 
@@ -57,7 +59,7 @@ def test_the_key_follows_the_platform_of_the_mesh_it_is_traced_for():
   a CPU mesh, or with no mesh (the default backend, CPU here), from threefry."""
   from jax.sharding import Mesh
 
-  from vim_jax import tpu_slices
+  from vim_jax.infra import tpu_slices
   config = _config("auto")
   tpu = Mesh(np.array(tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))), ("data",))
   with jax.set_mesh(tpu):
@@ -113,7 +115,7 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
   for setting in ("threefry", "rbg"):
     config = ml_collections.ConfigDict(dict(seed=0, label_dropout=0.3, grad_accum_steps=1,
                                             dropout_rng=setting))
-    step = jax.jit(stage2.make_train_step(model, None, tx, schedule, config))
+    step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
     losses[setting] = [float(step(state.replace(step=jnp.int32(s)), batch, None)[1]["loss"])
                        for s in (0, 0, 1)]
     first, again, next_step = losses[setting]
@@ -157,18 +159,18 @@ def test_resume_is_exact_under_rbg_and_checkpoints_hold_no_key(tokenizer_dir, tm
   config.dropout_rng = "rbg"
   assert config.model.dropout > 0 and config.label_dropout > 0
   one = jax.devices()[:1]
-  straight = train_vim.train_and_evaluate(config, str(tmp_path / "a"), devices=one)
-  train_vim.train_and_evaluate(config, str(tmp_path / "b"), should_stop=lambda s: s == 1,
+  straight = vim_trainer.train_and_evaluate(config, str(tmp_path / "a"), devices=one)
+  vim_trainer.train_and_evaluate(config, str(tmp_path / "b"), should_stop=lambda s: s == 1,
                                devices=one)
   shutil.copytree(tmp_path / "b", tmp_path / "c")
-  resumed = train_vim.train_and_evaluate(config, str(tmp_path / "b"), devices=one)
+  resumed = vim_trainer.train_and_evaluate(config, str(tmp_path / "b"), devices=one)
   assert [m["step"] for m in resumed.train_metrics] == [2, 3]
   assert_same_metrics(straight.train_metrics[1:], resumed.train_metrics, rel=0)
   assert_states_close(straight.state, resumed.state, rel=0.0)
   assert not [x for x in jax.tree.leaves(resumed.state)
               if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
   config.dropout_rng = "threefry"
-  switched = train_vim.train_and_evaluate(config, str(tmp_path / "c"), devices=one)
+  switched = vim_trainer.train_and_evaluate(config, str(tmp_path / "c"), devices=one)
   assert [m["step"] for m in switched.train_metrics] == [2, 3]
   assert switched.train_metrics[0]["loss"] != resumed.train_metrics[0]["loss"]
 
@@ -176,18 +178,18 @@ def test_resume_is_exact_under_rbg_and_checkpoints_hold_no_key(tokenizer_dir, tm
 def test_the_stage1_train_step_draws_dropout_from_the_configs_prng(tiny_config):
   """Stage 1 (encoder dropout on) keys its dropout by config.dropout_rng: the traced step's
   random bits come from an rbg key under 'rbg' and from threefry's under 'threefry'."""
-  from vim_jax import stage1
+  from vim_jax.trainers import tokenizer_step
   tiny_config.model.encoder.dropout = 0.1
   tiny_config.loss.update(perceptual=0.0, adversarial=0.0)
-  models = stage1.build_models(tiny_config)
-  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
-  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  models = tokenizer_step.build_models(tiny_config)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
+  init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
   state = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0)))
   s = tiny_config.image_size
   batch = {"image": jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32)}
   for setting, key_type in (("rbg", "rbg"), ("threefry", "fry")):  # jaxpr's names of the keys
     tiny_config.dropout_rng = setting
-    step = stage1.make_train_step(models, tx, schedule, disc_tx, tiny_config)
+    step = tokenizer_step.make_train_step(models, tx, schedule, disc_tx, tiny_config)
     text = str(jax.make_jaxpr(step)(state, batch, {}))
     assert "random_bits" in text, setting  # dropout is drawn
     assert set(re.findall(r"key<(\w+)>", text)) == {key_type}, setting
@@ -199,7 +201,8 @@ def test_a_compile_for_a_tpu_slice_draws_each_chips_masks_only():
   RngBitGenerator (tpu_slices names the flag), so on 4 data-parallel chips each draws the
   masks of its 16 of the 64 sequences, not the whole batch's (u32[64, ...] then sliced)."""
   from configs import vim_base
-  from vim_jax import compile_report, tpu_slices
+  from vim_jax import compile_report
+  from vim_jax.infra import tpu_slices
   config = vim_base.get_config("tiny")
   config.update(batch_size=64, dropout_rng="rbg")
   config.data.source = "tokens"

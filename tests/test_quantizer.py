@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vim_jax.models import quantizer as quantizer_lib
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 
 def _quantize(l2: bool, z: np.ndarray, k: int = 64):
@@ -138,7 +138,7 @@ def test_tokenizer_gradients_reach_encoder_and_codebook_by_their_terms(tiny_conf
   nothing to them); the encoder's is its output's vector-Jacobian product with the closed form
   of beta x the commitment term plus the decoder's gradient at the codes, carried through the
   latent's normalization."""
-  model = vitvqgan.ViTVQGAN.from_config(tiny_config)
+  model = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
   images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))["params"]
 
@@ -170,7 +170,7 @@ def test_tokenizer_gradients_reach_encoder_and_codebook_by_their_terms(tiny_conf
 
 
 def test_indices_round_trip_through_decode_from_indices(tiny_config):
-  model = vitvqgan.ViTVQGAN.from_config(tiny_config)
+  model = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
   images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))
   out = jax.jit(model.apply)(params, images)
@@ -271,7 +271,7 @@ def test_the_tpu_program_keeps_the_lookup_product_at_highest_precision():
   operands are not converted to bf16 first."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  from vim_jax import tpu_slices
+  from vim_jax.infra import tpu_slices
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   replicated = NamedSharding(Mesh(np.array(devices[:1]), ("data",)), PartitionSpec())
   vq = quantizer_lib.VectorQuantizer(codebook_size=1024, code_dim=32)

@@ -1,9 +1,9 @@
-"""vim_jax/runs.py: params-only restores equal full train-state restores; written runs load.
+"""vim_jax/infra/runs.py: params-only restores equal full train-state restores; written runs load.
 
-The "old path" below is how runs were loaded before runs.py (tokenizer.py, train_vim.load_vim,
-train_classifier.load_classifier): rebuild the whole train state, optimizers and discriminator
+The "old path" below is how runs were loaded before infra/runs.py (tokenizer.py, vim_trainer.load_vim,
+classifier_trainer.load_classifier): rebuild the whole train state, optimizers and discriminator
 included, and restore all of it. The fixture runs are written by the trainers, whose
-checkpoint layout runs.py must keep reading.
+checkpoint layout infra/runs.py must keep reading.
 """
 
 import shutil
@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, fileio, parallel, runs, stage1, stage2
+from vim_jax.infra import checkpoint, fileio, parallel, runs
+from vim_jax.trainers import tokenizer_step, vim_step
 from vim_jax.models import classifier as classifier_lib
 
 
@@ -39,9 +40,9 @@ def _assert_trees_equal(a, b):
 
 def test_tokenizer_params_equal_the_full_train_state_restore(tokenizer_dir):
   config = runs.read_run_config(tokenizer_dir, "vitvq")
-  models = stage1.build_models(config)
-  tx, _, disc_tx = stage1.build_optimizers(config)
-  full = _full_restore(tokenizer_dir, stage1.make_init_fn(models, tx, disc_tx, config, 1))
+  models = tokenizer_step.build_models(config)
+  tx, _, disc_tx = tokenizer_step.build_optimizers(config)
+  full = _full_restore(tokenizer_dir, tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))
   tok = runs.load_tokenizer(tokenizer_dir)
   assert tok.step == 4 and tok.has_decoder
   _assert_trees_equal(tok.params, full.params)
@@ -52,21 +53,21 @@ def test_tokenizer_params_equal_the_full_train_state_restore(tokenizer_dir):
 
 def test_vim_and_classifier_params_equal_the_full_restore(vim_dir, classifier_dir):
   trained = runs.load_vim(vim_dir)
-  tx, _ = stage2.build_optimizer(trained.config)
+  tx, _ = vim_step.build_optimizer(trained.config)
 
   def vim_init(rng):
     params = trained.model.init(rng, jnp.zeros((1, trained.model.num_tokens), jnp.int32),
                                 jnp.zeros((1,), jnp.int32))["params"]
-    return stage2.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return vim_step.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   _assert_trees_equal(trained.params, _full_restore(vim_dir, vim_init).params)
   assert trained.step == 3 and trained.tokenizer.step == 4
 
   model, params = runs.load_classifier(classifier_dir)
   config = runs.read_run_config(classifier_dir, "classifier")
-  from vim_jax import train_classifier  # the old path rebuilt the trainer's optimizer
-  full = _full_restore(classifier_dir, train_classifier.make_init_fn(
-      model, train_classifier.build_optimizer(config), config.image_size))
+  from vim_jax.trainers import classifier as classifier_trainer
+  full = _full_restore(classifier_dir, classifier_trainer.make_init_fn(
+      model, classifier_trainer.build_optimizer(config), config.image_size))
   assert isinstance(model, classifier_lib.ConvClassifier)
   _assert_trees_equal(params, full.params)
 
@@ -91,7 +92,7 @@ def test_written_runs_load_and_the_ema_copy_wins(tokenizer_dir, tmp_path):
 
   # A stage-2 run written on top of it.
   vim_config = stage2_config(written)
-  model = stage2.build_model(vim_config, tok.model)
+  model = vim_step.build_model(vim_config, tok.model)
   vim_params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
       jax.random.key(1), jnp.zeros((1, model.num_tokens), jnp.int32),
       jnp.zeros((1,), jnp.int32))["params"]))
@@ -109,7 +110,7 @@ def test_runs_read_and_write_through_relative_paths(tokenizer_dir, tmp_path, mon
   tok = runs.load_tokenizer("workdirs/tok")  # orbax metadata and partial restore
   _assert_trees_equal(tok.params, runs.load_tokenizer(tokenizer_dir).params)
   assert runs.stored_fields("workdirs/tok", 4)["params"]
-  model = stage2.build_model(stage2_config("workdirs/tok"), tok.model)
+  model = vim_step.build_model(stage2_config("workdirs/tok"), tok.model)
   vim_params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
       jax.random.key(1), jnp.zeros((1, model.num_tokens), jnp.int32),
       jnp.zeros((1,), jnp.int32))["params"]))
@@ -175,10 +176,10 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   rules over an FSDP mesh, the encoder's weights in bfloat16 except the float32 projection to
   the code; its tokens equal the full float32-stored params' on the same bfloat16 model."""
   from configs import vitvq_base
-  from vim_jax.models import vitvqgan
+  from vim_jax.models import tokenizer as tokenizer_lib
   config = vitvq_base.get_config("tiny")
   config.model.dtype = "bfloat16"
-  model = vitvqgan.ViTVQGAN.from_config(config)
+  model = tokenizer_lib.ViTVQGAN.from_config(config)
   images = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(model.init(jax.random.key(0), images[:1]))["params"]
   # Trained-looking values: LayerNorm scales of 1 and zero biases survive a bfloat16 cast.
@@ -202,7 +203,7 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   assert fc1.sharding.spec == P(None, "fsdp", "tensor")
   assert fc1.addressable_shards[0].data.shape[1] == fc1.shape[1] // 8
   encode = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                            method=vitvqgan.ViTVQGAN.encode_to_indices))
+                                            method=tokenizer_lib.ViTVQGAN.encode_to_indices))
   # Against the float32-stored params on the same shardings (an FSDP-split contraction sums in
   # another order than one device does, which can flip a near-tie between two codes).
   full = jax.tree.map(lambda p, l: jax.device_put(p, l.sharding),

@@ -1,4 +1,4 @@
-"""Stage 2's step functions (vim_jax/stage2.py) at unit level: the reported bits per token
+"""Stage 2's step functions (vim_jax/trainers/vim_step.py) at unit level: the reported bits per token
 against a float64 numpy negative log-likelihood. The trainer end to end: test_train_vim.py."""
 
 import flax.linen as nn
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import vim_base
-from vim_jax import parallel, stage2, train_lib
+from vim_jax.infra import parallel
+from vim_jax.trainers import train_lib, vim_step
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 
@@ -41,7 +42,7 @@ def _numpy_nll(model, params, tokens, labels):
 
 def test_bits_per_token_is_the_numpy_nll_in_bits():
   """The train step's loss and bits_per_token (at the params before the update; no dropout,
-  no label dropout) and stage2.evaluate's, over a two-batch eval pass, equal the numpy NLL and
+  no label dropout) and vim_step.evaluate's, over a two-batch eval pass, equal the numpy NLL and
   NLL / ln 2. (The former check, bits == loss / ln 2 of the same run, held by construction.)"""
   config = vim_base.get_config("tiny")
   config.model.update(num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -53,10 +54,10 @@ def test_bits_per_token_is_the_numpy_nll_in_bits():
   labels = rng.integers(0, 6, 2 * B).astype(np.int32)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:1], labels[:1]))
   params = params["params"]
-  tx, schedule = stage2.build_optimizer(config)
+  tx, schedule = vim_step.build_optimizer(config)
   state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params))
-  step = jax.jit(stage2.make_train_step(model, None, tx, schedule, config))
+  step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
   _, metrics = step(state, {"tokens": tokens[:B], "label": labels[:B]}, None)
   nll = _numpy_nll(model, params, tokens[:B], labels[:B])
   assert float(metrics["loss"]) == pytest.approx(nll, rel=1e-5)
@@ -65,8 +66,8 @@ def test_bits_per_token_is_the_numpy_nll_in_bits():
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
   eval_data = pipeline.InputPipeline(_TokenSource(tokens, labels), B, 32, seed=0, train=False,
                                      num_workers=1)
-  eval_fn = jax.jit(stage2.make_eval_step(model, None))
-  result = stage2.evaluate(eval_fn, params, None, eval_data, mesh)
+  eval_fn = jax.jit(vim_step.make_eval_step(model, None))
+  result = vim_step.evaluate(eval_fn, params, None, eval_data, mesh)
   nll = _numpy_nll(model, params, tokens, labels)
   assert result["num_images"] == 2 * B
   assert result["loss"] == pytest.approx(nll, rel=1e-5)

@@ -1,4 +1,4 @@
-"""vim_jax.summaries: our TensorBoard event files, checked with readers we did not write.
+"""vim_jax.infra.summaries: our TensorBoard event files, checked with readers we did not write.
 
 - TensorBoard's own loader (plugin_event_accumulator, what `tensorboard --logdir` runs) and
   TensorFlow's summary_iterator read back the same tags, steps and values; images decode to
@@ -6,7 +6,7 @@
 - The same writes made with clu's tf.summary writer give the same metadata and tensors.
 - The TFRecord framing is byte-for-byte tf.io.TFRecordWriter's.
 - Each flush is one complete file; file names sort in write order; nothing pending, no file.
-- A gs:// logdir goes through vim_jax.fileio (the object_store fixture of test_fileio.py).
+- A gs:// logdir goes through vim_jax.infra.fileio (the object_store fixture of test_fileio.py).
 """
 
 import glob
@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing import plugin_event_accumulator as pea
 from tensorboard.util import tensor_util
 
 from test_fileio import object_store  # noqa: F401 (a fixture)
-from vim_jax import summaries
+from vim_jax.infra import summaries
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)  # [N, H, W, C]

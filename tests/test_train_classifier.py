@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs import classifier as classifier_config
-from vim_jax import generation, runs, train_classifier
+from vim_jax.infra import runs
+from vim_jax.sampling import generation
+from vim_jax.trainers import classifier as classifier_trainer
 from vim_jax.data import pipeline, sources
 
 STEPS, NUM_EVAL, CLASSES = 60, 40, 3  # 40 eval images in batches of 16: 8 padded rows
@@ -30,7 +32,7 @@ def run(tmp_path_factory):
   config.update(total_steps=STEPS, batch_size=16, eval_batch_size=16, num_eval_images=NUM_EVAL,
                 log_every=10)
   workdir = str(tmp_path_factory.mktemp("classifier"))
-  result = train_classifier.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  result = classifier_trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return config, workdir, result
 
 
@@ -79,8 +81,8 @@ def test_the_trainer_learns_reports_its_unpadded_eval_accuracy_and_writes_a_load
   logits = _logits(model, params, images)
   assert result["num_images"] == NUM_EVAL
   assert result["accuracy"] == np.mean(np.argmax(logits, -1) == labels)
-  tx = train_classifier.build_optimizer(config)
-  initial = jax.jit(train_classifier.make_init_fn(model, tx, config.image_size))(
+  tx = classifier_trainer.build_optimizer(config)
+  initial = jax.jit(classifier_trainer.make_init_fn(model, tx, config.image_size))(
       jax.random.key(config.seed)).params
   before, after = (_cross_entropy(_logits(model, p, images), labels) for p in (initial, params))
   print(f"\neval cross-entropy: {before:.3f} at init, {after:.3f} after {STEPS} steps; "

@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import pytest
 
-from vim_jax import flops, train_lib
+from vim_jax.infra import flops
+from vim_jax.trainers import train_lib
 
 
 def _progress():

@@ -16,8 +16,11 @@ import optax
 import pytest
 
 from configs import vim_base
-from vim_jax import (generation, optim, parallel, probe, runs, stage2, token_sampling, train_lib,
-                     train_vim)
+from vim_jax import probe
+from vim_jax.infra import parallel, runs
+from vim_jax.sampling import autoregressive, generation
+from vim_jax.trainers import optim, train_lib, vim_step
+from vim_jax.trainers import vim as vim_trainer
 from vim_jax.data import preprocess
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
@@ -33,7 +36,7 @@ _vim_config = tiny_vim_config
 @pytest.fixture(scope="module")
 def one_device_vim_run(tokenizer_dir, tmp_path_factory):
   """A float32 run on 1 device, the reference of the mesh and precision tests."""
-  return train_vim.train_and_evaluate(_vim_config(tokenizer_dir),
+  return vim_trainer.train_and_evaluate(_vim_config(tokenizer_dir),
                                       str(tmp_path_factory.mktemp("vim_one")),
                                       devices=jax.devices()[:1])
 
@@ -44,7 +47,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_vim_r
   step's loss and gradient norm within what bfloat16 rounding explains of the float32 run's."""
   config = _vim_config(tokenizer_dir)
   config.model.update(dtype="bfloat16", remat_policy="minimal")
-  run = train_vim.train_and_evaluate(config, str(tmp_path / "bf16"), devices=jax.devices()[:1])
+  run = vim_trainer.train_and_evaluate(config, str(tmp_path / "bf16"), devices=jax.devices()[:1])
   assert {leaf.dtype for leaf in jax.tree.leaves(run.state.params)} == {np.dtype("float32")}
   # bf16 keeps 8 significant bits: a rounding is within u = 2^-8 = 3.9e-3, relative, uniformly
   # (std u / sqrt 3). Along the deepest path (the embedding, 2 blocks of about 11 rounded ops,
@@ -67,7 +70,7 @@ def test_eight_devices_fsdp_tensor_match_one(one_device_vim_run, tokenizer_dir, 
   config = _vim_config(tokenizer_dir)
   one = one_device_vim_run
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  eight = train_vim.train_and_evaluate(config, str(tmp_path / "eight"))
+  eight = vim_trainer.train_and_evaluate(config, str(tmp_path / "eight"))
   assert len(one.train_metrics) == 2
   assert_same_metrics(one.train_metrics, eight.train_metrics, keys=("loss", "grad_norm"))
   assert_states_close(one.state, eight.state, param_atol=config.optimizer.peak_lr)
@@ -79,10 +82,10 @@ def test_resume_is_exact_and_eval_writes_samples(tokenizer_dir, tmp_path):
   config = _vim_config(tokenizer_dir, steps=4)
   config.eval_every = 4
   one = jax.devices()[:1]  # resuming does not depend on the layout; 8 devices only cost time
-  straight = train_vim.train_and_evaluate(config, str(tmp_path / "a"), devices=one)
-  train_vim.train_and_evaluate(config, str(tmp_path / "b"), should_stop=lambda s: s == 2,
+  straight = vim_trainer.train_and_evaluate(config, str(tmp_path / "a"), devices=one)
+  vim_trainer.train_and_evaluate(config, str(tmp_path / "b"), should_stop=lambda s: s == 2,
                                devices=one)
-  resumed = train_vim.train_and_evaluate(config, str(tmp_path / "b"), devices=one)
+  resumed = vim_trainer.train_and_evaluate(config, str(tmp_path / "b"), devices=one)
   assert [m["step"] for m in resumed.train_metrics] == [3, 4]
   assert_same_metrics(straight.train_metrics[2:], resumed.train_metrics, rel=0)
   assert_states_close(straight.state, resumed.state, rel=0.0)  # params and Adam, bit for bit
@@ -96,11 +99,11 @@ def test_resume_is_exact_and_eval_writes_samples(tokenizer_dir, tmp_path):
 def test_missing_or_wrong_tokenizer_is_a_clear_error(tokenizer_dir, tmp_path):
   config = _vim_config(str(tmp_path / "nothing"))
   with pytest.raises(FileNotFoundError, match="no stage-1 run"):
-    train_vim.train_and_evaluate(config, str(tmp_path / "x"))
+    vim_trainer.train_and_evaluate(config, str(tmp_path / "x"))
   config = _vim_config(tokenizer_dir)
   config.image_size = 64
   with pytest.raises(ValueError, match="trained at 32"):
-    train_vim.train_and_evaluate(config, str(tmp_path / "y"))
+    vim_trainer.train_and_evaluate(config, str(tmp_path / "y"))
 
 
 def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_path):
@@ -109,7 +112,7 @@ def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_pat
   np.testing.assert_array_equal(labels[:7], [0, 1, 2, 3, 4, 5, 0])
   out = str(tmp_path / "samples")
   results = generation.sample_and_report(trained, out, labels, seed=1,
-                                     sampling_config=token_sampling.SamplingConfig(),
+                                     sampling_config=autoregressive.SamplingConfig(),
                                      classifier_workdir=classifier_dir, acceptance=0.5)
   data = np.load(os.path.join(out, "samples.npz"))
   assert data["images"].shape == (12, 32, 32, 3) and data["images"].dtype == np.uint8
@@ -124,15 +127,15 @@ def test_sampling_with_rejection_writes_outputs(vim_dir, classifier_dir, tmp_pat
     assert results[key] == np.mean(predicted == saved["labels"]), key
   assert json.load(open(os.path.join(out, "results.json")))["num_samples"] == 12
   # Same seed, same samples.
-  again = generation.generate(trained, labels, 1, token_sampling.SamplingConfig())
+  again = generation.generate(trained, labels, 1, autoregressive.SamplingConfig())
   np.testing.assert_array_equal(again, data["images"])
   # Rejection keeps, per class, the candidates with the highest probability of that class.
-  kept, scores = generation.rejection_sample(trained, labels, 1, token_sampling.SamplingConfig(),
+  kept, scores = generation.rejection_sample(trained, labels, 1, autoregressive.SamplingConfig(),
                                          classifier, cparams, acceptance=0.5)
   probs = generation.class_probabilities(classifier, cparams, kept)
   np.testing.assert_allclose(probs[np.arange(12), labels], scores, rtol=1e-5)
   candidates = generation.generate(trained, np.zeros(4, np.int32), 1 * 1009 + 0,
-                               token_sampling.SamplingConfig())
+                               autoregressive.SamplingConfig())
   p0 = generation.class_probabilities(classifier, cparams, candidates)[:, 0]
   np.testing.assert_allclose(np.sort(scores[labels == 0])[::-1], np.sort(p0)[::-1][:2], rtol=1e-5)
   with pytest.raises(ValueError, match="classes \\[9\\]"):
@@ -188,7 +191,7 @@ def test_probe_features_are_a_blocks_sequence_mean_without_labels(vim_dir):
   image's own label would give other values. run_probe defaults to config.probe.block and the
   last block."""
   from vim_jax.data import pipeline, sources
-  from vim_jax.models import vitvqgan
+  from vim_jax.models import tokenizer as tokenizer_lib
   trained = runs.load_vim(vim_dir)
   config, model, tok = trained.config, trained.model, trained.tokenizer
   source = sources.build_source(config.data, "eval", config.image_size, config.seed)
@@ -198,7 +201,7 @@ def test_probe_features_are_a_blocks_sequence_mean_without_labels(vim_dir):
   batch = next(data.iterate())
   np.testing.assert_array_equal(labels, batch["label"])
   tokens = tok.model.apply({"params": tok.params}, preprocess.to_unit_range(batch["image"]),
-                           method=vitvqgan.ViTVQGAN.encode_to_indices).reshape(16, -1)
+                           method=tokenizer_lib.ViTVQGAN.encode_to_indices).reshape(16, -1)
   # The reference runs the same weights through the unrolled stack, whose blocks flax can
   # capture one by one (the trained model scans its layers).
   import dataclasses
@@ -257,7 +260,7 @@ def test_pretokenized_tokens_match_and_train(tokenizer_dir, tmp_path):
     assert tokens[i]["label"] == images[i]["label"]
   # Stage 2 trains on them.
   config.data.update(source="tokens", tokens_dir=out)
-  result = train_vim.train_and_evaluate(config, str(tmp_path / "vim"), devices=jax.devices()[:1])
+  result = vim_trainer.train_and_evaluate(config, str(tmp_path / "vim"), devices=jax.devices()[:1])
   assert int(result.state.step) == 2 and np.isfinite(result.train_metrics[-1]["loss"])
 
 
@@ -289,8 +292,8 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
                                           grad_accum_steps=1))
   tx, schedule = optax.sgd(1e-2), optax.constant_schedule(1e-2)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  train_step = jax.jit(stage2.make_train_step(model, None, tx, schedule, config))
-  eval_step = jax.jit(stage2.make_eval_step(model, None))
+  train_step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
+  eval_step = jax.jit(vim_step.make_eval_step(model, None))
   return model, state, train_step, eval_step
 
 
@@ -340,7 +343,7 @@ def test_label_dropout_replaces_a_fraction_p_of_labels_by_the_null_class_in_trai
   (seen,) = _recorded_labels(eval_step, state.params, batch, None)
   np.testing.assert_array_equal(seen, labels)
   requested = jnp.asarray(labels[:4])
-  for seen in _recorded_labels(lambda: token_sampling.sample_tokens(
+  for seen in _recorded_labels(lambda: autoregressive.sample_tokens(
       model, state.params, requested, jax.random.key(0))):
     np.testing.assert_array_equal(seen, labels[:4])
 
@@ -377,7 +380,7 @@ class _EvalBatches:
 
 
 def test_the_eval_loss_is_the_mean_over_unpadded_examples():
-  """stage2.evaluate over two batches of 8, the second padded after 3 examples (mask 0, with
+  """vim_step.evaluate over two batches of 8, the second padded after 3 examples (mask 0, with
   other tokens and labels): loss, accuracy and num_images are the means and the count over the
   11 real examples of each example's cross-entropy and next-token accuracy, computed here in
   float64 from the full forward pass's logits. Counting the padded rows fails here."""
@@ -388,7 +391,7 @@ def test_the_eval_loss_is_the_mean_over_unpadded_examples():
   batches = [{**{k: np.asarray(v) for k, v in b.items()}, "mask": np.asarray(m, np.float32)}
              for b, m in ((first, [1] * 8), (second, [1] * 3 + [0] * 5))]
   mesh = parallel.create_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  metrics = stage2.evaluate(eval_step, state.params, None, _EvalBatches(batches), mesh)
+  metrics = vim_step.evaluate(eval_step, state.params, None, _EvalBatches(batches), mesh)
   tokens = np.concatenate([first["tokens"], second["tokens"][:3]])
   labels = np.concatenate([first["label"], second["label"][:3]])
   logits = np.asarray(model.apply({"params": state.params}, jnp.asarray(tokens),

@@ -10,7 +10,8 @@ import pytest
 
 from run_compare import assert_leaves_close, assert_same_metrics, assert_states_close
 from run_files import eval_images
-from vim_jax import stage1, train_vitvq
+from vim_jax.trainers import tokenizer_step
+from vim_jax.trainers import tokenizer as tokenizer_trainer
 
 
 def _short(config, steps=2):
@@ -20,7 +21,7 @@ def _short(config, steps=2):
 
 
 def _max_param_diff(a, b):
-  pa, pb = train_vitvq.summarize_for_tests(a.state), train_vitvq.summarize_for_tests(b.state)
+  pa, pb = tokenizer_trainer.summarize_for_tests(a.state), tokenizer_trainer.summarize_for_tests(b.state)
   assert pa.keys() == pb.keys()
   return max(float(np.max(np.abs(pa[k] - pb[k]))) for k in pa)
 
@@ -30,7 +31,7 @@ def one_device_run(tmp_path_factory):
   """The 1-device reference both mesh cases compare against (trained once)."""
   from configs import vitvq_base
   config = _short(vitvq_base.get_config("tiny"), steps=3)
-  return train_vitvq.train_and_evaluate(config, str(tmp_path_factory.mktemp("one")),
+  return tokenizer_trainer.train_and_evaluate(config, str(tmp_path_factory.mktemp("one")),
                                         devices=jax.devices()[:1])
 
 
@@ -42,7 +43,7 @@ def test_eight_devices_match_one(one_device_run, tiny_config, tmp_path, mesh):
   that earlier steps moved."""
   config = _short(tiny_config, steps=3)
   config.mesh.update(**mesh)
-  eight = train_vitvq.train_and_evaluate(config, str(tmp_path / "eight"))
+  eight = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "eight"))
   one = one_device_run
   assert len(jax.tree.leaves(eight.state.params)[0].sharding.device_set) == 8
   assert_same_metrics(one.train_metrics, eight.train_metrics,
@@ -64,7 +65,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_run, 
   config = _short(tiny_config, steps=3)
   config.model.dtype = "bfloat16"
   config.model.encoder.remat_policy = config.model.decoder.remat_policy = "full"
-  run = train_vitvq.train_and_evaluate(config, str(tmp_path / "bf16"), devices=jax.devices()[:1])
+  run = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "bf16"), devices=jax.devices()[:1])
   assert {leaf.dtype for leaf in jax.tree.leaves(run.state.params)} == {np.dtype("float32")}
   first, reference = run.train_metrics[0], one_device_run.train_metrics[0]
   # As test_train_vim's bf16 test argues (u = 2^-8, bf16's unit roundoff): the tiny
@@ -87,7 +88,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(one_device_run, 
 def _eval_psnr(config, params) -> float:
   """Mean PSNR (data range 1) of the eval images' reconstructions by `params`, in numpy."""
   images = eval_images(config)
-  tokenizer = stage1.build_models(config).tokenizer
+  tokenizer = tokenizer_step.build_models(config).tokenizer
   recon = np.asarray(tokenizer.apply({"params": params}, images)["reconstruction"], np.float64)
   mse = np.mean(((recon - images) / 2) ** 2, axis=(1, 2, 3))
   return float(np.mean(-10 * np.log10(mse)))
@@ -108,7 +109,7 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
   """Every loss term on (LPIPS, GAN with LeCam, generator EMA), so every checkpointed field is
   exercised. Straight vs interrupted-and-resumed, then the latest checkpoint damaged (falls
   back to the previous one and still ends equal), then all damaged (refuses to restart)."""
-  from vim_jax import checkpoint
+  from vim_jax.infra import checkpoint
   config = _short(tiny_config, steps=4)
   # Batch 8: LPIPS's VGG16 is most of a step's cost.
   config.update(ema_decay=0.9, checkpoint_every=1, keep_checkpoints=2, batch_size=8,
@@ -119,13 +120,13 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
   # One device: resuming does not depend on the layout (the 8-device run's checkpoints are
   # resumed by the preemption and multi-host tests), and 8 virtual devices on 2 cores are slow.
   one = jax.devices()[:1]
-  straight = train_vitvq.train_and_evaluate(config, straight_dir, devices=one)
+  straight = tokenizer_trainer.train_and_evaluate(config, straight_dir, devices=one)
   assert sorted(os.listdir(os.path.join(straight_dir, "checkpoints"))) == ["3", "4"]  # keep 2
 
-  first = train_vitvq.train_and_evaluate(config, run_dir, should_stop=lambda s: s == 2,
+  first = tokenizer_trainer.train_and_evaluate(config, run_dir, should_stop=lambda s: s == 2,
                                          devices=one)
   assert int(first.state.step) == 2
-  resumed = train_vitvq.train_and_evaluate(config, run_dir, devices=one)
+  resumed = tokenizer_trainer.train_and_evaluate(config, run_dir, devices=one)
   assert [m["step"] for m in resumed.train_metrics] == [3, 4]
   assert resumed.train_metrics[-1]["loss_perceptual"] > 0
   untimed = lambda m: {k: v for k, v in m.items() if "per_sec" not in k}
@@ -141,7 +142,7 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   _damage(os.path.join(ckpt_dir, "4"))
   caplog.set_level("WARNING")
-  again = train_vitvq.train_and_evaluate(config, run_dir, devices=one)
+  again = tokenizer_trainer.train_and_evaluate(config, run_dir, devices=one)
   assert "step 4" in caplog.text and "corrupt or partial" in caplog.text
   assert os.path.isdir(os.path.join(ckpt_dir, "corrupt", "4"))
   assert [m["step"] for m in again.train_metrics] == [4]
@@ -152,7 +153,7 @@ def test_resume_is_exact_keeps_n_and_survives_corrupt_checkpoints(lpips_files, t
     _damage(os.path.join(ckpt_dir, step))
   for _ in range(2):
     with pytest.raises(checkpoint.NoUsableCheckpointError, match=f"{ckpt_dir}.*Refusing"):
-      train_vitvq.train_and_evaluate(config, run_dir, devices=one)
+      tokenizer_trainer.train_and_evaluate(config, run_dir, devices=one)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
@@ -161,32 +162,32 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_config, tm
   config.update(checkpoint_every=2, log_every=2)
   workdir = str(tmp_path / "nan")
   one = jax.devices()[:1]
-  train_vitvq.train_and_evaluate(config, workdir, should_stop=lambda s: s == 2, devices=one)
+  tokenizer_trainer.train_and_evaluate(config, workdir, should_stop=lambda s: s == 2, devices=one)
   config.optimizer.peak_lr = 1e30  # blows the parameters up on the next steps
   with pytest.raises(FloatingPointError, match=r"at step 4.*last good checkpoint is step 2"):
-    train_vitvq.train_and_evaluate(config, workdir, devices=one)
-  from vim_jax import checkpoint
+    tokenizer_trainer.train_and_evaluate(config, workdir, devices=one)
+  from vim_jax.infra import checkpoint
   assert checkpoint.Checkpointer(workdir + "/checkpoints").latest_step() == 2
 
 
 def test_evaluation_reports_every_metric(tiny_config, tmp_path):
   """Each eval metric equals its definition computed here in numpy from the final params, over
   exactly the 20 eval images (the padded last batch of 8 is masked out)."""
-  from vim_jax.models import vitvqgan
+  from vim_jax.models import tokenizer as tokenizer_lib
   config = _short(tiny_config, steps=2)
   config.loss.adversarial = 0.0  # evaluation scores the tokenizer alone
   config.update(eval_every=2, num_eval_images=20, eval_batch_size=8, eval_usage_chunk=8)
-  result = train_vitvq.train_and_evaluate(config, str(tmp_path / "eval"),
+  result = tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "eval"),
                                           devices=jax.devices()[:1])
   m = result.eval_metrics
   assert m["num_images"] == 20
   images = eval_images(config)
   assert len(images) == 20
-  tokenizer = stage1.build_models(config).tokenizer
+  tokenizer = tokenizer_step.build_models(config).tokenizer
   params = result.state.params
   recon = np.asarray(tokenizer.apply({"params": params}, images)["reconstruction"], np.float64)
   indices = np.asarray(tokenizer.apply({"params": params}, images,
-                                       method=vitvqgan.ViTVQGAN.encode_to_indices))
+                                       method=tokenizer_lib.ViTVQGAN.encode_to_indices))
   diff = recon - images
   counts = np.bincount(indices.ravel(), minlength=256) / indices.size
   nz = counts[counts > 0]
@@ -211,8 +212,8 @@ def test_usage_per_chunk_matches_definition():
   rng = np.random.default_rng(0)
   indices = rng.integers(0, 50, size=(10, 2, 2))
   expected = np.mean([np.unique(indices[s:s + 4]).size / 100 for s in (0, 4)])
-  assert stage1.usage_per_chunk(indices, 100, 4) == pytest.approx(expected)
-  assert stage1.usage_per_chunk(indices[:3], 100, 4) == pytest.approx(
+  assert tokenizer_step.usage_per_chunk(indices, 100, 4) == pytest.approx(expected)
+  assert tokenizer_step.usage_per_chunk(indices[:3], 100, 4) == pytest.approx(
       np.unique(indices[:3]).size / 100)
 
 
@@ -228,15 +229,15 @@ def _steps(config, num_steps):
   """[initial state, state after each step], [metrics of each step], on IMAGES every step,
   built with the trainer's functions."""
   import flax.linen as nn
-  models = stage1.build_models(config)
-  tx, schedule, disc_tx = stage1.build_optimizers(config)
-  init = stage1.make_init_fn(models, tx, disc_tx, config, init_batch=1)
+  models = tokenizer_step.build_models(config)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(config)
+  init = tokenizer_step.make_init_fn(models, tx, disc_tx, config, init_batch=1)
   states = [nn.meta.unbox(jax.jit(init)(jax.random.key(0)))]
   steps = {r1: jax.jit(fn) for r1, fn in
-           stage1.make_train_steps(models, tx, schedule, disc_tx, config).items()}
+           tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, config).items()}
   all_metrics = []
   for i in range(num_steps):
-    state, metrics = steps[stage1.is_r1_step(config, i)](states[-1], {"image": IMAGES}, {})
+    state, metrics = steps[tokenizer_step.is_r1_step(config, i)](states[-1], {"image": IMAGES}, {})
     states.append(state)
     all_metrics.append(metrics)
   return states, all_metrics
@@ -251,10 +252,10 @@ def _one_step(config):
 def test_lazy_r1_runs_on_its_interval_only(tiny_config):
   """R1 on steps 0 and 2 with r1_interval=2, scaled by the interval: interval x the mean over
   the batch of ||d sum(D(x)) / d x_i||^2 at the step's discriminator; zero between."""
-  from vim_jax import losses
+  from vim_jax.trainers import losses
   tiny_config.discriminator.r1_interval = 2
   states, metrics = _steps(tiny_config, 3)
-  disc = stage1.build_models(tiny_config).discriminator
+  disc = tokenizer_step.build_models(tiny_config).discriminator
   input_grad = jax.jit(jax.grad(lambda p, x: disc.apply({"params": p}, x).sum(), argnums=1))
   logits = jax.jit(lambda p, x: disc.apply({"params": p}, x))
   for step in range(3):
@@ -271,7 +272,7 @@ def test_lazy_r1_runs_on_its_interval_only(tiny_config):
 
 def _reconstruct(config, params, step):
   """The train step's reconstruction of IMAGES at `step` (same dropout key)."""
-  tokenizer = stage1.build_models(config).tokenizer
+  tokenizer = tokenizer_step.build_models(config).tokenizer
   rng = jax.random.fold_in(jax.random.key(config.seed), step)
   return jax.jit(lambda p: tokenizer.apply({"params": p}, IMAGES, deterministic=False,
                                            rngs={"dropout": rng})["reconstruction"])(params)
@@ -304,7 +305,7 @@ def test_two_steps_update_generator_discriminator_ema_and_lecam(tiny_config):
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(states[step].ema_params)):
       np.testing.assert_allclose(np.asarray(b), a, rtol=1e-6, atol=1e-7)
 
-  disc = stage1.build_models(tiny_config).discriminator
+  disc = tokenizer_step.build_models(tiny_config).discriminator
   logits = jax.jit(lambda p, x: disc.apply({"params": p}, x))
   softplus = lambda x: np.logaddexp(0.0, x)
   decay, ema = d_cfg.lecam_ema_decay, {"real": 0.0, "fake": 0.0}
@@ -350,7 +351,7 @@ def _independent_generator_loss(config, state, images, adversarial_weight):
   |logit(x) - mu| / b + log(2 b x (1 - x)) on x squashed to [eps, 1 - eps], the quantizer's
   loss, and the non-saturating softplus(-D(G)) term."""
   assert config.discriminator.loss == "non_saturating" and config.loss.perceptual == 0
-  models = stage1.build_models(config)
+  models = tokenizer_step.build_models(config)
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   eps, w = models.tokenizer.logit_laplace_eps, config.loss
 
@@ -378,8 +379,8 @@ def test_generator_gradient_equals_direct_differentiation(tiny_config, adaptive)
   if not adaptive:
     assert weight == pytest.approx(tiny_config.loss.adversarial)
   else:  # 0.1 x ||d rec / d outputs|| / ||d adv / d outputs||, over the image-shaped outputs
-    from vim_jax import losses
-    models = stage1.build_models(tiny_config)
+    from vim_jax.trainers import losses
+    models = tokenizer_step.build_models(tiny_config)
     rng = jax.random.fold_in(jax.random.key(tiny_config.seed), 0)
     out = models.tokenizer.apply({"params": state.params}, images, deterministic=False,
                                  rngs={"dropout": rng})
@@ -431,12 +432,12 @@ def test_perceptual_gradient_reaches_the_tokenizer_through_the_reconstruction(ti
   # Plain outputs: logit-Laplace's clip to [-1, 1] would put kinks in the difference quotients.
   tiny_config.model.logit_laplace = False
   tiny_config.loss.update(l2=0.0, logit_laplace=0.0, vq=0.0, adversarial=0.0, perceptual=1.0)
-  models = stage1.Stage1Models(stage1.build_models(tiny_config).tokenizer, None, Perceptual())
+  models = tokenizer_step.Stage1Models(tokenizer_step.build_models(tiny_config).tokenizer, None, Perceptual())
   perceptual_params = {"w": jnp.array([0.5, 1.0, 2.0])}
-  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
-  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
+  init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
   state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
-  step = jax.jit(stage1.make_train_step(models, tx, schedule, disc_tx, tiny_config))
+  step = jax.jit(tokenizer_step.make_train_step(models, tx, schedule, disc_tx, tiny_config))
   new, metrics = step(state, {"image": IMAGES}, perceptual_params)
   loss_at = lambda params: float(step(state.replace(params=params), {"image": IMAGES},
                                       perceptual_params)[1]["loss"])
@@ -483,12 +484,13 @@ def test_the_regular_step_holds_nothing_for_r1(tiny_config):
   no more memory than the R1 step; a run without R1 (gamma 0) has only the regular step."""
   import flax.linen as nn
 
-  from vim_jax import flops, train_lib
-  models = stage1.build_models(tiny_config)
-  tx, schedule, disc_tx = stage1.build_optimizers(tiny_config)
-  init = stage1.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
+  from vim_jax.infra import flops
+  from vim_jax.trainers import train_lib
+  models = tokenizer_step.build_models(tiny_config)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
+  init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
   state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
-  steps = stage1.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
+  steps = tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
   assert sorted(steps) == [False, True]
   compiled, counted = {}, {}
   for with_r1, fn in steps.items():
@@ -500,10 +502,10 @@ def test_the_regular_step_holds_nothing_for_r1(tiny_config):
   assert counted[False].hardware < counted[True].hardware
   memory = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}
   assert memory[False] <= memory[True], memory
-  mean = flops.mean_over_cycle(counted[False], counted[True], stage1.r1_interval(tiny_config))
+  mean = flops.mean_over_cycle(counted[False], counted[True], tokenizer_step.r1_interval(tiny_config))
   assert counted[False].model < mean.model < counted[True].model
-  assert [stage1.is_r1_step(tiny_config, s) for s in range(6)] == [True, False, False, False,
+  assert [tokenizer_step.is_r1_step(tiny_config, s) for s in range(6)] == [True, False, False, False,
                                                                      True, False]
   tiny_config.discriminator.r1_gamma = 0.0
-  assert list(stage1.make_train_steps(models, tx, schedule, disc_tx, tiny_config)) == [False]
-  assert not stage1.is_r1_step(tiny_config, 0)
+  assert list(tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, tiny_config)) == [False]
+  assert not tokenizer_step.is_r1_step(tiny_config, 0)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax import hlo_stats, token_sampling
+from vim_jax.infra import hlo_stats
+from vim_jax.sampling import autoregressive
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 
@@ -29,7 +30,7 @@ def test_cached_decoding_gives_the_full_forward_logits(condition_every_position)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([0, 2])
   full = model.apply({"params": params}, tokens, labels)
-  cache = token_sampling.init_cache(model, 2)
+  cache = autoregressive.init_cache(model, 2)
   previous = jnp.zeros((2,), jnp.int32)
   # One compiled step (the sampler's way) instead of N eager applies: seconds, not a minute.
   decode = jax.jit(lambda cache, previous, i: model.apply(
@@ -73,11 +74,11 @@ def test_condition_every_position_adds_the_class_embedding_to_every_input():
 def test_greedy_sampling_is_deterministic_and_matches_the_uncached_sampler():
   model, params = _model()
   labels = jnp.array([0, 1, 2])
-  greedy = token_sampling.SamplingConfig(temperature=0.0)
-  a = token_sampling.sample_tokens(model, params, labels, jax.random.key(0), greedy)
-  b = token_sampling.sample_tokens(model, params, labels, jax.random.key(7), greedy)
+  greedy = autoregressive.SamplingConfig(temperature=0.0)
+  a = autoregressive.sample_tokens(model, params, labels, jax.random.key(0), greedy)
+  b = autoregressive.sample_tokens(model, params, labels, jax.random.key(7), greedy)
   np.testing.assert_array_equal(a, b)
-  ref = token_sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(0), greedy)
+  ref = autoregressive.sample_tokens_without_cache(model, params, labels, jax.random.key(0), greedy)
   np.testing.assert_array_equal(a, ref)
   # Greedy tokens are the argmax of the full forward pass on the sampled sequence.
   logits = model.apply({"params": params}, a, labels)
@@ -89,10 +90,10 @@ def test_a_scanned_model_decodes_in_the_unrolled_layout_with_the_same_samples():
   tokens equal the full forward pass of the scanned model, at temperature 1."""
   model, params = _model(scan_layers=True)
   labels, key = jnp.array([0, 1, 2]), jax.random.key(5)
-  cached = token_sampling.sample_tokens(model, params, labels, key)
-  ref = token_sampling.sample_tokens_without_cache(model, params, labels, key)
+  cached = autoregressive.sample_tokens(model, params, labels, key)
+  ref = autoregressive.sample_tokens_without_cache(model, params, labels, key)
   np.testing.assert_array_equal(np.asarray(cached), np.asarray(ref))
-  unrolled, unrolled_params = token_sampling.decoding_layout(model, params)
+  unrolled, unrolled_params = autoregressive.decoding_layout(model, params)
   assert not unrolled.stack.scan_layers and "block_01" in unrolled_params["transformer"]
   np.testing.assert_array_equal(
       unrolled_params["transformer"]["block_01"]["mlp"]["fc1"]["kernel"],
@@ -107,11 +108,11 @@ def test_each_decoded_token_writes_one_cache_position_per_layer_and_copies_nothi
   (stacked cache sliced out, written back, transposed for the attention einsum)."""
   model, params = _model(scan_layers=scan_layers)
   labels = jnp.array([0, 1, 2])
-  config = token_sampling.SamplingConfig(top_k=5, guidance_scale=2.0)
-  hlo = jax.jit(lambda p, l, k: token_sampling.sample_tokens(model, p, l, k, config)).lower(
+  config = autoregressive.SamplingConfig(top_k=5, guidance_scale=2.0)
+  hlo = jax.jit(lambda p, l, k: autoregressive.sample_tokens(model, p, l, k, config)).lower(
       params, labels, jax.random.key(0)).compile().as_text()
-  (cache_shape,) = {x.shape for x in jax.tree.leaves(token_sampling.init_cache(
-      token_sampling.decoding_layout(model, params)[0], 6))}
+  (cache_shape,) = {x.shape for x in jax.tree.leaves(autoregressive.init_cache(
+      autoregressive.decoding_layout(model, params)[0], 6))}
   writes = hlo_stats.buffer_writes_in_loops(hlo, cache_shape)
   assert writes == {"updates": 2 * model.stack.num_layers, "full": 0}, writes
 
@@ -119,25 +120,25 @@ def test_each_decoded_token_writes_one_cache_position_per_layer_and_copies_nothi
 def test_fixed_seed_reproduces_samples_and_seeds_differ():
   model, params = _model()
   labels = jnp.array([0, 1])
-  cfg = token_sampling.SamplingConfig(temperature=1.0)
-  a = token_sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
-  b = token_sampling.sample_tokens(model, params, labels, jax.random.key(3), cfg)
-  c = token_sampling.sample_tokens(model, params, labels, jax.random.key(4), cfg)
+  cfg = autoregressive.SamplingConfig(temperature=1.0)
+  a = autoregressive.sample_tokens(model, params, labels, jax.random.key(3), cfg)
+  b = autoregressive.sample_tokens(model, params, labels, jax.random.key(3), cfg)
+  c = autoregressive.sample_tokens(model, params, labels, jax.random.key(4), cfg)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  ref = token_sampling.sample_tokens_without_cache(model, params, labels, jax.random.key(3), cfg)
+  ref = autoregressive.sample_tokens_without_cache(model, params, labels, jax.random.key(3), cfg)
   np.testing.assert_array_equal(a, ref)  # same key: the cache changes speed, not samples
 
 
 def test_top_k_and_top_p_never_emit_excluded_tokens():
   logits = jax.random.normal(jax.random.key(0), (4, V)) * 3
   top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
-  filtered = token_sampling.filter_logits(logits, top_k=3)
+  filtered = autoregressive.filter_logits(logits, top_k=3)
   draws = jax.random.categorical(jax.random.key(1), filtered, shape=(2000, 4))
   for row in range(4):
     assert set(np.asarray(draws[:, row]).tolist()) <= set(top3[row].tolist())
   probs = np.asarray(jax.nn.softmax(logits))
-  filtered = np.asarray(token_sampling.filter_logits(logits, top_p=0.5))
+  filtered = np.asarray(autoregressive.filter_logits(logits, top_p=0.5))
   for row in range(4):
     order = np.argsort(-probs[row])
     mass_before = np.cumsum(probs[row][order]) - probs[row][order]
@@ -147,10 +148,10 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
   # The sampler honours them too: with top_k=1 sampling is greedy.
   model, params = _model()
   labels = jnp.array([0, 1])
-  top1 = token_sampling.sample_tokens(model, params, labels, jax.random.key(5),
-                                token_sampling.SamplingConfig(temperature=1.0, top_k=1))
-  greedy = token_sampling.sample_tokens(model, params, labels, jax.random.key(5),
-                                  token_sampling.SamplingConfig(temperature=0.0))
+  top1 = autoregressive.sample_tokens(model, params, labels, jax.random.key(5),
+                                autoregressive.SamplingConfig(temperature=1.0, top_k=1))
+  greedy = autoregressive.sample_tokens(model, params, labels, jax.random.key(5),
+                                  autoregressive.SamplingConfig(temperature=0.0))
   np.testing.assert_array_equal(top1, greedy)
 
 
@@ -172,7 +173,7 @@ def test_top_k_leaves_exactly_k_tokens_with_the_softmax_renormalised_over_them(t
   k >= V), and they equal the numpy softmax restricted to the k largest logits: a filter that
   keeps only the argmax, or the k smallest, or changes the kept logits, fails."""
   logits = np.asarray(jax.random.normal(jax.random.key(0), (4, V)) * 3)
-  filtered = np.asarray(token_sampling.filter_logits(jnp.asarray(logits), top_k=top_k),
+  filtered = np.asarray(autoregressive.filter_logits(jnp.asarray(logits), top_k=top_k),
                         np.float64)
   p = np.exp(filtered - filtered.max(-1, keepdims=True))  # finfo.min - max underflows to 0
   p /= p.sum(-1, keepdims=True)
@@ -192,8 +193,8 @@ def test_sampled_tokens_follow_the_tempered_top_k_softmax(temperature, top_k):
   model, params = _model()
   n = 4096
   labels = jnp.full((n,), 1, jnp.int32)
-  config = token_sampling.SamplingConfig(temperature=temperature, top_k=top_k)
-  first = np.asarray(jax.jit(lambda p, l, k: token_sampling.sample_tokens(
+  config = autoregressive.SamplingConfig(temperature=temperature, top_k=top_k)
+  first = np.asarray(jax.jit(lambda p, l, k: autoregressive.sample_tokens(
       model, p, l, k, config))(params, labels, jax.random.key(11))[:, 0])
   logits = model.apply({"params": params}, jnp.zeros((1, N), jnp.int32), labels[:1])[:, 0]
   p = _filtered_softmax(np.asarray(logits), temperature, top_k)[0]
@@ -226,12 +227,12 @@ def test_guided_sampling_equals_two_full_forward_passes(scale):
   argmax) equals the reference's; at scale 1 that is the plain conditional sampler."""
   model, params = _model()
   labels, key = jnp.array([0, 1, 2, 1]), jax.random.key(2)
-  ours = token_sampling.sample_tokens(model, params, labels, key,
-                                      token_sampling.SamplingConfig(guidance_scale=scale))
+  ours = autoregressive.sample_tokens(model, params, labels, key,
+                                      autoregressive.SamplingConfig(guidance_scale=scale))
   np.testing.assert_array_equal(np.asarray(ours), _guided_reference(model, params, labels, key,
                                                                     scale))
   if scale == 1.0:
-    plain = token_sampling.sample_tokens_without_cache(model, params, labels, key)
+    plain = autoregressive.sample_tokens_without_cache(model, params, labels, key)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
   else:  # guidance really changes what is drawn
     assert not np.array_equal(np.asarray(ours), _guided_reference(model, params, labels, key, 1.0))
@@ -271,7 +272,7 @@ def test_a_bfloat16_vim_computes_its_logits_in_float32():
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, labels))["params"]
   full = model.apply({"params": params}, tokens, labels)
   nll, accuracy = model.apply({"params": params}, tokens, labels, method=vim_lib.VIM.loss)
-  cache = token_sampling.init_cache(model, 2)
+  cache = autoregressive.init_cache(model, 2)
   step, _ = model.apply({"params": params, "cache": cache}, tokens[:, 0], labels, jnp.int32(0),
                         method=vim_lib.VIM.decode, mutable=["cache"])
   assert full.dtype == nll.dtype == accuracy.dtype == step.dtype == jnp.float32

@@ -13,7 +13,7 @@ Catches out-of-memory layouts before a slice is booked. The state is abstract (n
 allocated); the step is lowered over the config's mesh, filled over the slice's chips, and
 compiled.
 
-- `--topology` compiles with the TPU compiler for compile-only devices (vim_jax/tpu_slices.py):
+- `--topology` compiles with the TPU compiler for compile-only devices (vim_jax/infra/tpu_slices.py):
   the memory is the chip's, as a TPU VM would see it, and a layout that does not fit in the
   chip's HBM exits with status 1 and says so.
 - `--num_cpu_devices` compiles with XLA's CPU backend. It checks that the sharded program
@@ -36,7 +36,7 @@ reads pre-tokenized shards (data.source='tokens'); the tokenizer's shape comes f
 
 - per-chip memory of the whole sampler (the 1024 KV-cached decode steps, then the tokenizer's
   decoder on the token grids), against the chip's HBM; too much exits with status 1;
-- one decode step compiled on its own (token_sampling.make_decode_step, the loop's body, cache donated): XLA's
+- one decode step compiled on its own (autoregressive.make_decode_step, the loop's body, cache donated): XLA's
   bytes accessed and FLOPs per chip beside the step's floor, the params and the KV cache read
   once. On TPU XLA's count is an upper bound: it counts the whole operand of each async slice
   that prefetches a param into on-chip memory;
@@ -61,7 +61,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import log_filters, tpu_slices
+from vim_jax.infra import log_filters, tpu_slices
 
 
 def define_flags():
@@ -103,13 +103,13 @@ def _tokenizer_model(config, tokenizer_config, for_sampling: bool = False):
   """Stage 2's tokenizer (ViTVQGAN), from tokenizer_config or config.tokenizer_workdir; None
   when the train step reads tokens and the config names no tokenizer (sampling always needs
   its decoder)."""
-  from vim_jax import fileio, runs
-  from vim_jax.models import vitvqgan
+  from vim_jax.infra import fileio, runs
+  from vim_jax.models import tokenizer as tokenizer_lib
   if tokenizer_config is None and config.tokenizer_workdir and fileio.exists(
       fileio.join(config.tokenizer_workdir, "config.json")):
     tokenizer_config = runs.read_run_config(config.tokenizer_workdir, "vitvq")
   if tokenizer_config is not None:
-    return vitvqgan.ViTVQGAN.from_config(tokenizer_config)
+    return tokenizer_lib.ViTVQGAN.from_config(tokenizer_config)
   if for_sampling:
     raise ValueError(
         "the sampler decodes its tokens to images with the tokenizer's decoder, so the report "
@@ -130,13 +130,14 @@ def _stage1(config, mesh, batch_sharding, replicated):
   import jax
   import jax.numpy as jnp
 
-  from vim_jax import parallel, stage1
+  from vim_jax.infra import parallel
+  from vim_jax.trainers import tokenizer_step
   from vim_jax.models import lpips as lpips_lib
-  models = stage1.build_models(config)
-  tx, schedule, disc_tx = stage1.build_optimizers(config)
+  models = tokenizer_step.build_models(config)
+  tx, schedule, disc_tx = tokenizer_step.build_optimizers(config)
   dp = parallel.data_parallel_size(mesh)
-  init_fn = stage1.make_init_fn(models, tx, disc_tx, config, dp)
-  step_fns = stage1.make_train_steps(models, tx, schedule, disc_tx, config, dp)
+  init_fn = tokenizer_step.make_init_fn(models, tx, disc_tx, config, dp)
+  step_fns = tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, config, dp)
   b = config.batch_size
   batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
                                          jnp.float32, sharding=batch_sharding)}
@@ -154,23 +155,24 @@ def _stage2(config, mesh, rules, batch_sharding, tok_model, tokens_per_image, co
   import jax
   import jax.numpy as jnp
 
-  from vim_jax import parallel, runs, stage2
+  from vim_jax.infra import parallel, runs
+  from vim_jax.trainers import vim_step
   from vim_jax.models import vim as vim_lib
   if tok_model is not None:
-    model = stage2.build_model(config, tok_model)
+    model = vim_step.build_model(config, tok_model)
     tokens_per_image = model.num_tokens
   else:
     model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
-  tx, schedule = stage2.build_optimizer(config)
+  tx, schedule = vim_step.build_optimizer(config)
   dp = parallel.data_parallel_size(mesh)
 
   def init_fn(rng):
     params = model.init(rng, jnp.zeros((dp, tokens_per_image), jnp.int32),
                         jnp.zeros((dp,), jnp.int32))["params"]
-    return stage2.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))
 
-  step_fn = stage2.make_train_step(model, tok_model, tx, schedule, config, dp)
+  step_fn = vim_step.make_train_step(model, tok_model, tx, schedule, config, dp)
   b = config.batch_size
   batch = {"label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
   frozen = {}
@@ -191,7 +193,7 @@ def tree_bytes(tree) -> int:
 
 def _compile(jitted, *args):
   """train_lib.compile_step, with the TPU compiler's out-of-memory as DoesNotFit."""
-  from vim_jax import train_lib
+  from vim_jax.trainers import train_lib
   try:
     return train_lib.compile_step(jitted, *args)
   except Exception as e:  # pylint: disable=broad-except; only the TPU compiler's OOM is ours
@@ -220,7 +222,7 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
            tokenizer_config=None, capacity_bytes: int | None = None) -> dict:
   """Compiles config's train step over `devices` (default: jax's); returns the numbers it
   prints, and the compiled step under 'compiled'. A stage-1 config with lazy R1 also compiles
-  its R1 step (stage1.make_train_steps), whose memory is under 'r1'; the FLOPs are the mean
+  its R1 step (tokenizer_step.make_train_steps), whose memory is under 'r1'; the FLOPs are the mean
   per step over an R1 cycle ('flops': flops.StepFlops; 'flops_per_device': its model FLOPs).
 
   capacity_bytes: the chip's memory; DoesNotFit is raised when a step needs more (or when
@@ -231,7 +233,8 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from vim_jax import checkpoint, flops, microbatch, parallel, stage1, train_lib
+  from vim_jax.infra import checkpoint, flops, parallel
+  from vim_jax.trainers import microbatch, tokenizer_step, train_lib
 
   mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.axis_rules(config)
@@ -265,7 +268,7 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   mean_flops = step_flops[False]
   if True in step_flops:
     mean_flops = flops.mean_over_cycle(step_flops[False], step_flops[True],
-                                       stage1.r1_interval(config))
+                                       tokenizer_step.r1_interval(config))
   numbers = {"mesh": dict(mesh.shape), "devices": mesh.size, "platform": mesh_platform(mesh),
              "params": int(sum(x.size for x in jax.tree.leaves(abstract.params))),
              "flops": mean_flops, "flops_per_device": mean_flops.model,
@@ -278,7 +281,7 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   numbers["collectives"] = count_collectives(compiled[False].as_text())
   if True in compiled:
     numbers["r1"] = {**memory_numbers(compiled[True]), "compiled": compiled[True],
-                     "flops": step_flops[True], "interval": stage1.r1_interval(config),
+                     "flops": step_flops[True], "interval": tokenizer_step.r1_interval(config),
                      "summary": train_lib.describe_memory(compiled[True], "R1 step")}
   # What the run needs per chip: the larger of its step programs.
   numbers["peak_bytes"] = max(numbers.get("total_bytes", 0),
@@ -300,14 +303,14 @@ DECODER_MFU = 0.4  # the tokenizer's decoder is a ViT over 1024 tokens: compute-
 
 def _decoding_model_and_params(model, params):
   """(VIM unrolled for decoding, its params' shapes) from the scanned ones, as the sampler
-  converts them once (token_sampling.decoding_layout) and then holds only the unrolled copy."""
+  converts them once (autoregressive.decoding_layout) and then holds only the unrolled copy."""
   import jax
 
-  from vim_jax import token_sampling
+  from vim_jax.sampling import autoregressive
   converted = {}
 
   def convert(p):  # decoding_layout slices arrays: run it on shapes under eval_shape
-    converted["model"], p = token_sampling.decoding_layout(model, p)
+    converted["model"], p = autoregressive.decoding_layout(model, p)
     return p
 
   shapes = jax.eval_shape(convert, params)
@@ -326,7 +329,7 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
                   capacity_bytes: int | None = None) -> dict:
   """Compiles the sampler generation.Sampler runs (data-parallel over `devices`, params
   replicated, the batch split over the chips) for one batch of `batch_size` images (0:
-  stage2.sampling_batch_size(config, chips)), and one of its decode steps on its own.
+  vim_step.sampling_batch_size(config, chips)), and one of its decode steps on its own.
 
   Returns per-chip numbers: the whole sampler's memory (1024 KV-cached decode steps, then the
   tokenizer's decoder on the token grids), the decode step's XLA cost (bytes accessed, FLOPs)
@@ -338,19 +341,21 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from vim_jax import flops, hlo_stats, parallel, runs, stage2, token_sampling, train_lib
-  from vim_jax.models import vitvqgan
+  from vim_jax.infra import flops, hlo_stats, parallel, runs
+  from vim_jax.sampling import autoregressive
+  from vim_jax.trainers import train_lib, vim_step
+  from vim_jax.models import tokenizer as tokenizer_lib
   if config.trainer != "vim":
     raise ValueError(f"--program=sample compiles a stage-2 (VIM) config's sampler; "
                      f"config.trainer={config.trainer!r}.")
   tok_model = _tokenizer_model(config, tokenizer_config, for_sampling=True)
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1), devices)  # as Sampler's
   chips = parallel.data_parallel_size(mesh)
-  batch_size = batch_size or stage2.sampling_batch_size(config, chips)
+  batch_size = batch_size or vim_step.sampling_batch_size(config, chips)
   check_sample_batch(batch_size, chips)
-  sampling = stage2.sampling_config_from(config)
-  model = stage2.build_model(config, tok_model)
-  guided = stage2.guided(config)
+  sampling = vim_step.sampling_config_from(config)
+  model = vim_step.build_model(config, tok_model)
+  guided = vim_step.guided(config)
   rows = batch_size * (2 if guided else 1)  # sequences decoded at once
 
   replicated = NamedSharding(mesh, P())
@@ -366,20 +371,20 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
   int_spec = lambda shape, sharding: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
 
   start = time.perf_counter()
-  sample = jax.jit(stage2.make_sample_fn(model, tok_model, sampling),
+  sample = jax.jit(vim_step.make_sample_fn(model, tok_model, sampling),
                    in_shardings=(replicated, replicated, batched, replicated))
   compiled, _ = _compile(sample, params, tok_params, int_spec((batch_size,), batched), key)
   numbers = memory_numbers(compiled)
   if capacity_bytes and numbers.get("total_bytes", 0) > capacity_bytes:
     raise DoesNotFit(f"the sampler needs {numbers['total_bytes'] / 2**30:.2f} GiB per chip")
-  cache = shaped(jax.eval_shape(lambda: token_sampling.init_cache(model, rows)), batched)
+  cache = shaped(jax.eval_shape(lambda: autoregressive.init_cache(model, rows)), batched)
   chip_cache_shape = (rows // chips, *jax.tree.leaves(cache)[0].shape[1:])  # one layer's K
   sampler_hlo = compiled.as_text()
   loop = hlo_stats.largest_loop_state(sampler_hlo, chip_cache_shape)
   numbers.update(loop_bytes=loop["bytes"], loop_cache_bytes=loop["cache_bytes"],
                  cache_writes=hlo_stats.buffer_writes_in_loops(sampler_hlo, chip_cache_shape))
 
-  step = jax.jit(token_sampling.make_decode_step(model, sampling),
+  step = jax.jit(autoregressive.make_decode_step(model, sampling),
                  in_shardings=(replicated, batched, batched, batched, batched, replicated,
                                replicated), donate_argnums=(1, 4))
   step_compiled, step_flops = _compile(
@@ -389,7 +394,7 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
   grid = jax.ShapeDtypeStruct((batch_size // chips, *tok_model.grid), jnp.int32)
   decoder_flops = flops.step_flops(
       lambda p, g: tok_model.apply({"params": p}, g,
-                                   method=vitvqgan.ViTVQGAN.decode_from_indices),
+                                   method=tokenizer_lib.ViTVQGAN.decode_from_indices),
       shaped(tok_params, None), grid)
   numbers.update({
       "mesh": dict(mesh.shape), "devices": chips, "platform": mesh_platform(mesh),
@@ -556,7 +561,7 @@ def print_report(config, numbers: dict, spec=None, num_slices: int = 1):
   cycle = " (mean over an R1 cycle)" if "r1" in numbers else ""
   print(f"per {unit} per step: {f.model / 1e12:.6g} TFLOP model{cycle} (what MFU counts: "
         f"causal attention at half, no recompute), {f.hardware / 1e12:.6g} TFLOP hardware "
-        f"(+{100 * f.recompute_share:.1f}% rematerialised; vim_jax/flops.py)" +
+        f"(+{100 * f.recompute_share:.1f}% rematerialised; vim_jax/infra/flops.py)" +
         (f"; XLA's cost analysis of the step: {xla / 1e12:.6g} TFLOP (a scanned stack's body "
          "once)" if xla is not None else ""))
   if spec:

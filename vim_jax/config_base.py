@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vim_jax import parallel
+from vim_jax.infra import parallel
 
 # Paper Table 1 (stage 1): blocks, heads, model dim, MLP dim. Heads are 64 wide, so Large's
 # attention width is 16 x 64 = 1024 while its model width is 1280.
@@ -102,7 +102,7 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "vitvq"
   c.seed = 0
-  # The PRNG of the train step's dropout masks (vim_jax/prng.py): auto = rbg (XLA's
+  # The PRNG of the train step's dropout masks (vim_jax/infra/prng.py): auto = rbg (XLA's
   # RngBitGenerator, cheap on TPU, MaxText's choice) on TPU and threefry elsewhere; or threefry,
   # rbg, unsafe_rbg. Init keys stay threefry: a seed gives the same params on every backend.
   c.dropout_rng = "auto"
@@ -119,7 +119,7 @@ def stage1_config(encoder: str, decoder: str) -> ml_collections.ConfigDict:
       logit_laplace=True,  # decoder predicts (mu, log b) per channel
       logit_laplace_eps=0.1,  # inputs squashed to [eps, 1 - eps] before the logit
       dtype="bfloat16",  # compute dtype; params stay float32
-      # For other published ViT-VQGANs (vim_jax/models/vitvqgan.py's docstring): 'learned' or
+      # For other published ViT-VQGANs (vim_jax/models/tokenizer.py's docstring): 'learned' or
       # 'sincos' (fixed 2-D); the Linear-tanh-Linear head after each stack (False: none, and one
       # linear map per token to pixels); the range the network works in ('minus_one_to_one' or
       # 'zero_to_one'; callers always use [-1, 1]).
@@ -293,7 +293,7 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "vim"
   c.seed = 0
-  # The PRNG of the train step's dropout and label-dropout masks (vim_jax/prng.py): auto
+  # The PRNG of the train step's dropout and label-dropout masks (vim_jax/infra/prng.py): auto
   # = rbg (XLA's RngBitGenerator, cheap on TPU, MaxText's choice) on TPU and threefry elsewhere;
   # or threefry, rbg, unsafe_rbg. Init keys stay threefry: a seed gives the same params on every
   # backend.
@@ -337,7 +337,7 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
       # Sequences decoded at once per chip (device): what fills its memory, since each holds a
       # KV cache (151 MB for Base, 302 MB for Large; on TPU up to 2x that as laid out). With
       # guidance each image decodes two (its class and the null class), so a batch holds half
-      # as many images; the global batch is stage2.sampling_batch_size(config, devices).
+      # as many images; the global batch is vim_step.sampling_batch_size(config, devices).
       batch_size=SAMPLING_BATCH_PER_CHIP[size],
   ))
   # gFID / IS of num_images class-balanced samples during training, against the eval split
@@ -359,7 +359,7 @@ def stage2_config(size: str) -> ml_collections.ConfigDict:
 
 
 def fid_config() -> ml_collections.ConfigDict:
-  """FID / IS during training (vim_jax/fid.py); off until `every` > 0."""
+  """FID / IS during training (vim_jax/evaluators/fid.py); off until `every` > 0."""
   return ml_collections.ConfigDict(dict(
       every=0,  # steps between evaluations; 0 = off
       # FID InceptionV3 made by `python -m vim_jax.tools.convert_inception`; checked at start.
@@ -385,7 +385,7 @@ def make_tiny_stage2(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def classifier_config() -> ml_collections.ConfigDict:
-  """The small conv classifier (vim_jax/train_classifier.py) on the embedded shapes data."""
+  """The small conv classifier (vim_jax/trainers/classifier.py) on the embedded shapes data."""
   c = ml_collections.ConfigDict()
   c.trainer = "classifier"
   c.seed = 0

@@ -21,7 +21,7 @@ classifier rejection sampling (suffix _rejection<rate>).
 Every process of a multi-host slice runs the same command (the --distributed flags and
 auto-detection are main's): samples and Inception features are split over every device of
 every process, and process 0 writes the results. A stage-2 evaluation saves each finished
-batch under OUT/progress_<step>/ (vim_jax/eval_progress.py): after a preemption (SIGTERM stops
+batch under OUT/progress_<step>/ (vim_jax/evaluators/resumable.py): after a preemption (SIGTERM stops
 it after the current batch, exit 0) or a crash, the same command continues where it stopped,
 with the numbers an uninterrupted run gives, and logs its progress with an ETA.
 
@@ -41,8 +41,9 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from vim_jax import (distributed, eval_progress, fid, fileio, log_filters,
-                     reported_metrics, runs, stage2, train_lib)
+from vim_jax.evaluators import fid, paper_metrics, resumable
+from vim_jax.infra import distributed, fileio, log_filters, runs
+from vim_jax.trainers import train_lib, vim_step
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +117,25 @@ def main(argv):
   weights = FLAGS.inception_weights or fid_config.get(
       "inception_weights", "weights/pt_inception-2015-12-05.msgpack")
   batch_size = FLAGS.batch_size or (
-      stage2.sampling_batch_size(config, jax.device_count()) if config.trainer == "vim" else 64)
+      vim_step.sampling_batch_size(config, jax.device_count()) if config.trainer == "vim" else 64)
   extractor = fid.FeatureExtractor(weights, resize=FLAGS.resize, batch_size=batch_size)
   info = {"workdir": FLAGS.workdir, "trainer": config.trainer,
           "inception": {"weights": weights, "resize": FLAGS.resize}}
   if config.trainer == "vitvq":
     tok = runs.load_tokenizer(FLAGS.workdir, FLAGS.step)
     moved_data(tok.config)
-    results, real = reported_metrics.evaluate_tokenizer(tok, extractor, FLAGS.num_images)
+    results, real = paper_metrics.evaluate_tokenizer(tok, extractor, FLAGS.num_images)
     step = tok.step
   elif config.trainer == "vim":
     trained = runs.load_vim(FLAGS.workdir, FLAGS.step)
     reference = FLAGS.reference_stats or fid_config.get("reference_stats", "")
-    real = reported_metrics.reference_stats(config, extractor, reference, FLAGS.reference_images)
-    label = reported_metrics.reference_label_for(reference, config, real)
+    real = paper_metrics.reference_stats(config, extractor, reference, FLAGS.reference_images)
+    label = paper_metrics.reference_label_for(reference, config, real)
     step = trained.step
-    sampling = stage2.sampling_config_from(config)
+    sampling = vim_step.sampling_config_from(config)
     info["sampling"] = sampling.__dict__
     try:
-      progress = eval_progress.ShardedProgress(
+      progress = resumable.ShardedProgress(
           os.path.join(out, f"progress_{step:08d}"),
           {**info, "step": step, "num_samples": FLAGS.num_samples, "seed": FLAGS.seed,
            "classifier_workdir": FLAGS.classifier_workdir, "acceptance": FLAGS.acceptance,
@@ -143,9 +144,9 @@ def main(argv):
            # draws and how the statistics are summed. A slice of another size resumes with
            # the --batch_size that gives the same.
            "global_batch_size": extractor.batch_size})
-    except eval_progress.IdentityMismatch as e:
+    except resumable.IdentityMismatch as e:
       raise app.UsageError(str(e)) from None
-    results = reported_metrics.evaluate_generator(
+    results = paper_metrics.evaluate_generator(
         trained, extractor, real, label, FLAGS.num_samples, FLAGS.seed, sampling,
         batch_size, FLAGS.classifier_workdir, FLAGS.acceptance, progress)
     if results is None:
@@ -158,10 +159,10 @@ def main(argv):
   if FLAGS.save_reference_stats and distributed.is_writer():
     real.save(FLAGS.save_reference_stats)
     log.info("reference statistics written to %s", FLAGS.save_reference_stats)
-  path = reported_metrics.write_results(out, step, results, info)
+  path = paper_metrics.write_results(out, step, results, info)
   if config.trainer == "vim":
     progress.remove()  # the results hold all of it now
-  print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n{reported_metrics.format_results(results)}\n"
+  print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n{paper_metrics.format_results(results)}\n"
         f"written to {path}")
 
 

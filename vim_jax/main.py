@@ -18,13 +18,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vim_jax import distributed, log_filters  # noqa: E402
+from vim_jax.infra import distributed, log_filters
 
 TRAINERS = {
-    "vitvq": "vim_jax.train_vitvq",  # stage 1: the ViT-VQGAN tokenizer
-    "vim": "vim_jax.train_vim",  # stage 2: the autoregressive transformer
-    "classifier": "vim_jax.train_classifier",  # scores samples (rejection sampling)
-    "quickstart": "vim_jax.quickstart",  # all of the above on the embedded data
+    "vitvq": "vim_jax.trainers.tokenizer",  # stage 1: the ViT-VQGAN tokenizer
+    "vim": "vim_jax.trainers.vim",  # stage 2: the autoregressive transformer
+    "classifier": "vim_jax.trainers.classifier",  # scores samples (rejection sampling)
+    "quickstart": "vim_jax.trainers.quickstart",  # all of the above on the embedded data
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,7 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def worker_failure_message(error: BaseException, workdir: str, process: int, count: int) -> str:
   """What a process of a multi-process job says when its run fails: most often another
   process died, and every process must be started again."""
-  from vim_jax import runs
+  from vim_jax.infra import runs
   found = re.findall(r"/task:(\d+)|Task (\d+) heartbeat", str(error))
   dead = sorted({int(a or b) for a, b in found} - {process})
   who = (f"JAX names process {', '.join(map(str, dead))}" if dead else
@@ -160,21 +160,22 @@ def main(argv):
   config = _CONFIG.value
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
-  from vim_jax import config_checks
+  from vim_jax.infra import config_checks
   try:
     config_checks.check(config)  # every stage's, before start-up and compiles
   except config_checks.ConfigValueError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
-  from vim_jax import prng
+  from vim_jax.infra import prng
   # Before anything starts a jax backend (or TF, which may load libtpu too): libtpu reads its
   # flags once, when it starts.
   if prng.configure_libtpu(config):
-    logging.info("LIBTPU_INIT_ARGS=%s (rbg dropout draws each chip's shard alone; vim_jax/prng.py)",
+    logging.info("LIBTPU_INIT_ARGS=%s (rbg dropout draws each chip's shard alone; vim_jax/infra/prng.py)",
                  os.environ["LIBTPU_INIT_ARGS"])
   hide_gpus_from_tensorflow()
   distributed.start()
-  from vim_jax import fileio, train_lib
+  from vim_jax.infra import fileio
+  from vim_jax.trainers import train_lib
   from vim_jax.data import sources
   # Relative paths are resolved once, here, against the folder the command starts in, and a
   # tfds run records the data_dir it reads ($TFDS_DATA_DIR when its config leaves it empty).

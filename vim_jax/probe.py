@@ -25,10 +25,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from vim_jax import distributed, fileio, log_filters, parallel, runs
+from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
 from vim_jax.models import vim as vim_lib
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
   @jax.jit
   def features(params, tok_params, images):
     tokens = tok.model.apply({"params": tok_params}, images,
-                             method=vitvqgan.ViTVQGAN.encode_to_indices)
+                             method=tokenizer_lib.ViTVQGAN.encode_to_indices)
     tokens = tokens.reshape(tokens.shape[0], -1)
     null = jnp.full((tokens.shape[0],), model.null_label, jnp.int32)
     return {b: model.apply({"params": params}, tokens, null, b, method=vim_lib.VIM.features)

@@ -23,7 +23,9 @@ import os
 import jax
 from absl import app, flags
 
-from vim_jax import distributed, generation, log_filters, runs, stage2, token_sampling
+from vim_jax.infra import distributed, log_filters, runs
+from vim_jax.sampling import autoregressive, generation
+from vim_jax.trainers import vim_step
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +63,16 @@ def main(argv):
   trained = runs.load_vim(FLAGS.workdir)
   s = trained.config.sampling
   pick = lambda flag, default: default if flag is None else flag
-  sampling_config = token_sampling.SamplingConfig(
+  sampling_config = autoregressive.SamplingConfig(
       pick(FLAGS.temperature, s.temperature), pick(FLAGS.top_k, s.top_k),
       pick(FLAGS.top_p, s.top_p), pick(FLAGS.guidance_scale, s.guidance_scale))
   labels = generation.requested_labels(FLAGS.num_samples, trained.model.num_classes, FLAGS.classes)
   results = generation.sample_and_report(
       trained, FLAGS.out or os.path.join(FLAGS.workdir, "samples"), labels, FLAGS.seed,
       sampling_config, FLAGS.classifier_workdir, FLAGS.acceptance,
-      FLAGS.batch_size or stage2.sampling_batch_size(
+      FLAGS.batch_size or vim_step.sampling_batch_size(
           trained.config, jax.device_count(),
-          token_sampling.is_guided(trained.model, sampling_config)))
+          autoregressive.is_guided(trained.model, sampling_config)))
   if distributed.is_writer():
     print(json.dumps(results, indent=2))
 

@@ -1,0 +1,1 @@
+"""Input: the embedded shapes data, tfds and image folders, preprocessing, per-process batches."""

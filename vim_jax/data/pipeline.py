@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from vim_jax import parallel
+from vim_jax.infra import parallel
 from vim_jax.data import preprocess, sources
 
 log = logging.getLogger(__name__)

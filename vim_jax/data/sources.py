@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from vim_jax import fileio
+from vim_jax.infra import fileio
 from vim_jax.data import shapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -208,7 +208,7 @@ class TokenSource:
   {split}-NNNNN.tokens.npy (int32 [n, N]) and .labels.npy, memory-mapped."""
 
   def __init__(self, folder: str, split: str):
-    from vim_jax import fileio
+    from vim_jax.infra import fileio
     meta_path = fileio.join(folder, "meta.json")
     if not fileio.exists(meta_path):
       raise FileNotFoundError(

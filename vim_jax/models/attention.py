@@ -31,7 +31,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _interpret = False
 # Set by xla_only(): every kernel choice resolves to XLA (for counting a step's FLOPs).
 _xla_only = False
-# Name scope of causal attention's matmuls: vim_jax/flops.py counts them at half (the masked
+# Name scope of causal attention's matmuls: vim_jax/infra/flops.py counts them at half (the masked
 # half is no model work, and the fused kernels skip it).
 CAUSAL_SCOPE = "causal_attention"
 
@@ -50,7 +50,7 @@ def pallas_interpret():
 @contextlib.contextmanager
 def xla_only():
   """Traces inside use XLA attention whatever the config says: its matmuls are visible to
-  vim_jax/flops.py, a fused kernel's are not."""
+  vim_jax/infra/flops.py, a fused kernel's are not."""
   global _xla_only
   previous, _xla_only = _xla_only, True
   try:

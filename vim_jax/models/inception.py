@@ -235,7 +235,7 @@ or point --inception_weights (config: fid.inception_weights) at an existing conv
 def check_weights(path: str):
   """Raises the missing-weights error now: trainers call it at start-up, before compiling, so a
   wrong path fails in seconds instead of at the first FID evaluation."""
-  from vim_jax import fileio
+  from vim_jax.infra import fileio
   if not fileio.exists(path):
     raise FileNotFoundError(MISSING_WEIGHTS_HELP.format(path=path))
 
@@ -243,6 +243,6 @@ def check_weights(path: str):
 def load_params(path: str):
   """Converted Inception params (a .msgpack written by convert_inception), or a clear error."""
   from flax import serialization
-  from vim_jax import fileio
+  from vim_jax.infra import fileio
   check_weights(path)
   return serialization.msgpack_restore(fileio.read_bytes(path))

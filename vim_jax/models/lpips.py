@@ -111,7 +111,7 @@ or point --config.perceptual_weights at an existing converted file."""
 def load_params(path: str):
   """Converted LPIPS params (a .msgpack written by convert_lpips), or a clear error."""
   from flax import serialization
-  from vim_jax import fileio
+  from vim_jax.infra import fileio
   if not fileio.exists(path):
     raise FileNotFoundError(MISSING_WEIGHTS_HELP.format(path=path))
   return serialization.msgpack_restore(fileio.read_bytes(path))

@@ -4,7 +4,7 @@ Pre-LayerNorm blocks (LN -> attention -> residual, LN -> MLP -> residual) follow
 LayerNorm. The attention width (heads x head_dim) is independent of the model width, because
 the paper's Large model has width 1280 but 16 heads of 64.
 
-Every parameter carries logical axis names (see `vim_jax/parallel.py` for the rules that map
+Every parameter carries logical axis names (see `vim_jax/infra/parallel.py` for the rules that map
 them to mesh axes), and the residual stream is constrained to
 ('act_batch', 'act_length', 'act_embed') so that data, FSDP and tensor parallel layouts are
 config changes.
@@ -14,9 +14,9 @@ Two layouts of the blocks' params, chosen by `StackConfig.scan_layers`:
             program per layer (compile time grows with depth);
   scanned   transformer/layers/block/... with a leading [num_layers] axis (logical axis
             'layers'): one block under nn.scan, compiled once. The paper configs use it.
-Checkpoints of one layout do not load into the other; `checkpoint.py` says so by name, and
+Checkpoints of one layout do not load into the other; `infra/checkpoint.py` says so by name, and
 `unstack_layers` turns scanned params into the unrolled layout (decoding uses it: see
-`vim_jax/token_sampling.py`).
+`vim_jax/sampling/autoregressive.py`).
 `remat_policy` picks what the backward pass recomputes: 'none', 'full' (the whole block) or
 'minimal' (keep the matmul outputs without a batch dimension, i.e. recompute only the
 elementwise work and attention).

@@ -43,8 +43,8 @@ import re
 import ml_collections
 import numpy as np
 
-from vim_jax import fileio, log_filters, runs
-from vim_jax.models import vitvqgan
+from vim_jax.infra import fileio, log_filters, runs
+from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _check_position_table(r: _Reader, key: str, grid, width: int):
   if key not in r.state:
     return
   stored = r.take(key, (1, grid[0] * grid[1], width))[0]
-  ours = vitvqgan.sincos_position_embedding(grid, width)
+  ours = tokenizer_lib.sincos_position_embedding(grid, width)
   worst = float(np.abs(stored - ours).max())
   if worst > 1e-5:
     raise CheckpointMismatch(f"{key} differs from the 2-D sin-cos table the config's model computes "

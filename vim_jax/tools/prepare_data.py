@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter
 
 from absl import app, flags, logging  # noqa: E402
 
-from vim_jax import log_filters  # noqa: E402
+from vim_jax.infra import log_filters
 from vim_jax.data import sources  # noqa: E402
 
 _NAME = flags.DEFINE_string("name", None, "tfds dataset name, e.g. imagenet2012 or "

@@ -21,9 +21,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax import distributed, fileio, log_filters, parallel, runs
+from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
   params = parallel.replicate(tok.params, mesh)
   encode = jax.jit(lambda p, x: tok.model.apply({"params": p}, x,
-                                                method=vitvqgan.ViTVQGAN.encode_to_indices))
+                                                method=tokenizer_lib.ViTVQGAN.encode_to_indices))
   fileio.makedirs(out_dir)
   meta = {"tokenizer_workdir": config.tokenizer_workdir, "tokenizer_step": tok.step,
           "grid": list(tok.grid), "codebook_size": tok.model.codebook_size,

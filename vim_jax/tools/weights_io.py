@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-from vim_jax import fileio
+from vim_jax.infra import fileio
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from vim_jax import fileio
+from vim_jax.infra import fileio
 from vim_jax.data import preprocess
 
 

@@ -21,13 +21,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (checkpoint, fid, flops, microbatch, parallel, reported_metrics, train_lib,
-                     visualize)
+from vim_jax.evaluators import fid, paper_metrics
+from vim_jax.infra import checkpoint, flops, parallel, visualize
+from vim_jax.trainers import microbatch, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import inception
 from vim_jax.models import lpips as lpips_lib
-from vim_jax.models import vitvqgan
-from vim_jax.stage1 import (TrainState, build_models, build_optimizers, evaluate, is_r1_step,
+from vim_jax.models import tokenizer as tokenizer_lib
+from vim_jax.trainers.tokenizer_step import (TrainState, build_models, build_optimizers, evaluate, is_r1_step,
                             make_eval_step, make_init_fn, make_train_steps, r1_interval)
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, state_shardings, abstract_state, latest = train_lib.create_or_restore_state(
       init_fn, config.seed, mesh, rules, ckpt)
   start_step = int(state.step)
-  counts = vitvqgan.count_params_by_stack(state.params)
+  counts = tokenizer_lib.count_params_by_stack(state.params)
   if state.disc_params is not None:
-    counts["discriminator"] = vitvqgan.count_params(state.disc_params)
+    counts["discriminator"] = tokenizer_lib.count_params(state.disc_params)
   log.info("parameters: %s (total %.2fM)", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()},
            sum(counts.values()) / 1e6)
   if is_main:
@@ -104,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   image_spec = lambda b: {"image": jax.ShapeDtypeStruct(
       (b, config.image_size, config.image_size, 3), jnp.float32, sharding=batch_sharding)}
   # The regular step and, with lazy R1, the R1 step run every r1_interval steps: two programs,
-  # so the regular one holds nothing for R1 (stage1.make_train_step).
+  # so the regular one holds nothing for R1 (tokenizer_step.make_train_step).
   train_steps, step_flops = {}, {}
   eval_step = jax.jit(make_eval_step(models),
                       in_shardings=(state_shardings.params, batch_sharding, replicated))
@@ -133,12 +134,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.fid.every > 0:
     extractor = fid.FeatureExtractor(config.fid.inception_weights, resize=config.fid.resize,
                                      batch_size=config.fid.batch_size)
-  fid_label = reported_metrics.data_label(config.data) if extractor else ""
+  fid_label = paper_metrics.data_label(config.data) if extractor else ""
 
   def run_eval(step: int, with_fid: bool):
     nonlocal real_stats
     eval_params = state.ema_params if state.ema_params is not None else state.params
-    consumer = reported_metrics.ReconstructionFID(extractor, fid_label, real_stats) if with_fid else None
+    consumer = paper_metrics.ReconstructionFID(extractor, fid_label, real_stats) if with_fid else None
     metrics, (images, recons) = evaluate(eval_step, eval_params, lpips_params, eval_data, mesh,
                                          models.tokenizer.codebook_size, config.eval_usage_chunk,
                                          consume=consumer)

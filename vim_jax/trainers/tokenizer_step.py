@@ -1,5 +1,5 @@
 """Stage 1, the ViT-VQGAN tokenizer: its models, optimizers, train state and the pure step
-functions, shared by the trainer (train_vitvq.py), evaluation and the compile report.
+functions, shared by the trainer (trainers/tokenizer.py), evaluation and the compile report.
 
 The train step updates the tokenizer on the paper's objective (L2, logit-Laplace, LPIPS,
 adversarial, VQ) and the StyleGAN discriminator in the same step; the eval step returns
@@ -20,11 +20,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from vim_jax import fileio, image_metrics, losses, microbatch, optim, parallel, prng
+from vim_jax.evaluators import image_metrics
+from vim_jax.infra import fileio, parallel, prng
+from vim_jax.trainers import losses, microbatch, optim
 from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
 from vim_jax.models import lpips as lpips_lib
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class TrainState:
 class Stage1Models:
   """The networks of the stage-1 objective; the optional ones are None when their loss is off."""
 
-  tokenizer: vitvqgan.ViTVQGAN
+  tokenizer: tokenizer_lib.ViTVQGAN
   discriminator: discriminator_lib.StyleGANDiscriminator | None
   lpips: lpips_lib.LPIPS | None
 
@@ -65,7 +67,7 @@ def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
       fileio.exists(config.perceptual_weights))
   # LPIPS in float32 whatever the tokenizer's dtype: the loss and eval/lpips are the published
   # network's distance, not a bf16 approximation of it.
-  return Stage1Models(vitvqgan.ViTVQGAN.from_config(config), disc,
+  return Stage1Models(tokenizer_lib.ViTVQGAN.from_config(config), disc,
                       lpips_lib.LPIPS(jnp.float32) if wants_lpips else None)
 
 
@@ -128,7 +130,7 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
   the same step: G on the weighted sum of its terms (the discriminator frozen), then D on the
   real images and the (stopped) reconstructions of this step, both from this step's params.
   With config.grad_accum_steps = k, both gradients (and the metrics) are means over k
-  microbatches (vim_jax/microbatch.py; data_parallel is the mesh's data x fsdp size).
+  microbatches (vim_jax/trainers/microbatch.py; data_parallel is the mesh's data x fsdp size).
 
   with_r1: the variant that adds the lazy R1 penalty, run when is_r1_step (every
   r1_interval steps), as StyleGAN2 separates its phases. Chosen in Python rather than by a

@@ -1,4 +1,4 @@
-"""TensorBoard event files written through vim_jax.fileio, for local folders and gs:// alike.
+"""TensorBoard event files written through vim_jax.infra.fileio, for local folders and gs:// alike.
 
 clu's default writer goes through tf.summary, whose GCS client has its own hard-wired endpoint
 (so it cannot be pointed at a GCS emulator) and bypasses the project's path layer. This module
@@ -41,7 +41,7 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.util import tensor_util
 
-from vim_jax import fileio
+from vim_jax.infra import fileio
 
 FILE_VERSION = "brain.Event:2"  # what tf.summary v2 writes: TensorBoard reads tensor summaries
 DEFAULT_HISTOGRAM_BUCKETS = 30  # tf.summary.histogram's default
@@ -156,7 +156,7 @@ def _flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 
 class EventFileWriter(metric_writers.MetricWriter):
-  """A clu MetricWriter that writes TensorBoard event files through vim_jax.fileio.
+  """A clu MetricWriter that writes TensorBoard event files through vim_jax.infra.fileio.
 
   Writes are kept in memory until `flush()` (or `close()`), which writes them as one new
   event file in `logdir` (see the module docstring); nothing is written before, and a flush

@@ -30,7 +30,7 @@ import math
 import jax
 from jax.extend import core as jax_core
 
-from vim_jax import tpu_slices
+from vim_jax.infra import tpu_slices
 from vim_jax.models import attention
 
 # jax names the recomputed forward of a jax.checkpoint (flax's nn.remat) this in the backward.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vim_jax.prng import DROPOUT_RNGS
+from vim_jax.infra.prng import DROPOUT_RNGS
 
 # Fields that must be whole numbers >= 1, wherever they appear in a config.
 POSITIVE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "batch_size",

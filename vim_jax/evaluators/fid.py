@@ -29,7 +29,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import fileio, parallel, train_lib
+from vim_jax.infra import fileio, parallel
+from vim_jax.trainers import train_lib
 from vim_jax.models import inception
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class FeatureExtractor:
   """Inception features of uint8 image batches, sharded over the mesh's batch axes.
 
   In a multi-process job every process passes the same whole batch (gather the processes'
-  shares first, as reported_metrics.eval_split_images does); each device featurizes its rows,
+  shares first, as paper_metrics.eval_split_images does); each device featurizes its rows,
   and every process gets all the features back."""
 
   def __init__(self, weights_path: str, mesh=None, resize: str = "bilinear",

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vim_jax import checkpoint, fileio, stage2
+from vim_jax.infra import checkpoint, fileio
+from vim_jax.trainers import vim_step
 from vim_jax.models import classifier as classifier_lib
 from vim_jax.models import vim as vim_lib
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
              "quickstart": "quickstart"}
@@ -126,7 +127,7 @@ def _param_shapes(model: nn.Module, *example_inputs) -> Any:
 class Tokenizer:
   """A trained stage-1 tokenizer, frozen."""
 
-  model: vitvqgan.ViTVQGAN
+  model: tokenizer_lib.ViTVQGAN
   params: dict  # the EMA copy when the run kept one; without 'decoder' if loaded without it
   config: ml_collections.ConfigDict  # the stage-1 run's config
   step: int
@@ -144,7 +145,7 @@ class Tokenizer:
     return "decoder" in self.params
 
 
-def tokenizer_param_shapes(model: vitvqgan.ViTVQGAN) -> dict:
+def tokenizer_param_shapes(model: tokenizer_lib.ViTVQGAN) -> dict:
   return _param_shapes(model, jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32))
 
 
@@ -156,7 +157,7 @@ def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
   shardings: one sharding, or a tree of them matching the loaded params."""
   config = read_run_config(workdir, "vitvq")
   step = checkpoint_step(workdir, step, "vitvq")
-  model = vitvqgan.ViTVQGAN.from_config(config)
+  model = tokenizer_lib.ViTVQGAN.from_config(config)
   shapes = tokenizer_param_shapes(model)
   skipped = {name for name, wanted in (("decoder", with_decoder), ("encoder", with_encoder))
              if not wanted}
@@ -171,11 +172,11 @@ def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
 FLOAT32_ENCODER_PARAMS = ("to_code",)
 
 
-def frozen_encoder_shapes(model: vitvqgan.ViTVQGAN, mesh, rules) -> dict:
+def frozen_encoder_shapes(model: tokenizer_lib.ViTVQGAN, mesh, rules) -> dict:
   """ShapeDtypeStructs (with shardings) of what stage 2 holds of a tokenizer: 'encoder' and
   'quantizer', sharded over `mesh` by the logical axis rules like any params, the encoder's
   weight matrices in the compute dtype (see frozen_encoder_params)."""
-  from vim_jax import parallel
+  from vim_jax.infra import parallel
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   rng = jax.random.key(0)  # outside the mesh: an eager op on compile-only devices fails
   with parallel.tracing_context(mesh, rules):
@@ -186,7 +187,7 @@ def frozen_encoder_shapes(model: vitvqgan.ViTVQGAN, mesh, rules) -> dict:
   return frozen_encoder_params(model, shapes)
 
 
-def frozen_encoder_params(model: vitvqgan.ViTVQGAN, params: dict) -> dict:
+def frozen_encoder_params(model: tokenizer_lib.ViTVQGAN, params: dict) -> dict:
   """params ('encoder', 'quantizer'; arrays or ShapeDtypeStructs) with the encoder's weight
   matrices (kernels and the position embedding: the bulk) in the model's compute dtype: the
   model casts them to it anyway, so the tokens are the same. Biases, LayerNorm params (which
@@ -210,7 +211,7 @@ def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
   quantizer (the EMA copy when the run kept one), laid out as frozen_encoder_shapes says.
   Decoding needs load_tokenizer(workdir, with_encoder=False)."""
   config = read_run_config(workdir, "vitvq")
-  model = vitvqgan.ViTVQGAN.from_config(config)
+  model = tokenizer_lib.ViTVQGAN.from_config(config)
   shapes = frozen_encoder_shapes(model, mesh, rules)
   tok = load_tokenizer(workdir, shardings=jax.tree.map(lambda x: x.sharding, shapes),
                        with_decoder=False)
@@ -240,7 +241,7 @@ def load_vim(workdir: str, step: int | None = None, shardings=None,
   step = checkpoint_step(workdir, step, "vim")
   tok = load_tokenizer(config.tokenizer_workdir, shardings=tokenizer_shardings,
                        with_decoder=with_decoder)
-  model = stage2.build_model(config, tok.model)
+  model = vim_step.build_model(config, tok.model)
   params = restore_params(workdir, step, "params", vim_param_shapes(model), shardings)
   return TrainedVIM(model, params, tok, config, step)
 
@@ -311,11 +312,11 @@ def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int
   importers of published weights and for tests; a trainer cannot resume from it (it holds no
   optimizer state). params are checked against the model the config describes."""
   if config.get("trainer") == "vitvq":
-    _check_params(params, tokenizer_param_shapes(vitvqgan.ViTVQGAN.from_config(config)),
+    _check_params(params, tokenizer_param_shapes(tokenizer_lib.ViTVQGAN.from_config(config)),
                   "tokenizer")
   elif config.get("trainer") == "vim":
     tok = load_tokenizer(config.tokenizer_workdir, with_decoder=False)
-    _check_params(params, vim_param_shapes(stage2.build_model(config, tok.model)), "VIM")
+    _check_params(params, vim_param_shapes(vim_step.build_model(config, tok.model)), "VIM")
   else:
     raise ValueError(f"config.trainer={config.get('trainer')!r}; write_run writes 'vitvq' "
                      "(stage 1) or 'vim' (stage 2) runs.")

@@ -19,8 +19,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (eval_progress, fid, fileio, generation, parallel, runs, stage1,
-                     token_sampling)
+from vim_jax.evaluators import fid, resumable
+from vim_jax.infra import fileio, parallel, runs
+from vim_jax.sampling import autoregressive, generation
+from vim_jax.trainers import tokenizer_step
 from vim_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -170,15 +172,15 @@ def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
   dp = parallel.data_parallel_size(mesh)
   config.eval_batch_size = max(dp, config.eval_batch_size // dp * dp)
   _, eval_data = pipeline.build_pipelines(config, mesh)
-  models = stage1.build_models(config)
+  models = tokenizer_step.build_models(config)
   replicated = NamedSharding(mesh, P())
   lpips_params = {}
   if models.lpips is not None:
     lpips_params = jax.device_put(lpips_lib.load_params(config.perceptual_weights)["params"],
                                   replicated)
-  eval_step = jax.jit(stage1.make_eval_step(models))
+  eval_step = jax.jit(tokenizer_step.make_eval_step(models))
   consumer = ReconstructionFID(extractor, data_label(config.data))
-  image_metrics, _ = stage1.evaluate(
+  image_metrics, _ = tokenizer_step.evaluate(
       eval_step, jax.device_put(tok.params, replicated), lpips_params, eval_data, mesh,
       tok.model.codebook_size, config.eval_usage_chunk, consume=consumer)
   n = image_metrics.pop("num_images")
@@ -192,15 +194,15 @@ def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
 # ----------------------------------------------------------------------------------------------
 def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor,
                        reference: fid.FeatureStats, reference_label: str, num_samples: int,
-                       seed: int, sampling_config: token_sampling.SamplingConfig,
+                       seed: int, sampling_config: autoregressive.SamplingConfig,
                        batch_size: int = 64, classifier_workdir: str = "",
                        acceptance: float = 1.0,
-                       progress: eval_progress.ShardedProgress | None = None
+                       progress: resumable.ShardedProgress | None = None
                        ) -> dict[str, dict] | None:
   """gFID and IS of num_samples class-balanced samples (and with rejection sampling).
 
   With `progress`, every finished batch (and rejection class) is saved there and a rerun
-  continues after the last one (vim_jax/eval_progress.py). Returns None when a SIGTERM stopped
+  continues after the last one (vim_jax/evaluators/resumable.py). Returns None when a SIGTERM stopped
   it (progress saved)."""
   labels = generation.requested_labels(num_samples, trained.model.num_classes, "")
   sampler = generation.Sampler(trained, sampling_config, batch_size)
@@ -255,14 +257,14 @@ def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor
 
 
 def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
-                    progress: eval_progress.ShardedProgress | None, unit_images: float,
+                    progress: resumable.ShardedProgress | None, unit_images: float,
                     total_images: int, step_offset: int = 0,
                     log_every_seconds: float = 30.0) -> int | None:
   """Runs compute(unit) -> (pool [n, 2048], probabilities [n, 1008], correct) for every unit
   in order, adding the features to `accumulator`; units an earlier run finished are read
   from `progress` instead. Returns the summed `correct`, or None when a SIGTERM asked to stop
   (every process stops after the same unit: train_lib.preemption_requested)."""
-  from vim_jax import train_lib
+  from vim_jax.trainers import train_lib
   done = progress.finished_units(phase) if progress else 0
   correct = 0
   for unit in range(done):
@@ -300,7 +302,7 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
 # ----------------------------------------------------------------------------------------------
 def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
   """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
-  from vim_jax import summaries
+  from vim_jax.infra import summaries
   fileio.makedirs(out_dir)
   path = fileio.join(out_dir, f"results_{step:08d}.json")
   if jax.process_index() == 0:

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from vim_jax import fileio, parallel, runs, stage2, token_sampling, visualize
+from vim_jax.infra import fileio, parallel, runs, visualize
+from vim_jax.sampling import autoregressive
+from vim_jax.trainers import vim_step
 from vim_jax.data import preprocess
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class Sampler:
   batches(labels, seed) streams uint8 images [<= batch_size, S, S, 3]; batch i uses the key
   fold_in(key(seed), i), so a seed reproduces the samples."""
 
-  def __init__(self, trained: runs.TrainedVIM, sampling_config: token_sampling.SamplingConfig,
+  def __init__(self, trained: runs.TrainedVIM, sampling_config: autoregressive.SamplingConfig,
                batch_size: int = 64, mesh=None):
     self.trained = trained
     self.mesh = mesh or parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
@@ -34,11 +36,11 @@ class Sampler:
     self.batch_size = max(dp, batch_size // dp * dp)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.label_sharding = parallel.batch_sharding(self.mesh)
-    # Decoding runs the unrolled layout (token_sampling.decoding_layout): converted once here
+    # Decoding runs the unrolled layout (autoregressive.decoding_layout): converted once here
     # (on the host), not inside every compiled call.
-    model, params = token_sampling.decoding_layout(trained.model, jax.device_get(trained.params))
+    model, params = autoregressive.decoding_layout(trained.model, jax.device_get(trained.params))
     self._sample = jax.jit(
-        stage2.make_sample_fn(model, trained.tokenizer.model, sampling_config),
+        vim_step.make_sample_fn(model, trained.tokenizer.model, sampling_config),
         in_shardings=(replicated, replicated, self.label_sharding, None))
     self._params = parallel.replicate(params, self.mesh)
     self._tok_params = parallel.replicate(trained.tokenizer.params, self.mesh)
@@ -66,7 +68,7 @@ class Sampler:
 
 
 def generate(trained: runs.TrainedVIM, labels: np.ndarray, seed: int,
-             sampling_config: token_sampling.SamplingConfig, batch_size: int = 64) -> np.ndarray:
+             sampling_config: autoregressive.SamplingConfig, batch_size: int = 64) -> np.ndarray:
   """uint8 images [N, S, S, 3] for int labels [N] (see Sampler)."""
   return Sampler(trained, sampling_config, batch_size).generate(labels, seed)
 

@@ -35,7 +35,7 @@ def compile_step(jitted, *args):
   then the Python function is traced once more with XLA attention (not the jitted one, whose
   cached trace holds the kernel).
   """
-  from vim_jax import flops
+  from vim_jax.infra import flops
   traced = jitted.trace(*args)
   compiled = traced.lower().compile()
   shardings = [s for s in jax.tree.leaves(compiled.input_shardings)
@@ -46,11 +46,11 @@ def compile_step(jitted, *args):
 
 
 def describe_flops(flops_per_device, name: str, peak: float | None) -> str:
-  """One line with a step's model and hardware FLOPs per device (vim_jax/flops.py)."""
+  """One line with a step's model and hardware FLOPs per device (vim_jax/infra/flops.py)."""
   f = flops_per_device
   line = (f"{name}: {f.model / 1e9:.3f} model GFLOP per device per step, "
           f"{f.hardware / 1e9:.3f} hardware GFLOP (+{100 * f.recompute_share:.1f}% recompute; "
-          "matmuls and convolutions counted from the jaxpr, vim_jax/flops.py)")
+          "matmuls and convolutions counted from the jaxpr, vim_jax/infra/flops.py)")
   if peak:
     line += f"; MFU and HFU against {peak / 1e12:.0f} bf16 TFLOP/s per device"
   else:
@@ -167,7 +167,7 @@ def open_workdir(workdir: str, config):
 
   Only process 0 writes TensorBoard summaries; the others just log.
   """
-  from vim_jax import config_checks, fileio, runs, summaries
+  from vim_jax.infra import config_checks, fileio, runs, summaries
   config_checks.check(config)  # before anything is written or compiled
   fileio.makedirs(workdir)
   runs.write_config(workdir, config)
@@ -191,7 +191,7 @@ def create_or_restore_state(init_fn, seed: int, mesh, rules, ckpt):
   """
   import flax.linen as nn
 
-  from vim_jax import checkpoint, parallel
+  from vim_jax.infra import checkpoint, parallel
   with parallel.tracing_context(mesh, rules):
     boxed_shapes = jax.eval_shape(init_fn, jax.random.key(seed))
   shardings = parallel.logical_shardings(boxed_shapes, mesh, rules)
@@ -215,7 +215,7 @@ class TrainWindows:
   closed at once. `describe(step, scalars)` writes the trainer's log line.
 
   close_pending() returns whether it wrote a window: the trainer then flushes its writer, so
-  that each window reaches TensorBoard at its log step (vim_jax.summaries writes event files on
+  that each window reaches TensorBoard at its log step (vim_jax.infra.summaries writes event files on
   flush only; the run's last window lands with the trainer's final flush).
   """
 

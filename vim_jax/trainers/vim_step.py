@@ -1,5 +1,5 @@
 """Stage 2, VIM: the model over a frozen tokenizer's codes, its optimizer and the pure step
-functions (train, eval, sample), shared by the trainer (train_vim.py), sampling, evaluation and
+functions (train, eval, sample), shared by the trainer (trainers/vim.py), sampling, evaluation and
 the compile report.
 """
 
@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vim_jax import microbatch, optim, parallel, prng, token_sampling, train_lib
+from vim_jax.infra import parallel, prng
+from vim_jax.sampling import autoregressive
+from vim_jax.trainers import microbatch, optim, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
-from vim_jax.models import vitvqgan
+from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 TrainState = train_lib.TrainState
 
 
-def build_model(config, tok_model: vitvqgan.ViTVQGAN) -> vim_lib.VIM:
+def build_model(config, tok_model: tokenizer_lib.ViTVQGAN) -> vim_lib.VIM:
   """The VIM a stage-2 config describes, over the tokenizer's codebook and token grid."""
   if config.image_size != tok_model.image_size:
     raise ValueError(f"config.image_size={config.image_size} but the tokenizer at "
@@ -40,22 +42,22 @@ def build_optimizer(config):
   return optim.adamw(config.optimizer, schedule), schedule
 
 
-def batch_tokens(batch, tok_model: vitvqgan.ViTVQGAN, tokenizer_params) -> jax.Array:
+def batch_tokens(batch, tok_model: tokenizer_lib.ViTVQGAN, tokenizer_params) -> jax.Array:
   """int32 [B, N] tokens: pre-tokenized ones, or the frozen tokenizer's for batch['image']."""
   if "tokens" in batch:
     return batch["tokens"]
   tokens = tok_model.apply({"params": tokenizer_params}, batch["image"],
-                           method=vitvqgan.ViTVQGAN.encode_to_indices)
+                           method=tokenizer_lib.ViTVQGAN.encode_to_indices)
   return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], -1))
 
 
-def make_train_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN, tx, schedule,
+def make_train_step(model: vim_lib.VIM, tok_model: tokenizer_lib.ViTVQGAN, tx, schedule,
                     config, data_parallel: int = 1) -> Callable:
   """(state, batch, tokenizer_params) -> (state, metrics).
 
   batch: image [B, S, S, 3] in [-1, 1] (or tokens int [B, N]), label int [B].
   With config.grad_accum_steps = k, the gradient is the mean over k microbatches (see
-  vim_jax/microbatch.py); data_parallel is the mesh's data x fsdp size.
+  vim_jax/trainers/microbatch.py); data_parallel is the mesh's data x fsdp size.
   """
   k = config.get("grad_accum_steps", 1)
 
@@ -93,7 +95,7 @@ def make_train_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN, tx, schedu
   return train_step
 
 
-def make_eval_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN) -> Callable:
+def make_eval_step(model: vim_lib.VIM, tok_model: tokenizer_lib.ViTVQGAN) -> Callable:
   """(params, batch, tokenizer_params) -> per-example nll [B] and accuracy [B]."""
 
   def eval_step(params, batch, tokenizer_params):
@@ -105,16 +107,16 @@ def make_eval_step(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN) -> Callable
   return eval_step
 
 
-def make_sample_fn(model: vim_lib.VIM, tok_model: vitvqgan.ViTVQGAN,
-                   sampling_config: token_sampling.SamplingConfig) -> Callable:
+def make_sample_fn(model: vim_lib.VIM, tok_model: tokenizer_lib.ViTVQGAN,
+                   sampling_config: autoregressive.SamplingConfig) -> Callable:
   """(params, tokenizer_params, labels [B], rng) -> images [B, S, S, 3] in [-1, 1]."""
 
   def sample(params, tokenizer_params, labels, rng):
-    tokens = token_sampling.sample_tokens(model, params, labels, rng, sampling_config)
+    tokens = autoregressive.sample_tokens(model, params, labels, rng, sampling_config)
     grid = tok_model.grid
     return tok_model.apply({"params": tokenizer_params},
                            tokens.reshape(tokens.shape[0], *grid),
-                           method=vitvqgan.ViTVQGAN.decode_from_indices)
+                           method=tokenizer_lib.ViTVQGAN.decode_from_indices)
 
   return sample
 
@@ -124,13 +126,13 @@ def model_inputs(local_batch: dict) -> dict:
   return {k: v for k, v in local_batch.items() if k != "mask"}
 
 
-def sampling_config_from(config) -> token_sampling.SamplingConfig:
+def sampling_config_from(config) -> autoregressive.SamplingConfig:
   s = config.sampling
-  return token_sampling.SamplingConfig(s.temperature, s.top_k, s.top_p, s.guidance_scale)
+  return autoregressive.SamplingConfig(s.temperature, s.top_k, s.top_p, s.guidance_scale)
 
 
 def guided(config) -> bool:
-  """Whether a stage-2 config samples with classifier-free guidance (token_sampling.is_guided:
+  """Whether a stage-2 config samples with classifier-free guidance (autoregressive.is_guided:
   each image then decodes two sequences, its class and the null class)."""
   return config.model.num_classes > 0 and config.sampling.guidance_scale != 1.0
 

@@ -10,7 +10,7 @@ A run reaches GCS through four clients, each with its own way of being pointed e
   etils.epath -> fsspec/gcsfs              the same, with EPATH_USE_TF=0   STORAGE_EMULATOR_HOST
   google-cloud-cpp (riegeli)               array_record reads of tfds data CLOUD_STORAGE_EMULATOR_ENDPOINT
 
-TensorBoard event files are written by `vim_jax.summaries` through our path layer, so no
+TensorBoard event files are written by `vim_jax.infra.summaries` through our path layer, so no
 TensorFlow GCS client is left on our paths.
 
 With `STORAGE_EMULATOR_HOST` set (Google's own convention, e.g. `127.0.0.1:9023` or

@@ -20,11 +20,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import (checkpoint, fid, flops, microbatch, parallel, reported_metrics, runs,
-                     train_lib, visualize)
+from vim_jax.evaluators import fid, paper_metrics
+from vim_jax.infra import checkpoint, flops, parallel, runs, visualize
+from vim_jax.trainers import microbatch, train_lib
 from vim_jax.data import pipeline
-from vim_jax.models import inception, vitvqgan
-from vim_jax.stage2 import (build_model, build_optimizer, evaluate, make_eval_step,
+from vim_jax.models import inception
+from vim_jax.models import tokenizer as tokenizer_lib
+from vim_jax.trainers.vim_step import (build_model, build_optimizer, evaluate, make_eval_step,
                             make_sample_fn, make_train_step, model_inputs, sampling_config_from)
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, state_shardings, abstract_state, latest = train_lib.create_or_restore_state(
       init_fn, config.seed, mesh, rules, ckpt)
   start_step = int(state.step)
-  num_params = vitvqgan.count_params(state.params)
+  num_params = tokenizer_lib.count_params(state.params)
   log.info("VIM parameters: %.2fM", num_params / 1e6)
   if is_main:
     train_lib.log_parameter_overview(state.params)
@@ -149,8 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.fid.every > 0:
     extractor = fid.FeatureExtractor(config.fid.inception_weights, resize=config.fid.resize,
                                      batch_size=config.fid.batch_size)
-    reference = reported_metrics.reference_stats(config, extractor, config.fid.reference_stats)
-    reference_label = reported_metrics.reference_label_for(config.fid.reference_stats, config,
+    reference = paper_metrics.reference_stats(config, extractor, config.fid.reference_stats)
+    reference_label = paper_metrics.reference_label_for(config.fid.reference_stats, config,
                                                      reference)
 
   def sample_batches(step: int, num: int):
@@ -169,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     feats = extractor.extract(sample_batches(step, config.fid.num_images), "samples",
                               config.fid.num_images)
     against = f"{reference.description} ({reference.num_images or '?'} images)"
-    results = reported_metrics.generator_metrics(feats, reference, reference_label, against, "")
+    results = paper_metrics.generator_metrics(feats, reference, reference_label, against, "")
     log.info("FID at step %d: %s", step, ", ".join(f"{k}={v['value']:.4g}"
                                                    for k, v in results.items()))
     writer.write_scalars(step, {f"eval/{k}": v["value"] for k, v in results.items()})

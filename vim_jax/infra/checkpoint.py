@@ -18,7 +18,7 @@ import logging
 import jax
 import orbax.checkpoint as ocp
 
-from vim_jax import fileio
+from vim_jax.infra import fileio
 
 log = logging.getLogger(__name__)
 

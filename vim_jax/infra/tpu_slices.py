@@ -139,7 +139,7 @@ def prepare_environment():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   # RngBitGenerator partitioned per chip, as vim_jax/main.py sets it for rbg dropout (the TPU
   # default): without it each chip's program would draw the whole batch's masks.
-  from vim_jax import prng
+  from vim_jax.infra import prng
   prng.name_libtpu_flag(os.environ)
 
 

@@ -12,8 +12,12 @@ import time
 
 import jax
 
-from vim_jax import (generation, runs, stage2, summaries, train_classifier, train_lib, train_vim,
-                     train_vitvq)
+from vim_jax.infra import runs, summaries
+from vim_jax.sampling import generation
+from vim_jax.trainers import train_lib, vim_step
+from vim_jax.trainers import classifier as classifier_trainer
+from vim_jax.trainers import tokenizer as tokenizer_trainer
+from vim_jax.trainers import vim as vim_trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +50,18 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
     return out
 
   tokenizer_dir = os.path.join(workdir, "tokenizer")
-  stage1 = timed("stage 1 (tokenizer)", train_vitvq.train_and_evaluate, config.stage1,
+  stage1 = timed("stage 1 (tokenizer)", tokenizer_trainer.train_and_evaluate, config.stage1,
                  tokenizer_dir, devices=devices)
-  classifier = timed("classifier", train_classifier.train_and_evaluate, config.classifier,
+  classifier = timed("classifier", classifier_trainer.train_and_evaluate, config.classifier,
                      os.path.join(workdir, "classifier"), devices=devices)
   config.stage2.tokenizer_workdir = tokenizer_dir
-  timed("stage 2 (VIM)", train_vim.train_and_evaluate, config.stage2,
+  timed("stage 2 (VIM)", vim_trainer.train_and_evaluate, config.stage2,
         os.path.join(workdir, "vim"), devices=devices)
 
   trained = runs.load_vim(os.path.join(workdir, "vim"))
   labels = generation.requested_labels(config.num_samples, trained.model.num_classes, "")
   results = timed("sampling", generation.sample_and_report, trained, os.path.join(workdir, "samples"),
-                  labels, config.sample_seed, stage2.sampling_config_from(trained.config),
+                  labels, config.sample_seed, vim_step.sampling_config_from(trained.config),
                   os.path.join(workdir, "classifier"), config.acceptance)
   writer = summaries.create_default_writer(os.path.join(workdir, "samples"),
                                            just_logging=jax.process_index() > 0)

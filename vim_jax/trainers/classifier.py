@@ -18,7 +18,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import checkpoint, fileio, optim, parallel, train_lib
+from vim_jax.infra import checkpoint, fileio, parallel
+from vim_jax.trainers import optim, train_lib
 from vim_jax.data import pipeline
 from vim_jax.models import classifier as classifier_lib
 

@@ -25,7 +25,7 @@ import logging
 import jax
 import numpy as np
 
-from vim_jax import fileio
+from vim_jax.infra import fileio
 
 log = logging.getLogger(__name__)
 

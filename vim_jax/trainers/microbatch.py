@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from vim_jax import parallel
+from vim_jax.infra import parallel
 
 
 def check(config, data_parallel: int):
