@@ -21,9 +21,9 @@ classifier rejection sampling (suffix _rejection<rate>).
 Every process of a multi-host slice runs the same command (the --distributed flags and
 auto-detection are main's): samples and Inception features are split over every device of
 every process, and process 0 writes the results. A stage-2 evaluation saves each finished
-batch under OUT/progress_<step>/ (vim_jax/evaluators/resumable.py): after a preemption (SIGTERM stops
-it after the current batch, exit 0) or a crash, the same command continues where it stopped,
-with the numbers an uninterrupted run gives, and logs its progress with an ETA.
+batch under OUT/progress_<step>/ (vim_jax/evaluators/resumable.py): after a preemption
+(SIGTERM stops it after the current batch, exit 0) or a crash, the same command continues where
+it stopped, with the numbers an uninterrupted run gives, and logs its progress with an ETA.
 
 Every value is written with what it was computed against and the number of images, to
 OUT/results_<step>.json and to TensorBoard under OUT (default OUT = WORKDIR/eval). Images
@@ -162,8 +162,8 @@ def main(argv):
   path = paper_metrics.write_results(out, step, results, info)
   if config.trainer == "vim":
     progress.remove()  # the results hold all of it now
-  print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n{paper_metrics.format_results(results)}\n"
-        f"written to {path}")
+  print(f"{config.trainer} run {FLAGS.workdir}, step {step}:\n"
+        f"{paper_metrics.format_results(results)}\nwritten to {path}")
 
 
 if __name__ == "__main__":

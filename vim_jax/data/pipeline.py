@@ -9,8 +9,8 @@ Each process loads only the rows of the global batch that its devices hold
 (`parallel.batch_rows`: a contiguous 1/P of the batch when only the batch axes span processes;
 the same rows as another process when a tensor group spans two hosts), using a thread pool, and
 batches are prefetched in a background thread. A row's example and augmentation depend on its
-global position only, so processes that hold the same rows load identical examples. Corrupt images are replaced by
-the next readable example, counted and reported, never fatal.
+global position only, so processes that hold the same rows load identical examples. Corrupt
+images are replaced by the next readable example, counted and reported, never fatal.
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float,
   scores = []
   for part in np.array_split(p, splits):
     marginal = part.mean(0, keepdims=True)
-    kl = np.sum(part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(marginal, 1e-30,
-                                                                           None))), axis=1)
+    log_ratio = np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(marginal, 1e-30, None))
+    kl = np.sum(part * log_ratio, axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
 

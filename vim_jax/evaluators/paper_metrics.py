@@ -19,11 +19,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vim_jax.data import pipeline
 from vim_jax.evaluators import fid, resumable
 from vim_jax.infra import fileio, parallel, runs
+from vim_jax.models import lpips as lpips_lib
 from vim_jax.sampling import autoregressive, generation
-from vim_jax.trainers import tokenizer_step
-from vim_jax.data import pipeline
+from vim_jax.trainers import tokenizer_step, train_lib
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ReconstructionFID:
 
 
 def generator_metrics(feats: fid.Features, reference: fid.FeatureStats, reference_label: str,
-                       against: str, suffix: str) -> dict[str, dict]:
+                      against: str, suffix: str) -> dict[str, dict]:
   mean, std = feats.inception_score()
   n = feats.num_images
   return {f"fid_vs_{reference_label}{suffix}": metric(fid.fid_from_stats(feats.stats, reference),
@@ -164,7 +165,6 @@ def reference_label_for(path: str, config: ml_collections.ConfigDict,
 def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
                        max_images: int = -1) -> tuple[dict[str, dict], fid.FeatureStats]:
   """Every stage-1 metric over the eval split; returns (metrics, the real images' statistics)."""
-  from vim_jax.models import lpips as lpips_lib
   config = ml_collections.ConfigDict(tok.config.to_dict())
   if max_images > 0:
     config.num_eval_images = max_images
@@ -202,8 +202,8 @@ def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor
   """gFID and IS of num_samples class-balanced samples (and with rejection sampling).
 
   With `progress`, every finished batch (and rejection class) is saved there and a rerun
-  continues after the last one (vim_jax/evaluators/resumable.py). Returns None when a SIGTERM stopped
-  it (progress saved)."""
+  continues after the last one (vim_jax/evaluators/resumable.py). Returns None when a SIGTERM
+  stopped it (progress saved)."""
   labels = generation.requested_labels(num_samples, trained.model.num_classes, "")
   sampler = generation.Sampler(trained, sampling_config, batch_size)
   against = f"{reference.description} ({reference.num_images or '?'} images)"
@@ -264,7 +264,6 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
   in order, adding the features to `accumulator`; units an earlier run finished are read
   from `progress` instead. Returns the summed `correct`, or None when a SIGTERM asked to stop
   (every process stops after the same unit: train_lib.preemption_requested)."""
-  from vim_jax.trainers import train_lib
   done = progress.finished_units(phase) if progress else 0
   correct = 0
   for unit in range(done):
@@ -302,7 +301,7 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
 # ----------------------------------------------------------------------------------------------
 def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
   """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
-  from vim_jax.infra import summaries
+  from vim_jax.infra import summaries  # lazy: loads TensorFlow (clu's writers); only this needs it
   fileio.makedirs(out_dir)
   path = fileio.join(out_dir, f"results_{step:08d}.json")
   if jax.process_index() == 0:

@@ -24,6 +24,7 @@ import logging
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vim_jax.infra import fileio
 
@@ -67,7 +68,6 @@ class ShardedProgress:
       while fileio.exists(self._path(phase, count)):
         count += 1
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       count = int(multihost_utils.broadcast_one_to_all(np.int32(count)))
     return count
 

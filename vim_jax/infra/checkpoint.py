@@ -17,6 +17,7 @@ import logging
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vim_jax.infra import fileio
 
@@ -172,7 +173,6 @@ class Checkpointer:
       if target.exists():
         target.rmtree()
       (directory / str(step)).rename(target)
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
     self.manager.reload()
 

@@ -1,9 +1,10 @@
 """Refuses bad periods, sizes and counts in a config at start, before anything compiles.
 
-A period of 0 used to surface minutes later as `ZeroDivisionError` at `step % config.eval_every`,
-and a batch size of 0 as a shape error inside the compiler. `check(config)` names every bad
-field with its value, what it must be and how to fix it. The quickstart's config holds one
-config per stage; each is checked too (a typo in stage 2 must not wait for stage 1 to train).
+Unchecked, a period of 0 surfaces minutes later as `ZeroDivisionError` at
+`step % config.eval_every`, and a batch size of 0 as a shape error inside the compiler.
+`check(config)` names every bad field with its value, what it must be and how to fix it. The
+quickstart's config holds one config per stage; each is checked too (a typo in stage 2 must not
+wait for stage 1 to train).
 """
 
 from __future__ import annotations

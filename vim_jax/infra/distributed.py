@@ -58,7 +58,7 @@ def start():
   FLAGS = flags.FLAGS
   if not wants_distributed(FLAGS.distributed, FLAGS.coordinator_address, os.environ):
     return
-  import jax
+  import jax  # lazy: main's start-up and --help stay free of jax
   jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                              num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                              local_device_ids=local_device_ids_for_task(os.environ),
@@ -71,5 +71,5 @@ def start():
 def is_writer() -> bool:
   """Whether this process writes a command's outputs (process 0): every process computes the
   same results, one writes them."""
-  import jax
+  import jax  # lazy: main's start-up and --help stay free of jax
   return jax.process_index() == 0

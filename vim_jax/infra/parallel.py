@@ -14,17 +14,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import os
 import socket
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from vim_jax.data import preprocess
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -78,7 +81,7 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int,
 
 def _ici_device_array(shape: tuple[int, ...], devices: list) -> np.ndarray:
   try:
-    from jax.experimental import mesh_utils  # topology-aware ordering on TPU/GPU
+    # mesh_utils orders the devices by the topology (on TPU and GPU).
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   except Exception:  # pylint: disable=broad-except; e.g. a subset of CPU devices
     return np.asarray(devices).reshape(shape)
@@ -109,7 +112,6 @@ def process_hosts() -> dict[int, int]:
   single process, where each (compile-only) device's process stands for a host."""
   if jax.process_count() == 1:
     return {}
-  from jax.experimental import multihost_utils
   name = os.environ.get("SLURM_NODEID") or socket.gethostname()
   digest = np.frombuffer(hashlib.sha256(name.encode()).digest()[:4], np.int32)  # x64 is off
   names = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
@@ -231,7 +233,6 @@ def fetch(tree):
   over several processes are gathered: jax refuses to read them directly)."""
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      from jax.experimental import multihost_utils
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(one, tree)
@@ -240,5 +241,4 @@ def fetch(tree):
 @jax.jit
 def _images_to_unit_range(images: jax.Array) -> jax.Array:
   """uint8 -> float32 in [-1, 1] where the images are (the output keeps their sharding)."""
-  from vim_jax.data import preprocess
   return preprocess.to_unit_range(images)

@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from vim_jax.infra import checkpoint, fileio
-from vim_jax.trainers import vim_step
+from vim_jax.infra import checkpoint, fileio, parallel
 from vim_jax.models import classifier as classifier_lib
-from vim_jax.models import vim as vim_lib
 from vim_jax.models import tokenizer as tokenizer_lib
+from vim_jax.models import vim as vim_lib
+from vim_jax.trainers import vim_step
 
 RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
              "quickstart": "quickstart"}
@@ -89,7 +91,6 @@ def _item_dir(workdir: str, step: int) -> str:
 def stored_fields(workdir: str, step: int) -> dict[str, bool]:
   """The checkpoint's top-level entries and whether each holds arrays (False for a None
   field, e.g. `ema_params` of a run without EMA)."""
-  import orbax.checkpoint as ocp
   metadata = ocp.PyTreeCheckpointHandler().metadata(fileio.path(_item_dir(workdir, step)))
   return {name: value is not None for name, value in metadata.items()}
 
@@ -105,7 +106,6 @@ def _abstract(shapes, shardings):
 def restore_params(workdir: str, step: int, field: str, shapes, shardings=None):
   """Restores checkpoint entry `field` (e.g. 'params'), only the leaves in `shapes` (a tree
   of ShapeDtypeStructs, possibly a subtree of what was saved), onto `shardings`."""
-  import orbax.checkpoint as ocp
   item = {field: _abstract(shapes, shardings)}
   try:
     restored = ocp.PyTreeCheckpointer().restore(
@@ -176,7 +176,6 @@ def frozen_encoder_shapes(model: tokenizer_lib.ViTVQGAN, mesh, rules) -> dict:
   """ShapeDtypeStructs (with shardings) of what stage 2 holds of a tokenizer: 'encoder' and
   'quantizer', sharded over `mesh` by the logical axis rules like any params, the encoder's
   weight matrices in the compute dtype (see frozen_encoder_params)."""
-  from vim_jax.infra import parallel
   image = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   rng = jax.random.key(0)  # outside the mesh: an eager op on compile-only devices fails
   with parallel.tracing_context(mesh, rules):
@@ -294,8 +293,7 @@ def _check_params(params, expected, what: str):
 
 
 def _flatten(tree) -> dict:
-  import flax
-  return flax.traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
+  return traverse_util.flatten_dict(tree) if isinstance(tree, dict) else {}
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -16,8 +16,8 @@ TensorFlow GCS client is left on our paths.
 With `STORAGE_EMULATOR_HOST` set (Google's own convention, e.g. `127.0.0.1:9023` or
 `http://127.0.0.1:9023`), `use_emulator_if_set` points every client above at that server:
 epath goes through gcsfs, which honours the variable (TensorFlow's client cannot be pointed
-anywhere), and the others get their own variables. Without it nothing is changed and every
-client talks to the real GCS as before. It runs when `vim_jax` is imported, before any of
+anywhere), and the others get their own variables. Without it nothing is changed: every
+client talks to the real GCS. It runs when `vim_jax` is imported, before any of
 these clients reads its settings, so every command, the notebook and the tests get it.
 """
 
@@ -61,6 +61,7 @@ def use_emulator_if_set() -> str | None:
       "NO_GCE_CHECK": "true",
   }
   os.environ.update(settings)
-  import fsspec.config  # the token is read from here when gcsfs's filesystem is first made
+  # The token is read from here when gcsfs's filesystem is first made.
+  import fsspec.config  # lazy: comes with gcsfs, optional (checked above)
   fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
   return url

@@ -103,8 +103,8 @@ def parse(name: str) -> SliceSpec:
   """'v4-128' -> its chips and torus shape. Raises ValueError naming the accepted forms."""
   match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
   usage = ("expected a Google Cloud slice name: v4-N or v5p-N (N TensorCores, 2 per chip, "
-           "e.g. v4-128 = 64 chips; the smallest is -8), v5e-N / v5litepod-N or v6e-N (N chips), with N a power of "
-           "2")
+           "e.g. v4-128 = 64 chips; the smallest is -8), v5e-N / v5litepod-N or v6e-N "
+           "(N chips), with N a power of 2")
   if not match:
     raise ValueError(f"--topology={name!r}: {usage}.")
   generation = GENERATIONS[ALIASES.get(match.group(1), match.group(1))]
@@ -139,7 +139,7 @@ def prepare_environment():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   # RngBitGenerator partitioned per chip, as vim_jax/main.py sets it for rbg dropout (the TPU
   # default): without it each chip's program would draw the whole batch's masks.
-  from vim_jax.infra import prng
+  from vim_jax.infra import prng  # lazy: imports jax, which reads JAX_PLATFORMS on import
   prng.name_libtpu_flag(os.environ)
 
 
@@ -148,7 +148,7 @@ def compile_only_devices(spec: SliceSpec, num_slices: int = 1) -> list:
   if not libtpu_available():
     raise RuntimeError(INSTALL_HINT)
   prepare_environment()
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # lazy: jax only after prepare_environment
   # The hosts as the hardware has them: the devices' process indices (which host feeds which
   # chips) come from here; the compiled program does not depend on them.
   description = topologies.get_topology_desc(

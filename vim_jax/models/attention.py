@@ -101,7 +101,8 @@ def splash_block_size(length: int, block: int) -> int:
 def _splash_kernel(num_heads: int, length: int, causal: bool, block: int, interpret: bool):
   """Built inside each trace: the kernel holds its mask tables as arrays, which a cached
   kernel would leak from the trace that made it into the next."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  from jax.experimental.pallas.ops.tpu import (  # lazy: Pallas TPU kernels, used on TPU only
+      splash_attention as splash)
   mask_cls = splash.CausalMask if causal else splash.FullMask
   mask = splash.MultiHeadMask([mask_cls((length, length)) for _ in range(num_heads)])
   b = splash_block_size(length, block)

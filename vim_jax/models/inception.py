@@ -22,10 +22,12 @@ Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, converted once by
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import serialization
+
+from vim_jax.infra import fileio
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -235,14 +237,11 @@ or point --inception_weights (config: fid.inception_weights) at an existing conv
 def check_weights(path: str):
   """Raises the missing-weights error now: trainers call it at start-up, before compiling, so a
   wrong path fails in seconds instead of at the first FID evaluation."""
-  from vim_jax.infra import fileio
   if not fileio.exists(path):
     raise FileNotFoundError(MISSING_WEIGHTS_HELP.format(path=path))
 
 
 def load_params(path: str):
   """Converted Inception params (a .msgpack written by convert_inception), or a clear error."""
-  from flax import serialization
-  from vim_jax.infra import fileio
   check_weights(path)
   return serialization.msgpack_restore(fileio.read_bytes(path))

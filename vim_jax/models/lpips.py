@@ -16,10 +16,12 @@ its params as a constant so no gradient reaches them.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import serialization
+
+from vim_jax.infra import fileio
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -110,8 +112,6 @@ or point --config.perceptual_weights at an existing converted file."""
 
 def load_params(path: str):
   """Converted LPIPS params (a .msgpack written by convert_lpips), or a clear error."""
-  from flax import serialization
-  from vim_jax.infra import fileio
   if not fileio.exists(path):
     raise FileNotFoundError(MISSING_WEIGHTS_HELP.format(path=path))
   return serialization.msgpack_restore(fileio.read_bytes(path))

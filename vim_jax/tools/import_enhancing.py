@@ -40,6 +40,7 @@ import io
 import logging
 import re
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -63,7 +64,7 @@ def read_checkpoint(path: str, trust_pickle: bool = False) -> tuple[dict[str, np
   """(the tokenizer's arrays by their key, the training step) of a Lightning checkpoint or a
   bare state_dict. Loads with torch's weights_only unpickler unless trust_pickle."""
   try:
-    import torch
+    import torch  # lazy: optional (the convert extra), and slow to import
   except ImportError as e:
     raise SystemExit("reading PyTorch checkpoints needs torch: pip install '.[convert]'") from e
   if not fileio.exists(path):
@@ -83,7 +84,7 @@ def read_checkpoint(path: str, trust_pickle: bool = False) -> tuple[dict[str, np
     state, step = loaded["state_dict"], int(loaded.get("global_step", 0) or 0)
   if not isinstance(state, dict):
     raise CheckpointMismatch(f"{path!r} holds a {type(state).__name__}; expected a Lightning "
-                       "checkpoint (a dict with 'state_dict') or a state_dict.")
+                             "checkpoint (a dict with 'state_dict') or a state_dict.")
   tokenizer = {k: v.detach().float().numpy() for k, v in state.items()
                if k.startswith(TOKENIZER_PREFIXES)}
   ignored = sorted({k.split(".")[0] for k in state if not k.startswith(TOKENIZER_PREFIXES)})
@@ -126,8 +127,8 @@ class _Reader:
       return np.zeros(shape, np.float32)
     value = self.state.pop(key)
     if value.shape != tuple(shape):
-      raise CheckpointMismatch(f"{key} has shape {tuple(value.shape)}; the config's model needs "
-                         f"{tuple(shape)}.")
+      raise CheckpointMismatch(f"{key} has shape {tuple(value.shape)}; the config's model "
+                               f"needs {tuple(shape)}.")
     return value.astype(np.float32)
 
 
@@ -159,7 +160,6 @@ def _stack_params(r: _Reader, prefix: str, stack) -> dict:
   out["ln_final"] = {"scale": r.take(f"{prefix}.transformer.norm.weight", (d,)),
                      "bias": r.take(f"{prefix}.transformer.norm.bias", (d,))}
   if stack.scan_layers:  # one [num_layers, ...] array per leaf, as nn.scan stores them
-    import jax
     blocks = [out.pop(f"block_{i:02d}") for i in range(stack.num_layers)]
     out["layers"] = {"block": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
   return out
@@ -174,9 +174,10 @@ def _check_position_table(r: _Reader, key: str, grid, width: int):
   ours = tokenizer_lib.sincos_position_embedding(grid, width)
   worst = float(np.abs(stored - ours).max())
   if worst > 1e-5:
-    raise CheckpointMismatch(f"{key} differs from the 2-D sin-cos table the config's model computes "
-                       f"by up to {worst:.3g}; the checkpoint is not the model the config "
-                       "describes (position_embedding='sincos').")
+    raise CheckpointMismatch(
+        f"{key} differs from the 2-D sin-cos table the config's model computes by up to "
+        f"{worst:.3g}; the checkpoint is not the model the config describes "
+        "(position_embedding='sincos').")
 
 
 def convert(state: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> dict:
@@ -192,9 +193,9 @@ def convert(state: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> 
       if stack.get(k) != v:
         wrong[f"{name}.{k}"] = stack.get(k)
   if wrong:
-    raise CheckpointMismatch(f"the config does not describe an enhancing-transformers ViT-VQGAN "
-                       f"(model fields {wrong}); use configs/enhancing_vitvq_small.py or "
-                       "configs/enhancing_vitvq_base.py.")
+    raise CheckpointMismatch(
+        f"the config does not describe an enhancing-transformers ViT-VQGAN (model fields "
+        f"{wrong}); use configs/enhancing_vitvq_small.py or configs/enhancing_vitvq_base.py.")
   _check_size(state, config)
   r = _Reader(state)
   p, c = m.patch_size, m.code_dim
@@ -226,9 +227,10 @@ def convert(state: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> 
   problems = [f"missing {k}" for k in r.missing]
   problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in sorted(r.state.items())]
   if problems:
-    raise CheckpointMismatch("the checkpoint's tokenizer keys do not match the config's model:\n  " +
-                       "\n  ".join(problems[:20]) +
-                       (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    raise CheckpointMismatch(
+        "the checkpoint's tokenizer keys do not match the config's model:\n  " +
+        "\n  ".join(problems[:20]) +
+        (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
   return params
 
 
@@ -252,7 +254,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   log_filters.install()
-  from vim_jax import main as vim_main
+  from vim_jax import main as vim_main  # lazy: main defines absl flags (--config, --workdir)
   config = vim_main.load_config_file(args.config)
   try:
     step = import_checkpoint(args.ckpt, config, args.workdir, args.trust_pickle)

@@ -30,8 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter
 
 from absl import app, flags, logging  # noqa: E402
 
-from vim_jax.infra import log_filters
 from vim_jax.data import sources  # noqa: E402
+from vim_jax.infra import log_filters  # noqa: E402
 
 _NAME = flags.DEFINE_string("name", None, "tfds dataset name, e.g. imagenet2012 or "
                             "imagenet2012_subset/10pct.")
@@ -82,7 +82,7 @@ def _tar_members(path: str) -> list[str]:
 
 
 def _imagenet_synsets() -> set[str]:
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # lazy: loads TensorFlow (seconds); --help needs neither
   path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
   return set(path.read_text().split())
 
@@ -190,7 +190,7 @@ def _split_counts(builder) -> str:
 def prepare(name: str, data_dir: str, manual_dir: str, overwrite: bool = False,
             ignore_disk_space: bool = False) -> None:
   """Prepares `name` in data_dir as ArrayRecord; see the module docstring."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # lazy: loads TensorFlow (seconds); --help needs neither
   tfds.display_progress_bar(True)
   try:
     builder = tfds.builder(name, data_dir=data_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from flax import serialization
 
 from vim_jax.infra import fileio
 
@@ -12,7 +13,7 @@ from vim_jax.infra import fileio
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """A .pth state_dict as float32 numpy arrays (needs torch: the optional convert extra)."""
   try:
-    import torch
+    import torch  # lazy: optional (the convert extra), and slow to import
   except ImportError as e:
     raise SystemExit("reading .pth files needs torch: pip install '.[convert]'") from e
   if not fileio.exists(path):
@@ -25,5 +26,4 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def save_params(params: dict, path: str):
   """Writes a flax msgpack atomically: never a half-written weights file."""
-  from flax import serialization
   fileio.write_bytes(path, serialization.msgpack_serialize(params))
