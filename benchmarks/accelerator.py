@@ -41,10 +41,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from decode_floor import median_time  # noqa: E402
-from vim_jax.infra import flops
-from vim_jax.sampling import autoregressive
-from vim_jax.trainers import tokenizer_step, train_lib, vim_step
+from vim_jax import main as vim_main  # noqa: E402
+from vim_jax.infra import flops, prng  # noqa: E402
+from vim_jax.models import attention as attention_lib  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
+from vim_jax.sampling import autoregressive  # noqa: E402
+from vim_jax.trainers import tokenizer_step, train_lib, vim_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,9 +64,8 @@ SECTIONS = ("bb", "vim", "decode")
 
 
 def load_config(spec: str):
-  from vim_jax import main
   path, _, variant = spec.partition(":")
-  return main.load_config_file(os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
+  return vim_main.load_config_file(os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
 
 
 def utilisation(step_flops: flops.StepFlops, steps_per_second: float, peak: float | None):
@@ -110,7 +111,8 @@ def bench_bb(size: dict, peak) -> list[dict]:
   compile_seconds = time.perf_counter() - start
   interval = tokenizer_step.r1_interval(config)
   mean = flops.mean_over_cycle(counted[False], counted[True], interval)
-  run = lambda i, st: compiled[tokenizer_step.is_r1_step(config, i)](st, {"image": images}, lpips_params)
+  run = lambda i, st: compiled[tokenizer_step.is_r1_step(config, i)](st, {"image": images},
+                                                                     lpips_params)
   state, _ = timed_steps(run, state, interval)  # one cycle to warm up
   steps = interval * size["bb_cycles"]
   state, seconds = timed_steps(run, state, steps)
@@ -135,7 +137,6 @@ def _vim_variants(platform: str):
 def bench_vim(size: dict, peak) -> list[dict]:
   """VIM-Base's train step on token sequences: XLA attention against the fused kernel, and
   the dropout PRNG."""
-  from vim_jax.infra import prng
   rows = []
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, size["codebook"],
@@ -156,7 +157,7 @@ def bench_vim(size: dict, peak) -> list[dict]:
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["tokens"][:1],
                                                batch["label"][:1]))["params"]
     state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
+                                opt_state=tx.init(params))
     start = time.perf_counter()
     step, counted = train_lib.compile_step(
         jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,)),
@@ -179,8 +180,7 @@ def bench_vim(size: dict, peak) -> list[dict]:
 
 
 def _attention_kind(model) -> str:
-  from vim_jax.models import attention
-  return attention.resolve(model.stack.attention, model.dtype, length=model.num_tokens)
+  return attention_lib.resolve(model.stack.attention, model.dtype, length=model.num_tokens)
 
 
 def bench_decode(size: dict, peak) -> list[dict]:
@@ -250,7 +250,8 @@ def main(argv=None):
                       help=f"comma-separated sections of {','.join(SECTIONS)}")
   parser.add_argument("--json", default="accelerator.json", help="where the rows are written")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
-                      help="the device's dense bf16 peak TFLOP/s when infra/flops.py does not know it")
+                      help="the device's dense bf16 peak TFLOP/s when infra/flops.py does not "
+                      "know it")
   args = parser.parse_args(argv)
   sections = [s.strip() for s in args.only.split(",") if s.strip()]
   unknown = sorted(set(sections) - set(SECTIONS))

@@ -72,7 +72,8 @@ def main(_):
       FLAGS.classifier_workdir or os.path.join(FLAGS.workdir, "classifier"))
 
   def predict(images_uint8):
-    return np.argmax(generation.class_probabilities(classifier, classifier_params, images_uint8), -1)
+    probabilities = generation.class_probabilities(classifier, classifier_params, images_uint8)
+    return np.argmax(probabilities, -1)
 
   images, labels = eval_images(config, FLAGS.num_images)
   out = tok.model.apply({"params": tok.params}, images)  # one pass: reconstructions and tokens

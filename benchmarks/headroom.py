@@ -1,5 +1,5 @@
 """Per-chip memory headroom of a paper config's train step on a TPU slice, with the bytes its
-collectives move per step (issue 30, item 3).
+collectives move per step.
 
   python benchmarks/headroom.py --config=configs/vim_large.py --topology=v4-128 \
       [--tokenizer_config=configs/vitvq_base.py] [--set=grad_accum_steps=2 ...] \
@@ -22,7 +22,7 @@ Experiments that need no change to vim_jax/ (each patches the imported module in
       wide instead of head_dim = 64, which TPU pads to 128);
 For the buffer assignment, run it with XLA_FLAGS='--xla_dump_to=DIR --xla_dump_hlo_as_text'
 (libtpu honours it for the TPU program) and read DIR with benchmarks/buffer_report.py.
-Numbers: benchmarks/RESULTS.md, "Headroom on a v4-128" (issue 30).
+Numbers: benchmarks/RESULTS.md, "Headroom on a v4-128".
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vim_jax.infra import tpu_slices
+from vim_jax import main as vim_main  # noqa: E402
+from vim_jax.infra import log_filters, tpu_slices  # noqa: E402
 
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
@@ -183,7 +184,7 @@ def custom_policies(width: int, mlp_dim: int) -> dict:
   """Remat policies between 'minimal' and 'full', told apart by the weight's shape (no model
   change needed): 'minimal' saves every matmul without batch dimensions (q, k, v, the
   attention output projection, fc1, fc2); these save all of them but one group."""
-  from jax import lax
+  from jax import lax  # lazy: jax only after prepare_environment (see main)
 
   def minimal_except(skip):
     def policy(prim, *avals, **params):
@@ -251,12 +252,11 @@ def main():
     print_traffic(collective_traffic(open(args.analyze_hlo).read(), spec.chips))
     return
 
-  from vim_jax import compile_report
-  from vim_jax import main as vim_main
-  from vim_jax.infra import log_filters
   log_filters.install()
   spec = tpu_slices.parse(args.topology)
-  import jax
+  tpu_slices.prepare_environment()
+  import jax  # lazy: reads JAX_PLATFORMS on import, which prepare_environment sets
+  from vim_jax import compile_report  # lazy: may load jax (as above)
   jax.config.update("jax_enable_compilation_cache", False)
   devices = tpu_slices.compile_only_devices(spec)
   config = vim_main.load_config_file(os.path.join(ROOT, args.config)
@@ -270,7 +270,7 @@ def main():
     node[leaf] = type(node[leaf])(parse_value(value)) if not isinstance(
         node[leaf], str) else value
   if config.trainer == "vim":
-    from vim_jax.models import transformer
+    from vim_jax.models import transformer  # lazy: loads jax (see above)
     transformer.REMAT_POLICIES.update(custom_policies(config.model.width, config.model.mlp_dim))
     if args.flat_qkv:
       transformer.jnp = _FlatQKV(transformer.jnp)

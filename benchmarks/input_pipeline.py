@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import numpy as np
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,7 +25,6 @@ from vim_jax.data import pipeline, sources  # noqa: E402
 
 
 def write_jpegs(folder: str, count: int = 512, size=(500, 375)):
-  from PIL import Image
   rng = np.random.default_rng(0)
   y, x = np.mgrid[0:size[1], 0:size[0]]
   for i in range(count):

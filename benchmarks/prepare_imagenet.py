@@ -61,8 +61,9 @@ def main():
         f"{written / 1e6:.1f} | {written / archive_bytes:.3f} | {seconds:.1f} s | {rate:.0f} | "
         f"{byte_rate / 1e6:.1f} |")
   print(f"| ILSVRC2012 train + val (extrapolated) | {REAL_IMAGES:,} | "
-        f"{REAL_ARCHIVE_BYTES / 1e6:,.0f} | ~{REAL_ARCHIVE_BYTES * written / archive_bytes / 1e6:,.0f}"
-        f" | | {hours[0]:.1f}-{hours[1]:.1f} h | | |")
+        f"{REAL_ARCHIVE_BYTES / 1e6:,.0f} | "
+        f"~{REAL_ARCHIVE_BYTES * written / archive_bytes / 1e6:,.0f} | | "
+        f"{hours[0]:.1f}-{hours[1]:.1f} h | | |")
 
 
 if __name__ == "__main__":

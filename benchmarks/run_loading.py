@@ -6,8 +6,7 @@ Without --workdir it writes a stage-1 run of the config at init (params, both Ad
 the discriminator, as the trainer checkpoints them) into a temporary folder. Each loader then
 runs in a fresh process and reports the time, the peak RSS of the load (VmHWM, reset just
 before it; Linux) and the RSS it leaves:
-- `full state`: restore the whole train state and keep its params (what consumers did before
-  vim_jax/infra/runs.py);
+- `full state`: restore the whole train state and keep its params (the baseline);
 - `runs.load_tokenizer`: the params (or EMA params) only, decoder included;
 - `without decoder`: encoder and codebook only (enough to tokenize, as stage 2 does).
 """
@@ -21,12 +20,21 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vim_jax.infra import checkpoint, fileio  # noqa: E402
+from vim_jax.main import load_config_file  # noqa: E402
+from vim_jax.trainers import tokenizer_step  # noqa: E402
+
 LOADER = r"""
 import sys, time
 import flax.linen as nn
 import jax
 workdir, mode = sys.argv[1], sys.argv[2]
-from vim_jax import checkpoint, fileio, runs, stage1
+from vim_jax.infra import checkpoint, fileio, runs
+from vim_jax.trainers import tokenizer_step
 jax.block_until_ready(jax.numpy.zeros(3))
 def status(key):  # MiB
   return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) / 1024
@@ -58,17 +66,10 @@ print(f"| {mode} | {count / 1e6:.1f}M | {seconds:.2f} | {before:,.0f} -> {after:
 
 
 def write_initial_run(config_path: str, workdir: str):
-  import jax
-  import numpy as np
-
-  from vim_jax.infra import checkpoint, fileio
-  from vim_jax.trainers import tokenizer_step
-  from vim_jax.main import load_config_file
   config = load_config_file(config_path)
   config.loss.perceptual = 0.0  # LPIPS holds no state; skip its weights file
   models = tokenizer_step.build_models(config)
   tx, _, disc_tx = tokenizer_step.build_optimizers(config)
-  import flax.linen as nn
   state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
       jax.random.key(0)))
   fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort())

@@ -46,7 +46,8 @@ def main():
     labels = jnp.arange(batch, dtype=jnp.int32) % config.model.num_classes
     cfg = autoregressive.SamplingConfig(temperature=1.0)
     cached = jax.jit(lambda p, l, r: autoregressive.sample_tokens(model, p, l, r, cfg))
-    uncached = jax.jit(lambda p, l, r: autoregressive.sample_tokens_without_cache(model, p, l, r, cfg))
+    uncached = jax.jit(
+        lambda p, l, r: autoregressive.sample_tokens_without_cache(model, p, l, r, cfg))
     t_cached = best_time(cached, params, labels, jax.random.key(1))
     t_full = best_time(uncached, params, labels, jax.random.key(1))
     n = batch * num_tokens

@@ -51,7 +51,7 @@ SETTINGS = {
     "full, adaptive adversarial weight": (FULL, dict(adaptive_weight=True)),
     "+0.1 adversarial only": (dict(FULL, perceptual=0.0), {}),
     "+0.1 adversarial only, adaptive weight": (dict(FULL, perceptual=0.0),
-                                              dict(adaptive_weight=True)),
+                                               dict(adaptive_weight=True)),
 }
 
 

@@ -2,11 +2,11 @@
 
   python benchmarks/step_time.py [--steps 30] [--repeats 3]
 
-Builds each step with the trainers' own functions (vim_jax.trainers.tokenizer_step / vim_jax.trainers.vim_step) on the
-quickstart configs, runs it on fixed random batches on the default devices, and prints a
-table of milliseconds per step (median of --repeats timed runs of --steps steps, after a
-compile and a warm-up step) for unrolled and scanned layers. Run it on an otherwise idle
-machine.
+Builds each step with the trainers' own functions (vim_jax.trainers.tokenizer_step /
+vim_jax.trainers.vim_step) on the quickstart configs, runs it on fixed random batches on the
+default devices, and prints a table of milliseconds per step (median of --repeats timed runs of
+--steps steps, after a compile and a warm-up step) for unrolled and scanned layers. Run it on an
+otherwise idle machine.
 """
 
 import argparse
@@ -43,11 +43,11 @@ def stage1_step(config):
 def stage2_step(config, tokens_per_image=64, codebook_size=512):
   model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
   tx, schedule = vim_step.build_optimizer(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, tokens_per_image),
-                                                                  jnp.int32),
+  params = nn.meta.unbox(model.init(jax.random.key(0),
+                                    jnp.zeros((1, tokens_per_image), jnp.int32),
                                     jnp.zeros((1,), jnp.int32)))["params"]
   state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params))
+                              opt_state=tx.init(params))
   step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,))
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(0, codebook_size,

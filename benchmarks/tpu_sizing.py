@@ -12,7 +12,7 @@ and images/s at 40% MFU, the paper's throughput and the MFU it needs, and the co
 
 --smallest walks each generation's slices up from its smallest to 64 chips and reports the
 first that fits, with the fewest grad_accum_steps (1, 2, 4, 8) that make it fit.
-A successful compile of a paper config takes 1.5-3 minutes here, a refusal seconds.
+A successful compile of a paper config takes minutes (RESULTS.md), a refusal seconds.
 Needs libtpu (pip install '.[tpu]').
 """
 
@@ -24,7 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vim_jax.infra import tpu_slices
+from vim_jax import main as vim_main  # noqa: E402
+from vim_jax.infra import tpu_slices  # noqa: E402
 
 CONFIGS = {  # name: (config file, global batch)
     "ss": ("configs/vitvq_small.py", 256),
@@ -37,9 +38,8 @@ CONFIGS = {  # name: (config file, global batch)
 
 def load(name: str, grad_accum_steps: int | None = None):
   """The config at its paper batch, with its own grad_accum_steps unless one is given."""
-  from vim_jax import main
   path, batch = CONFIGS[name]
-  config = main.load_config_file(os.path.join(ROOT, path))
+  config = vim_main.load_config_file(os.path.join(ROOT, path))
   config.update(batch_size=batch)
   if grad_accum_steps is not None:
     config.grad_accum_steps = grad_accum_steps
@@ -48,11 +48,11 @@ def load(name: str, grad_accum_steps: int | None = None):
 
 def compile_for(name: str, spec, grad_accum_steps: int | None = None):
   """compile_report's numbers, or None when the layout does not fit."""
-  from vim_jax import compile_report, main
+  from vim_jax import compile_report  # lazy: may load jax, which waits for prepare_environment
   config = load(name, grad_accum_steps)
   tokenizer = None
   if config.trainer == "vim":
-    tokenizer = main.load_config_file(os.path.join(ROOT, "configs/vitvq_base.py"))
+    tokenizer = vim_main.load_config_file(os.path.join(ROOT, "configs/vitvq_base.py"))
   devices = tpu_slices.compile_only_devices(spec)
   try:
     numbers = compile_report.report(config, devices, tokenizer_config=tokenizer,
@@ -66,7 +66,7 @@ def compile_for(name: str, spec, grad_accum_steps: int | None = None):
 def row(name: str, spec, numbers) -> str:
   """A markdown row: layout, per-chip memory (the regular step's; the R1 step's total beside it
   when the config has one) and what is free, model / hardware FLOPs, speed at 40% MFU."""
-  from vim_jax import compile_report
+  from vim_jax import compile_report  # lazy: may load jax, which waits for prepare_environment
   config = numbers["config"]
   g = spec.generation
   paper = compile_report.paper_throughput(config)
@@ -129,12 +129,12 @@ def main():
   if not tpu_slices.libtpu_available():
     sys.exit(tpu_slices.INSTALL_HINT)
   tpu_slices.prepare_environment()
-  import jax
+  import jax  # lazy: reads JAX_PLATFORMS on import, which prepare_environment sets
   jax.config.update("jax_enable_compilation_cache", False)
   names = args.configs.split(",")
   if args.smallest:
     print("| config | " + " | ".join(f"smallest {g} slice (grad_accum_steps)"
-                                       for g in args.smallest.split(",")) + " |")
+                                     for g in args.smallest.split(",")) + " |")
     print("|---|" + "---|" * len(args.smallest.split(",")))
     for name in names:
       cells = []
