@@ -84,7 +84,7 @@ class StackConfig:
   @classmethod
   def from_config(cls, cfg, causal: bool = False) -> "StackConfig":
     """From a config section with the stack's keys (configs: `config_base.vit_stack`, the
-    stage-2 `model`). Runs saved before remat_policy existed stored remat=True/False."""
+    stage-2 `model`). A config with only remat=True/False (older runs' config.json) still loads."""
     policy = cfg.get("remat_policy") or ("full" if cfg.get("remat", False) else "none")
     return cls(num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
                head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.get("dropout", 0.0),
@@ -123,7 +123,7 @@ class MultiHeadAttention(nn.Module):
   """Self-attention with its own attention width, and a KV cache for decoding.
 
   Kernels are plain params with 3-D logical axes and an einsum, because nn.DenseGeneral with
-  3-D logical kernel axes fails under jax.set_mesh (measured with flax 0.12).
+  3-D logical kernel axes fails under jax.set_mesh (flax 0.12).
   """
 
   num_heads: int
@@ -170,10 +170,10 @@ class MultiHeadAttention(nn.Module):
     """q, key, value [B, L, H, K] of the L tokens at decode_index.. -> [B, L, H, K].
 
     The 'cache' collection holds keys and values as [B, H, K, cache_length], positions minor:
-    both products below then read the cache in place at memory speed (measured on CPU;
-    on TPU a minor axis of K = 64 would also be padded to 128 lanes). A
-    [B, cache_length, H, K] cache made XLA transpose every layer's cache at every token. Only
-    the L new positions are written (dynamic_update_slice, in place in the decoding loop)."""
+    both products below then read the cache in place at memory speed (on CPU; on TPU a minor
+    axis of K = 64 would also be padded to 128 lanes), where a [B, cache_length, H, K] cache
+    makes XLA transpose every layer's cache at every token. Only the L new positions are
+    written (dynamic_update_slice, in place in the decoding loop)."""
     b, length, h, k = q.shape
     shape = (b, h, k, cache_length)
     cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
