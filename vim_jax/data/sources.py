@@ -143,7 +143,7 @@ def open_tfds_builder(name: str, data_dir: str):
 
   Raises DatasetNotPreparedError naming the dataset, the data_dir and the prepare command.
   """
-  import tensorflow_datasets as tfds  # heavy; only when used
+  import tensorflow_datasets as tfds  # lazy: loads TensorFlow (seconds); only tfds sources need it
 
   fix = (f"Prepare it once with\n  {prepare_command(name, data_dir)}\n(imagenet2012: put "
          "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org in "
@@ -208,7 +208,6 @@ class TokenSource:
   {split}-NNNNN.tokens.npy (int32 [n, N]) and .labels.npy, memory-mapped."""
 
   def __init__(self, folder: str, split: str):
-    from vim_jax.infra import fileio
     meta_path = fileio.join(folder, "meta.json")
     if not fileio.exists(meta_path):
       raise FileNotFoundError(
