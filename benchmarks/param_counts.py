@@ -13,7 +13,7 @@ import flax.linen as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vim_jax import config_base  # noqa: E402
+from vim_jax import paper  # noqa: E402
 from vim_jax.main import load_config_file  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
 from vim_jax.models import tokenizer as tokenizer_lib
@@ -31,9 +31,9 @@ def main():
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     counts = tokenizer_lib.count_params_by_stack(
         nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), images)))
-    paper = config_base.PAPER_PARAMS_PER_STACK
-    print(f"| {name} ({file}) | {counts['encoder'] / 1e6:.1f}M / {paper[enc] / 1e6:.0f}M "
-          f"| {counts['decoder'] / 1e6:.1f}M / {paper[dec] / 1e6:.0f}M "
+    per_stack = paper.PARAMS_PER_STACK
+    print(f"| {name} ({file}) | {counts['encoder'] / 1e6:.1f}M / {per_stack[enc] / 1e6:.0f}M "
+          f"| {counts['decoder'] / 1e6:.1f}M / {per_stack[dec] / 1e6:.0f}M "
           f"| {counts['quantizer'] / 1e6:.2f}M | {sum(counts.values()) / 1e6:.1f}M |")
 
   print("\n| config | VIM params (ours / paper) |")
@@ -46,7 +46,7 @@ def main():
                                jax.ShapeDtypeStruct((1,), jnp.int32))
     n = tokenizer_lib.count_params(nn.meta.unbox(variables))
     print(f"| VIM-{size} (vim_{size}.py) | {n / 1e6:.0f}M / "
-          f"{config_base.PAPER_VIM_PARAMS[size] / 1e6:.0f}M |")
+          f"{paper.VIM_PARAMS[size] / 1e6:.0f}M |")
 
 
 if __name__ == "__main__":

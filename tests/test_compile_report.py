@@ -135,7 +135,7 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
     assert "of 32 GiB HBM" in text and "at 40% MFU of a v4 chip's 275" in text
     assert numbers["platform"] == "tpu" and numbers["devices"] == 4
     _assert_printed_equals_analysis(text, numbers)
-  assert "trainer=vitvq" in printed_stage1 and "trainer=vim" in proc.stdout
+  assert "trainer=tokenizer" in printed_stage1 and "trainer=vim" in proc.stdout
   # Lazy R1 is its own program: its memory line equals its analysis; the FLOPs are the mean
   # per step over the R1 cycle, between the regular step's and the R1 step's.
   numbers = stage1_numbers

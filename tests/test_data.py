@@ -97,6 +97,30 @@ def test_folder_eval_split_is_disjoint_and_deterministic(tmp_path):
   assert sources.FolderSource(str(tmp_path), "eval", eval_fraction=0.25).files == evaluation.files
 
 
+def test_folder_eval_list_names_the_eval_files(tmp_path):
+  """taming-transformers' split files (ffhqvalidation.txt: bare file names) and paths relative
+  to the folder both select eval files; the rest is train, and a name the folder lacks stops
+  the run naming the list."""
+  for sub in ("00000", "01000"):
+    (tmp_path / "images" / sub).mkdir(parents=True)
+    for i in range(5):
+      Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(
+          tmp_path / "images" / sub / f"{sub[:2]}{i:03d}.png")
+  listing = tmp_path / "validation.txt"
+  listing.write_text("01003.png\n01004.png\n\n00000/00004.png\n")
+  folder = str(tmp_path / "images")
+  evaluation = sources.FolderSource(folder, "eval", eval_list=str(listing))
+  train = sources.FolderSource(folder, "train", eval_list=str(listing))
+  assert sorted(os.path.basename(f) for f in evaluation.files) == ["00004.png", "01003.png",
+                                                                   "01004.png"]
+  assert len(train) == 7 and not set(train.files) & set(evaluation.files)
+  listing.write_text("01003.png\n99999.png\n")
+  with pytest.raises(ValueError, match="folder_eval_list=.*names 1 of its 2 files.*'99999.png'"):
+    sources.FolderSource(folder, "train", eval_list=str(listing))
+  with pytest.raises(FileNotFoundError, match="folder_eval_list"):
+    sources.FolderSource(folder, "train", eval_list=str(tmp_path / "missing.txt"))
+
+
 def test_shapes_are_deterministic_and_labelled():
   a, la = shapes.render_example(7, "train", 11, 48)
   b, lb = shapes.render_example(7, "train", 11, 48)

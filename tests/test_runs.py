@@ -145,7 +145,7 @@ def test_write_run_names_every_mismatch(tokenizer_dir, tmp_path):
   assert not fileio.exists(str(tmp_path / "x" / "config.json"))  # nothing half-written
   classifier_config = config.copy_and_resolve_references()
   classifier_config.trainer = "classifier"
-  with pytest.raises(ValueError, match="writes 'vitvq'"):
+  with pytest.raises(ValueError, match="writes 'tokenizer'"):
     runs.write_run(str(tmp_path / "y"), classifier_config, params)
 
 

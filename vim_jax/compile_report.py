@@ -107,7 +107,7 @@ def _tokenizer_model(config, tokenizer_config, for_sampling: bool = False):
   from vim_jax.models import tokenizer as tokenizer_lib
   if tokenizer_config is None and config.tokenizer_workdir and fileio.exists(
       fileio.join(config.tokenizer_workdir, "config.json")):
-    tokenizer_config = runs.read_run_config(config.tokenizer_workdir, "vitvq")
+    tokenizer_config = runs.read_run_config(config.tokenizer_workdir, "tokenizer")
   if tokenizer_config is not None:
     return tokenizer_lib.ViTVQGAN.from_config(tokenizer_config)
   if for_sampling:
@@ -242,14 +242,14 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   replicated = NamedSharding(mesh, P())
   train_lib.check_divisible(mesh, batch_size=config.batch_size)
   microbatch.check(config, parallel.data_parallel_size(mesh))
-  if config.trainer == "vitvq":
+  if config.trainer in ("tokenizer", "vitvq"):
     init_fn, step_fns, batch, frozen = _stage1(config, mesh, batch_sharding, replicated)
   elif config.trainer == "vim":
     tok_model = _tokenizer_model(config, tokenizer_config)
     init_fn, step_fns, batch, frozen = _stage2(config, mesh, rules, batch_sharding, tok_model,
                                                tokens_per_image, codebook_size)
   else:
-    raise ValueError(f"config.trainer={config.trainer!r}; compile_report handles 'vitvq' and "
+    raise ValueError(f"config.trainer={config.trainer!r}; compile_report handles 'tokenizer' and "
                      "'vim' configs.")
 
   rng = jax.random.key(0)  # outside the mesh: eager ops cannot run on compile-only devices
@@ -505,12 +505,11 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 def paper_throughput(config) -> float | None:
   """Images/s the paper trained this config at on a v4-128 (stage-1 SS, BB, SL), else None."""
-  from vim_jax import config_base
-  if config.trainer != "vitvq" or config.image_size != 256:
+  from vim_jax import paper
+  if config.trainer not in ("tokenizer", "vitvq") or config.image_size != 256:
     return None
-  sizes = (config_base.vit_size_of(config.model.encoder),
-           config_base.vit_size_of(config.model.decoder))
-  return config_base.PAPER_STAGE1_THROUGHPUT.get(sizes)
+  sizes = (paper.vit_size_of(config.model.encoder), paper.vit_size_of(config.model.decoder))
+  return paper.STAGE1_THROUGHPUT.get(sizes)
 
 
 def speed(flops_per_chip: float, batch_size: int, peak_flops: float,

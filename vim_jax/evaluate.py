@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 def define_flags():
   """The CLI flags (defined only when run as a program, so importing this module is free)."""
-  flags.DEFINE_string("workdir", None, "A stage-1 (vitvq) or stage-2 (vim) workdir.")
+  flags.DEFINE_string("workdir", None, "A stage-1 (tokenizer) or stage-2 (vim) workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
   flags.DEFINE_string("inception_weights", None, "Converted FID Inception weights "
                       "(python -m vim_jax.tools.convert_inception); default the run's "
@@ -121,7 +121,7 @@ def main(argv):
   extractor = fid.FeatureExtractor(weights, resize=FLAGS.resize, batch_size=batch_size)
   info = {"workdir": FLAGS.workdir, "trainer": config.trainer,
           "inception": {"weights": weights, "resize": FLAGS.resize}}
-  if config.trainer == "vitvq":
+  if config.trainer == "tokenizer":
     tok = runs.load_tokenizer(FLAGS.workdir, FLAGS.step)
     moved_data(tok.config)
     results, real = paper_metrics.evaluate_tokenizer(tok, extractor, FLAGS.num_images)
@@ -155,7 +155,7 @@ def main(argv):
       return
   else:
     raise app.UsageError(f"{FLAGS.workdir!r} holds a {config.trainer!r} run; evaluate takes a "
-                         "stage-1 ('vitvq') or stage-2 ('vim') workdir.")
+                         "stage-1 ('tokenizer') or stage-2 ('vim') workdir.")
   if FLAGS.save_reference_stats and distributed.is_writer():
     real.save(FLAGS.save_reference_stats)
     log.info("reference statistics written to %s", FLAGS.save_reference_stats)

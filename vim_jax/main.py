@@ -21,10 +21,13 @@ from ml_collections import config_flags  # noqa: E402
 from vim_jax.infra import distributed, log_filters
 
 TRAINERS = {
-    "vitvq": "vim_jax.trainers.tokenizer",  # stage 1: the ViT-VQGAN tokenizer
+    "tokenizer": "vim_jax.trainers.tokenizer",  # stage 1: the ViT-VQGAN tokenizer
     "vim": "vim_jax.trainers.vim",  # stage 2: the autoregressive transformer
     "classifier": "vim_jax.trainers.classifier",  # scores samples (rejection sampling)
     "quickstart": "vim_jax.trainers.quickstart",  # all of the above on the embedded data
+    # Stage 1's former key, still accepted (with a warning) in configs written before;
+    # runs.RENAMED_TRAINERS maps it to its name.
+    "vitvq": "vim_jax.trainers.tokenizer",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -96,6 +99,11 @@ def train(config, workdir: str, **kwargs):
   this module and the quickstart import trainers."""
   if config.trainer not in TRAINERS:
     raise ValueError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
+  from vim_jax.infra import runs
+  if config.trainer in runs.RENAMED_TRAINERS:
+    new = runs.RENAMED_TRAINERS[config.trainer]
+    logging.warning("config.trainer=%r is deprecated; it is now %r.", config.trainer, new)
+    config.trainer = new  # what config.json records
   trainer = importlib.import_module(TRAINERS[config.trainer])
   return trainer.train_and_evaluate(config, workdir, **kwargs)
 
@@ -175,13 +183,13 @@ def main(argv):
   hide_gpus_from_tensorflow()
   distributed.start()
   from vim_jax.infra import fileio
-  from vim_jax.trainers import train_lib
+  from vim_jax.infra import preemption
   from vim_jax.data import sources
   # Relative paths are resolved once, here, against the folder the command starts in, and a
   # tfds run records the data_dir it reads ($TFDS_DATA_DIR when its config leaves it empty).
   config = sources.with_recorded_data_dir(fileio.with_absolute_paths(config))
   logging.info("config:\n%s", config)
-  train_lib.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
+  preemption.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
   workdir = fileio.absolute(_WORKDIR.value)
   try:  # a missing bucket stops here, not at the first save after the compile
     fileio.check_buckets({"--workdir": workdir, **{f"config.{k}": v for k, v in

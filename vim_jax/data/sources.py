@@ -66,17 +66,22 @@ class FolderSource:
   """Images under a folder, searched recursively (jpg/jpeg/png, any case).
 
   Labels follow the ImageFolder convention: the sorted names of the folder's immediate
-  subfolders are the classes (files directly in the folder get label 0). A deterministic
-  fraction of files, chosen by a hash of the relative path, forms the 'eval' split.
+  subfolders are the classes (files directly in the folder get label 0). The 'eval' split is
+  the files `eval_list` names (a text file, one name per line: a path relative to the folder,
+  or a bare file name, as in taming-transformers' data/ffhqvalidation.txt), or without one a
+  deterministic fraction of files chosen by a hash of the relative path.
   """
 
-  def __init__(self, folder: str, split: str, eval_fraction: float = 0.02):
+  def __init__(self, folder: str, split: str, eval_fraction: float = 0.02,
+               eval_list: str = ""):
     if not os.path.isdir(folder):
       raise FileNotFoundError(
           f"data.folder={folder!r} is not a directory; point --config.data.folder at a folder "
           "of .jpg/.png images (subfolders become class labels).")
     if split not in ("train", "eval"):
       raise ValueError(f"folder split {split!r}: expected 'train' or 'eval'.")
+    listed = read_eval_list(eval_list) if eval_list else None
+    found = set()
     class_names = sorted(d.name for d in os.scandir(folder) if d.is_dir())
     class_index = {name: i for i, name in enumerate(class_names)}
     files, labels = [], []
@@ -86,12 +91,23 @@ class FolderSource:
         if not name.lower().endswith(IMAGE_EXTENSIONS):
           continue
         rel = os.path.relpath(os.path.join(root, name), folder)
-        in_eval = (zlib.crc32(rel.encode()) % 10_000) < eval_fraction * 10_000
+        if listed is None:
+          in_eval = (zlib.crc32(rel.encode()) % 10_000) < eval_fraction * 10_000
+        else:
+          match = {rel.replace(os.sep, "/"), name} & listed
+          found |= match
+          in_eval = bool(match)
         if in_eval != (split == "eval"):
           continue
         files.append(os.path.join(folder, rel))
         top = rel.split(os.sep)[0]
         labels.append(class_index.get(top, 0))
+    if listed is not None and listed - found:
+      missing = sorted(listed - found)
+      raise ValueError(
+          f"data.folder_eval_list={eval_list!r} names {len(missing)} of its {len(listed)} files "
+          f"that are not under data.folder={folder!r} (e.g. {missing[0]!r}); point data.folder "
+          "at the folder the list describes.")
     if not files:
       raise ValueError(
           f"no {'/'.join(IMAGE_EXTENSIONS)} images for split {split!r} under {folder!r} "
@@ -105,6 +121,15 @@ class FolderSource:
 
   def __getitem__(self, index: int):
     return {"image": decode_image_file(self.files[index]), "label": self.labels[index]}
+
+
+def read_eval_list(path: str) -> set[str]:
+  """The file names a data.folder_eval_list file holds, one per line (blank lines skipped)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data.folder_eval_list={path!r} is not a file; point it at a text "
+                            "file naming the eval images, one per line.")
+  with open(path, encoding="utf-8") as f:
+    return {line.strip() for line in f if line.strip()}
 
 
 def tfds_data_dir(data_dir: str | None = None) -> str:
@@ -242,7 +267,8 @@ def build_source(data_config, split: str, image_size: int, seed: int):
     return ShapesSource(split, size, data_config.get("shapes_resolution") or image_size,
                         data_config.shapes_seed, data_config.num_classes, style)
   if kind == "folder":
-    return FolderSource(data_config.folder, split, data_config.folder_eval_fraction)
+    return FolderSource(data_config.folder, split, data_config.folder_eval_fraction,
+                        data_config.folder_eval_list)
   if kind == "tfds":
     tfds_split = data_config.train_split if split == "train" else data_config.eval_split
     return TfdsSource(data_config.name, tfds_split, data_config.data_dir or None,

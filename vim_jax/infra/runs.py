@@ -34,10 +34,13 @@ from vim_jax.models import tokenizer as tokenizer_lib
 from vim_jax.models import vim as vim_lib
 from vim_jax.trainers import vim_step
 
-RUN_KINDS = {"vitvq": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
+# Trainer keys renamed since (old -> new): workdirs and configs written before say the old one.
+RENAMED_TRAINERS = {"vitvq": "tokenizer"}
+RUN_KINDS = {"tokenizer": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
              "quickstart": "quickstart"}
 # What trains each kind of run, for error messages.
-HOW_TO_TRAIN = {"vitvq": "python -m vim_jax.main --config=configs/vitvq_base.py --workdir=...",
+HOW_TO_TRAIN = {"tokenizer": "python -m vim_jax.main --config=configs/vitvq_base.py "
+                             "--workdir=...",
                 "vim": "python -m vim_jax.main --config=configs/vim_base.py --workdir=...",
                 "classifier": "python -m vim_jax.main --config=configs/classifier.py "
                               "--workdir=..."}
@@ -55,6 +58,9 @@ def read_run_config(workdir: str, trainer: str | None = None) -> ml_collections.
     raise FileNotFoundError(f"no {what} run at {workdir!r} (missing config.json); point at a "
                             "workdir written by `python -m vim_jax.main`.")
   config = ml_collections.ConfigDict(fileio.read_json(path))
+  trainer = RENAMED_TRAINERS.get(trainer, trainer)
+  if config.get("trainer") in RENAMED_TRAINERS:
+    config.trainer = RENAMED_TRAINERS[config.trainer]
   if trainer is not None and config.get("trainer") != trainer:
     raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
                      f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")
@@ -155,8 +161,8 @@ def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
   by default. with_decoder=False skips the decoder: enough to tokenize (pretokenize, the probe),
   not to decode; with_encoder=False skips the encoder: enough to decode tokens (sampling).
   shardings: one sharding, or a tree of them matching the loaded params."""
-  config = read_run_config(workdir, "vitvq")
-  step = checkpoint_step(workdir, step, "vitvq")
+  config = read_run_config(workdir, "tokenizer")
+  step = checkpoint_step(workdir, step, "tokenizer")
   model = tokenizer_lib.ViTVQGAN.from_config(config)
   shapes = tokenizer_param_shapes(model)
   skipped = {name for name, wanted in (("decoder", with_decoder), ("encoder", with_encoder))
@@ -209,7 +215,7 @@ def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
   """What stage 2's train step needs of a tokenizer, and only that: the encoder and the
   quantizer (the EMA copy when the run kept one), laid out as frozen_encoder_shapes says.
   Decoding needs load_tokenizer(workdir, with_encoder=False)."""
-  config = read_run_config(workdir, "vitvq")
+  config = read_run_config(workdir, "tokenizer")
   model = tokenizer_lib.ViTVQGAN.from_config(config)
   shapes = frozen_encoder_shapes(model, mesh, rules)
   tok = load_tokenizer(workdir, shardings=jax.tree.map(lambda x: x.sharding, shapes),
@@ -305,18 +311,18 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int = 0) -> None:
-  """Writes a stage-1 (config.trainer 'vitvq') or stage-2 ('vim') run that every consumer of
+  """Writes a stage-1 (config.trainer 'tokenizer') or stage-2 ('vim') run that every consumer of
   runs accepts: config.json and a checkpoint at `step` holding {'step', 'params'}. For
   importers of published weights and for tests; a trainer cannot resume from it (it holds no
   optimizer state). params are checked against the model the config describes."""
-  if config.get("trainer") == "vitvq":
+  if config.get("trainer") == "tokenizer":
     _check_params(params, tokenizer_param_shapes(tokenizer_lib.ViTVQGAN.from_config(config)),
                   "tokenizer")
   elif config.get("trainer") == "vim":
     tok = load_tokenizer(config.tokenizer_workdir, with_decoder=False)
     _check_params(params, vim_param_shapes(vim_step.build_model(config, tok.model)), "VIM")
   else:
-    raise ValueError(f"config.trainer={config.get('trainer')!r}; write_run writes 'vitvq' "
+    raise ValueError(f"config.trainer={config.get('trainer')!r}; write_run writes 'tokenizer' "
                      "(stage 1) or 'vim' (stage 2) runs.")
   write_config(workdir, config)
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)

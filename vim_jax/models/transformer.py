@@ -83,7 +83,7 @@ class StackConfig:
 
   @classmethod
   def from_config(cls, cfg, causal: bool = False) -> "StackConfig":
-    """From a config section with the stack's keys (configs: `config_base.vit_stack`, the
+    """From a config section with the stack's keys (configs: `common.vit_stack`, the
     stage-2 `model`). A config with only remat=True/False (older runs' config.json) still loads."""
     policy = cfg.get("remat_policy") or ("full" if cfg.get("remat", False) else "none")
     return cls(num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
