@@ -26,7 +26,7 @@ from vim_jax.infra import parallel
 
 def check(config, data_parallel: int):
   """The batch must split into grad_accum_steps microbatches with whole shards per device."""
-  k = config.get("grad_accum_steps", 1)
+  k = config.grad_accum_steps
   if k < 1 or config.batch_size % (k * data_parallel):
     raise ValueError(
         f"config.batch_size={config.batch_size} must be a multiple of grad_accum_steps={k} x "

@@ -141,7 +141,7 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
   weights = config.loss.to_dict()
   d_cfg = config.discriminator
   tokenizer, disc, lpips = models.tokenizer, models.discriminator, models.lpips
-  k = config.get("grad_accum_steps", 1)
+  k = config.grad_accum_steps
 
   def train_step(state: TrainState, batch, lpips_params):
     # The key is made where the step is traced: its implementation follows the mesh's platform.

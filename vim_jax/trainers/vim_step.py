@@ -59,7 +59,7 @@ def make_train_step(model: vim_lib.VIM, tok_model: tokenizer_lib.ViTVQGAN, tx, s
   With config.grad_accum_steps = k, the gradient is the mean over k microbatches (see
   vim_jax/trainers/microbatch.py); data_parallel is the mesh's data x fsdp size.
   """
-  k = config.get("grad_accum_steps", 1)
+  k = config.grad_accum_steps
 
   def train_step(state: TrainState, batch, tokenizer_params):
     # The key is made where the step is traced: its implementation follows the mesh's platform.
