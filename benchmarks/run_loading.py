@@ -42,7 +42,7 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the c
 before = status("VmHWM")
 start = time.perf_counter()
 if mode == "full state":
-  config = runs.read_run_config(workdir, "vitvq")
+  config = runs.read_run_config(workdir, "tokenizer")
   models = tokenizer_step.build_models(config)
   tx, _, disc_tx = tokenizer_step.build_optimizers(config)
   init = tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1)
