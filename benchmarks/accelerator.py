@@ -46,7 +46,8 @@ from vim_jax.infra import flops, prng  # noqa: E402
 from vim_jax.models import attention as attention_lib  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
 from vim_jax.sampling import autoregressive  # noqa: E402
-from vim_jax.trainers import tokenizer_step, train_lib, vim_step  # noqa: E402
+from vim_jax.trainers import tokenizer_step, vim_step  # noqa: E402
+from vim_jax.trainers import compiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +107,7 @@ def bench_bb(size: dict, peak) -> list[dict]:
   compiled, counted = {}, {}
   start = time.perf_counter()
   for with_r1, fn in tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, config).items():
-    compiled[with_r1], counted[with_r1] = train_lib.compile_step(
+    compiled[with_r1], counted[with_r1] = compiling.compile_step(
         jax.jit(fn, donate_argnums=(0,)), state, {"image": images}, lpips_params)
   compile_seconds = time.perf_counter() - start
   interval = tokenizer_step.r1_interval(config)
@@ -159,7 +160,7 @@ def bench_vim(size: dict, peak) -> list[dict]:
     state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(params))
     start = time.perf_counter()
-    step, counted = train_lib.compile_step(
+    step, counted = compiling.compile_step(
         jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,)),
         state, batch, {})
     compile_seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ from run_files import cli_env
 from vim_jax.infra import config_checks
 
 CONFIG_FILES = ("vitvq_base.py", "vitvq_small.py", "vitvq_large.py", "vim_base.py",
-                "vim_large.py", "classifier.py", "trainers/quickstart.py", "enhancing_vitvq_base.py",
+                "vim_large.py", "classifier.py", "quickstart.py", "enhancing_vitvq_base.py",
                 "enhancing_vitvq_small.py")
 
 
@@ -51,7 +51,7 @@ def test_each_bad_value_is_named_with_what_it_must_be():
                 **{f: (0, -2) for f in config_checks.COUNT_OR_ALL},
                 **{f: (-1,) for f in config_checks.PERIOD_OR_OFF}}
   checked = set()
-  for name in ("vitvq_base.py", "vim_base.py", "classifier.py", "trainers/quickstart.py"):
+  for name in ("vitvq_base.py", "vim_base.py", "classifier.py", "quickstart.py"):
     for field, values in bad_values.items():
       for value in values:
         config = _load(name)
@@ -74,11 +74,11 @@ def test_each_bad_value_is_named_with_what_it_must_be():
 
 @pytest.mark.parametrize("field,value,words", [
     ("acceptance", 0.0, "in (0, 1]"), ("acceptance", 1.5, "in (0, 1]"),
-    ("vim_step.label_dropout", 1.0, "in [0, 1)"), ("vim_step.sampling.temperature", -0.5, ">= 0"),
-    ("vim_step.sampling.top_k", -1, "a whole number >= 0"), ("vim_step.sampling.top_p", 0.0, "in (0, 1]")])
+    ("stage2.label_dropout", 1.0, "in [0, 1)"), ("stage2.sampling.temperature", -0.5, ">= 0"),
+    ("stage2.sampling.top_k", -1, "a whole number >= 0"), ("stage2.sampling.top_p", 0.0, "in (0, 1]")])
 def test_ranges_and_the_quickstart_stages_are_checked_at_once(field, value, words):
   """The quickstart's stage configs are checked before stage 1 trains."""
-  config = _load("trainers/quickstart.py")
+  config = _load("quickstart.py")
   _set(config, field, value)
   config.stage1.eval_every = 0  # every problem is listed, not only the first
   with pytest.raises(config_checks.ConfigValueError) as error:
@@ -123,8 +123,8 @@ def test_an_unknown_dropout_prng_is_named_with_the_choices():
   vim_jax/infra/prng.py alone; a misspelt one stops the run at start, naming it and the choices."""
   from vim_jax.infra import prng
   for name, field in (("vitvq_base.py", "dropout_rng"), ("vim_base.py", "dropout_rng"),
-                      ("trainers/quickstart.py", "tokenizer_step.dropout_rng"),
-                      ("trainers/quickstart.py", "vim_step.dropout_rng")):
+                      ("quickstart.py", "stage1.dropout_rng"),
+                      ("quickstart.py", "stage2.dropout_rng")):
     config = _load(name)
     _set(config, field, "philox")
     with pytest.raises(config_checks.ConfigValueError) as error:

@@ -92,16 +92,16 @@ def test_a_periodic_step_counts_at_its_frequency_and_utilisation_divides_by_the_
   model and hardware FLOP/s over the device's peak, and absent without a known peak."""
   import time
 
-  from vim_jax.trainers import train_lib
+  from vim_jax.infra import progress_log
   regular, periodic = flops.StepFlops(8.0, 10.0), flops.StepFlops(12.0, 18.0)
   assert flops.mean_over_cycle(regular, periodic, 4) == flops.StepFlops(9.0, 12.0)
-  progress = train_lib.Progress(0, 100, 8, flops.StepFlops(3e12, 4e12), 1, peak_flops=100e12)
+  progress = progress_log.Progress(0, 100, 8, flops.StepFlops(3e12, 4e12), 1, peak_flops=100e12)
   progress.last_time = time.perf_counter() - 10.0  # 10 steps in ~10 s
   out = progress.update(10)
   assert out["mfu"] == pytest.approx(out["steps_per_sec"] * 3e12 / 100e12)
   assert out["hfu"] / out["mfu"] == pytest.approx(4 / 3)
   assert out["tflops_per_sec_per_device"] == pytest.approx(out["steps_per_sec"] * 3)
-  assert "mfu" not in train_lib.Progress(0, 100, 8, regular, 1).update(1)
+  assert "mfu" not in progress_log.Progress(0, 100, 8, regular, 1).update(1)
 
 
 def test_peak_flops_by_device_kind():
@@ -117,26 +117,26 @@ def test_peak_flops_by_device_kind():
 def test_a_jitted_step_traced_before_counts_its_fused_attention():
   """compile_step counts a step jit has already traced with splash (interpret mode here): the
   count is XLA attention's two matmuls, not the uncountable kernel's."""
-  from vim_jax.trainers import train_lib
+  from vim_jax.trainers import compiling
   from vim_jax.models import attention
   q = jnp.zeros((1, 128, 2, 64))
   fn = lambda q: attention.dot_product_attention(q, q, q, causal=False,
                                                  implementation="splash", block=128)
   with attention.pallas_interpret():
     jitted = jax.jit(fn)
-    _, counted = train_lib.compile_step(jitted, q)
+    _, counted = compiling.compile_step(jitted, q)
   assert counted == flops.StepFlops(*2 * [2 * (2 * 1 * 2 * 128 * 128 * 64)])
 
 
 def test_compile_step_counts_from_its_own_trace_unless_a_kernel_hides_matmuls():
   """XLA attention: the count comes from the trace jit compiles (no second trace) and equals a
   fresh count; splash: the trace is seen to hold an opaque kernel."""
-  from vim_jax.trainers import train_lib
+  from vim_jax.trainers import compiling
   from vim_jax.models import attention
   q = jnp.zeros((1, 128, 2, 64))
   make = lambda kind: (lambda q: attention.dot_product_attention(
       q, q, q, causal=True, implementation=kind, block=128))
-  _, counted = train_lib.compile_step(jax.jit(make("xla")), q)
+  _, counted = compiling.compile_step(jax.jit(make("xla")), q)
   causal = 0.5 * 2 * (2 * 1 * 2 * 128 * 128 * 64)  # the masked half is not counted
   assert counted == flops.count_step(make("xla"), q) == flops.StepFlops(causal, causal)
   assert not flops.holds_opaque_kernels(jax.make_jaxpr(make("xla"))(q).jaxpr)

@@ -101,18 +101,18 @@ import sys, time
 import jax
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
-from vim_jax import train_lib
-train_lib.install_preemption_handler()
+from vim_jax.infra import preemption
+preemption.install_preemption_handler()
 step = 0
 while step < 3000:
   step += 1
   time.sleep(0.01)  # a train step
   if step == 20:
     print("running", flush=True)
-  if train_lib.preemption_requested(step):
+  if preemption.preemption_requested(step):
     print(f"saving at step {step}", flush=True)
     break
-print("stopped for preemption:", train_lib.stopped_for_preemption(), flush=True)
+print("stopped for preemption:", preemption.stopped_for_preemption(), flush=True)
 jax.distributed.shutdown()
 """
 

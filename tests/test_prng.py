@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from vim_jax.infra import prng
-from vim_jax.trainers import train_lib, vim_step
+from vim_jax.trainers import vim_step
+from vim_jax.trainers import train_state
 from vim_jax.trainers import vim as vim_trainer
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
@@ -109,7 +110,7 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
   model = vim_lib.VIM(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
   params = _tiny_vim_params()
   tx, schedule = optax.sgd(1e-2), optax.constant_schedule(1e-2)
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  state = train_state.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   batch = _token_batch(8)
   losses = {}
   for setting in ("threefry", "rbg"):

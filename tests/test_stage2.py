@@ -9,7 +9,8 @@ import pytest
 
 from configs import vim_base
 from vim_jax.infra import parallel
-from vim_jax.trainers import train_lib, vim_step
+from vim_jax.trainers import vim_step
+from vim_jax.trainers import train_state
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 
@@ -55,7 +56,7 @@ def test_bits_per_token_is_the_numpy_nll_in_bits():
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:1], labels[:1]))
   params = params["params"]
   tx, schedule = vim_step.build_optimizer(config)
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params))
   step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
   _, metrics = step(state, {"tokens": tokens[:B], "label": labels[:B]}, None)

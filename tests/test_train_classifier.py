@@ -33,6 +33,7 @@ def run(tmp_path_factory):
                 log_every=10)
   workdir = str(tmp_path_factory.mktemp("classifier"))
   result = classifier_trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  result = result.eval_metrics
   return config, workdir, result
 
 

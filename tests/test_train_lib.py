@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import pytest
 
 from vim_jax.infra import flops
-from vim_jax.trainers import train_lib
+from vim_jax.infra import progress_log
+from vim_jax.trainers import loop
 
 
 def _progress():
-  return train_lib.Progress(0, 10, 8, flops.StepFlops(1e9, 1e9), 1)
+  return progress_log.Progress(0, 10, 8, flops.StepFlops(1e9, 1e9), 1)
 
 
 class _Writer:
@@ -21,7 +22,7 @@ class _Writer:
 
 def test_a_window_is_fetched_after_the_next_step_is_dispatched_and_the_last_at_once():
   writer, lines = _Writer(), []
-  windows = train_lib.TrainWindows(writer, _progress(),
+  windows = loop.TrainWindows(writer, _progress(),
                                    lambda step, scalars: lines.append((step, scalars["loss"])))
   windows.add({"loss": jnp.asarray(1.0)})
   windows.add({"loss": jnp.asarray(3.0)})
@@ -38,7 +39,7 @@ def test_a_window_is_fetched_after_the_next_step_is_dispatched_and_the_last_at_o
 
 
 def test_a_nan_window_stops_the_run_naming_its_step_and_the_last_checkpoint():
-  windows = train_lib.TrainWindows(_Writer(), _progress(),
+  windows = loop.TrainWindows(_Writer(), _progress(),
                                    lambda step, scalars: None)
   windows.add({"loss": jnp.asarray(float("nan"))})
   windows.end(4, 3, 0, at_once=False)

@@ -19,7 +19,8 @@ from configs import vim_base
 from vim_jax import probe
 from vim_jax.infra import parallel, runs
 from vim_jax.sampling import autoregressive, generation
-from vim_jax.trainers import optim, train_lib, vim_step
+from vim_jax.trainers import optim, vim_step
+from vim_jax.trainers import train_state
 from vim_jax.trainers import vim as vim_trainer
 from vim_jax.data import preprocess
 from vim_jax.models import transformer
@@ -291,7 +292,7 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
   config = ml_collections.ConfigDict(dict(seed=0, label_dropout=label_dropout,
                                           grad_accum_steps=1))
   tx, schedule = optax.sgd(1e-2), optax.constant_schedule(1e-2)
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  state = train_state.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   train_step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
   eval_step = jax.jit(vim_step.make_eval_step(model, None))
   return model, state, train_step, eval_step

@@ -432,7 +432,7 @@ def test_perceptual_gradient_reaches_the_tokenizer_through_the_reconstruction(ti
   # Plain outputs: logit-Laplace's clip to [-1, 1] would put kinks in the difference quotients.
   tiny_config.model.logit_laplace = False
   tiny_config.loss.update(l2=0.0, logit_laplace=0.0, vq=0.0, adversarial=0.0, perceptual=1.0)
-  models = tokenizer_step.Stage1Models(tokenizer_step.build_models(tiny_config).tokenizer, None, Perceptual())
+  models = tokenizer_step.TokenizerModels(tokenizer_step.build_models(tiny_config).tokenizer, None, Perceptual())
   perceptual_params = {"w": jnp.array([0.5, 1.0, 2.0])}
   tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
   init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
@@ -485,7 +485,7 @@ def test_the_regular_step_holds_nothing_for_r1(tiny_config):
   import flax.linen as nn
 
   from vim_jax.infra import flops
-  from vim_jax.trainers import train_lib
+  from vim_jax.trainers import compiling
   models = tokenizer_step.build_models(tiny_config)
   tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
   init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
@@ -496,7 +496,7 @@ def test_the_regular_step_holds_nothing_for_r1(tiny_config):
   for with_r1, fn in steps.items():
     jaxpr = jax.make_jaxpr(fn)(state, {"image": IMAGES}, {})
     assert "cond[" not in str(jaxpr), with_r1
-    compiled[with_r1], counted[with_r1] = train_lib.compile_step(jax.jit(fn), state,
+    compiled[with_r1], counted[with_r1] = compiling.compile_step(jax.jit(fn), state,
                                                                  {"image": IMAGES}, {})
   assert counted[False].model < counted[True].model
   assert counted[False].hardware < counted[True].hardware

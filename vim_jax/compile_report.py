@@ -61,7 +61,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax.infra import log_filters, tpu_slices
+from vim_jax.infra import config_files, log_filters, tpu_slices
 
 
 def define_flags():
@@ -138,9 +138,7 @@ def _stage1(config, mesh, batch_sharding, replicated):
   dp = parallel.data_parallel_size(mesh)
   init_fn = tokenizer_step.make_init_fn(models, tx, disc_tx, config, dp)
   step_fns = tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, config, dp)
-  b = config.batch_size
-  batch = {"image": jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
-                                         jnp.float32, sharding=batch_sharding)}
+  batch = tokenizer_step.batch_spec(config, config.batch_size, batch_sharding)
   frozen = {}
   if models.lpips is not None:  # shapes only: no weights file is needed to compile
     x = jnp.zeros((1, 32, 32, 3))
@@ -152,9 +150,6 @@ def _stage1(config, mesh, batch_sharding, replicated):
 
 def _stage2(config, mesh, rules, batch_sharding, tok_model, tokens_per_image, codebook_size):
   """(init_fn, {False: step_fn}, batch spec, frozen encoder params or {})."""
-  import jax
-  import jax.numpy as jnp
-
   from vim_jax.infra import parallel, runs
   from vim_jax.trainers import vim_step
   from vim_jax.models import vim as vim_lib
@@ -165,23 +160,11 @@ def _stage2(config, mesh, rules, batch_sharding, tok_model, tokens_per_image, co
     model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
   tx, schedule = vim_step.build_optimizer(config)
   dp = parallel.data_parallel_size(mesh)
-
-  def init_fn(rng):
-    params = model.init(rng, jnp.zeros((dp, tokens_per_image), jnp.int32),
-                        jnp.zeros((dp,), jnp.int32))["params"]
-    return vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params))
-
+  init_fn = vim_step.make_init_fn(model, tx, dp)
   step_fn = vim_step.make_train_step(model, tok_model, tx, schedule, config, dp)
-  b = config.batch_size
-  batch = {"label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+  batch = vim_step.batch_spec(config, config.batch_size, tokens_per_image, batch_sharding)
   frozen = {}
-  if config.data.source == "tokens":
-    batch["tokens"] = jax.ShapeDtypeStruct((b, tokens_per_image), jnp.int32,
-                                           sharding=batch_sharding)
-  else:  # the frozen encoder and codebook, as train_vim holds them
-    batch["image"] = jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
-                                          jnp.float32, sharding=batch_sharding)
+  if "image" in batch:  # the frozen encoder and codebook, as the VIM trainer holds them
     frozen = runs.frozen_encoder_shapes(tok_model, mesh, rules)
   return init_fn, {False: step_fn}, batch, frozen
 
@@ -192,10 +175,10 @@ def tree_bytes(tree) -> int:
 
 
 def _compile(jitted, *args):
-  """train_lib.compile_step, with the TPU compiler's out-of-memory as DoesNotFit."""
-  from vim_jax.trainers import train_lib
+  """compiling.compile_step, with the TPU compiler's out-of-memory as DoesNotFit."""
+  from vim_jax.trainers import compiling
   try:
-    return train_lib.compile_step(jitted, *args)
+    return compiling.compile_step(jitted, *args)
   except Exception as e:  # pylint: disable=broad-except; only the TPU compiler's OOM is ours
     if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
       raise DoesNotFit(str(e).strip().splitlines()[0][:1500]) from e
@@ -234,13 +217,14 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   from jax.sharding import PartitionSpec as P
 
   from vim_jax.infra import checkpoint, flops, parallel
-  from vim_jax.trainers import microbatch, tokenizer_step, train_lib
+  from vim_jax.trainers import microbatch, tokenizer_step
+  from vim_jax.trainers import compiling, loop
 
   mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.axis_rules(config)
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
-  train_lib.check_divisible(mesh, batch_size=config.batch_size)
+  loop.check_divisible(mesh, batch_size=config.batch_size)
   microbatch.check(config, parallel.data_parallel_size(mesh))
   if config.trainer in ("tokenizer", "vitvq"):
     init_fn, step_fns, batch, frozen = _stage1(config, mesh, batch_sharding, replicated)
@@ -277,12 +261,12 @@ def report(config, devices=None, tokens_per_image: int = 1024, codebook_size: in
   if "flops" in cost:
     numbers["xla_flops_per_device"] = float(cost["flops"])
   numbers.update(memory_numbers(compiled[False]))
-  numbers["summary"] = train_lib.describe_memory(compiled[False], "train step")
+  numbers["summary"] = compiling.describe_memory(compiled[False], "train step")
   numbers["collectives"] = count_collectives(compiled[False].as_text())
   if True in compiled:
     numbers["r1"] = {**memory_numbers(compiled[True]), "compiled": compiled[True],
                      "flops": step_flops[True], "interval": tokenizer_step.r1_interval(config),
-                     "summary": train_lib.describe_memory(compiled[True], "R1 step")}
+                     "summary": compiling.describe_memory(compiled[True], "R1 step")}
   # What the run needs per chip: the larger of its step programs.
   numbers["peak_bytes"] = max(numbers.get("total_bytes", 0),
                               numbers.get("r1", {}).get("total_bytes", 0))
@@ -343,7 +327,7 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
 
   from vim_jax.infra import flops, hlo_stats, parallel, runs
   from vim_jax.sampling import autoregressive
-  from vim_jax.trainers import train_lib, vim_step
+  from vim_jax.trainers import compiling, vim_step
   from vim_jax.models import tokenizer as tokenizer_lib
   if config.trainer != "vim":
     raise ValueError(f"--program=sample compiles a stage-2 (VIM) config's sampler; "
@@ -408,7 +392,7 @@ def sample_report(config, devices=None, batch_size: int = 0, tokenizer_config=No
       "decoder_flops": decoder_flops, "compile_seconds": time.perf_counter() - start,
       "compiled": compiled, "step_compiled": step_compiled,
       "step_collectives": count_collectives(step_compiled.as_text()),
-      "summary": train_lib.describe_memory(compiled, "sampler")})
+      "summary": compiling.describe_memory(compiled, "sampler")})
   numbers["model_floor_bytes"] = numbers["params_bytes"] + numbers["cache_bytes"]
   return numbers
 
@@ -645,4 +629,5 @@ def main_sample(config, spec, devices, capacity):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flag_as_required("config")
+  config_files.add_config_roots(sys.argv)  # `from configs import common`, from any folder
   app.run(main)

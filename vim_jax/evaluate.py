@@ -43,7 +43,8 @@ from absl import app, flags
 
 from vim_jax.evaluators import fid, paper_metrics, resumable
 from vim_jax.infra import distributed, fileio, log_filters, runs
-from vim_jax.trainers import train_lib, vim_step
+from vim_jax.trainers import vim_step
+from vim_jax.infra import preemption
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required (a stage-1 or stage-2 run).")
   distributed.start()
-  train_lib.install_preemption_handler()  # SIGTERM: stop after the current batch, exit 0
+  preemption.install_preemption_handler()  # SIGTERM: stop after the current batch, exit 0
   out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
   config = moved_data(runs.read_run_config(FLAGS.workdir))
   fid_config = config.get("fid") or ml_collections.ConfigDict({})

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vim_jax.infra import distributed, log_filters
+from vim_jax.infra import config_files, distributed, log_filters  # noqa: E402
 
 TRAINERS = {
     "tokenizer": "vim_jax.trainers.tokenizer",  # stage 1: the ViT-VQGAN tokenizer
@@ -117,13 +117,7 @@ def hide_gpus_from_tensorflow():
     pass
 
 
-def load_config_file(spec: str):
-  """Loads 'path/to/config.py[:variant]' the way --config does."""
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_vim_jax_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant or None)
+load_config_file = config_files.load  # benchmarks load configs as --config does
 
 
 def unknown_override_message(argv: list[str]) -> str | None:
@@ -154,6 +148,7 @@ def unknown_override_message(argv: list[str]) -> str | None:
 
 def parse_flags(argv):
   """absl flag parsing, with a readable error for misspelt --config.* overrides."""
+  config_files.add_config_roots(argv)  # `from configs import common`, from any folder
   message = unknown_override_message(argv)
   if message:
     sys.stderr.write(f"error: {message}\n")

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vim_jax.infra import fileio, parallel
-from vim_jax.trainers import train_lib
+from vim_jax.infra import progress_log
 from vim_jax.models import inception
 
 log = logging.getLogger(__name__)
@@ -233,12 +233,12 @@ class FeatureExtractor:
       if now - last_log > self.log_every_seconds:
         last_log = now
         rate = acc.count / (now - start)
-        eta = (f", ETA {train_lib.format_duration((total - acc.count) / rate)}"
+        eta = (f", ETA {progress_log.format_duration((total - acc.count) / rate)}"
                if total else "")
         log.info("inception features of %s: %d%s images (%.1f images/s%s)", description,
                  acc.count, f" / {total}" if total else "", rate, eta)
     log.info("inception features of %s: %d images in %s", description, acc.count,
-             train_lib.format_duration(time.time() - start))
+             progress_log.format_duration(time.time() - start))
     return acc.result()
 
 

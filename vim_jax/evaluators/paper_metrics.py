@@ -24,7 +24,8 @@ from vim_jax.evaluators import fid, resumable
 from vim_jax.infra import fileio, parallel, runs
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.sampling import autoregressive, generation
-from vim_jax.trainers import tokenizer_step, train_lib
+from vim_jax.trainers import tokenizer_step
+from vim_jax.infra import preemption, progress_log
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
   """Runs compute(unit) -> (pool [n, 2048], probabilities [n, 1008], correct) for every unit
   in order, adding the features to `accumulator`; units an earlier run finished are read
   from `progress` instead. Returns the summed `correct`, or None when a SIGTERM asked to stop
-  (every process stops after the same unit: train_lib.preemption_requested)."""
+  (every process stops after the same unit: preemption.preemption_requested)."""
   done = progress.finished_units(phase) if progress else 0
   correct = 0
   for unit in range(done):
@@ -288,8 +289,8 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
       left = (num_units - unit - 1) * unit_images / rate
       log.info("%s: %d / %d images (%d / %d units), %.2f images/s, ETA %s", phase,
                accumulator.count, total_images, unit + 1, num_units, rate,
-               train_lib.format_duration(left))
-    if train_lib.preemption_requested(step_offset + unit):
+               progress_log.format_duration(left))
+    if preemption.preemption_requested(step_offset + unit):
       log.info("%s: stopped by SIGTERM after unit %d of %d; progress is saved: run the same "
                "command to continue.", phase, unit + 1, num_units)
       return None

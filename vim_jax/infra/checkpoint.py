@@ -13,6 +13,7 @@ the checkpoint stays where it is.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -111,7 +112,23 @@ class Checkpointer:
     """Restores `step` into arrays shaped and sharded as `abstract_state` (a pytree of
     jax.ShapeDtypeStruct with shardings)."""
     log.info("checkpoint: restoring step %d from %s", step, self.directory)
+    if dataclasses.is_dataclass(abstract_state):
+      # A field the checkpoint does not hold and the state leaves None (a GAN field of a
+      # VIM or classifier state, saved before the trainers shared one TrainState) is left out
+      # of the target: orbax matches the target's entries to the saved ones by name.
+      stored = self.stored_names(step)
+      fields = {f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)}
+      target = {k: v for k, v in fields.items() if k in stored or v is not None}
+      if len(target) < len(fields):
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        return abstract_state.replace(**restored)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def stored_names(self, step: int) -> set[str]:
+    """The top-level entries of the state saved at `step` (None fields included)."""
+    item = fileio.path(fileio.join(self.directory, str(step), "default"))
+    return set(ocp.PyTreeCheckpointHandler().metadata(item).keys())
 
   def restore_latest(self, abstract_state):
     """(state, step) from the newest checkpoint that restores, or (None, None) when the run

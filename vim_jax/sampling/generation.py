@@ -5,6 +5,7 @@ decoder; classifier rejection sampling (paper Sec. 4.2) and class accuracy. The 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -23,27 +24,43 @@ log = logging.getLogger(__name__)
 
 class Sampler:
   """A VIM and its tokenizer compiled once for sampling, sharded over the batch axes of `mesh`
-  (default: all devices, data-parallel).
+  (default: all devices, data-parallel): the one sampler of commands, evaluation and training.
 
   batches(labels, seed) streams uint8 images [<= batch_size, S, S, 3]; batch i uses the key
   fold_in(key(seed), i), so a seed reproduces the samples."""
 
   def __init__(self, trained: runs.TrainedVIM, sampling_config: autoregressive.SamplingConfig,
                batch_size: int = 64, mesh=None):
-    self.trained = trained
-    self.mesh = mesh or parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
-    dp = parallel.data_parallel_size(self.mesh)
-    self.batch_size = max(dp, batch_size // dp * dp)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.label_sharding = parallel.batch_sharding(self.mesh)
+    mesh = mesh or parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Decoding runs the unrolled layout (autoregressive.decoding_layout): converted once here
     # (on the host), not inside every compiled call.
     model, params = autoregressive.decoding_layout(trained.model, jax.device_get(trained.params))
-    self._sample = jax.jit(
-        vim_step.make_sample_fn(model, trained.tokenizer.model, sampling_config),
-        in_shardings=(replicated, replicated, self.label_sharding, None))
-    self._params = parallel.replicate(params, self.mesh)
-    self._tok_params = parallel.replicate(trained.tokenizer.params, self.mesh)
+    self._compile(model, trained.tokenizer.model, sampling_config, batch_size, mesh,
+                  params_sharding=replicated, rules=None)
+    self.params = parallel.replicate(params, mesh)
+    self.tokenizer_params = parallel.replicate(trained.tokenizer.params, mesh)
+
+  @classmethod
+  def for_training(cls, model, tok_model, tokenizer_params, sampling_config, batch_size: int,
+                   mesh, rules, params_sharding) -> "Sampler":
+    """A sampler over a training run's params, in their training layout and sharding (the
+    trainer sets .params to its state's before each use; nothing is copied to the host)."""
+    sampler = cls.__new__(cls)
+    sampler._compile(model, tok_model, sampling_config, batch_size, mesh, params_sharding,
+                     rules)
+    sampler.params, sampler.tokenizer_params = None, tokenizer_params
+    return sampler
+
+  def _compile(self, model, tok_model, sampling_config, batch_size, mesh, params_sharding,
+               rules):
+    self.mesh, self.rules = mesh, rules
+    dp = parallel.data_parallel_size(mesh)
+    self.batch_size = max(dp, batch_size // dp * dp)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.label_sharding = parallel.batch_sharding(mesh)
+    self._sample = jax.jit(vim_step.make_sample_fn(model, tok_model, sampling_config),
+                           in_shardings=(params_sharding, replicated, self.label_sharding, None))
 
   def num_batches(self, num_samples: int) -> int:
     return -(-num_samples // self.batch_size)
@@ -53,9 +70,12 @@ class Sampler:
     images whether the batches before it were drawn or not (a resumed evaluation)."""
     chunk = labels[index * self.batch_size:(index + 1) * self.batch_size]
     padded = np.resize(chunk, self.batch_size).astype(np.int32)  # the last batch repeats
-    images = self._sample(self._params, self._tok_params,
-                          jax.device_put(padded, self.label_sharding),
-                          jax.random.fold_in(jax.random.key(seed), index))
+    with contextlib.ExitStack() as stack:
+      if self.rules is not None:  # a training layout's activation constraints need the mesh
+        stack.enter_context(parallel.tracing_context(self.mesh, self.rules))
+      images = self._sample(self.params, self.tokenizer_params,
+                            jax.device_put(padded, self.label_sharding),
+                            jax.random.fold_in(jax.random.key(seed), index))
     return preprocess.to_uint8(parallel.fetch(images))[:len(chunk)]
 
   def batches(self, labels: np.ndarray, seed: int) -> Iterator[np.ndarray]:

@@ -14,7 +14,8 @@ import jax
 
 from vim_jax.infra import runs, summaries
 from vim_jax.sampling import generation
-from vim_jax.trainers import train_lib, vim_step
+from vim_jax.trainers import vim_step
+from vim_jax.infra import preemption
 from vim_jax.trainers import classifier as classifier_trainer
 from vim_jax.trainers import tokenizer as tokenizer_trainer
 from vim_jax.trainers import vim as vim_trainer
@@ -44,7 +45,7 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     timings[name] = time.perf_counter() - t
-    if train_lib.stopped_for_preemption():  # the stage saved and returned
+    if preemption.stopped_for_preemption():  # the stage saved and returned
       raise Preempted(name)
     log.info("quickstart: %s done in %.0f s", name, timings[name])
     return out
@@ -66,7 +67,7 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
   writer = summaries.create_default_writer(os.path.join(workdir, "samples"),
                                            just_logging=jax.process_index() > 0)
   scalars = {"sample/class_accuracy": results["class_accuracy"],
-             "sample/classifier_eval_accuracy": classifier["accuracy"]}
+             "sample/classifier_eval_accuracy": classifier.eval_metrics["accuracy"]}
   if "class_accuracy_rejection" in results:
     scalars["sample/class_accuracy_rejection"] = results["class_accuracy_rejection"]
   writer.write_scalars(trained.step, scalars)
@@ -76,8 +77,8 @@ def _run_pipeline(config, workdir: str, should_stop=None, devices=None) -> dict:
            "%.1f%%; classifier eval top-1 %.3f; sample class accuracy %.3f, with rejection "
            "sampling at acceptance %.2f: %.3f", time.perf_counter() - start,
            ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), eval1.get("psnr", float("nan")),
-           100 * eval1.get("codebook_usage", float("nan")), classifier["accuracy"],
+           100 * eval1.get("codebook_usage", float("nan")), classifier.eval_metrics["accuracy"],
            results["class_accuracy"], config.acceptance,
            results.get("class_accuracy_rejection", float("nan")))
-  return {**results, "timings": timings, "classifier_accuracy": classifier["accuracy"],
+  return {**results, "timings": timings, "classifier_accuracy": classifier.eval_metrics["accuracy"],
           "stage1_eval": eval1}

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,6 +21,7 @@ import optax
 from vim_jax.evaluators import image_metrics
 from vim_jax.infra import fileio, parallel, prng
 from vim_jax.trainers import losses, microbatch, optim
+from vim_jax.trainers.train_state import TrainState
 from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
 from vim_jax.models import lpips as lpips_lib
@@ -31,21 +30,8 @@ from vim_jax.models import tokenizer as tokenizer_lib
 log = logging.getLogger(__name__)
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a stage-1 checkpoint holds. The GAN fields are None when unused."""
-
-  step: jax.Array
-  params: Any  # the tokenizer (generator)
-  opt_state: Any
-  disc_params: Any = None  # discriminator, when loss.adversarial > 0
-  disc_opt_state: Any = None
-  ema_params: Any = None  # EMA of the tokenizer params, when ema_decay > 0 (used for eval)
-  lecam_ema: Any = None  # {'real', 'fake'} EMAs of D's logits, when LeCam is on
-
-
 @dataclasses.dataclass(frozen=True)
-class Stage1Models:
+class TokenizerModels:
   """The networks of the stage-1 objective; the optional ones are None when their loss is off."""
 
   tokenizer: tokenizer_lib.ViTVQGAN
@@ -56,7 +42,7 @@ class Stage1Models:
 # ----------------------------------------------------------------------------------------------
 # Models, optimizers and the pure step functions.
 # ----------------------------------------------------------------------------------------------
-def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
+def build_models(config: ml_collections.ConfigDict) -> TokenizerModels:
   d = config.discriminator
   disc = None
   if config.loss.adversarial > 0:
@@ -67,7 +53,7 @@ def build_models(config: ml_collections.ConfigDict) -> Stage1Models:
       fileio.exists(config.perceptual_weights))
   # LPIPS in float32 whatever the tokenizer's dtype: the loss and eval/lpips are the published
   # network's distance, not a bf16 approximation of it.
-  return Stage1Models(tokenizer_lib.ViTVQGAN.from_config(config), disc,
+  return TokenizerModels(tokenizer_lib.ViTVQGAN.from_config(config), disc,
                       lpips_lib.LPIPS(jnp.float32) if wants_lpips else None)
 
 
@@ -79,7 +65,7 @@ def build_optimizers(config: ml_collections.ConfigDict):
   return optim.adamw(config.optimizer, schedule), schedule, disc_tx
 
 
-def make_init_fn(models: Stage1Models, tx, disc_tx, config, init_batch: int):
+def make_init_fn(models: TokenizerModels, tx, disc_tx, config, init_batch: int):
   """rng -> TrainState whose params carry logical-axis boxes (unbox after sharding)."""
   tokenizer = models.tokenizer
 
@@ -98,6 +84,12 @@ def make_init_fn(models: Stage1Models, tx, disc_tx, config, init_batch: int):
     return state
 
   return init
+
+
+def batch_spec(config, batch_size: int, sharding) -> dict:
+  """The arrays a stage-1 step takes from a batch, as ShapeDtypeStructs."""
+  shape = (batch_size, config.image_size, config.image_size, 3)
+  return {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
 
 
 # Outputs of ViTVQGAN.__call__ that the loss differentiates; the rest are indices and statistics.
@@ -122,7 +114,7 @@ def is_r1_step(config, step: int) -> bool:
   return bool(interval) and step % interval == 0
 
 
-def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
+def make_train_step(models: TokenizerModels, tx, schedule, disc_tx, config,
                     data_parallel: int = 1, with_r1: bool = False) -> Callable:
   """(state, batch, lpips_params) -> (state, metrics).
 
@@ -134,9 +126,9 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
 
   with_r1: the variant that adds the lazy R1 penalty, run when is_r1_step (every
   r1_interval steps), as StyleGAN2 separates its phases. Chosen in Python rather than by a
-  lax.cond inside one program: under the gradient, a cond's saved activations become outputs
-  of its forward, zero-filled and held on every step without R1 (727 MiB per 4 images for
-  BB's discriminator at 256 px), and a cond is costed at its costlier branch.
+  lax.cond inside one program: under the gradient a cond's saved activations become outputs
+  of its forward, zero-filled on every step without R1, and a cond is costed (FLOPs, MFU) at
+  its costlier branch on every step.
   """
   weights = config.loss.to_dict()
   d_cfg = config.discriminator
@@ -253,7 +245,7 @@ def make_train_step(models: Stage1Models, tx, schedule, disc_tx, config,
   return train_step
 
 
-def make_train_steps(models: Stage1Models, tx, schedule, disc_tx, config,
+def make_train_steps(models: TokenizerModels, tx, schedule, disc_tx, config,
                      data_parallel: int = 1) -> dict[bool, Callable]:
   """The step variants a run uses, keyed by with_r1: the regular step, and the R1 step when
   the run has R1 (r1_interval > 0). The loop picks steps[is_r1_step(config, step)]."""
@@ -262,7 +254,7 @@ def make_train_steps(models: Stage1Models, tx, schedule, disc_tx, config,
                                    with_r1) for with_r1 in variants}
 
 
-def make_eval_step(models: Stage1Models) -> Callable:
+def make_eval_step(models: TokenizerModels) -> Callable:
   """(params, batch, lpips_params) -> per-image metrics [B], indices [B, h, w],
   reconstructions."""
 

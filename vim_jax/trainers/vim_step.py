@@ -16,15 +16,14 @@ import optax
 
 from vim_jax.infra import parallel, prng
 from vim_jax.sampling import autoregressive
-from vim_jax.trainers import microbatch, optim, train_lib
+from vim_jax.trainers import microbatch, optim
+from vim_jax.trainers.train_state import TrainState
 from vim_jax.data import pipeline
 from vim_jax.models import vim as vim_lib
 from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
-
-TrainState = train_lib.TrainState
 
 
 def build_model(config, tok_model: tokenizer_lib.ViTVQGAN) -> vim_lib.VIM:
@@ -40,6 +39,30 @@ def build_model(config, tok_model: tokenizer_lib.ViTVQGAN) -> vim_lib.VIM:
 def build_optimizer(config):
   schedule = optim.warmup_exponential_schedule(config.optimizer, config.total_steps)
   return optim.adamw(config.optimizer, schedule), schedule
+
+
+def make_init_fn(model: vim_lib.VIM, tx, init_batch: int) -> Callable:
+  """rng -> TrainState whose params carry logical-axis boxes (unbox after sharding)."""
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((init_batch, model.num_tokens), jnp.int32),
+                        jnp.zeros((init_batch,), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return init
+
+
+def batch_spec(config, batch_size: int, tokens_per_image: int, sharding) -> dict:
+  """The arrays a stage-2 step takes from a batch, as ShapeDtypeStructs: labels, and images
+  (tokenized inside the step) or, with data.source = 'tokens', pre-tokenized codes."""
+  spec = {"label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+  if config.data.source == "tokens":
+    spec["tokens"] = jax.ShapeDtypeStruct((batch_size, tokens_per_image), jnp.int32,
+                                          sharding=sharding)
+  else:
+    spec["image"] = jax.ShapeDtypeStruct(
+        (batch_size, config.image_size, config.image_size, 3), jnp.float32, sharding=sharding)
+  return spec
 
 
 def batch_tokens(batch, tok_model: tokenizer_lib.ViTVQGAN, tokenizer_params) -> jax.Array:
