@@ -256,7 +256,7 @@ def main():
   spec = tpu_slices.parse(args.topology)
   tpu_slices.prepare_environment()
   import jax  # lazy: reads JAX_PLATFORMS on import, which prepare_environment sets
-  from vim_jax import compile_report  # lazy: may load jax (as above)
+  from vim_jax.trainers import step_report  # lazy: may load jax (as above)
   jax.config.update("jax_enable_compilation_cache", False)
   devices = tpu_slices.compile_only_devices(spec)
   config = vim_main.load_config_file(os.path.join(ROOT, args.config)
@@ -277,7 +277,7 @@ def main():
   tokenizer = (vim_main.load_config_file(os.path.join(ROOT, args.tokenizer_config))
                if args.tokenizer_config else None)
   start = time.perf_counter()
-  numbers = compile_report.report(config, devices, tokenizer_config=tokenizer)
+  numbers = step_report.report(config, devices, tokenizer_config=tokenizer)
   wall = time.perf_counter() - start
   hlo = numbers["compiled"].as_text()
   m = numbers["compiled"].memory_analysis()

@@ -48,16 +48,16 @@ def load(name: str, grad_accum_steps: int | None = None):
 
 def compile_for(name: str, spec, grad_accum_steps: int | None = None):
   """compile_report's numbers, or None when the layout does not fit."""
-  from vim_jax import compile_report  # lazy: may load jax, which waits for prepare_environment
+  from vim_jax.trainers import step_report  # lazy: may load jax, which waits for prepare_environment
   config = load(name, grad_accum_steps)
   tokenizer = None
   if config.trainer == "vim":
     tokenizer = vim_main.load_config_file(os.path.join(ROOT, "configs/vitvq_base.py"))
   devices = tpu_slices.compile_only_devices(spec)
   try:
-    numbers = compile_report.report(config, devices, tokenizer_config=tokenizer,
+    numbers = step_report.report(config, devices, tokenizer_config=tokenizer,
                                     capacity_bytes=spec.generation.hbm_bytes)
-  except compile_report.DoesNotFit:
+  except step_report.DoesNotFit:
     return None
   numbers["config"] = config
   return numbers
@@ -66,12 +66,12 @@ def compile_for(name: str, spec, grad_accum_steps: int | None = None):
 def row(name: str, spec, numbers) -> str:
   """A markdown row: layout, per-chip memory (the regular step's; the R1 step's total beside it
   when the config has one) and what is free, model / hardware FLOPs, speed at 40% MFU."""
-  from vim_jax import compile_report  # lazy: may load jax, which waits for prepare_environment
+  from vim_jax.trainers import step_report  # lazy: may load jax, which waits for prepare_environment
   config = numbers["config"]
   g = spec.generation
-  paper = compile_report.paper_throughput(config)
+  paper = step_report.paper_throughput(config)
   f = numbers["flops"]
-  step, images_per_sec, needed_mfu = compile_report.speed(
+  step, images_per_sec, needed_mfu = step_report.speed(
       f.model, config.batch_size, g.peak_bf16_flops, paper)
   needed = f"{paper:,.0f} img/s = {needed_mfu:.1%} MFU" if paper else ""
   gib = lambda n, key: n[key] / 2**30

@@ -14,14 +14,14 @@ from run_files import cli_env
 
 def test_fsdp_divides_the_state_over_devices():
   from configs import vim_base
-  from vim_jax import compile_report
+  from vim_jax.trainers import step_report
   config = vim_base.get_config("tiny")
   config.update(batch_size=8)
   config.data.source = "tokens"  # no tokenizer: tokens_per_image and codebook_size give shapes
   config.mesh.update(data=8, fsdp=1, tensor=1)
-  replicated = compile_report.report(config, tokens_per_image=64, codebook_size=512)
+  replicated = step_report.report(config, tokens_per_image=64, codebook_size=512)
   config.mesh.update(data=1, fsdp=8, tensor=1)
-  fsdp = compile_report.report(config, tokens_per_image=64, codebook_size=512)
+  fsdp = step_report.report(config, tokens_per_image=64, codebook_size=512)
   assert fsdp["params"] == replicated["params"] > 0
   # Params + Adam moments (3 x 4 bytes per param) dominate the arguments; FSDP splits them 8 ways.
   state_bytes = 12 * replicated["params"]
@@ -111,7 +111,7 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
   compiler is deterministic); stage 1 is compiled once, here, and printed as the CLI prints
   (its CLI path: test_cli_reports_a_stage1_config_without_weights_or_data)."""
   from configs import vim_large, vitvq_base
-  from vim_jax import compile_report
+  from vim_jax.trainers import step_report
   from vim_jax.infra import tpu_slices
   spec = tpu_slices.parse("v4-8")
   devices = tpu_slices.compile_only_devices(spec)
@@ -123,11 +123,11 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
                         env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   capsys.readouterr()
-  numbers = stage1_numbers = compile_report.report(stage1, devices,
+  numbers = stage1_numbers = step_report.report(stage1, devices,
                                                     capacity_bytes=spec.generation.hbm_bytes)
-  compile_report.print_report(stage1, numbers, spec)
+  step_report.print_report(stage1, numbers, spec)
   printed_stage1 = capsys.readouterr().out
-  stage2 = compile_report.report(vim_large.get_config("tiny"), devices,
+  stage2 = step_report.report(vim_large.get_config("tiny"), devices,
                                  capacity_bytes=spec.generation.hbm_bytes,
                                  tokenizer_config=vitvq_base.get_config("tiny"))
   for text, numbers in ((printed_stage1, numbers), (proc.stdout, stage2)):
@@ -152,7 +152,7 @@ def test_splash_attention_compiles_into_the_tpu_program():
   """attention='auto' picks the Pallas splash kernel on TPU (sequence a multiple of 128): the
   compiled program calls the Mosaic kernel; with 'xla' it does not."""
   from configs import vim_base
-  from vim_jax import compile_report
+  from vim_jax.trainers import step_report
   from vim_jax.infra import tpu_slices
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   config = vim_base.get_config("tiny")
@@ -161,7 +161,7 @@ def test_splash_attention_compiles_into_the_tpu_program():
   texts = {}
   for kind in ("auto", "xla"):
     config.model.attention = kind
-    numbers = compile_report.report(config, devices, tokens_per_image=128, codebook_size=64)
+    numbers = step_report.report(config, devices, tokens_per_image=128, codebook_size=64)
     texts[kind] = numbers["compiled"].as_text()
   assert "tpu_custom_call" in texts["auto"]
   assert "tpu_custom_call" not in texts["xla"]
@@ -223,10 +223,11 @@ def test_sampler_report_equals_its_closed_forms_on_8_cpu_devices():
   formula."""
   import jax
 
-  from vim_jax import compile_report
+  from vim_jax.sampling import sampler_report
+
   from vim_jax.infra import tpu_slices
   config, tokenizer = _tiny_stage2(guidance_scale=2.0)
-  numbers = compile_report.sample_report(config, jax.devices()[:8], batch_size=16,
+  numbers = sampler_report.sample_report(config, jax.devices()[:8], batch_size=16,
                                          tokenizer_config=tokenizer)
   m, tokens = config.model, numbers["num_tokens"]
   assert (numbers["rows"], numbers["devices"], numbers["guided"]) == (32, 8, True)
@@ -243,14 +244,14 @@ def test_sampler_report_equals_its_closed_forms_on_8_cpu_devices():
   assert numbers["argument_bytes"] >= numbers["params_bytes"]
   assert numbers["step_flops"] > 2 * numbers["params"] * 4 * 0.5  # the matmuls of 4 sequences
   v4 = tpu_slices.GENERATIONS["v4"]
-  estimate = compile_report.sampling_estimate(numbers, v4, num_samples=50_000)
+  estimate = sampler_report.sampling_estimate(numbers, v4, num_samples=50_000)
   batches = -(-50_000 // 16)
   decode = batches * tokens * floor / 1228e9
   decoder = batches * numbers["decoder_flops"] / (0.4 * 275e12)
   assert estimate["batches"] == batches == 3125
   assert estimate["floor_seconds"] == pytest.approx(decode + decoder, rel=1e-12)
   assert estimate["measured_seconds"] == pytest.approx(1.42 * decode + decoder, rel=1e-12)
-  unguided = compile_report.sample_report(_tiny_stage2(1.0)[0], jax.devices()[:8],
+  unguided = sampler_report.sample_report(_tiny_stage2(1.0)[0], jax.devices()[:8],
                                           tokenizer_config=tokenizer)
   # the default batch: config.sampling.batch_size (8) sequences per device, one per image
   assert (unguided["batch_size"], unguided["rows"]) == (64, 64)

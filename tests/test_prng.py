@@ -37,8 +37,7 @@ def test_auto_is_rbg_on_tpu_and_threefry_elsewhere():
     assert prng.impl_for("unsafe_rbg", platform) == "unsafe_rbg"
   with pytest.raises(ValueError, match=r"config.dropout_rng='rgb' .*auto, threefry, rbg"):
     prng.impl_for("rgb", "tpu")
-  # A config without the key (hand-made ones in tests and benchmarks) is 'auto'.
-  key = prng.dropout_key(ml_collections.ConfigDict(dict(seed=0)), "tpu")
+  key = prng.dropout_key(_config("auto"), "tpu")
   assert str(jax.random.key_impl(key)) == "rbg"
 
 
@@ -202,14 +201,14 @@ def test_a_compile_for_a_tpu_slice_draws_each_chips_masks_only():
   RngBitGenerator (tpu_slices names the flag), so on 4 data-parallel chips each draws the
   masks of its 16 of the 64 sequences, not the whole batch's (u32[64, ...] then sliced)."""
   from configs import vim_base
-  from vim_jax import compile_report
+  from vim_jax.trainers import step_report
   from vim_jax.infra import tpu_slices
   config = vim_base.get_config("tiny")
   config.update(batch_size=64, dropout_rng="rbg")
   config.data.source = "tokens"
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   assert prng.TPU_FLAG in os.environ["LIBTPU_INIT_ARGS"]
-  hlo = compile_report.report(config, devices, tokens_per_image=64,
+  hlo = step_report.report(config, devices, tokens_per_image=64,
                               codebook_size=256)["compiled"].as_text()
   batches = {int(b) for b in re.findall(r"= u32\[(\d+),[\d,]*\]\{[^}]*\} rng-bit-generator\(",
                                         hlo)}
