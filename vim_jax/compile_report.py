@@ -18,8 +18,7 @@ compiled.
   chip's HBM exits with status 1 and says so.
 - `--num_cpu_devices` compiles with XLA's CPU backend. It checks that the sharded program
   builds and which collectives it holds; its memory figures are not a TPU's (the CPU backend
-  fuses and schedules differently: VIM-Large at batch 8 on 8 devices reads 7 GiB per device
-  there and far less per chip for a v4).
+  fuses and schedules differently, and holds far more per device than a TPU chip would).
 
 Stage 1 includes LPIPS and the discriminator when the config has them (shapes only: no weights
 file is needed). Stage 2 tokenizes images inside the step, as training does, unless the config

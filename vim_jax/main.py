@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's start-up chatter
 
@@ -43,7 +44,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def worker_failure_message(error: BaseException, workdir: str, process: int, count: int) -> str:
   """What a process of a multi-process job says when its run fails: most often another
   process died, and every process must be started again."""
-  from vim_jax.infra import runs
+  from vim_jax.infra import runs  # lazy: --help without jax
   found = re.findall(r"/task:(\d+)|Task (\d+) heartbeat", str(error))
   dead = sorted({int(a or b) for a, b in found} - {process})
   who = (f"JAX names process {', '.join(map(str, dead))}" if dead else
@@ -99,7 +100,7 @@ def train(config, workdir: str, **kwargs):
   this module and the quickstart import trainers."""
   if config.trainer not in TRAINERS:
     raise ValueError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
-  from vim_jax.infra import runs
+  from vim_jax.infra import runs  # lazy: --help without jax
   if config.trainer in runs.RENAMED_TRAINERS:
     new = runs.RENAMED_TRAINERS[config.trainer]
     logging.warning("config.trainer=%r is deprecated; it is now %r.", config.trainer, new)
@@ -111,7 +112,7 @@ def train(config, workdir: str, **kwargs):
 def hide_gpus_from_tensorflow():
   """TF is only used for summaries and tfds; keep it off the accelerators JAX needs."""
   try:
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes seconds to load
     tf.config.set_visible_devices([], "GPU")
   except Exception:  # pylint: disable=broad-except; TF absent or already initialised
     pass
@@ -163,13 +164,13 @@ def main(argv):
   config = _CONFIG.value
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
-  from vim_jax.infra import config_checks
+  from vim_jax.infra import config_checks  # lazy: --help without jax
   try:
     config_checks.check(config)  # every stage's, before start-up and compiles
   except config_checks.ConfigValueError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
-  from vim_jax.infra import prng
+  from vim_jax.infra import prng  # lazy: --help without jax
   # Before anything starts a jax backend (or TF, which may load libtpu too): libtpu reads its
   # flags once, when it starts.
   if prng.configure_libtpu(config):
@@ -177,9 +178,9 @@ def main(argv):
                  os.environ["LIBTPU_INIT_ARGS"])
   hide_gpus_from_tensorflow()
   distributed.start()
-  from vim_jax.infra import fileio
-  from vim_jax.infra import preemption
-  from vim_jax.data import sources
+  from vim_jax.infra import fileio  # lazy: --help without jax
+  from vim_jax.infra import preemption  # lazy: --help without jax
+  from vim_jax.data import sources  # lazy: --help without jax
   # Relative paths are resolved once, here, against the folder the command starts in, and a
   # tfds run records the data_dir it reads ($TFDS_DATA_DIR when its config leaves it empty).
   config = sources.with_recorded_data_dir(fileio.with_absolute_paths(config))
@@ -195,12 +196,11 @@ def main(argv):
   try:
     train(config, workdir)
   except Exception as e:  # pylint: disable=broad-except; explained, then raised as it was
-    import jax
+    import jax  # lazy: --help without jax
     bucket = unreachable_bucket(e, workdir)
     if bucket:
       # The storage client's own threads (orbax's background commit, gcsfs's event loop) keep
       # retrying and would hold the process open after the exception: say why, and end it.
-      import traceback
       traceback.print_exc()
       logging.error("%s", storage_failure_message(e, bucket))
       logging.flush()
