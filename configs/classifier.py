@@ -30,4 +30,6 @@ def get_config(arg=None):
   c.log_every = 100
   c.keep_checkpoints = 1
   c.mesh = common.mesh_config(data=-1, fsdp=1)
+  # The training loop lays out every trainer's state and batches by these rules.
+  c.axis_rules = common.AXIS_RULES
   return c

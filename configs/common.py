@@ -44,6 +44,16 @@ def stack_kernels(remat_policy: str = "none") -> dict:
   )
 
 
+def block_options() -> dict:
+  """A Transformer block's details, the paper's; other published ViT-VQGANs differ in them
+  (configs/enhancing_vitvq_*.py)."""
+  return dict(
+      mlp_activation="gelu",  # 'gelu' (tanh approximation) or 'tanh'
+      qkv_bias=True,  # biases on the query/key/value projections
+      layer_norm_eps=1e-6,
+  )
+
+
 def vit_stack(*, num_layers: int, width: int, num_heads: int, head_dim: int, mlp_dim: int,
               remat_policy: str = "none") -> ml_collections.ConfigDict:
   """A stage-1 encoder or decoder of the given shape, with the paper's block details."""
@@ -52,10 +62,7 @@ def vit_stack(*, num_layers: int, width: int, num_heads: int, head_dim: int, mlp
       mlp_dim=mlp_dim,
       output_ffn_dim=0,  # hidden width of the Linear-tanh-Linear output head; 0 = mlp_dim
       dropout=0.0,
-      # Block details other published ViT-VQGANs differ in (configs/enhancing_vitvq_*.py):
-      mlp_activation="gelu",  # 'gelu' (tanh approximation) or 'tanh'
-      qkv_bias=True,  # biases on the query/key/value projections
-      layer_norm_eps=1e-6,
+      **block_options(),
       **stack_kernels(remat_policy),
   ))
 

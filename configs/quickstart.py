@@ -91,6 +91,7 @@ def stage2_config() -> ml_collections.ConfigDict:
       # accuracy at guidance 2; benchmarks/RESULTS.md).
       condition_every_position=True,
       dtype="float32", loss_chunk=256,
+      **common.block_options(),
       **common.stack_kernels(remat_policy="none"),
   ))
   c.model.scan_layers = False  # 30% faster steps on CPU than scanned (as stage 1)

@@ -40,6 +40,7 @@ def get_config(arg=None):
       # Tokens per chunk of the training loss: the head's [B, chunk, codebook] float32 logits
       # exist one chunk at a time (recomputed for the gradient); must divide the token count.
       loss_chunk=256,
+      **common.block_options(),
       **common.stack_kernels(remat_policy="minimal"),
   ))
   c.label_dropout = 0.0  # no classes to drop

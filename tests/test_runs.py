@@ -6,6 +6,8 @@ included, and restore all of it. The fixture runs are written by the trainers, w
 checkpoint layout infra/runs.py must keep reading.
 """
 
+import dataclasses
+import json
 import shutil
 
 import flax.linen as nn
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -209,3 +212,82 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   full = jax.tree.map(lambda p, l: jax.device_put(p, l.sharding),
                       {k: params[k] for k in lean.params}, lean.params)
   np.testing.assert_array_equal(encode(lean.params, images), encode(full, images))
+
+
+def _set(config, key: str, value):
+  *parents, name = key.split(".")
+  for parent in parents:
+    config = config[parent]
+  config[name] = value
+
+
+def _configs_of_each_kind():
+  from configs import classifier, vim_base, vitvq_base
+  return {"tokenizer": vitvq_base.get_config("tiny"), "vim": vim_base.get_config("tiny"),
+          "classifier": classifier.get_config()}
+
+
+def _json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def test_a_run_saved_before_the_added_fields_reads_back_with_their_former_values(tmp_path):
+  """A config.json without any FIELDS_ADDED field (and with a stack's former `remat`) reads back
+  as the config that sets each to the table's value, and builds the same models."""
+  from vim_jax.infra import prng
+  from vim_jax.models import tokenizer as tokenizer_lib
+  from vim_jax.models import vim as vim_lib
+  read = {}
+  for trainer, explicit in _configs_of_each_kind().items():
+    for key, value in runs.FIELDS_ADDED[trainer].items():
+      _set(explicit, key, value)
+    saved = _json(explicit)
+    for key in runs.FIELDS_ADDED[trainer]:
+      *parents, name = key.split(".")
+      section = saved
+      for parent in parents:
+        section = section[parent]
+      del section[name]
+    if trainer == "tokenizer":
+      saved["model"]["encoder"]["remat"] = True  # what remat_policy='full' was saved as
+      explicit.model.encoder.remat_policy = "full"
+    workdir = tmp_path / trainer
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(saved))
+    read[trainer] = runs.read_run_config(str(workdir), trainer)
+    assert _json(read[trainer]) == _json(explicit), trainer
+    assert parallel.axis_rules(read[trainer]) == parallel.axis_rules(explicit)
+    parallel.create_mesh(read[trainer].mesh)
+    if trainer != "classifier":
+      prng.dropout_key(read[trainer], "cpu")
+
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    if trainer == "tokenizer":
+      old, new = (tokenizer_lib.ViTVQGAN.from_config(c) for c in (read[trainer], explicit))
+      assert old.encoder_stack.remat_policy == "full" and not old.encoder_stack.scan_layers
+      assert (old.position_embedding, old.output_ffn, old.pixel_range) == (
+          "learned", True, "minus_one_to_one")
+      assert shapes(runs.tokenizer_param_shapes(old)) == shapes(runs.tokenizer_param_shapes(new))
+    elif trainer == "vim":
+      old, new = (vim_lib.VIM.from_config(c, 256, 64) for c in (read[trainer], explicit))
+      assert (old.condition_every_position, old.loss_chunk) == (False, 256)
+      assert vim_step.sampling_batch_size(read[trainer], 1, with_guidance=False) == 64
+      assert shapes(runs.vim_param_shapes(old)) == shapes(runs.vim_param_shapes(new))
+    else:
+      continue
+    for field in dataclasses.fields(old):
+      if field.name not in ("parent", "name"):
+        assert getattr(old, field.name) == getattr(new, field.name), (trainer, field.name)
+
+
+def test_a_complete_config_reads_back_unchanged(tmp_path):
+  """The reader adds nothing to a run saved with today's config; each FIELDS_ADDED field is a
+  field of today's config of its kind."""
+  for trainer, config in _configs_of_each_kind().items():
+    flat = {".".join(k) for k in traverse_util.flatten_dict(_json(config))}
+    assert set(runs.FIELDS_ADDED[trainer]) <= flat, set(runs.FIELDS_ADDED[trainer]) - flat
+    workdir = str(tmp_path / trainer)
+    runs.write_config(workdir, config)
+    with open(f"{workdir}/config.json") as f:
+      saved = json.load(f)
+    assert _json(runs.read_run_config(workdir, trainer)) == saved

@@ -289,8 +289,8 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
   cls = _LabelRecordingVIM if recording else vim_lib.VIM
   model = cls(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
   params = _tiny_vim_params()
-  config = ml_collections.ConfigDict(dict(seed=0, label_dropout=label_dropout,
-                                          grad_accum_steps=1))
+  config = ml_collections.ConfigDict(dict(seed=0, dropout_rng="auto",
+                                          label_dropout=label_dropout, grad_accum_steps=1))
   tx, schedule = optax.sgd(1e-2), optax.constant_schedule(1e-2)
   state = train_state.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   train_step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))

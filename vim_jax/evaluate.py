@@ -38,7 +38,6 @@ import logging
 import os
 
 import jax
-import ml_collections
 from absl import app, flags
 
 from vim_jax.evaluators import fid, paper_metrics, resumable
@@ -92,7 +91,7 @@ def define_flags():
 def moved_data(config):
   """`config` (in place) reading its tfds data from --data_dir, when given."""
   data_dir = flags.FLAGS.data_dir
-  if data_dir and config.get("data") is not None:
+  if data_dir:
     config.data.data_dir = fileio.absolute(data_dir)
   return config
 
@@ -114,9 +113,10 @@ def main(argv):
   preemption.install_preemption_handler()  # SIGTERM: stop after the current batch, exit 0
   out = FLAGS.out or os.path.join(FLAGS.workdir, "eval")
   config = moved_data(runs.read_run_config(FLAGS.workdir))
-  fid_config = config.get("fid") or ml_collections.ConfigDict({})
-  weights = FLAGS.inception_weights or fid_config.get(
-      "inception_weights", "weights/pt_inception-2015-12-05.msgpack")
+  if config.trainer not in ("tokenizer", "vim"):
+    raise app.UsageError(f"{FLAGS.workdir!r} holds a {config.trainer!r} run; evaluate takes a "
+                         "stage-1 ('tokenizer') or stage-2 ('vim') workdir.")
+  weights = FLAGS.inception_weights or config.fid.inception_weights
   batch_size = FLAGS.batch_size or (
       vim_step.sampling_batch_size(config, jax.device_count()) if config.trainer == "vim" else 64)
   extractor = fid.FeatureExtractor(weights, resize=FLAGS.resize, batch_size=batch_size)
@@ -127,9 +127,9 @@ def main(argv):
     moved_data(tok.config)
     results, real = paper_metrics.evaluate_tokenizer(tok, extractor, FLAGS.num_images)
     step = tok.step
-  elif config.trainer == "vim":
+  else:  # vim
     trained = runs.load_vim(FLAGS.workdir, FLAGS.step)
-    reference = FLAGS.reference_stats or fid_config.get("reference_stats", "")
+    reference = FLAGS.reference_stats or config.fid.reference_stats
     real = paper_metrics.reference_stats(config, extractor, reference, FLAGS.reference_images)
     label = paper_metrics.reference_label_for(reference, config, real)
     step = trained.step
@@ -154,9 +154,6 @@ def main(argv):
       print(f"stopped by SIGTERM; progress saved in {progress.directory}: run the same command "
             "to continue.")
       return
-  else:
-    raise app.UsageError(f"{FLAGS.workdir!r} holds a {config.trainer!r} run; evaluate takes a "
-                         "stage-1 ('tokenizer') or stage-2 ('vim') workdir.")
   if FLAGS.save_reference_stats and distributed.is_writer():
     real.save(FLAGS.save_reference_stats)
     log.info("reference statistics written to %s", FLAGS.save_reference_stats)

@@ -112,10 +112,10 @@ class UntrainedNullCondition(ValueError):
 
 def check_null_condition_trained(config, workdir: str):
   """Raises UntrainedNullCondition for a class-conditional run trained without label dropout."""
-  if config.model.get("num_classes", 0) and config.get("label_dropout", 0.0) <= 0:
+  if config.model.num_classes and config.label_dropout <= 0:
     raise UntrainedNullCondition(
         f"{workdir!r} holds a class-conditional VIM trained with label_dropout="
-        f"{config.get('label_dropout', 0.0)}: its null condition, which the probe feeds so that "
+        f"{config.label_dropout}: its null condition, which the probe feeds so that "
         "the features see no label, was never trained. Probe an unconditional VIM "
         "(model.num_classes=0) or a class-conditional one trained with label_dropout > 0 "
         "(e.g. --config.label_dropout=0.1, the configs' default).")

@@ -143,8 +143,8 @@ def with_recorded_data_dir(config):
   (tfds_data_dir: $TFDS_DATA_DIR or ~/tensorflow_datasets), so that the run's config.json says
   where its data is. The launch scripts pass the location as $TFDS_DATA_DIR; evaluate and the
   notebook run later, where that variable is not set. Changes `config` in place; returns it."""
-  data = config.get("data")
-  if data is not None and data.get("source") == "tfds" and not data.get("data_dir"):
+  data = config.get("data")  # the quickstart's config has its data in its stages'
+  if data is not None and data.source == "tfds" and not data.data_dir:
     data.data_dir = fileio.absolute(tfds_data_dir())
   return config
 
@@ -264,7 +264,7 @@ def build_source(data_config, split: str, image_size: int, seed: int):
     size = data_config.shapes_train_size if split == "train" else data_config.shapes_eval_size
     style = shapes.ShapesStyle(data_config.shapes_num_colors, data_config.shapes_gradient,
                                *data_config.shapes_radius)
-    return ShapesSource(split, size, data_config.get("shapes_resolution") or image_size,
+    return ShapesSource(split, size, data_config.shapes_resolution or image_size,
                         data_config.shapes_seed, data_config.num_classes, style)
   if kind == "folder":
     return FolderSource(data_config.folder, split, data_config.folder_eval_fraction,

@@ -130,6 +130,7 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
   once. Put data parallelism on DCN (dcn_data=-1): it only all-reduces gradients once a step.
   """
   devices = list(jax.devices() if devices is None else devices)
+  # Optional: one-slice meshes built in code (dict(data=-1, fsdp=1, tensor=1)) have no DCN part.
   dcn = {a: int(mesh_config.get(f"dcn_{a}", 1)) for a in MESH_AXES}
   if all(v == 1 for v in dcn.values()):
     device_array = _ici_device_array(resolve_mesh_shape(dict(mesh_config), len(devices)),
@@ -149,8 +150,8 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
 
 
 def axis_rules(config) -> tuple[tuple[str, object], ...]:
-  rules = config.get("axis_rules") or DEFAULT_AXIS_RULES
-  return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in rules)
+  """config.axis_rules as a tuple (config.json stores its pairs as lists)."""
+  return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in config.axis_rules)
 
 
 @contextlib.contextmanager

@@ -65,10 +65,10 @@ def current_platform() -> str:
 
 
 def dropout_key(config, platform: str | None = None) -> jax.Array:
-  """A scalar typed key for config.seed in the implementation config.dropout_rng asks for
-  (missing: 'auto') on `platform` (default: current_platform(), so call it where the step is
-  traced). The steps fold the step number (and the microbatch index) into it."""
-  impl = impl_for(config.get("dropout_rng", "auto"), platform or current_platform())
+  """A scalar typed key for config.seed in the implementation config.dropout_rng asks for on
+  `platform` (default: current_platform(), so call it where the step is traced). The steps fold
+  the step number (and the microbatch index) into it."""
+  impl = impl_for(config.dropout_rng, platform or current_platform())
   return jax.random.key(config.seed, impl=impl)
 
 

@@ -46,12 +46,99 @@ HOW_TO_TRAIN = {"tokenizer": "python -m vim_jax.main --config=configs/vitvq_base
                               "--workdir=..."}
 
 
+# Config fields added after runs had been saved without them, by kind of run, each with the value
+# such runs behaved as. read_run_config fills them into an old run's config, so code reads every
+# field directly and a setting's default lives in the config files alone. A field added to the
+# config files gets an entry here when runs saved without it must still load.
+_STACK_FIELDS_ADDED = {  # each Transformer stack section (transformer.StackConfig.from_config)
+    "dropout": 0.0,
+    "remat_policy": "none",  # runs that saved `remat` instead: see _renamed_remat
+    "scan_layers": False,
+    "attention": "auto",
+    "attention_block": 512,
+    "mlp_activation": "gelu",
+    "qkv_bias": True,
+    "layer_norm_eps": 1e-6,
+}
+_STACK_SECTIONS = {"tokenizer": ("model.encoder", "model.decoder"), "vim": ("model",)}
+
+
+def _stack_fields_added(trainer: str) -> dict:
+  return {f"{section}.{field}": value for section in _STACK_SECTIONS[trainer]
+          for field, value in _STACK_FIELDS_ADDED.items()}
+
+
+_EVERY_RUN_FIELDS_ADDED = {
+    "axis_rules": parallel.DEFAULT_AXIS_RULES,
+    "mesh.dcn_data": 1,
+    "mesh.dcn_fsdp": 1,
+    "mesh.dcn_tensor": 1,
+    "data.shapes_resolution": 0,
+    "data.folder_eval_list": "",
+}
+_FID_FIELDS_ADDED = {  # runs without a fid section did not compute FID while training
+    "fid.every": 0,
+    "fid.inception_weights": "weights/pt_inception-2015-12-05.msgpack",
+}
+FIELDS_ADDED = {
+    "tokenizer": {
+        **_EVERY_RUN_FIELDS_ADDED,
+        **_FID_FIELDS_ADDED,
+        "dropout_rng": "auto",
+        "model.position_embedding": "learned",
+        "model.output_ffn": True,
+        "model.pixel_range": "minus_one_to_one",
+        **_stack_fields_added("tokenizer"),
+    },
+    "vim": {
+        **_EVERY_RUN_FIELDS_ADDED,
+        **_FID_FIELDS_ADDED,
+        "fid.reference_stats": "",
+        "dropout_rng": "auto",
+        "label_dropout": 0.0,
+        "model.condition_every_position": False,
+        "model.loss_chunk": 256,
+        "sampling.batch_size": 64,
+        **_stack_fields_added("vim"),
+    },
+    "classifier": dict(_EVERY_RUN_FIELDS_ADDED),
+}
+
+
+def _renamed_remat(stack: ml_collections.ConfigDict) -> None:
+  """Runs saved before remat_policy have remat=True/False, which meant 'full' / 'none'."""
+  if "remat_policy" not in stack and "remat" in stack:
+    stack.remat_policy = "full" if stack.remat else "none"
+  if "remat" in stack:
+    del stack["remat"]
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (a run's, in place; returned) with each FIELDS_ADDED field it lacks set to the
+  value runs saved before that field behaved as; fields it has are left as they are."""
+  for section in _STACK_SECTIONS.get(config.get("trainer"), ()):
+    stack = config
+    for name in section.split("."):
+      stack = stack[name]
+    _renamed_remat(stack)
+  for key, value in FIELDS_ADDED.get(config.get("trainer"), {}).items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    if name not in node:
+      node[name] = value
+  return config
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading.
 # ----------------------------------------------------------------------------------------------
 def read_run_config(workdir: str, trainer: str | None = None) -> ml_collections.ConfigDict:
-  """The ConfigDict a run saved in workdir/config.json (local or gs://); with `trainer`,
-  checks the run's kind."""
+  """The ConfigDict a run saved in workdir/config.json (local or gs://), with the fields added
+  since it was saved filled in (FIELDS_ADDED); with `trainer`, checks the run's kind."""
   path = fileio.join(workdir, "config.json")
   if not fileio.exists(path):
     what = RUN_KINDS.get(trainer, "training")
@@ -64,7 +151,7 @@ def read_run_config(workdir: str, trainer: str | None = None) -> ml_collections.
   if trainer is not None and config.get("trainer") != trainer:
     raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
                      f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")
-  return config
+  return with_added_fields(config)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -120,8 +120,8 @@ class Encoder(nn.Module):
   grid: tuple[int, int]
   code_dim: int
   output_ffn_dim: int  # 0: no output FFN
-  dtype: Dtype = jnp.float32
-  position_embedding: str = "learned"
+  dtype: Dtype
+  position_embedding: str
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -148,8 +148,8 @@ class Decoder(nn.Module):
   grid: tuple[int, int]
   out_channels: int
   output_ffn_dim: int  # 0: one linear map per token to its pixels (`to_pixels`)
-  dtype: Dtype = jnp.float32
-  position_embedding: str = "learned"
+  dtype: Dtype
+  position_embedding: str
 
   @nn.compact
   def __call__(self, codes: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -179,16 +179,16 @@ class ViTVQGAN(nn.Module):
   patch_size: int
   codebook_size: int
   code_dim: int
-  l2_normalize: bool = True
-  beta: float = 0.25
-  logit_laplace: bool = True
-  logit_laplace_eps: float = 0.1
-  encoder_output_ffn_dim: int = 0  # 0: the stack's mlp_dim
-  decoder_output_ffn_dim: int = 0
-  dtype: Dtype = jnp.float32
-  position_embedding: str = "learned"  # see the module docstring
-  output_ffn: bool = True
-  pixel_range: str = "minus_one_to_one"
+  l2_normalize: bool
+  beta: float
+  logit_laplace: bool
+  logit_laplace_eps: float
+  encoder_output_ffn_dim: int  # 0: the stack's mlp_dim
+  decoder_output_ffn_dim: int
+  dtype: Dtype
+  position_embedding: str  # see the module docstring
+  output_ffn: bool
+  pixel_range: str
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ViTVQGAN":
@@ -206,9 +206,8 @@ class ViTVQGAN(nn.Module):
         logit_laplace=m.logit_laplace, logit_laplace_eps=m.logit_laplace_eps,
         encoder_output_ffn_dim=m.encoder.output_ffn_dim,
         decoder_output_ffn_dim=m.decoder.output_ffn_dim, dtype=jnp.dtype(m.dtype),
-        position_embedding=m.get("position_embedding", "learned"),
-        output_ffn=m.get("output_ffn", True),
-        pixel_range=m.get("pixel_range", "minus_one_to_one"))
+        position_embedding=m.position_embedding, output_ffn=m.output_ffn,
+        pixel_range=m.pixel_range)
 
   @property
   def grid(self) -> tuple[int, int]:

@@ -83,17 +83,14 @@ class StackConfig:
 
   @classmethod
   def from_config(cls, cfg, causal: bool = False) -> "StackConfig":
-    """From a config section with the stack's keys (configs: `common.vit_stack`, the
-    stage-2 `model`). A config with only remat=True/False (older runs' config.json) still loads."""
-    policy = cfg.get("remat_policy") or ("full" if cfg.get("remat", False) else "none")
+    """From a config section with every stack key (configs: `common.vit_stack`, the stage-2
+    `model`; runs saved before a key existed get it from runs.FIELDS_ADDED)."""
     return cls(num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
-               head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.get("dropout", 0.0),
-               causal=causal, remat_policy=policy, scan_layers=cfg.get("scan_layers", False),
-               attention=cfg.get("attention", "auto"),
-               attention_block=cfg.get("attention_block", 512),
-               mlp_activation=cfg.get("mlp_activation", "gelu"),
-               qkv_bias=cfg.get("qkv_bias", True),
-               layer_norm_eps=cfg.get("layer_norm_eps", 1e-6))
+               head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, causal=causal,
+               remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
+               attention=cfg.attention, attention_block=cfg.attention_block,
+               mlp_activation=cfg.mlp_activation, qkv_bias=cfg.qkv_bias,
+               layer_norm_eps=cfg.layer_norm_eps)
 
 
 def dense_init(axes):

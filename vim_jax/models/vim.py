@@ -98,9 +98,8 @@ class VIM(nn.Module):
                   num_tokens: int) -> "VIM":
     m = config.model
     stack = transformer.StackConfig.from_config(m, causal=True)
-    return cls(stack, vocab_size, num_tokens, m.num_classes,
-               m.get("condition_every_position", False), m.get("loss_chunk", 256),
-               jnp.dtype(m.dtype))
+    return cls(stack, vocab_size, num_tokens, m.num_classes, m.condition_every_position,
+               m.loss_chunk, jnp.dtype(m.dtype))
 
   @property
   def null_label(self) -> int:

@@ -168,8 +168,7 @@ def sampling_batch_size(config, num_devices: int, with_guidance: bool | None = N
   half as many images (with_guidance: whether the sampler guides, when a command overrides
   the config's scale). See benchmarks/RESULTS.md, "Sampling 50k images: sizing on TPU"."""
   with_guidance = guided(config) if with_guidance is None else with_guidance
-  # Runs saved before the field existed sampled 64 images per batch on one device.
-  per_device = config.sampling.get("batch_size", 64) // (2 if with_guidance else 1)
+  per_device = config.sampling.batch_size // (2 if with_guidance else 1)
   return max(1, per_device) * num_devices
 
 
