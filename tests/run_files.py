@@ -32,7 +32,7 @@ def eval_images(config) -> np.ndarray:
   padding removed."""
   from vim_jax.data import pipeline, preprocess
   _, eval_data = pipeline.build_pipelines(config)
-  return preprocess.to_unit_range(
+  return preprocess.from_uint8(
       np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()]))
 
 

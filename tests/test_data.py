@@ -183,7 +183,7 @@ def test_preprocess_resizes_crops_and_scales():
   assert out.shape == (20, 20, 3)
   # Centre crop of the resized 20x40 image covers columns 10..30: left half black, right white.
   assert out.dtype == np.uint8 and out[:, :8].max() == 0 and out[:, 12:].min() == 255
-  scaled = preprocess.to_unit_range(out)  # what the devices compute from it
+  scaled = preprocess.from_uint8(out)  # what the devices compute from it
   assert scaled.dtype == np.float32 and scaled[:, :8].max() == -1.0 and scaled[:, 12:].min() == 1.0
   np.testing.assert_array_equal(preprocess.to_uint8(scaled), out)  # and back, exactly
 
@@ -277,7 +277,7 @@ def test_images_cross_as_uint8_and_are_scaled_on_the_device():
   assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
   assert batch["image"].sharding == parallel.batch_sharding(mesh)
   on_device = np.asarray(batch["image"])
-  np.testing.assert_array_equal(on_device, preprocess.to_unit_range(images))  # the host's bits
+  np.testing.assert_array_equal(on_device, preprocess.from_uint8(images))  # the host's bits
   np.testing.assert_allclose(on_device, images.astype(np.float64) / 127.5 - 1.0, rtol=0,
                              atol=7.5e-8)
   assert on_device[0, 0, 0, 0] == -1.0 and on_device[0, 0, 0, 2] == 1.0

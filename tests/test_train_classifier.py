@@ -50,7 +50,7 @@ def _eval_images(config):
 
 def _logits(model, params, images_uint8):
   """float64 logits [N, C] of the classifier on uint8 images mapped to [-1, 1] by x / 127.5 - 1,
-  the range its trainer feeds it (parallel.global_batch_from_local's to_unit_range)."""
+  the range its trainer feeds it (parallel.global_batch_from_local's from_uint8)."""
   scaled = images_uint8.astype(np.float64) / 127.5 - 1.0
   return np.asarray(_apply(model)(params, scaled.astype(np.float32)), np.float64)
 

@@ -201,7 +201,7 @@ def test_probe_features_are_a_blocks_sequence_mean_without_labels(vim_dir):
   feats, labels = probe.extract_features(trained, data, [1, 2])
   batch = next(data.iterate())
   np.testing.assert_array_equal(labels, batch["label"])
-  tokens = tok.model.apply({"params": tok.params}, preprocess.to_unit_range(batch["image"]),
+  tokens = tok.model.apply({"params": tok.params}, preprocess.from_uint8(batch["image"]),
                            method=tokenizer_lib.ViTVQGAN.encode_to_indices).reshape(16, -1)
   # The reference runs the same weights through the unrolled stack, whose blocks flax can
   # capture one by one (the trained model scans its layers).
@@ -253,7 +253,7 @@ def test_pretokenized_tokens_match_and_train(tokenizer_dir, tmp_path):
   # Shard contents equal the tokenizer applied to the same (centre-cropped) images.
   tok = runs.load_tokenizer(tokenizer_dir)
   images = sources.build_source(config.data, "train", 32, config.seed)
-  batch = preprocess.to_unit_range(np.stack([
+  batch = preprocess.from_uint8(np.stack([
       preprocess.preprocess_image(images[i]["image"], 32, None, False) for i in (0, 17, 39)]))
   expected = tok.model.apply({"params": tok.params}, batch, method=tok.model.encode_to_indices)
   for j, i in enumerate((0, 17, 39)):

@@ -1,5 +1,5 @@
 """Per-example preprocessing: resize the shorter side, crop, flip (uint8, on the host); the
-scaling to [-1, 1] happens on the device (to_unit_range), so batches cross as uint8."""
+scaling to [-1, 1] happens on the device (from_uint8), so batches cross as uint8."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.nd
 
 def preprocess_image(image: np.ndarray, size: int, rng: np.random.Generator | None,
                      random_flip: bool) -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [size, size, 3] (to_unit_range gives the model's input).
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] (from_uint8 gives the model's input).
 
   Training (rng given): random crop and, if random_flip, a horizontal flip with p=0.5.
   Eval (rng None): centre crop, no flip.
@@ -41,7 +41,7 @@ def preprocess_image(image: np.ndarray, size: int, rng: np.random.Generator | No
   return np.ascontiguousarray(image)
 
 
-def to_unit_range(images):
+def from_uint8(images):
   """uint8 [0, 255] -> float32 in [-1, 1] (numpy or jax arrays): the models' input.
 
   An exact subtraction, then one rounded multiplication: numpy on the host and XLA on a device

@@ -71,7 +71,7 @@ def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1, m
       if several:
         batch = parallel.global_batch_from_local({"image": images, "mask": mask}, mesh,
                                                  eval_data.global_batch_size,
-                                                 images_to_unit_range=False)
+                                                 images_from_uint8=False)
         images, mask = parallel.fetch((batch["image"], batch["mask"]))
       yield images[mask.astype(bool)]
 

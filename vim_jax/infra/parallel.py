@@ -200,12 +200,12 @@ def _batch_rows(mesh: Mesh, global_batch_size: int, process_index: int) -> tuple
 
 
 def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                            global_batch_size: int, images_to_unit_range: bool = True
+                            global_batch_size: int, images_from_uint8: bool = True
                             ) -> dict[str, jax.Array]:
   """Global [global_batch_size, ...] jax.Arrays sharded over the batch axes, from this
   process's rows of the batch (`batch_rows(mesh, global_batch_size)`, in that order). uint8
   images cross to the devices as uint8 and become float32 in [-1, 1] there (unless
-  images_to_unit_range is False)."""
+  images_from_uint8 is False)."""
   sharding = batch_sharding(mesh)
   rows = len(batch_rows(mesh, global_batch_size)) if jax.process_count() > 1 else (
       global_batch_size)
@@ -217,8 +217,8 @@ def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh,
                        "parallel.batch_rows).")
     batch[key] = jax.make_array_from_process_local_data(
         sharding, value, (global_batch_size,) + value.shape[1:])
-  if images_to_unit_range and "image" in batch and batch["image"].dtype == jnp.uint8:
-    batch["image"] = _images_to_unit_range(batch["image"])
+  if images_from_uint8 and "image" in batch and batch["image"].dtype == jnp.uint8:
+    batch["image"] = _images_from_uint8(batch["image"])
   return batch
 
 
@@ -240,6 +240,6 @@ def fetch(tree):
 
 
 @jax.jit
-def _images_to_unit_range(images: jax.Array) -> jax.Array:
+def _images_from_uint8(images: jax.Array) -> jax.Array:
   """uint8 -> float32 in [-1, 1] where the images are (the output keeps their sharding)."""
-  return preprocess.to_unit_range(images)
+  return preprocess.from_uint8(images)

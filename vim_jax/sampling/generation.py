@@ -101,7 +101,7 @@ def _predict(classifier, params, images):
 
 def class_probabilities(classifier, params, images: np.ndarray, batch_size: int = 256):
   """Softmax probabilities [N, C] of uint8 images [N, S, S, 3]."""
-  probs = [_predict(classifier, params, images[i:i + batch_size].astype(np.float32) / 127.5 - 1.0)
+  probs = [_predict(classifier, params, preprocess.from_uint8(images[i:i + batch_size]))
            for i in range(0, len(images), batch_size)]
   return np.concatenate([np.asarray(p) for p in probs])
 
