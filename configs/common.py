@@ -98,7 +98,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       tokens_dir="",
       random_flip=True,
       # Decoding threads per process; 0 = one per CPU core the process may use (more threads
-      # than cores only contend: 2 cores decoded 639 img/s with 4 threads, 372 with 16).
+      # than cores only contend; benchmarks/RESULTS.md, "Input pipeline: images/s by worker count").
       # Raise it when reads wait on the network (gs:// data_dir).
       num_workers=0,
   ))
