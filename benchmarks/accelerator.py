@@ -39,27 +39,44 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from decode_floor import median_time  # noqa: E402
+
 from vim_jax import main as vim_main  # noqa: E402
 from vim_jax.infra import flops, prng  # noqa: E402
 from vim_jax.models import attention as attention_lib  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
 from vim_jax.sampling import autoregressive  # noqa: E402
-from vim_jax.trainers import tokenizer_step, vim_step  # noqa: E402
-from vim_jax.trainers import compiling
+from vim_jax.trainers import compiling, tokenizer_step, vim_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What each section runs at. 'paper': the paper's models at their sizes, batches that fill
 # little of an 80 GB card; 'tiny': the :tiny configs, for CPU (the test).
 SIZES = {
-    "paper": dict(bb_config="configs/vitvq_base.py", bb_batch=16, bb_cycles=2,
-                  vim_config="configs/vim_base.py", vim_batch=16, vim_steps=10,
-                  tokens=1024, codebook=8192, decode_batch=32, decode_repeats=2),
-    "tiny": dict(bb_config="configs/vitvq_base.py:tiny", bb_batch=4, bb_cycles=1,
-                 vim_config="configs/vim_base.py:tiny", vim_batch=4, vim_steps=2,
-                 tokens=64, codebook=256, decode_batch=4, decode_repeats=1),
+    "paper": dict(
+        bb_config="configs/vitvq_base.py",
+        bb_batch=16,
+        bb_cycles=2,
+        vim_config="configs/vim_base.py",
+        vim_batch=16,
+        vim_steps=10,
+        tokens=1024,
+        codebook=8192,
+        decode_batch=32,
+        decode_repeats=2,
+    ),
+    "tiny": dict(
+        bb_config="configs/vitvq_base.py:tiny",
+        bb_batch=4,
+        bb_cycles=1,
+        vim_config="configs/vim_base.py:tiny",
+        vim_batch=4,
+        vim_steps=2,
+        tokens=64,
+        codebook=256,
+        decode_batch=4,
+        decode_repeats=1,
+    ),
 }
 SECTIONS = ("bb", "vim", "decode")
 
@@ -71,9 +88,12 @@ def load_config(spec: str):
 
 def utilisation(step_flops: flops.StepFlops, steps_per_second: float, peak: float | None):
   """Model / hardware TFLOP/s and MFU / HFU (None without a peak)."""
-  row = {"model_tflops_per_s": step_flops.model * steps_per_second / 1e12,
-         "hardware_tflops_per_s": step_flops.hardware * steps_per_second / 1e12,
-         "mfu": None, "hfu": None}
+  row = {
+      "model_tflops_per_s": step_flops.model * steps_per_second / 1e12,
+      "hardware_tflops_per_s": step_flops.hardware * steps_per_second / 1e12,
+      "mfu": None,
+      "hfu": None,
+  }
   if peak:
     row["mfu"] = step_flops.model * steps_per_second / peak
     row["hfu"] = step_flops.hardware * steps_per_second / peak
@@ -99,30 +119,37 @@ def bench_bb(size: dict, peak) -> list[dict]:
   models = tokenizer_step.build_models(config)  # LPIPS with random weights (perceptual > 0)
   tx, schedule, disc_tx = tokenizer_step.build_optimizers(config)
   s = config.image_size
-  images = jax.random.uniform(jax.random.key(1), (config.batch_size, s, s, 3), minval=-1,
-                              maxval=1)
+  images = jax.random.uniform(jax.random.key(1), (config.batch_size, s, s, 3), minval=-1, maxval=1)
   lpips_params = jax.jit(models.lpips.init)(jax.random.key(2), images[:1], images[:1])["params"]
-  state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
-      jax.random.key(0)))
+  state = nn.meta.unbox(
+      jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(jax.random.key(0))
+  )
   compiled, counted = {}, {}
   start = time.perf_counter()
   for with_r1, fn in tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, config).items():
     compiled[with_r1], counted[with_r1] = compiling.compile_step(
-        jax.jit(fn, donate_argnums=(0,)), state, {"image": images}, lpips_params)
+        jax.jit(fn, donate_argnums=(0,)), state, {"image": images}, lpips_params
+    )
   compile_seconds = time.perf_counter() - start
   interval = tokenizer_step.r1_interval(config)
   mean = flops.mean_over_cycle(counted[False], counted[True], interval)
-  run = lambda i, st: compiled[tokenizer_step.is_r1_step(config, i)](st, {"image": images},
-                                                                     lpips_params)
+  run = lambda i, st: compiled[tokenizer_step.is_r1_step(config, i)](
+      st, {"image": images}, lpips_params
+  )
   state, _ = timed_steps(run, state, interval)  # one cycle to warm up
   steps = interval * size["bb_cycles"]
   state, seconds = timed_steps(run, state, steps)
-  row = {"section": "bb", "what": f"ViT-VQGAN BB full objective, {s} px, batch "
-         f"{config.batch_size}, R1 every {interval} steps", "step_ms": 1e3 * seconds / steps,
-         "images_per_s": config.batch_size * steps / seconds,
-         "model_gflop_per_step": mean.model / 1e9,
-         "hardware_gflop_per_step": mean.hardware / 1e9,
-         "r1_step_gflop": counted[True].model / 1e9, "compile_s": compile_seconds}
+  row = {
+      "section": "bb",
+      "what": f"ViT-VQGAN BB full objective, {s} px, batch "
+      f"{config.batch_size}, R1 every {interval} steps",
+      "step_ms": 1e3 * seconds / steps,
+      "images_per_s": config.batch_size * steps / seconds,
+      "model_gflop_per_step": mean.model / 1e9,
+      "hardware_gflop_per_step": mean.hardware / 1e9,
+      "r1_step_gflop": counted[True].model / 1e9,
+      "compile_s": compile_seconds,
+  }
   row.update(utilisation(mean, steps / seconds, peak))
   return [row]
 
@@ -140,9 +167,12 @@ def bench_vim(size: dict, peak) -> list[dict]:
   the dropout PRNG."""
   rows = []
   rng = np.random.default_rng(0)
-  batch = {"tokens": jnp.asarray(rng.integers(0, size["codebook"],
-                                              (size["vim_batch"], size["tokens"])), jnp.int32),
-           "label": jnp.asarray(rng.integers(0, 10, (size["vim_batch"],)), jnp.int32)}
+  batch = {
+      "tokens": jnp.asarray(
+          rng.integers(0, size["codebook"], (size["vim_batch"], size["tokens"])), jnp.int32
+      ),
+      "label": jnp.asarray(rng.integers(0, 10, (size["vim_batch"],)), jnp.int32),
+  }
   platform = jax.devices()[0].platform
   for attention, dropout_rng in _vim_variants(platform):
     config = load_config(size["vim_config"])
@@ -155,26 +185,37 @@ def bench_vim(size: dict, peak) -> list[dict]:
     if attention == "auto" and kind == "xla" and dropout_rng == "auto":
       continue  # no fused kernel here (CPU): the xla row is that
     tx, schedule = vim_step.build_optimizer(config)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["tokens"][:1],
-                                               batch["label"][:1]))["params"]
-    state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params))
+    params = nn.meta.unbox(
+        jax.jit(model.init)(jax.random.key(0), batch["tokens"][:1], batch["label"][:1])
+    )["params"]
+    state = vim_step.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+    )
     start = time.perf_counter()
     step, counted = compiling.compile_step(
         jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,)),
-        state, batch, {})
+        state,
+        batch,
+        {},
+    )
     compile_seconds = time.perf_counter() - start
     run = lambda i, st, step=step: step(st, batch, {})
     state, _ = timed_steps(run, state, 1)
     state, seconds = timed_steps(run, state, size["vim_steps"])
     steps_per_second = size["vim_steps"] / seconds
     rng_impl = prng.impl_for(dropout_rng, platform)
-    row = {"section": "vim", "what": f"VIM-Base train step, {size['tokens']} tokens, batch "
-           f"{config.batch_size}, attention {kind}, dropout {rng_impl}", "attention": kind,
-           "dropout_rng": rng_impl, "step_ms": 1e3 / steps_per_second,
-           "tokens_per_s": steps_per_second * config.batch_size * size["tokens"],
-           "model_gflop_per_step": counted.model / 1e9,
-           "hardware_gflop_per_step": counted.hardware / 1e9, "compile_s": compile_seconds}
+    row = {
+        "section": "vim",
+        "what": f"VIM-Base train step, {size['tokens']} tokens, batch "
+        f"{config.batch_size}, attention {kind}, dropout {rng_impl}",
+        "attention": kind,
+        "dropout_rng": rng_impl,
+        "step_ms": 1e3 / steps_per_second,
+        "tokens_per_s": steps_per_second * config.batch_size * size["tokens"],
+        "model_gflop_per_step": counted.model / 1e9,
+        "hardware_gflop_per_step": counted.hardware / 1e9,
+        "compile_s": compile_seconds,
+    }
     row.update(utilisation(counted, steps_per_second, peak))
     rows.append(row)
   return rows
@@ -192,9 +233,9 @@ def bench_decode(size: dict, peak) -> list[dict]:
   config = load_config(size["vim_config"])
   model = vim_lib.VIM.from_config(config, size["codebook"], size["tokens"])
   labels = jnp.arange(size["decode_batch"], dtype=jnp.int32) % 10
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
-                                             jnp.zeros((1, size["tokens"]), jnp.int32),
-                                             labels[:1]))["params"]
+  params = nn.meta.unbox(
+      jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size["tokens"]), jnp.int32), labels[:1])
+  )["params"]
   model, params = autoregressive.decoding_layout(model, params)  # as the Sampler holds them
   cache = autoregressive.init_cache(model, size["decode_batch"])
   bandwidth = flops.hbm_bytes_per_second(jax.devices()[0])
@@ -205,17 +246,27 @@ def bench_decode(size: dict, peak) -> list[dict]:
   dtypes = ["float32"] + ([model.dtype.name] if model.dtype.name != "float32" else [])
   for params_dtype in dtypes:  # the tiny configs compute in float32: one row
     params = jax.tree.map(lambda x: x.astype(params_dtype), params)
-    per_token = median_time(sample, params, labels, jax.random.key(1),
-                            repeats=size["decode_repeats"]) / size["tokens"]
+    per_token = (
+        median_time(sample, params, labels, jax.random.key(1), repeats=size["decode_repeats"])
+        / size["tokens"]
+    )
     floor = median_time(read_once, (params, cache), repeats=10)
     read = nbytes(params) + nbytes(cache)
-    row = {"section": "decode", "what": f"VIM-Base KV-cached decode, batch "
-           f"{size['decode_batch']}, {size['tokens']} tokens, params {params_dtype}",
-           "params_dtype": params_dtype, "step_ms": per_token * 1e3, "floor_ms": floor * 1e3,
-           "floor_ratio": per_token / floor, "tokens_per_s": size["decode_batch"] / per_token,
-           "params_mb": nbytes(params) / 1e6, "cache_mb": nbytes(cache) / 1e6,
-           "floor_gb_per_s": read / floor / 1e9, "spec_floor_ms": None,
-           "spec_floor_ratio": None}
+    row = {
+        "section": "decode",
+        "what": f"VIM-Base KV-cached decode, batch "
+        f"{size['decode_batch']}, {size['tokens']} tokens, params {params_dtype}",
+        "params_dtype": params_dtype,
+        "step_ms": per_token * 1e3,
+        "floor_ms": floor * 1e3,
+        "floor_ratio": per_token / floor,
+        "tokens_per_s": size["decode_batch"] / per_token,
+        "params_mb": nbytes(params) / 1e6,
+        "cache_mb": nbytes(cache) / 1e6,
+        "floor_gb_per_s": read / floor / 1e9,
+        "spec_floor_ms": None,
+        "spec_floor_ratio": None,
+    }
     if bandwidth:
       row["spec_floor_ms"] = read / bandwidth * 1e3
       row["spec_floor_ratio"] = per_token / (read / bandwidth)
@@ -231,42 +282,66 @@ def format_row(row: dict) -> str:
   if "error" in row:
     return f"| {row['section']} | failed: {row['error'][:150]} | | | | | |"
   if row["section"] == "decode":
-    spec = ("" if row["spec_floor_ms"] is None else
-            f"; at the published HBM bandwidth {row['spec_floor_ms']:.3f} ms: "
-            f"**{row['spec_floor_ratio']:.2f}x**")
-    return (f"| {row['what']} | {row['step_ms']:.3f} ms/token | {row['tokens_per_s']:,.0f} "
-            f"tokens/s | floor as measured {row['floor_ms']:.3f} ms "
-            f"({row['floor_gb_per_s']:,.0f} GB/s): {row['floor_ratio']:.2f}x{spec} | | | |")
-  rate = (f"{row['images_per_s']:,.1f} img/s" if "images_per_s" in row
-          else f"{row['tokens_per_s']:,.0f} tokens/s")
-  return (f"| {row['what']} | {row['step_ms']:.1f} ms/step | {rate} | "
-          f"{row['model_tflops_per_s']:.3g} / {row['hardware_tflops_per_s']:.3g} | "
-          f"**{pct(row['mfu'])}** | {pct(row['hfu'])} | {row['compile_s']:.0f} s |")
+    spec = (
+        ""
+        if row["spec_floor_ms"] is None
+        else f"; at the published HBM bandwidth {row['spec_floor_ms']:.3f} ms: "
+        f"**{row['spec_floor_ratio']:.2f}x**"
+    )
+    return (
+        f"| {row['what']} | {row['step_ms']:.3f} ms/token | {row['tokens_per_s']:,.0f} "
+        f"tokens/s | floor as measured {row['floor_ms']:.3f} ms "
+        f"({row['floor_gb_per_s']:,.0f} GB/s): {row['floor_ratio']:.2f}x{spec} | | | |"
+    )
+  rate = (
+      f"{row['images_per_s']:,.1f} img/s"
+      if "images_per_s" in row
+      else f"{row['tokens_per_s']:,.0f} tokens/s"
+  )
+  return (
+      f"| {row['what']} | {row['step_ms']:.1f} ms/step | {rate} | "
+      f"{row['model_tflops_per_s']:.3g} / {row['hardware_tflops_per_s']:.3g} | "
+      f"**{pct(row['mfu'])}** | {pct(row['hfu'])} | {row['compile_s']:.0f} s |"
+  )
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="paper")
-  parser.add_argument("--only", default=",".join(SECTIONS),
-                      help=f"comma-separated sections of {','.join(SECTIONS)}")
+  parser.add_argument(
+      "--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}"
+  )
   parser.add_argument("--json", default="accelerator.json", help="where the rows are written")
-  parser.add_argument("--peak_tflops", type=float, default=0.0,
-                      help="the device's dense bf16 peak TFLOP/s when infra/flops.py does not "
-                      "know it")
+  parser.add_argument(
+      "--peak_tflops",
+      type=float,
+      default=0.0,
+      help="the device's dense bf16 peak TFLOP/s when infra/flops.py does not know it",
+  )
   args = parser.parse_args(argv)
   sections = [s.strip() for s in args.only.split(",") if s.strip()]
   unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
-    parser.error(f"--only={args.only}: unknown section {unknown[0]!r}; expected a subset of "
-                 f"{','.join(SECTIONS)}")
+    parser.error(
+        f"--only={args.only}: unknown section {unknown[0]!r}; expected a subset of "
+        f"{','.join(SECTIONS)}"
+    )
   device = jax.devices()[0]
   peak = args.peak_tflops * 1e12 or flops.peak_flops_per_second(device)
-  header = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
-            "platform": device.platform, "jax": jax.__version__, "size": args.size,
-            "peak_tflops": peak / 1e12 if peak else None}
-  print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, peak "
-        f"{f'{peak / 1e12:.0f} bf16 TFLOP/s' if peak else 'unknown (no MFU)'}, "
-        f"sizes '{args.size}'", flush=True)
+  header = {
+      "date": datetime.date.today().isoformat(),
+      "device": device.device_kind,
+      "platform": device.platform,
+      "jax": jax.__version__,
+      "size": args.size,
+      "peak_tflops": peak / 1e12 if peak else None,
+  }
+  print(
+      f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, peak "
+      f"{f'{peak / 1e12:.0f} bf16 TFLOP/s' if peak else 'unknown (no MFU)'}, "
+      f"sizes '{args.size}'",
+      flush=True,
+  )
   rows = []
   for section in sections:
     start = time.perf_counter()
@@ -282,8 +357,10 @@ def main(argv=None):
     with open(args.json, "w") as f:
       json.dump({**header, "rows": rows}, f, indent=1)
   print()
-  print(f"{header['date']}, {device.device_kind}, jax {jax.__version__}, "
-        f"`python benchmarks/accelerator.py --size={args.size}`:")
+  print(
+      f"{header['date']}, {device.device_kind}, jax {jax.__version__}, "
+      f"`python benchmarks/accelerator.py --size={args.size}`:"
+  )
   print()
   print("| measurement | time | rate | model / hardware TFLOP/s | MFU | HFU | compile |")
   print("|---|---|---|---|---|---|---|")

@@ -31,10 +31,24 @@ import math
 import os
 import re
 
-VALUE = re.compile(r"^ value: <(\d+) ([^ >]+)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): "
-                   r"(.*)$")
-DTYPE_BITS = {"pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "bf16": 16, "f16": 16,
-              "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64}
+VALUE = re.compile(
+    r"^ value: <(\d+) ([^ >]+)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (.*)$"
+)
+DTYPE_BITS = {
+    "pred": 8,
+    "s8": 8,
+    "u8": 8,
+    "s16": 16,
+    "u16": 16,
+    "bf16": 16,
+    "f16": 16,
+    "s32": 32,
+    "u32": 32,
+    "f32": 32,
+    "s64": 64,
+    "u64": 64,
+    "f64": 64,
+}
 
 
 def find(dump: str, module: str, suffix: str) -> str:
@@ -56,8 +70,9 @@ def allocations(path: str):
     elif current and line.startswith(" value:"):
       m = VALUE.match(line.rstrip())
       if m:
-        current[3].append((int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)),
-                           m.group(5)))
+        current[3].append(
+            (int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)), m.group(5))
+        )
   return out
 
 
@@ -148,16 +163,24 @@ def describe(name: str, allocs, names: dict) -> tuple[str, str, str]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("dump")
   parser.add_argument("--module", default="jit_train_step")
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--values_per_slot", type=int, default=3)
-  parser.add_argument("--categories", action="store_true", help="with --peak: sums by the "
-                      "source op's path (CATEGORIES)")
-  parser.add_argument("--peak", action="store_true", help="list the values live at the peak "
-                      "(from ...-live-range.txt) with their source ops instead of the slots")
+  parser.add_argument(
+      "--categories",
+      action="store_true",
+      help="with --peak: sums by the source op's path (CATEGORIES)",
+  )
+  parser.add_argument(
+      "--peak",
+      action="store_true",
+      help="list the values live at the peak "
+      "(from ...-live-range.txt) with their source ops instead of the slots",
+  )
   args = parser.parse_args()
   ba = find(args.dump, args.module, "after_optimizations-buffer-assignment.txt")
   hlo = find(args.dump, args.module, "after_optimizations.txt")
@@ -173,8 +196,10 @@ def main():
     lr = find(args.dump, args.module, "after_optimizations-live-range.txt")
     time, values = peak_values(lr)
     total = sum(b for _, b in values)
-    print(f"\nlive at the peak (logical time {time}): {len(values)} values, {gib(total):.3f} GiB "
-          "(arguments included)")
+    print(
+        f"\nlive at the peak (logical time {time}): {len(values)} values, {gib(total):.3f} GiB "
+        "(arguments included)"
+    )
     rows, seen = [], set()
     for value, nbytes in values:  # the live-range dump's bytes are unpadded: use the assigned
       shape, op, via, assigned, place = describe(value, allocs, names)
@@ -183,8 +208,10 @@ def main():
       seen.add(place)
       rows.append((value, assigned or nbytes, shape, op, via))
     rows.sort(key=lambda r: -r[1])
-    print(f"distinct buffers as laid out (buffer-assignment sizes): {len(rows)}, "
-          f"{gib(sum(r[1] for r in rows)):.3f} GiB")
+    print(
+        f"distinct buffers as laid out (buffer-assignment sizes): {len(rows)}, "
+        f"{gib(sum(r[1] for r in rows)):.3f} GiB"
+    )
     if args.categories:
       sums = collections.Counter()
       for value, nbytes, shape, op, via in rows:
@@ -192,9 +219,11 @@ def main():
         sums[cat] += nbytes
       for cat, nbytes in sums.most_common():
         print(f"{gib(nbytes):7.3f}  {cat}")
-    for value, nbytes, shape, op, via in rows[:args.top]:
-      print(f"{gib(nbytes):7.3f}  {value[:28]:28} {shape[:60]:60} <- {short(op)}"
-            + (f"  (via {via})" if via != value else ""))
+    for value, nbytes, shape, op, via in rows[: args.top]:
+      print(
+          f"{gib(nbytes):7.3f}  {value[:28]:28} {shape[:60]:60} <- {short(op)}"
+          + (f"  (via {via})" if via != value else "")
+      )
     return
   temp = max((a for a in allocs if "preallocated-temp" in a[2]), key=lambda a: a[1])
   slots = collections.defaultdict(list)
@@ -202,11 +231,13 @@ def main():
     slots[v[3]].append(v)
   # A slot: the values starting at one offset; its size is the largest of them.
   rows = sorted(((max(v[2] for v in vs), off, vs) for off, vs in slots.items()), reverse=True)
-  print(f"\ntemporaries (allocation {temp[0]}, {gib(temp[1]):.3f} GiB): the {args.top} largest "
-        "slots (offset ranges shared by values never alive together)")
+  print(
+      f"\ntemporaries (allocation {temp[0]}, {gib(temp[1]):.3f} GiB): the {args.top} largest "
+      "slots (offset ranges shared by values never alive together)"
+  )
   print(f"{'GiB':>7} {'offset GiB':>10}  values: shape as laid out [unpadded GiB] <- source op")
   shown = 0
-  for size, off, vs in rows[:args.top]:
+  for size, off, vs in rows[: args.top]:
     shown += size
     vs = sorted(vs, key=lambda v: -v[2])
     seen, lines = set(), []

@@ -25,15 +25,16 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vim_jax.data import preprocess, shapes, sources  # noqa: E402
 from vim_jax.infra import runs
 from vim_jax.sampling import autoregressive, generation
 from vim_jax.trainers import vim_step
-from vim_jax.data import preprocess, shapes, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A finished quickstart workdir.", required=True)
-flags.DEFINE_string("classifier_workdir", "",
-                    "Classifier to score with; default WORKDIR/classifier.")
+flags.DEFINE_string(
+    "classifier_workdir", "", "Classifier to score with; default WORKDIR/classifier."
+)
 flags.DEFINE_integer("num_images", 480, "Eval images for the real / reconstruction / VIM rows.")
 flags.DEFINE_integer("num_samples", 240, "Class-balanced samples per guidance scale.")
 flags.DEFINE_string("guidance", "1,2,3", "Comma-separated guidance scales to sample at.")
@@ -45,17 +46,28 @@ def eval_images(config, num_images: int):
   source = sources.build_source(config.data, "eval", config.image_size, config.seed)
   n = min(num_images, len(source))
   examples = [source[i] for i in range(n)]
-  images = np.stack([preprocess.preprocess_image(e["image"], config.image_size, None, False)
-                     for e in examples])
+  images = np.stack(
+      [preprocess.preprocess_image(e["image"], config.image_size, None, False) for e in examples]
+  )
   return images, np.array([e["label"] for e in examples])
 
 
 def vim_class_nll(trained, tokens: np.ndarray) -> np.ndarray:
   """Mean -log p(tokens | c) per image, [N, num_classes], from the trainer's own eval step."""
   eval_step = jax.jit(vim_step.make_eval_step(trained.model, trained.tokenizer.model))
-  return np.stack([np.asarray(eval_step(trained.params, {"tokens": tokens, "label": np.full(
-      len(tokens), c, np.int32)}, trained.tokenizer.params)["nll"])
-                   for c in range(trained.model.num_classes)], axis=1)
+  return np.stack(
+      [
+          np.asarray(
+              eval_step(
+                  trained.params,
+                  {"tokens": tokens, "label": np.full(len(tokens), c, np.int32)},
+                  trained.tokenizer.params,
+              )["nll"]
+          )
+          for c in range(trained.model.num_classes)
+      ],
+      axis=1,
+  )
 
 
 def per_class(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> str:
@@ -69,7 +81,8 @@ def main(_):
   if classes == 0:
     raise SystemExit("the VIM is unconditional; class accuracy needs a class-conditional one.")
   classifier, classifier_params = runs.load_classifier(
-      FLAGS.classifier_workdir or os.path.join(FLAGS.workdir, "classifier"))
+      FLAGS.classifier_workdir or os.path.join(FLAGS.workdir, "classifier")
+  )
 
   def predict(images_uint8):
     probabilities = generation.class_probabilities(classifier, classifier_params, images_uint8)
@@ -79,25 +92,37 @@ def main(_):
   out = tok.model.apply({"params": tok.params}, images)  # one pass: reconstructions and tokens
   reconstructions = np.asarray(out["reconstruction"])
   tokens = np.asarray(out["indices"]).reshape(len(images), -1)
-  rows = [("real eval images", labels, predict(preprocess.to_uint8(images))),
-          ("tokenizer reconstructions", labels, predict(preprocess.to_uint8(reconstructions))),
-          ("VIM as a classifier (argmin NLL)", labels,
-           np.argmin(vim_class_nll(trained, tokens), axis=1))]
+  rows = [
+      ("real eval images", labels, predict(preprocess.to_uint8(images))),
+      ("tokenizer reconstructions", labels, predict(preprocess.to_uint8(reconstructions))),
+      (
+          "VIM as a classifier (argmin NLL)",
+          labels,
+          np.argmin(vim_class_nll(trained, tokens), axis=1),
+      ),
+  ]
   requested = np.resize(np.arange(classes, dtype=np.int32), FLAGS.num_samples)
   for g in (float(s) for s in FLAGS.guidance.split(",")):
     cfg = autoregressive.SamplingConfig(temperature=1.0, guidance_scale=g)
     samples = generation.generate(trained, requested, FLAGS.seed, cfg)
     rows.append((f"samples, guidance {g:g}", requested, predict(samples)))
 
-  print(f"workdir {FLAGS.workdir}, VIM step {trained.step}, {len(images)} eval images, "
-        f"{FLAGS.num_samples} samples per row")
-  names = (shapes.CLASS_NAMES[:classes] if config.data.source == "shapes"
-           else [str(c) for c in range(classes)])
+  print(
+      f"workdir {FLAGS.workdir}, VIM step {trained.step}, {len(images)} eval images, "
+      f"{FLAGS.num_samples} samples per row"
+  )
+  names = (
+      shapes.CLASS_NAMES[:classes]
+      if config.data.source == "shapes"
+      else [str(c) for c in range(classes)]
+  )
   print(f"| scored | n | class accuracy | per class ({', '.join(names)}) |")
   print("|---|---|---|---|")
   for name, truth, predicted in rows:
-    print(f"| {name} | {len(truth)} | {np.mean(predicted == truth):.1%} | "
-          f"{per_class(predicted, truth, classes)} |")
+    print(
+        f"| {name} | {len(truth)} | {np.mean(predicted == truth):.1%} | "
+        f"{per_class(predicted, truth, classes)} |"
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vim_jax.sampling import autoregressive
 from vim_jax.models import transformer  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
+from vim_jax.sampling import autoregressive
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -46,23 +46,34 @@ def median_time(fn, *args, repeats: int) -> float:
 
 
 def measure(args, scan_layers: bool) -> dict:
-  stack = transformer.StackConfig(args.layers, args.width, args.heads, args.head_dim,
-                                  4 * args.width, causal=True, scan_layers=scan_layers)
+  stack = transformer.StackConfig(
+      args.layers,
+      args.width,
+      args.heads,
+      args.head_dim,
+      4 * args.width,
+      causal=True,
+      scan_layers=scan_layers,
+  )
   model = vim_lib.VIM(stack, vocab_size=args.vocab, num_tokens=args.tokens, num_classes=10)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % 10
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
-                                             jnp.zeros((1, args.tokens), jnp.int32),
-                                             labels[:1]))["params"]
+  params = nn.meta.unbox(
+      jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, args.tokens), jnp.int32), labels[:1])
+  )["params"]
   config = autoregressive.SamplingConfig(temperature=1.0)
   sample = jax.jit(lambda p, l, r: autoregressive.sample_tokens(model, p, l, r, config))
-  step = median_time(sample, params, labels, jax.random.key(1),
-                     repeats=args.repeats) / args.tokens
+  step = median_time(sample, params, labels, jax.random.key(1), repeats=args.repeats) / args.tokens
   cache = autoregressive.init_cache(model, args.batch)
   read_once = jax.jit(lambda tree: [jnp.sum(x) for x in jax.tree.leaves(tree)])
   floor = median_time(read_once, (params, cache), repeats=10)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  return {"layout": "scanned" if scan_layers else "unrolled", "step": step, "floor": floor,
-          "params_mb": nbytes(params) / 1e6, "cache_mb": nbytes(cache) / 1e6}
+  return {
+      "layout": "scanned" if scan_layers else "unrolled",
+      "step": step,
+      "floor": floor,
+      "params_mb": nbytes(params) / 1e6,
+      "cache_mb": nbytes(cache) / 1e6,
+  }
 
 
 def main():
@@ -78,16 +89,20 @@ def main():
   parser.add_argument("--layouts", default="scanned,unrolled")
   args = parser.parse_args()
   device = jax.devices()[0]
-  print(f"device: {device.platform} ({device.device_kind}) x 1; VIM {args.layers} layers, width "
-        f"{args.width}, {args.heads} x {args.head_dim} heads, batch {args.batch}, "
-        f"{args.tokens} tokens")
+  print(
+      f"device: {device.platform} ({device.device_kind}) x 1; VIM {args.layers} layers, width "
+      f"{args.width}, {args.heads} x {args.head_dim} heads, batch {args.batch}, "
+      f"{args.tokens} tokens"
+  )
   print("| layers | params MB | cache MB | sampler ms/token | floor ms | ratio | tokens/s |")
   print("|---|---|---|---|---|---|---|")
   for layout in args.layouts.split(","):
     r = measure(args, scan_layers=layout == "scanned")
-    print(f"| {r['layout']} | {r['params_mb']:.0f} | {r['cache_mb']:.0f} | "
-          f"{r['step'] * 1e3:.2f} | {r['floor'] * 1e3:.2f} | {r['step'] / r['floor']:.2f}x | "
-          f"{args.batch / r['step']:,.0f} |")
+    print(
+        f"| {r['layout']} | {r['params_mb']:.0f} | {r['cache_mb']:.0f} | "
+        f"{r['step'] * 1e3:.2f} | {r['floor'] * 1e3:.2f} | {r['step'] / r['floor']:.2f}x | "
+        f"{args.batch / r['step']:,.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -42,12 +42,32 @@ sys.path.insert(0, ROOT)
 from vim_jax import main as vim_main  # noqa: E402
 from vim_jax.infra import log_filters, tpu_slices  # noqa: E402
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-               "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+}
 SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
-COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|reduce-scatter|all-reduce|all-to-all|"
-                        r"collective-permute)(-start)?\(")
+COLLECTIVE = re.compile(
+    r"=\s*(.*?)\s(all-gather|reduce-scatter|all-reduce|all-to-all|"
+    r"collective-permute)(-start)?\("
+)
 COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
 
 
@@ -64,8 +84,9 @@ def shape_bytes(text: str) -> list[float]:
 def group_size(line: str, default: int) -> int:
   m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
   if m:  # replica_groups=mesh['axis_0'=64,'axis_1'=1] {'axis_0'}: the listed axes' product
-    sizes = dict((a.strip().strip("'"), int(n)) for a, n in
-                 (x.split("=") for x in m.group(1).split(",")))
+    sizes = dict(
+        (a.strip().strip("'"), int(n)) for a, n in (x.split("=") for x in m.group(1).split(","))
+    )
     n = 1
     for axis in m.group(2).split(","):
       n *= sizes.get(axis.strip().strip("'"), 1)
@@ -110,16 +131,20 @@ def multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
         trip = int(m.group(1)) if m else 1
         c = re.search(r"condition=%?([\w.\-]+)", line)
         if not m and c and c.group(1) in comps:  # i < N with i from 0: N from the condition
-          consts = [int(x) for l in comps[c.group(1)]
-                    for x in re.findall(r"s32\[\][^ ]* constant\((\d+)\)", l)]
+          consts = [
+              int(x)
+              for l in comps[c.group(1)]
+              for x in re.findall(r"s32\[\][^ ]* constant\((\d+)\)", l)
+          ]
           trip = max(consts) if consts else 1
         for key in ("body", "condition"):
           m = re.search(key + r"=%?([\w.\-]+)", line)
           if m:
             edges[name].append((m.group(1), trip))
         continue
-      for m in re.finditer(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)",
-                           line):
+      for m in re.finditer(
+          r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", line
+      ):
         edges[name].append((m.group(1), 1))
       m = re.search(r"branch_computations=\{([^}]*)\}", line)
       if m:
@@ -155,7 +180,7 @@ def collective_traffic(hlo: str, devices: int) -> dict:
       result, kind, start = m.group(1), m.group(2), m.group(3)
       sizes = shape_bytes(result)
       if start and kind == "all-gather":  # ((operands), (results))
-        sizes = sizes[len(sizes) // 2:]
+        sizes = sizes[len(sizes) // 2 :]
       elif start and kind == "collective-permute":
         sizes = sizes[1:2] if len(sizes) >= 2 else sizes
       nbytes = sum(sizes)
@@ -194,6 +219,7 @@ def custom_policies(width: int, mlp_dim: int) -> dict:
       if lhs_batch:
         return False
       return not skip(avals[0].shape, avals[1].shape)
+
     return policy
 
   is_qkv = lambda lhs, rhs: len(lhs) == 3 and len(rhs) == 3 and rhs[0] == width
@@ -233,19 +259,28 @@ def parse_value(text: str):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--config", required=True)
   parser.add_argument("--tokenizer_config", default="")
   parser.add_argument("--topology", default="v4-128")
-  parser.add_argument("--set", action="append", default=[],
-                      help="dotted.key=value config override (repeatable)")
+  parser.add_argument(
+      "--set", action="append", default=[], help="dotted.key=value config override (repeatable)"
+  )
   parser.add_argument("--hlo_out", default="", help="write the compiled HLO text here")
   parser.add_argument("--json_out", default="")
-  parser.add_argument("--flat_qkv", action="store_true", help="q/k/v projections as one "
-                      "[D, H*K] matmul each (see _FlatQKV); an experiment, not the model's code")
-  parser.add_argument("--analyze_hlo", default="", help="only print the collectives of this "
-                      "compiled HLO text file (no compile)")
+  parser.add_argument(
+      "--flat_qkv",
+      action="store_true",
+      help="q/k/v projections as one "
+      "[D, H*K] matmul each (see _FlatQKV); an experiment, not the model's code",
+  )
+  parser.add_argument(
+      "--analyze_hlo",
+      default="",
+      help="only print the collectives of this compiled HLO text file (no compile)",
+  )
   args = parser.parse_args()
   if args.analyze_hlo:
     spec = tpu_slices.parse(args.topology)
@@ -256,26 +291,32 @@ def main():
   spec = tpu_slices.parse(args.topology)
   tpu_slices.prepare_environment()
   import jax  # lazy: reads JAX_PLATFORMS on import, which prepare_environment sets
+
   from vim_jax.trainers import step_report  # lazy: may load jax (as above)
+
   jax.config.update("jax_enable_compilation_cache", False)
   devices = tpu_slices.compile_only_devices(spec)
-  config = vim_main.load_config_file(os.path.join(ROOT, args.config)
-                                     if not os.path.isabs(args.config) else args.config)
+  config = vim_main.load_config_file(
+      os.path.join(ROOT, args.config) if not os.path.isabs(args.config) else args.config
+  )
   for item in args.set:
     key, value = item.split("=", 1)
     node = config
     *path, leaf = key.split(".")
     for p in path:
       node = node[p]
-    node[leaf] = type(node[leaf])(parse_value(value)) if not isinstance(
-        node[leaf], str) else value
+    node[leaf] = type(node[leaf])(parse_value(value)) if not isinstance(node[leaf], str) else value
   if config.trainer == "vim":
     from vim_jax.models import transformer  # lazy: loads jax (see above)
+
     transformer.REMAT_POLICIES.update(custom_policies(config.model.width, config.model.mlp_dim))
     if args.flat_qkv:
       transformer.jnp = _FlatQKV(transformer.jnp)
-  tokenizer = (vim_main.load_config_file(os.path.join(ROOT, args.tokenizer_config))
-               if args.tokenizer_config else None)
+  tokenizer = (
+      vim_main.load_config_file(os.path.join(ROOT, args.tokenizer_config))
+      if args.tokenizer_config
+      else None
+  )
   start = time.perf_counter()
   numbers = step_report.report(config, devices, tokenizer_config=tokenizer)
   wall = time.perf_counter() - start
@@ -289,26 +330,39 @@ def main():
   hbm = spec.generation.hbm_bytes
   gib = lambda b: b / 2**30
   out = {
-      "config": args.config, "overrides": args.set, "flat_qkv": args.flat_qkv,
+      "config": args.config,
+      "overrides": args.set,
+      "flat_qkv": args.flat_qkv,
       "topology": args.topology,
-      "batch_size": config.batch_size, "mesh": numbers["mesh"],
-      "argument_gib": gib(numbers["argument_bytes"]), "output_gib": gib(numbers["output_bytes"]),
-      "temp_gib": gib(numbers["temp_bytes"]), "alias_gib": gib(numbers["alias_bytes"]),
-      "total_gib": gib(numbers["total_bytes"]), "hbm_free": 1 - numbers["total_bytes"] / hbm,
+      "batch_size": config.batch_size,
+      "mesh": numbers["mesh"],
+      "argument_gib": gib(numbers["argument_bytes"]),
+      "output_gib": gib(numbers["output_bytes"]),
+      "temp_gib": gib(numbers["temp_bytes"]),
+      "alias_gib": gib(numbers["alias_bytes"]),
+      "total_gib": gib(numbers["total_bytes"]),
+      "hbm_free": 1 - numbers["total_bytes"] / hbm,
       "tflop_per_chip": numbers["flops_per_device"] / 1e12,
       "xla_tflop_per_chip": numbers.get("xla_flops_per_device", float("nan")) / 1e12,
-      "compile_seconds": numbers["compile_seconds"], "wall_seconds": wall,
+      "compile_seconds": numbers["compile_seconds"],
+      "wall_seconds": wall,
       "collectives_static": numbers["collectives"],
       "collectives": traffic["by_kind"],
   }
-  print(f"{args.config} {' '.join(args.set)} on {args.topology}: batch {config.batch_size}, "
-        f"mesh {numbers['mesh']}")
-  print(f"  per chip: arguments {out['argument_gib']:.2f} / temporaries {out['temp_gib']:.2f} / "
-        f"outputs {out['output_gib']:.2f} / aliased {out['alias_gib']:.2f} / total "
-        f"{out['total_gib']:.2f} GiB ({100 * (1 - out['hbm_free']):.0f}% of "
-        f"{gib(hbm):.0f} GiB; {100 * out['hbm_free']:.0f}% free)")
-  print(f"  TFLOP per chip per step: {out['tflop_per_chip']:.2f} (XLA cost analysis "
-        f"{out['xla_tflop_per_chip']:.2f}); compiled in {out['compile_seconds']:.0f} s")
+  print(
+      f"{args.config} {' '.join(args.set)} on {args.topology}: batch {config.batch_size}, "
+      f"mesh {numbers['mesh']}"
+  )
+  print(
+      f"  per chip: arguments {out['argument_gib']:.2f} / temporaries {out['temp_gib']:.2f} / "
+      f"outputs {out['output_gib']:.2f} / aliased {out['alias_gib']:.2f} / total "
+      f"{out['total_gib']:.2f} GiB ({100 * (1 - out['hbm_free']):.0f}% of "
+      f"{gib(hbm):.0f} GiB; {100 * out['hbm_free']:.0f}% free)"
+  )
+  print(
+      f"  TFLOP per chip per step: {out['tflop_per_chip']:.2f} (XLA cost analysis "
+      f"{out['xla_tflop_per_chip']:.2f}); compiled in {out['compile_seconds']:.0f} s"
+  )
   print_traffic(traffic)
   if args.json_out:
     with open(args.json_out, "w") as f:
@@ -317,8 +371,10 @@ def main():
 
 def print_traffic(traffic):
   for kind, t in sorted(traffic["by_kind"].items()):
-    print(f"  {kind}: {t['ops']} ops in the HLO, {t['runs']} runs per step, results "
-          f"{t['result_bytes'] / 1e9:.2f} GB, sent per chip {t['sent_bytes'] / 1e9:.2f} GB")
+    print(
+        f"  {kind}: {t['ops']} ops in the HLO, {t['runs']} runs per step, results "
+        f"{t['result_bytes'] / 1e9:.2f} GB, sent per chip {t['sent_bytes'] / 1e9:.2f} GB"
+    )
   print("  largest collectives (sent GB per step, kind, runs, group, result, computation):")
   for sent, kind, times, n, result, name in traffic["largest"]:
     print(f"    {sent / 1e9:8.3f} {kind} x{times} n={n} {result} [{name}]")

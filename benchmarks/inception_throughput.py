@@ -32,7 +32,8 @@ def main():
   parser.add_argument("--sizes", default="32,256", help="input resolutions (resized to 299)")
   args = parser.parse_args()
   params = jax.jit(inception.InceptionV3FID().init)(
-      jax.random.key(0), jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
+      jax.random.key(0), jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3))
+  )
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "inception_random.msgpack")
@@ -40,18 +41,27 @@ def main():
     for size in [int(s) for s in args.sizes.split(",")]:
       for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         extractor = fid.FeatureExtractor(path, batch_size=batch_size)
-        images = np.random.default_rng(0).integers(0, 256, (extractor.batch_size, size, size, 3),
-                                                   dtype=np.uint8)
+        images = np.random.default_rng(0).integers(
+            0, 256, (extractor.batch_size, size, size, 3), dtype=np.uint8
+        )
         extractor(images)  # compile
         batches = max(args.images // extractor.batch_size, 1)
         start = time.perf_counter()
         extractor.extract((images for _ in range(batches)), "benchmark")
         seconds = time.perf_counter() - start
-        rows.append((size, extractor.batch_size, batches * extractor.batch_size,
-                     batches * extractor.batch_size / seconds))
+        rows.append(
+            (
+                size,
+                extractor.batch_size,
+                batches * extractor.batch_size,
+                batches * extractor.batch_size / seconds,
+            )
+        )
   devices = jax.devices()
-  print(f"\nInception feature extraction on {len(devices)} x {devices[0].device_kind} "
-        f"({devices[0].platform})")
+  print(
+      f"\nInception feature extraction on {len(devices)} x {devices[0].device_kind} "
+      f"({devices[0].platform})"
+  )
   print("| input px | batch | images | images/s |")
   print("|---|---|---|---|")
   for size, batch, n, rate in rows:

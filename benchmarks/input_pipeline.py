@@ -26,7 +26,7 @@ from vim_jax.data import pipeline, sources  # noqa: E402
 
 def write_jpegs(folder: str, count: int = 512, size=(500, 375)):
   rng = np.random.default_rng(0)
-  y, x = np.mgrid[0:size[1], 0:size[0]]
+  y, x = np.mgrid[0 : size[1], 0 : size[0]]
   for i in range(count):
     fx, fy = rng.uniform(0.005, 0.05, 2)
     base = np.stack([np.sin(fx * x + c) * np.cos(fy * y - c) for c in rng.uniform(0, 6, 3)], -1)
@@ -36,8 +36,7 @@ def write_jpegs(folder: str, count: int = 512, size=(500, 375)):
 
 
 def images_per_second(source, workers: int, batches: int, batch_size: int = 64) -> float:
-  data = pipeline.InputPipeline(source, batch_size, 256, seed=0, train=True,
-                                num_workers=workers)
+  data = pipeline.InputPipeline(source, batch_size, 256, seed=0, train=True, num_workers=workers)
   iterator = data.iterate(0)
   next(iterator)  # warm-up: threads started, first files read
   start = time.perf_counter()
@@ -61,13 +60,14 @@ def main():
       write_jpegs(folder)
     source = sources.FolderSource(folder, "train", eval_fraction=0.0)
     cores = pipeline.available_cpus()
-    print(f"{len(source)} images from {args.folder or 'generated 500x375 JPEGs'}, 256 px "
-          f"training batches of 64; {cores} CPU cores (num_workers=0 means {cores})")
+    print(
+        f"{len(source)} images from {args.folder or 'generated 500x375 JPEGs'}, 256 px "
+        f"training batches of 64; {cores} CPU cores (num_workers=0 means {cores})"
+    )
     print("| num_workers | images/s |")
     print("|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
-      print(f"| {workers} | {images_per_second(source, workers, args.batches):.0f} |",
-            flush=True)
+      print(f"| {workers} | {images_per_second(source, workers, args.batches):.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import fake_imagenet  # noqa: E402
+
 from vim_jax.tools import prepare_data  # noqa: E402
 
 REAL_IMAGES = 1_281_167 + 50_000
@@ -28,8 +29,11 @@ REAL_ARCHIVE_BYTES = 147_897_477_120 + 6_744_924_160
 
 
 def folder_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
+  return sum(
+      os.path.getsize(os.path.join(root, name))
+      for root, _, names in os.walk(path)
+      for name in names
+  )
 
 
 def main():
@@ -39,11 +43,12 @@ def main():
   parser.add_argument("--num_val", type=int, default=200)
   args = parser.parse_args()
   synsets = prepare_data._imagenet_synsets()
-  chosen = tuple(sorted(synsets)[:args.synsets])
+  chosen = tuple(sorted(synsets)[: args.synsets])
   with tempfile.TemporaryDirectory() as tmp:
     manual, data_dir = os.path.join(tmp, "manual"), os.path.join(tmp, "data")
-    info = fake_imagenet.write_fake_imagenet(manual, args.images_per_synset, args.num_val,
-                                             sides=(333, 500), synsets=chosen)
+    info = fake_imagenet.write_fake_imagenet(
+        manual, args.images_per_synset, args.num_val, sides=(333, 500), synsets=chosen
+    )
     images = info["train"] + info["validation"]
     archive_bytes = folder_bytes(manual)
     start = time.perf_counter()
@@ -54,16 +59,22 @@ def main():
   # Real JPEGs are larger than ours (110 kB on average): extrapolate by images and by bytes.
   hours = sorted([REAL_IMAGES / rate / 3600, REAL_ARCHIVE_BYTES / byte_rate / 3600])
   print()
-  print("| archive | images | archive MB | written MB | written / archive | time | images/s "
-        "| archive MB/s |")
+  print(
+      "| archive | images | archive MB | written MB | written / archive | time | images/s "
+      "| archive MB/s |"
+  )
   print("|---|---|---|---|---|---|---|---|")
-  print(f"| fake, 333-500 px JPEGs | {images} | {archive_bytes / 1e6:.1f} | "
-        f"{written / 1e6:.1f} | {written / archive_bytes:.3f} | {seconds:.1f} s | {rate:.0f} | "
-        f"{byte_rate / 1e6:.1f} |")
-  print(f"| ILSVRC2012 train + val (extrapolated) | {REAL_IMAGES:,} | "
-        f"{REAL_ARCHIVE_BYTES / 1e6:,.0f} | "
-        f"~{REAL_ARCHIVE_BYTES * written / archive_bytes / 1e6:,.0f} | | "
-        f"{hours[0]:.1f}-{hours[1]:.1f} h | | |")
+  print(
+      f"| fake, 333-500 px JPEGs | {images} | {archive_bytes / 1e6:.1f} | "
+      f"{written / 1e6:.1f} | {written / archive_bytes:.3f} | {seconds:.1f} s | {rate:.0f} | "
+      f"{byte_rate / 1e6:.1f} |"
+  )
+  print(
+      f"| ILSVRC2012 train + val (extrapolated) | {REAL_IMAGES:,} | "
+      f"{REAL_ARCHIVE_BYTES / 1e6:,.0f} | "
+      f"~{REAL_ARCHIVE_BYTES * written / archive_bytes / 1e6:,.0f} | | "
+      f"{hours[0]:.1f}-{hours[1]:.1f} h | | |"
+  )
 
 
 if __name__ == "__main__":

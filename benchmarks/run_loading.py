@@ -70,8 +70,9 @@ def write_initial_run(config_path: str, workdir: str):
   config.loss.perceptual = 0.0  # LPIPS holds no state; skip its weights file
   models = tokenizer_step.build_models(config)
   tx, _, disc_tx = tokenizer_step.build_optimizers(config)
-  state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
-      jax.random.key(0)))
+  state = nn.meta.unbox(
+      jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(jax.random.key(0))
+  )
   fileio.write_text(fileio.join(workdir, "config.json"), config.to_json_best_effort())
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)
   ckpt.save(0, state, force=True)
@@ -94,8 +95,13 @@ def main():
     print("|---|---|---|---|---|")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
     for mode in ("full state", "runs.load_tokenizer", "without decoder"):
-      out = subprocess.run([sys.executable, "-c", LOADER, workdir, mode], cwd=ROOT, env=env,
-                           capture_output=True, text=True)
+      out = subprocess.run(
+          [sys.executable, "-c", LOADER, workdir, mode],
+          cwd=ROOT,
+          env=env,
+          capture_output=True,
+          text=True,
+      )
       line = [l for l in out.stdout.splitlines() if l.startswith("| ")]
       print(line[0] if line else f"| {mode} | failed: {out.stderr[-500:]} |")
 

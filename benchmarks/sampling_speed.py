@@ -18,8 +18,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import vim_base  # noqa: E402
-from vim_jax.sampling import autoregressive
 from vim_jax.models import vim as vim_lib  # noqa: E402
+from vim_jax.sampling import autoregressive
 
 
 def best_time(fn, *args, repeats=3):
@@ -35,19 +35,25 @@ def best_time(fn, *args, repeats=3):
 def main():
   config = vim_base.get_config("tiny")
   batch = 8
-  print(f"device: {jax.devices()[0].platform} x {jax.device_count()}, batch {batch}, "
-        f"VIM {config.model.num_layers} blocks x width {config.model.width}")
+  print(
+      f"device: {jax.devices()[0].platform} x {jax.device_count()}, batch {batch}, "
+      f"VIM {config.model.num_layers} blocks x width {config.model.width}"
+  )
   print("| tokens per image | KV cache tokens/s | full prefix tokens/s | speed-up |")
   print("|---|---|---|---|")
   for num_tokens in (64, 256):
     model = vim_lib.VIM.from_config(config, vocab_size=512, num_tokens=num_tokens)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, num_tokens), jnp.int32),
-                                      jnp.zeros((1,), jnp.int32)))["params"]
+    params = nn.meta.unbox(
+        model.init(
+            jax.random.key(0), jnp.zeros((1, num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)
+        )
+    )["params"]
     labels = jnp.arange(batch, dtype=jnp.int32) % config.model.num_classes
     cfg = autoregressive.SamplingConfig(temperature=1.0)
     cached = jax.jit(lambda p, l, r: autoregressive.sample_tokens(model, p, l, r, cfg))
     uncached = jax.jit(
-        lambda p, l, r: autoregressive.sample_tokens_without_cache(model, p, l, r, cfg))
+        lambda p, l, r: autoregressive.sample_tokens_without_cache(model, p, l, r, cfg)
+    )
     t_cached = best_time(cached, params, labels, jax.random.key(1))
     t_full = best_time(uncached, params, labels, jax.random.key(1))
     n = batch * num_tokens

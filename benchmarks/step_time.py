@@ -23,36 +23,47 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import quickstart  # noqa: E402
-from vim_jax.trainers import tokenizer_step, vim_step
 from vim_jax.models import vim as vim_lib  # noqa: E402
+from vim_jax.trainers import tokenizer_step, vim_step
 
 
 def stage1_step(config):
   models = tokenizer_step.build_models(config)
   tx, schedule, disc_tx = tokenizer_step.build_optimizers(config)
-  state = nn.meta.unbox(jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(
-      jax.random.key(0)))
-  step = jax.jit(tokenizer_step.make_train_step(models, tx, schedule, disc_tx, config),
-                 donate_argnums=(0,))
+  state = nn.meta.unbox(
+      jax.jit(tokenizer_step.make_init_fn(models, tx, disc_tx, config, 1))(jax.random.key(0))
+  )
+  step = jax.jit(
+      tokenizer_step.make_train_step(models, tx, schedule, disc_tx, config), donate_argnums=(0,)
+  )
   s = config.image_size
-  batch = {"image": jax.random.uniform(jax.random.key(1), (config.batch_size, s, s, 3),
-                                       minval=-1, maxval=1)}
+  batch = {
+      "image": jax.random.uniform(
+          jax.random.key(1), (config.batch_size, s, s, 3), minval=-1, maxval=1
+      )
+  }
   return step, state, batch
 
 
 def stage2_step(config, tokens_per_image=64, codebook_size=512):
   model = vim_lib.VIM.from_config(config, codebook_size, tokens_per_image)
   tx, schedule = vim_step.build_optimizer(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0),
-                                    jnp.zeros((1, tokens_per_image), jnp.int32),
-                                    jnp.zeros((1,), jnp.int32)))["params"]
-  state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
+  params = nn.meta.unbox(
+      model.init(
+          jax.random.key(0), jnp.zeros((1, tokens_per_image), jnp.int32), jnp.zeros((1,), jnp.int32)
+      )
+  )["params"]
+  state = vim_step.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
   step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config), donate_argnums=(0,))
   rng = np.random.default_rng(0)
-  batch = {"tokens": jnp.asarray(rng.integers(0, codebook_size,
-                                              (config.batch_size, tokens_per_image)), jnp.int32),
-           "label": jnp.asarray(rng.integers(0, 6, (config.batch_size,)), jnp.int32)}
+  batch = {
+      "tokens": jnp.asarray(
+          rng.integers(0, codebook_size, (config.batch_size, tokens_per_image)), jnp.int32
+      ),
+      "label": jnp.asarray(rng.integers(0, 6, (config.batch_size,)), jnp.int32),
+  }
   return step, state, batch
 
 
@@ -76,12 +87,15 @@ def main():
   args = parser.parse_args()
   print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}")
   print("| model | batch | scan_layers | ms / step |\n|---|---|---|---|")
-  for name, make_config, build in (("tokenizer", quickstart.stage1_config, stage1_step),
-                                   ("VIM", quickstart.stage2_config, stage2_step)):
+  for name, make_config, build in (
+      ("tokenizer", quickstart.stage1_config, stage1_step),
+      ("VIM", quickstart.stage2_config, stage2_step),
+  ):
     for scan in (False, True):
       config = make_config()
-      stacks = ((config.model.encoder, config.model.decoder) if name == "tokenizer"
-                else (config.model,))
+      stacks = (
+          (config.model.encoder, config.model.decoder) if name == "tokenizer" else (config.model,)
+      )
       for stack in stacks:
         stack.scan_layers = scan
       ms = time_step(*build(config), args.steps, args.repeats)

@@ -48,15 +48,19 @@ def load(name: str, grad_accum_steps: int | None = None):
 
 def compile_for(name: str, spec, grad_accum_steps: int | None = None):
   """compile_report's numbers, or None when the layout does not fit."""
-  from vim_jax.trainers import step_report  # lazy: may load jax, which waits for prepare_environment
+  from vim_jax.trainers import (
+      step_report,  # lazy: may load jax, which waits for prepare_environment
+  )
+
   config = load(name, grad_accum_steps)
   tokenizer = None
   if config.trainer == "vim":
     tokenizer = vim_main.load_config_file(os.path.join(ROOT, "configs/vitvq_base.py"))
   devices = tpu_slices.compile_only_devices(spec)
   try:
-    numbers = step_report.report(config, devices, tokenizer_config=tokenizer,
-                                    capacity_bytes=spec.generation.hbm_bytes)
+    numbers = step_report.report(
+        config, devices, tokenizer_config=tokenizer, capacity_bytes=spec.generation.hbm_bytes
+    )
   except step_report.DoesNotFit:
     return None
   numbers["config"] = config
@@ -66,23 +70,29 @@ def compile_for(name: str, spec, grad_accum_steps: int | None = None):
 def row(name: str, spec, numbers) -> str:
   """A markdown row: layout, per-chip memory (the regular step's; the R1 step's total beside it
   when the config has one) and what is free, model / hardware FLOPs, speed at 40% MFU."""
-  from vim_jax.trainers import step_report  # lazy: may load jax, which waits for prepare_environment
+  from vim_jax.trainers import (
+      step_report,  # lazy: may load jax, which waits for prepare_environment
+  )
+
   config = numbers["config"]
   g = spec.generation
   paper = step_report.paper_throughput(config)
   f = numbers["flops"]
   step, images_per_sec, needed_mfu = step_report.speed(
-      f.model, config.batch_size, g.peak_bf16_flops, paper)
+      f.model, config.batch_size, g.peak_bf16_flops, paper
+  )
   needed = f"{paper:,.0f} img/s = {needed_mfu:.1%} MFU" if paper else ""
   gib = lambda n, key: n[key] / 2**30
-  r1 = (f"; R1 step {gib(numbers['r1'], 'total_bytes'):.2f}" if "r1" in numbers else "")
-  return (f"| {name} | {config.batch_size} | {numbers['mesh']}, accumulation "
-          f"{config.grad_accum_steps} | {gib(numbers, 'argument_bytes'):.2f} / "
-          f"{gib(numbers, 'temp_bytes'):.2f} / {gib(numbers, 'total_bytes'):.2f}{r1} GiB | "
-          f"**{1 - numbers['peak_bytes'] / g.hbm_bytes:.0%}** | "
-          f"{f.model / 1e12:.2f} / {f.hardware / 1e12:.2f} | {step:.3f} s, "
-          f"{images_per_sec:,.0f} img/s | {needed} | "
-          f"{numbers['compile_seconds']:.0f} s |")
+  r1 = f"; R1 step {gib(numbers['r1'], 'total_bytes'):.2f}" if "r1" in numbers else ""
+  return (
+      f"| {name} | {config.batch_size} | {numbers['mesh']}, accumulation "
+      f"{config.grad_accum_steps} | {gib(numbers, 'argument_bytes'):.2f} / "
+      f"{gib(numbers, 'temp_bytes'):.2f} / {gib(numbers, 'total_bytes'):.2f}{r1} GiB | "
+      f"**{1 - numbers['peak_bytes'] / g.hbm_bytes:.0%}** | "
+      f"{f.model / 1e12:.2f} / {f.hardware / 1e12:.2f} | {step:.3f} s, "
+      f"{images_per_sec:,.0f} img/s | {needed} | "
+      f"{numbers['compile_seconds']:.0f} s |"
+  )
 
 
 def fits_with(name: str, spec):
@@ -94,9 +104,11 @@ def fits_with(name: str, spec):
       return None  # each microbatch must still split over the chips
     start = time.perf_counter()
     numbers = compile_for(name, spec, k)
-    print(f"  {name} on {spec.name}, grad_accum_steps={k}: "
-          f"{'fits' if numbers else 'does not fit'} ({time.perf_counter() - start:.0f} s)",
-          flush=True)
+    print(
+        f"  {name} on {spec.name}, grad_accum_steps={k}: "
+        f"{'fits' if numbers else 'does not fit'} ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     if numbers is not None:
       return k, numbers
   return None
@@ -130,11 +142,15 @@ def main():
     sys.exit(tpu_slices.INSTALL_HINT)
   tpu_slices.prepare_environment()
   import jax  # lazy: reads JAX_PLATFORMS on import, which prepare_environment sets
+
   jax.config.update("jax_enable_compilation_cache", False)
   names = args.configs.split(",")
   if args.smallest:
-    print("| config | " + " | ".join(f"smallest {g} slice (grad_accum_steps)"
-                                     for g in args.smallest.split(",")) + " |")
+    print(
+        "| config | "
+        + " | ".join(f"smallest {g} slice (grad_accum_steps)" for g in args.smallest.split(","))
+        + " |"
+    )
     print("|---|" + "---|" * len(args.smallest.split(",")))
     for name in names:
       cells = []
@@ -144,19 +160,25 @@ def main():
       print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return
   spec = tpu_slices.parse(args.topology)
-  print(f"{spec.name}: {spec.chips} chips ({spec.topology}), "
-        f"{spec.generation.hbm_bytes / 2**30:.0f} GiB HBM and "
-        f"{spec.generation.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s per chip")
-  print("| config | global batch | mesh, grad_accum_steps | per chip: arguments / temporaries / "
-        "total | HBM free | model / hardware TFLOP per chip per step | at 40% MFU | paper | "
-        "compile |")
+  print(
+      f"{spec.name}: {spec.chips} chips ({spec.topology}), "
+      f"{spec.generation.hbm_bytes / 2**30:.0f} GiB HBM and "
+      f"{spec.generation.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s per chip"
+  )
+  print(
+      "| config | global batch | mesh, grad_accum_steps | per chip: arguments / temporaries / "
+      "total | HBM free | model / hardware TFLOP per chip per step | at 40% MFU | paper | "
+      "compile |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for name in names:
     start = time.perf_counter()
     numbers = compile_for(name, spec)
     if numbers is None:
-      print(f"| {name} | | | does not fit ({time.perf_counter() - start:.0f} s) | | | | | |",
-            flush=True)
+      print(
+          f"| {name} | | | does not fit ({time.perf_counter() - start:.0f} s) | | | | | |",
+          flush=True,
+      )
     else:
       print(row(name, spec, numbers), flush=True)
 

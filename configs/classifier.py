@@ -21,8 +21,9 @@ def get_config(arg=None):
   c.image_size = 32
   c.model = ml_collections.ConfigDict(dict(widths=(16, 32, 64)))  # conv widths per stage
   c.optimizer = ml_collections.ConfigDict(dict(lr=3e-3, weight_decay=1e-4))
-  c.data = common.data_config(source="shapes", shapes_train_size=50_000, shapes_eval_size=512,
-                              num_workers=4)
+  c.data = common.data_config(
+      source="shapes", shapes_train_size=50_000, shapes_eval_size=512, num_workers=4
+  )
   c.batch_size = 64
   c.eval_batch_size = 64
   c.num_eval_images = -1  # -1 = the whole eval split

@@ -38,57 +38,70 @@ def get_config(arg=None):
   decoder = common.vit_stack(num_layers=12, width=768, num_heads=12, head_dim=64, mlp_dim=3072)
   for stack in (encoder, decoder):
     stack.update(mlp_activation="tanh", qkv_bias=False, layer_norm_eps=1e-5)
-  c.model = ml_collections.ConfigDict(dict(
-      encoder=encoder,
-      decoder=decoder,
-      patch_size=8,  # 256 / 8 = 32 x 32 = 1024 tokens
-      codebook_size=8192,
-      code_dim=32,  # factorized lookup dimension
-      l2_normalize=True,  # cosine lookup on unit vectors
-      beta=0.25,  # commitment weight
-      logit_laplace=False,  # theirs: a plain linear output
-      logit_laplace_eps=0.1,  # inputs squashed to [eps, 1 - eps] before the logit
-      dtype="float32",  # as they trained
-      # Theirs: fixed 2-D sin-cos position embeddings; no output FFNs (pre_quant / post_quant are
-      # our to_code / from_code, the kernel = stride = 8 conv and transposed conv are linear
-      # maps per patch); a network that works on [0, 1] pixels.
-      position_embedding="sincos",
-      output_ffn=False,
-      pixel_range="zero_to_one",
-  ))
+  c.model = ml_collections.ConfigDict(
+      dict(
+          encoder=encoder,
+          decoder=decoder,
+          patch_size=8,  # 256 / 8 = 32 x 32 = 1024 tokens
+          codebook_size=8192,
+          code_dim=32,  # factorized lookup dimension
+          l2_normalize=True,  # cosine lookup on unit vectors
+          beta=0.25,  # commitment weight
+          logit_laplace=False,  # theirs: a plain linear output
+          logit_laplace_eps=0.1,  # inputs squashed to [eps, 1 - eps] before the logit
+          dtype="float32",  # as they trained
+          # Theirs: fixed 2-D sin-cos position embeddings; no output FFNs (pre_quant /
+          # post_quant are our to_code / from_code, the kernel = stride = 8 conv and transposed
+          # conv are linear maps per patch); a network that works on [0, 1] pixels.
+          position_embedding="sincos",
+          output_ffn=False,
+          pixel_range="zero_to_one",
+      )
+  )
   # Their objective, for fine-tuning here: L2 + 0.1 LPIPS + 0.1 adversarial + VQ.
-  c.loss = ml_collections.ConfigDict(dict(
-      l2=1.0, logit_laplace=0.0, vq=1.0, perceptual=0.1, adversarial=0.1))
+  c.loss = ml_collections.ConfigDict(
+      dict(l2=1.0, logit_laplace=0.0, vq=1.0, perceptual=0.1, adversarial=0.1)
+  )
   # LPIPS (VGG16, v0.1) Flax weights made by `python -m vim_jax.tools.convert_lpips`. Needed when
   # loss.perceptual > 0; when the file exists, eval also reports eval/lpips.
   c.perceptual_weights = "weights/lpips_vgg16_v0.1.msgpack"
   # StyleGAN2 discriminator, trained in the same step as the tokenizer from start_step on.
-  c.discriminator = ml_collections.ConfigDict(dict(
-      # Width at resolution r: min(max_channels, channel_base // r). 64 x image_size gives 64
-      # channels at full resolution, StyleGAN2's 256 px setting; scale it with image_size.
-      channel_base=16384,
-      max_channels=512,
-      mbstd_group_size=4,
-      loss="non_saturating",  # or 'hinge'
-      r1_gamma=10.0,  # R1 weight gamma (penalty gamma / 2 * E||grad D(x)||^2) [choice]
-      r1_interval=16,  # lazy R1 every N steps (StyleGAN2)
-      lecam_weight=0.0,  # LeCam regularisation (Tseng et al. 2021); 0 = off
-      lecam_ema_decay=0.99,
-      start_step=0,  # the authors train G and D together from step 0
-      # Scale loss.adversarial by ||dL_rec/dx|| / ||dL_adv/dx|| at the tokenizer's outputs
-      # (taming VQGAN's balance, taken at the outputs instead of the last layer's weights), so
-      # the GAN's pull stays a fixed fraction of the reconstruction's. The paper uses a fixed
-      # weight (False); True keeps short or small-data runs from losing PSNR to the GAN.
-      adaptive_weight=False,
-      lr=1e-4, b1=0.9, b2=0.99,  # Adam, constant lr
-  ))
+  c.discriminator = ml_collections.ConfigDict(
+      dict(
+          # Width at resolution r: min(max_channels, channel_base // r). 64 x image_size gives 64
+          # channels at full resolution, StyleGAN2's 256 px setting; scale it with image_size.
+          channel_base=16384,
+          max_channels=512,
+          mbstd_group_size=4,
+          loss="non_saturating",  # or 'hinge'
+          r1_gamma=10.0,  # R1 weight gamma (penalty gamma / 2 * E||grad D(x)||^2) [choice]
+          r1_interval=16,  # lazy R1 every N steps (StyleGAN2)
+          lecam_weight=0.0,  # LeCam regularisation (Tseng et al. 2021); 0 = off
+          lecam_ema_decay=0.99,
+          start_step=0,  # the authors train G and D together from step 0
+          # Scale loss.adversarial by ||dL_rec/dx|| / ||dL_adv/dx|| at the tokenizer's outputs
+          # (taming VQGAN's balance, taken at the outputs instead of the last layer's weights), so
+          # the GAN's pull stays a fixed fraction of the reconstruction's. The paper uses a fixed
+          # weight (False); True keeps short or small-data runs from losing PSNR to the GAN.
+          adaptive_weight=False,
+          lr=1e-4,
+          b1=0.9,
+          b2=0.99,  # Adam, constant lr
+      )
+  )
   c.ema_decay = 0.0  # EMA of the tokenizer's params for eval (e.g. 0.999); 0 = off
-  c.optimizer = ml_collections.ConfigDict(dict(
-      b1=0.9, b2=0.99, eps=1e-8,
-      peak_lr=1e-4, warmup_steps=50_000, end_lr=5e-5,  # linear warmup, cosine to end_lr
-      weight_decay=1e-4,  # decoupled, on matrices only
-      grad_clip_norm=1.0,  # [choice]; 0 disables
-  ))
+  c.optimizer = ml_collections.ConfigDict(
+      dict(
+          b1=0.9,
+          b2=0.99,
+          eps=1e-8,
+          peak_lr=1e-4,
+          warmup_steps=50_000,
+          end_lr=5e-5,  # linear warmup, cosine to end_lr
+          weight_decay=1e-4,  # decoupled, on matrices only
+          grad_clip_norm=1.0,  # [choice]; 0 disables
+      )
+  )
   c.data = common.data_config(name="imagenet2012", train_split="train", eval_split="validation")
 
   c.batch_size = 256  # global

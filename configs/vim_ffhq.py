@@ -28,28 +28,41 @@ def get_config(arg=None):
   c.dropout_rng = "auto"
   c.image_size = 256
   c.tokenizer_workdir = ""  # a stage-1 workdir (required)
-  c.model = ml_collections.ConfigDict(dict(
-      # The paper's blocks and width; 96-wide heads and MLP = 4 x width are ours (unpublished).
-      num_layers=24, width=1536, num_heads=16, head_dim=96, mlp_dim=6144,
-      dropout=0.1,
-      num_classes=0,  # unconditional
-      # The paper prepends the class token only; True also adds the class embedding to every
-      # input position, so each token sees the class without attending back to it.
-      condition_every_position=False,
-      dtype="bfloat16",
-      # Tokens per chunk of the training loss: the head's [B, chunk, codebook] float32 logits
-      # exist one chunk at a time (recomputed for the gradient); must divide the token count.
-      loss_chunk=256,
-      **common.block_options(),
-      **common.stack_kernels(remat_policy="minimal"),
-  ))
+  c.model = ml_collections.ConfigDict(
+      dict(
+          # The paper's blocks and width; 96-wide heads and MLP = 4 x width are ours (unpublished).
+          num_layers=24,
+          width=1536,
+          num_heads=16,
+          head_dim=96,
+          mlp_dim=6144,
+          dropout=0.1,
+          num_classes=0,  # unconditional
+          # The paper prepends the class token only; True also adds the class embedding to every
+          # input position, so each token sees the class without attending back to it.
+          condition_every_position=False,
+          dtype="bfloat16",
+          # Tokens per chunk of the training loss: the head's [B, chunk, codebook] float32 logits
+          # exist one chunk at a time (recomputed for the gradient); must divide the token count.
+          loss_chunk=256,
+          **common.block_options(),
+          **common.stack_kernels(remat_policy="minimal"),
+      )
+  )
   c.label_dropout = 0.0  # no classes to drop
-  c.optimizer = ml_collections.ConfigDict(dict(
-      b1=0.9, b2=0.96, eps=1e-8,
-      peak_lr=4.5e-4, warmup_steps=5_000,  # linear warmup
-      decay_start=80_000, end_lr=1e-5,  # then exponential decay to end_lr at total_steps
-      weight_decay=0.0, grad_clip_norm=1.0,
-  ))
+  c.optimizer = ml_collections.ConfigDict(
+      dict(
+          b1=0.9,
+          b2=0.96,
+          eps=1e-8,
+          peak_lr=4.5e-4,
+          warmup_steps=5_000,  # linear warmup
+          decay_start=80_000,
+          end_lr=1e-5,  # then exponential decay to end_lr at total_steps
+          weight_decay=0.0,
+          grad_clip_norm=1.0,
+      )
+  )
   # FFHQ from a folder of its 70k images (README "CelebA-HQ and FFHQ"), split as
   # taming-transformers' VQGAN does: the 10k files their data/ffhqvalidation.txt names are the
   # eval split, the other 60k train. Set both paths.
@@ -67,17 +80,21 @@ def get_config(arg=None):
   c.checkpoint_every = 5_000
   c.keep_checkpoints = 3
   c.num_grid_images = 16  # samples drawn at each eval
-  c.sampling = ml_collections.ConfigDict(dict(
-      temperature=1.0, top_k=0, top_p=1.0,  # the paper samples at temperature 1, no filtering
-      guidance_scale=1.0,  # classifier-free guidance; 1 = off
-      # Sequences decoded at once per chip (device): what fills its memory, since each holds a
-      # KV cache (151 MB for Base, 302 MB for Large; on TPU up to 2x that as laid out). With
-      # guidance each image decodes two (its class and the null class), so a batch holds half
-      # as many images; the global batch is vim_step.sampling_batch_size(config, devices).
-      # 128: the most that keep ~30% of a v4 chip's 32 GiB free in the compiled sampler
-      # (benchmarks/RESULTS.md, "Sampling 50k images: sizing on TPU").
-      batch_size=128,
-  ))
+  c.sampling = ml_collections.ConfigDict(
+      dict(
+          temperature=1.0,
+          top_k=0,
+          top_p=1.0,  # the paper samples at temperature 1, no filtering
+          guidance_scale=1.0,  # classifier-free guidance; 1 = off
+          # Sequences decoded at once per chip (device): what fills its memory, since each holds a
+          # KV cache (151 MB for Base, 302 MB for Large; on TPU up to 2x that as laid out). With
+          # guidance each image decodes two (its class and the null class), so a batch holds half
+          # as many images; the global batch is vim_step.sampling_batch_size(config, devices).
+          # 128: the most that keep ~30% of a v4 chip's 32 GiB free in the compiled sampler
+          # (benchmarks/RESULTS.md, "Sampling 50k images: sizing on TPU").
+          batch_size=128,
+      )
+  )
   # gFID / IS of num_images samples during training, against the eval split
   # (its statistics computed once per run) or fid.reference_stats; python -m vim_jax.evaluate
   # does 50k after training.
@@ -85,11 +102,17 @@ def get_config(arg=None):
       num_images=10_000,  # samples per evaluation
       reference_stats="",  # an .npz with mu/sigma; "" = the run's eval split
   )
-  c.probe = ml_collections.ConfigDict(dict(
-      block=10,  # the paper's; features: mean over the sequence of this block's output
-      steps=5_000, batch_size=1024, lr=1e-3, weight_decay=0.0,
-      num_train_images=-1, num_eval_images=-1,  # -1 = whole split
-  ))
+  c.probe = ml_collections.ConfigDict(
+      dict(
+          block=10,  # the paper's; features: mean over the sequence of this block's output
+          steps=5_000,
+          batch_size=1024,
+          lr=1e-3,
+          weight_decay=0.0,
+          num_train_images=-1,
+          num_eval_images=-1,  # -1 = whole split
+      )
+  )
   # FSDP by default: VIM-Large's params and Adam state do not fit replicated.
   c.mesh = common.mesh_config(data=1, fsdp=-1)
   c.axis_rules = common.AXIS_RULES

@@ -32,8 +32,11 @@ for _name in list(os.environ):
 #   seconds instead of ~32; the steps run ~15% slower on the tiny models and give the same
 #   losses. Programs compiled for TPU by libtpu (the compile-report tests) read only the first.
 # - 8 virtual CPU devices for the sharding tests.
-XLA_TEST_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
-                  "--xla_force_host_platform_device_count=8")
+XLA_TEST_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_force_host_platform_device_count=8",
+)
 _flags = os.environ.get("XLA_FLAGS", "").split()
 _flags += [f for f in XLA_TEST_FLAGS if not any(g.startswith(f.split("=")[0]) for g in _flags)]
 os.environ["XLA_FLAGS"] = " ".join(_flags)
@@ -60,12 +63,24 @@ import pytest  # noqa: E402
 # Files that hold the suite's longest tests, longest first (`-n auto --durations=60`,
 # 2026-12-02). With pytest-xdist they are handed out first, so that no worker starts a long file
 # while the other has nothing left to do; without it the order changes nothing.
-LONGEST_FILES = ("test_evaluate.py", "test_train_vitvq.py", "test_multihost.py",
-                 "test_evaluation_at_scale.py",
-                 "test_compile_report.py", "test_readme.py", "test_preemption.py",
-                 "test_accelerator_benchmark.py", "test_prng.py",
-                 "test_lpips.py", "test_train_vim.py", "test_microbatch.py", "test_quickstart.py",
-                 "test_layers.py", "test_prepare_data.py", "test_notebook.py")
+LONGEST_FILES = (
+    "test_evaluate.py",
+    "test_train_vitvq.py",
+    "test_multihost.py",
+    "test_evaluation_at_scale.py",
+    "test_compile_report.py",
+    "test_readme.py",
+    "test_preemption.py",
+    "test_accelerator_benchmark.py",
+    "test_prng.py",
+    "test_lpips.py",
+    "test_train_vim.py",
+    "test_microbatch.py",
+    "test_quickstart.py",
+    "test_layers.py",
+    "test_prepare_data.py",
+    "test_notebook.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -82,6 +97,7 @@ def pytest_collection_modifyitems(items):
   def rank(item):
     name = os.path.basename(str(item.path))
     return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
   items.sort(key=rank)  # stable: a file's tests keep their order
 
 
@@ -89,6 +105,7 @@ def pytest_collection_modifyitems(items):
 def tiny_config():
   """The tiny stage-1 config (shapes data, 32 px), fresh for each test."""
   from configs import vitvq_base
+
   return vitvq_base.get_config("tiny")
 
 
@@ -97,7 +114,9 @@ def inception_files(tmp_path_factory):
   """Random-weight FID Inception files: {'pth': in pytorch-fid's published layout, 'flax': the
   same converted by `python -m vim_jax.tools.convert_inception`}."""
   from inception_reference import write_random_pth
+
   from vim_jax.tools import convert_inception
+
   folder = tmp_path_factory.mktemp("inception")
   pth, out = str(folder / "pt_inception_random.pth"), str(folder / "inception.msgpack")
   write_random_pth(pth)
@@ -111,7 +130,9 @@ def lpips_files(tmp_path_factory):
   in the published files' layout, 'flax': them converted by `python -m
   vim_jax.tools.convert_lpips`} (tests/lpips_reference.py)."""
   from lpips_reference import make_published_files
+
   from vim_jax.tools import convert_lpips
+
   folder = str(tmp_path_factory.mktemp("lpips"))
   vgg, head, vgg_path, head_path = make_published_files(folder)
   out = os.path.join(folder, "lpips.msgpack")
@@ -124,8 +145,10 @@ def lpips_files(tmp_path_factory):
 def tokenizer_dir(tmp_path_factory):
   """A tiny stage-1 run (4 steps, no GAN)."""
   import jax
+
   from configs import vitvq_base
   from vim_jax.trainers import tokenizer as tokenizer_trainer
+
   config = vitvq_base.get_config("tiny")
   config.loss.adversarial = 0.0
   config.update(total_steps=4, eval_every=4, checkpoint_every=4, num_eval_images=16)
@@ -138,9 +161,16 @@ def tokenizer_dir(tmp_path_factory):
 
 def tiny_vim_config(tokenizer_dir, steps=2):
   from configs import vim_base
+
   config = vim_base.get_config("tiny")
-  config.update(tokenizer_workdir=tokenizer_dir, total_steps=steps, log_every=1,
-                eval_every=1000, checkpoint_every=1000, num_grid_images=8)
+  config.update(
+      tokenizer_workdir=tokenizer_dir,
+      total_steps=steps,
+      log_every=1,
+      eval_every=1000,
+      checkpoint_every=1000,
+      num_grid_images=8,
+  )
   return config
 
 
@@ -148,19 +178,24 @@ def tiny_vim_config(tokenizer_dir, steps=2):
 def vim_dir(tokenizer_dir, tmp_path_factory):
   """A tiny class-conditional VIM run (3 steps) on tokenizer_dir."""
   import jax
+
   from vim_jax.trainers import vim as vim_trainer
+
   workdir = str(tmp_path_factory.mktemp("vim"))
-  vim_trainer.train_and_evaluate(tiny_vim_config(tokenizer_dir, steps=3), workdir,
-                               devices=jax.devices()[:1])
+  vim_trainer.train_and_evaluate(
+      tiny_vim_config(tokenizer_dir, steps=3), workdir, devices=jax.devices()[:1]
+  )
   return workdir
 
 
 @pytest.fixture(scope="session")
 def classifier_dir(tmp_path_factory):
   """A tiny classifier run (5 steps) on the shapes data."""
-  from configs import classifier as classifier_config
   import jax
+
+  from configs import classifier as classifier_config
   from vim_jax.trainers import classifier as classifier_trainer
+
   config = classifier_config.get_config()
   config.update(total_steps=5, num_eval_images=32)
   workdir = str(tmp_path_factory.mktemp("cls"))
@@ -176,20 +211,33 @@ def fake_imagenet(tmp_path_factory):
   repository with the relative TFDS_DATA_DIR=tfds. {'root' (that copy), 'manual_dir',
   'data_dir' (absolute), 'archive' (what was written), 'stdout'}."""
   import subprocess
+
   import fake_imagenet as fake
   import readme_commands
   from run_files import cli_env
+
   root = readme_commands.scratch_repository(str(tmp_path_factory.mktemp("imagenet")))
   data_dir = os.path.join(root, "tfds")
   manual_dir = os.path.join(data_dir, "downloads", "manual")
   archive = fake.write_fake_imagenet(manual_dir)
   command = readme_commands.find("prepare_data --name=imagenet2012 --data_dir=$TFDS_DATA_DIR")
   env = {**cli_env(), "TFDS_DATA_DIR": "tfds"}
-  proc = subprocess.run(readme_commands.to_argv(command, {"TFDS_DATA_DIR": "tfds"}), cwd=root,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      readme_commands.to_argv(command, {"TFDS_DATA_DIR": "tfds"}),
+      cwd=root,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return {"root": root, "manual_dir": manual_dir, "data_dir": data_dir, "archive": archive,
-          "stdout": proc.stdout}
+  return {
+      "root": root,
+      "manual_dir": manual_dir,
+      "data_dir": data_dir,
+      "archive": archive,
+      "stdout": proc.stdout,
+  }
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -198,14 +246,17 @@ def pytest_terminal_summary(terminalreporter):
   if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller counts every worker's tests
     return
   stats = terminalreporter.stats
-  passed, failed, errors, skipped = (len(stats.get(k, []))
-                                     for k in ("passed", "failed", "error", "skipped"))
+  passed, failed, errors, skipped = (
+      len(stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")
+  )
   ran = passed + failed + errors
   for report in stats.get("skipped", []):
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     terminalreporter.write_line(f"skipped {report.nodeid}: {reason}")
-  line = (f"vim_jax suite: {ran} tests ran ({passed} passed, {failed} failed, {errors} errors), "
-          f"{skipped} skipped")
+  line = (
+      f"vim_jax suite: {ran} tests ran ({passed} passed, {failed} failed, {errors} errors), "
+      f"{skipped} skipped"
+  )
   terminalreporter.write_line(line)
   if os.environ.get("VIM_JAX_SUITE_SUMMARY"):  # .ci/run ends with this line
     with open(os.environ["VIM_JAX_SUITE_SUMMARY"], "w") as f:

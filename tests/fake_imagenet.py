@@ -34,8 +34,9 @@ def _picture(rng: np.random.Generator, sides: tuple[int, int]) -> Image.Image:
   height, width = rng.integers(sides[0], sides[1] + 1, size=2)
   corners = rng.uniform(0, 255, size=(2, 2, 3))
   ys, xs = np.linspace(0, 1, height)[:, None, None], np.linspace(0, 1, width)[None, :, None]
-  image = ((1 - ys) * ((1 - xs) * corners[0, 0] + xs * corners[0, 1]) +
-           ys * ((1 - xs) * corners[1, 0] + xs * corners[1, 1]))
+  image = (1 - ys) * ((1 - xs) * corners[0, 0] + xs * corners[0, 1]) + ys * (
+      (1 - xs) * corners[1, 0] + xs * corners[1, 1]
+  )
   image = image + rng.normal(0, 12, size=image.shape)
   return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
 
@@ -55,9 +56,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes):
   tar.addfile(info, io.BytesIO(data))
 
 
-def write_fake_imagenet(manual_dir: str, images_per_synset: int = 6, num_val: int = 8,
-                        seed: int = 0, sides: tuple[int, int] = (40, 96),
-                        synsets: tuple[str, ...] = SYNSETS) -> dict:
+def write_fake_imagenet(
+    manual_dir: str,
+    images_per_synset: int = 6,
+    num_val: int = 8,
+    seed: int = 0,
+    sides: tuple[int, int] = (40, 96),
+    synsets: tuple[str, ...] = SYNSETS,
+) -> dict:
   """Writes ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into manual_dir.
 
   Returns {'train': number of train images, 'validation': number of val images,
@@ -84,5 +90,9 @@ def write_fake_imagenet(manual_dir: str, images_per_synset: int = 6, num_val: in
   with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val_tar:
     for i in range(1, num_val + 1):
       _add(val_tar, f"ILSVRC2012_val_{i:08d}.JPEG", _encoded(_picture(rng, sides), "JPEG"))
-  return {"train": len(train_files), "validation": num_val, "train_files": train_files,
-          "repaired": repaired}
+  return {
+      "train": len(train_files),
+      "validation": num_val,
+      "train_files": train_files,
+      "repaired": repaired,
+  }

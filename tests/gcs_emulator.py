@@ -41,8 +41,13 @@ import urllib.request
 class GcsEmulator:
   """A GCS server with one empty bucket, for as long as the object lives (or until stop())."""
 
-  def __init__(self, bucket: str = "bucket", log_path: str | None = None,
-               disk: str | None = None, port: int | None = None):
+  def __init__(
+      self,
+      bucket: str = "bucket",
+      log_path: str | None = None,
+      disk: str | None = None,
+      port: int | None = None,
+  ):
     """disk: keep the objects in this folder (a server restarted on it finds them again)
     instead of in memory; port: a given one (a restart), else a free one."""
     self.bucket, self.disk = bucket, disk
@@ -56,9 +61,23 @@ class GcsEmulator:
     storage = ["--in-memory"] if disk is None else []
     env = dict(os.environ, **({"STORAGE_BASE": disk} if disk else {}))
     self.process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "start", "--host", "127.0.0.1", "--port",
-         str(self.port), *storage, "--default-bucket", bucket, "-q"],
-        stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *storage,
+            "--default-bucket",
+            bucket,
+            "-q",
+        ],
+        stdout=self._log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.monotonic() + 60
     while True:
       try:
@@ -78,8 +97,11 @@ class GcsEmulator:
     found, token = {}, None
     while True:
       query = {"prefix": prefix, **({"pageToken": token} if token else {})}
-      page = json.load(urllib.request.urlopen(
-          f"{self.url}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(query)}"))
+      page = json.load(
+          urllib.request.urlopen(
+              f"{self.url}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(query)}"
+          )
+      )
       found.update({o["name"]: int(o["size"]) for o in page.get("items", [])})
       token = page.get("nextPageToken")
       if not token:
@@ -89,20 +111,27 @@ class GcsEmulator:
     """One object's bytes."""
     quoted = urllib.parse.quote(name, safe="")
     return urllib.request.urlopen(
-        f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media").read()
+        f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media"
+    ).read()
 
   def write(self, name: str, data: bytes) -> None:
     """Uploads `data` as object `name` (replacing it)."""
     query = urllib.parse.urlencode({"uploadType": "media", "name": name})
-    urllib.request.urlopen(urllib.request.Request(
-        f"{self.url}/upload/storage/v1/b/{self.bucket}/o?{query}", data=data, method="POST",
-        headers={"Content-Type": "application/octet-stream"})).read()
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"{self.url}/upload/storage/v1/b/{self.bucket}/o?{query}",
+            data=data,
+            method="POST",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+    ).read()
 
   def delete(self, name: str) -> None:
     """Deletes object `name`."""
     quoted = urllib.parse.quote(name, safe="")
-    urllib.request.urlopen(urllib.request.Request(
-        f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}", method="DELETE")).read()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}", method="DELETE")
+    ).read()
 
   def stop(self) -> None:
     """Stops the server (its objects are gone with it)."""
@@ -174,14 +203,27 @@ def _serve(argv: list[str]) -> None:
     if storage.get_bucket(name) is None:
       response.status = server.HTTPStatus.NOT_FOUND
       return
-    response.json({"kind": "storage#storageLayout", "bucket": name, "location": "US",
-                   "locationType": "multi-region", "hierarchicalNamespace": {"enabled": False}})
+    response.json(
+        {
+            "kind": "storage#storageLayout",
+            "bucket": name,
+            "location": "US",
+            "locationType": "multi-region",
+            "hierarchicalNamespace": {"enabled": False},
+        }
+    )
 
   def move(request, response, storage, *args, **kwargs):  # fix 5
     bucket = request.params["bucket_name"]
     try:
-      moved = objects._copy(request.base_url, storage, bucket, request.params["object_id"],
-                            bucket, request.params["dest_object_id"])
+      moved = objects._copy(
+          request.base_url,
+          storage,
+          bucket,
+          request.params["object_id"],
+          bucket,
+          request.params["dest_object_id"],
+      )
       storage.delete_file(bucket, request.params["object_id"])
       response.json(moved)
     except objects.NotFound:
@@ -196,19 +238,25 @@ def _serve(argv: list[str]) -> None:
     if suffix and obj is not None:  # fix 4
       size = len(storage.get_file(bucket, name))
       request._request_handler.headers.replace_header(
-          "Range", f"bytes={max(0, size - int(suffix.group(1)))}-")
+          "Range", f"bytes={max(0, size - int(suffix.group(1)))}-"
+      )
     if obj is not None:  # fix 8, reads
       query = request.query
-      if "ifGenerationMatch" in query and query["ifGenerationMatch"][0] != str(obj.get("generation")):
+      if "ifGenerationMatch" in query and query["ifGenerationMatch"][0] != str(
+          obj.get("generation")
+      ):
         response.status = server.HTTPStatus.PRECONDITION_FAILED
         return
-      if ("ifGenerationNotMatch" in query
-          and query["ifGenerationNotMatch"][0] == str(obj.get("generation"))):
+      if "ifGenerationNotMatch" in query and query["ifGenerationNotMatch"][0] == str(
+          obj.get("generation")
+      ):
         response.status = server.HTTPStatus.NOT_MODIFIED
         return
     original_download(request, response, storage, *args, **kwargs)
-    if obj is not None and response.status in (server.HTTPStatus.OK,
-                                               server.HTTPStatus.PARTIAL_CONTENT):  # fix 7
+    if obj is not None and response.status in (
+        server.HTTPStatus.OK,
+        server.HTTPStatus.PARTIAL_CONTENT,
+    ):  # fix 7
       response["x-goog-generation"] = str(obj.get("generation"))
       response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
       response["x-goog-stored-content-length"] = str(obj.get("size"))
@@ -219,10 +267,15 @@ def _serve(argv: list[str]) -> None:
   swap = {original_download: download, original_insert: insert}
   server.HANDLERS = (
       (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$", {server.GET: storage_layout}),
-      (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
-       r"(?P<dest_object_id>.*[^/]+)$", {server.POST: move}),
-  ) + tuple((pattern, {method: swap.get(f, f) for method, f in handlers.items()})
-            for pattern, handlers in server.HANDLERS)
+      (
+          r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+          r"(?P<dest_object_id>.*[^/]+)$",
+          {server.POST: move},
+      ),
+  ) + tuple(
+      (pattern, {method: swap.get(f, f) for method, f in handlers.items()})
+      for pattern, handlers in server.HANDLERS
+  )
   main(argv)
 
 

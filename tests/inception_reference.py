@@ -29,21 +29,29 @@ class TorchFIDInception:
     s = self.state
     if f"{name}.conv.weight" not in s:
       fan_in = x.shape[1] * kh * kw
-      s[f"{name}.conv.weight"] = (self._randn(out, x.shape[1], kh, kw) * (2 / fan_in) ** 0.5)
+      s[f"{name}.conv.weight"] = self._randn(out, x.shape[1], kh, kw) * (2 / fan_in) ** 0.5
       s[f"{name}.bn.weight"] = 0.5 + self._rand(out)
       s[f"{name}.bn.bias"] = 0.1 * self._randn(out)
       s[f"{name}.bn.running_mean"] = 0.1 * self._randn(out)
       s[f"{name}.bn.running_var"] = 0.5 + self._rand(out)
       s[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
     x = F.conv2d(x, s[f"{name}.conv.weight"], stride=stride, padding=padding)
-    x = F.batch_norm(x, s[f"{name}.bn.running_mean"], s[f"{name}.bn.running_var"],
-                     s[f"{name}.bn.weight"], s[f"{name}.bn.bias"], training=False, eps=0.001)
+    x = F.batch_norm(
+        x,
+        s[f"{name}.bn.running_mean"],
+        s[f"{name}.bn.running_var"],
+        s[f"{name}.bn.weight"],
+        s[f"{name}.bn.bias"],
+        training=False,
+        eps=0.001,
+    )
     return F.relu(x)
 
   def block_a(self, x, n, pool_features):
     b1 = self.conv(x, f"{n}.branch1x1", 64, (1, 1))
-    b5 = self.conv(self.conv(x, f"{n}.branch5x5_1", 48, (1, 1)), f"{n}.branch5x5_2", 64,
-                   (5, 5), padding=(2, 2))
+    b5 = self.conv(
+        self.conv(x, f"{n}.branch5x5_1", 48, (1, 1)), f"{n}.branch5x5_2", 64, (5, 5), padding=(2, 2)
+    )
     b3 = self.conv(x, f"{n}.branch3x3dbl_1", 64, (1, 1))
     b3 = self.conv(b3, f"{n}.branch3x3dbl_2", 96, (3, 3), padding=(1, 1))
     b3 = self.conv(b3, f"{n}.branch3x3dbl_3", 96, (3, 3), padding=(1, 1))
@@ -73,8 +81,9 @@ class TorchFIDInception:
     return torch.cat([b1, b7, bd, bp], 1)
 
   def block_d(self, x, n):
-    b3 = self.conv(self.conv(x, f"{n}.branch3x3_1", 192, (1, 1)), f"{n}.branch3x3_2", 320,
-                   (3, 3), stride=2)
+    b3 = self.conv(
+        self.conv(x, f"{n}.branch3x3_1", 192, (1, 1)), f"{n}.branch3x3_2", 320, (3, 3), stride=2
+    )
     b7 = self.conv(x, f"{n}.branch7x7x3_1", 192, (1, 1))
     b7 = self.conv(b7, f"{n}.branch7x7x3_2", 192, (1, 7), padding=(0, 3))
     b7 = self.conv(b7, f"{n}.branch7x7x3_3", 192, (7, 1), padding=(3, 0))
@@ -84,12 +93,22 @@ class TorchFIDInception:
   def block_e(self, x, n, max_pool):
     b1 = self.conv(x, f"{n}.branch1x1", 320, (1, 1))
     b3 = self.conv(x, f"{n}.branch3x3_1", 384, (1, 1))
-    b3 = torch.cat([self.conv(b3, f"{n}.branch3x3_2a", 384, (1, 3), padding=(0, 1)),
-                    self.conv(b3, f"{n}.branch3x3_2b", 384, (3, 1), padding=(1, 0))], 1)
+    b3 = torch.cat(
+        [
+            self.conv(b3, f"{n}.branch3x3_2a", 384, (1, 3), padding=(0, 1)),
+            self.conv(b3, f"{n}.branch3x3_2b", 384, (3, 1), padding=(1, 0)),
+        ],
+        1,
+    )
     bd = self.conv(x, f"{n}.branch3x3dbl_1", 448, (1, 1))
     bd = self.conv(bd, f"{n}.branch3x3dbl_2", 384, (3, 3), padding=(1, 1))
-    bd = torch.cat([self.conv(bd, f"{n}.branch3x3dbl_3a", 384, (1, 3), padding=(0, 1)),
-                    self.conv(bd, f"{n}.branch3x3dbl_3b", 384, (3, 1), padding=(1, 0))], 1)
+    bd = torch.cat(
+        [
+            self.conv(bd, f"{n}.branch3x3dbl_3a", 384, (1, 3), padding=(0, 1)),
+            self.conv(bd, f"{n}.branch3x3dbl_3b", 384, (3, 1), padding=(1, 0)),
+        ],
+        1,
+    )
     if max_pool:  # FIDInceptionE_2
       bp = F.max_pool2d(x, 3, stride=1, padding=1)
     else:  # FIDInceptionE_1
@@ -114,15 +133,14 @@ class TorchFIDInception:
     x = self.block_a(x, "Mixed_5c", 64)
     x = self.block_a(x, "Mixed_5d", 64)
     x = self.block_b(x, "Mixed_6a")
-    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
-                     ("Mixed_6e", 192)):
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
       x = self.block_c(x, name, c7)
     x = self.block_d(x, "Mixed_7a")
     x = self.block_e(x, "Mixed_7b", max_pool=False)
     x = self.block_e(x, "Mixed_7c", max_pool=True)
     pool = F.adaptive_avg_pool2d(x, 1).flatten(1)
     if "fc.weight" not in self.state:
-      self.state["fc.weight"] = self._randn(1008, 2048) / 2048 ** 0.5
+      self.state["fc.weight"] = self._randn(1008, 2048) / 2048**0.5
       self.state["fc.bias"] = 0.1 * self._randn(1008)
     unbiased = F.linear(pool, self.state["fc.weight"])
     return pool, unbiased, unbiased + self.state["fc.bias"]
@@ -133,6 +151,5 @@ def write_random_pth(path, seed=0):
   ref = TorchFIDInception(seed)
   with torch.no_grad():
     ref(torch.zeros(1, 3, 299, 299, dtype=torch.float64))
-  torch.save({k: (v.float() if v.is_floating_point() else v) for k, v in ref.state.items()},
-             path)
+  torch.save({k: (v.float() if v.is_floating_point() else v) for k, v in ref.state.items()}, path)
   return ref

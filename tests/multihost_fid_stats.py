@@ -17,6 +17,7 @@ def reference_config():
   """The tiny VIM config's shapes eval split, 20 images in batches of 8: the last batch holds
   4 real images, all in process 0's share."""
   from configs import vim_base
+
   config = vim_base.get_config("tiny")
   config.update(num_eval_images=20, eval_batch_size=8)
   return config
@@ -25,6 +26,7 @@ def reference_config():
 def main(coordinator: str, process_id: int, inception_file: str, out: str):
   jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
   from vim_jax.evaluators import fid, paper_metrics
+
   extractor = fid.FeatureExtractor(inception_file, batch_size=8)
   stats = paper_metrics.reference_stats(reference_config(), extractor)
   if jax.process_index() == 0:

@@ -4,8 +4,8 @@ tests/test_prepare_data.py).
 
 A command is every `python -m vim_jax.*` line of a fenced bash block (continuation lines joined,
 comments dropped, `&&` chains split) and every inline code span that starts with
-`python -m vim_jax.` and passes flags; whitespace is collapsed. Install and download lines (`pip`, `curl`,
-`python -c`) are set-up, not our commands: .ci/run runs the install lines.
+`python -m vim_jax.` and passes flags; whitespace is collapsed. Install and download lines (`pip`,
+`curl`, `python -c`) are set-up, not our commands: .ci/run runs the install lines.
 """
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ def quickstart_command(smoke: bool = True) -> list[str]:
   argv = shlex.split(last)
   assert argv[:3] == ["python", "-m", "vim_jax.main"], (
       f"the README's quickstart line no longer ends in `python -m vim_jax.main`: {last!r}; "
-      "update tests/readme_commands.py with it")
+      "update tests/readme_commands.py with it"
+  )
   configs = [a for a in argv if a.startswith("--config=")]
   workdirs = [a for a in argv if a.startswith("--workdir=")]
-  assert len(configs) == 1 and len(workdirs) == 1, f"expected one --config and one --workdir: {last!r}"
-  assert not os.path.isabs(workdirs[0].split("=", 1)[1]), (
-      "the quickstart's --workdir is meant to be relative (what new users type)")
+  assert (
+      len(configs) == 1 and len(workdirs) == 1
+  ), f"expected one --config and one --workdir: {last!r}"
+  assert not os.path.isabs(
+      workdirs[0].split("=", 1)[1]
+  ), "the quickstart's --workdir is meant to be relative (what new users type)"
   if smoke:
     argv[argv.index(configs[0])] = configs[0] + ":smoke"
   return [sys.executable] + argv[1:]
@@ -93,16 +97,23 @@ def scratch_repository(folder: str) -> str:
         os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
         shutil.copy2(os.path.join(REPO_ROOT, name), os.path.join(target, name))
   else:  # not a git checkout (an unpacked archive): everything but local state
-    shutil.copytree(REPO_ROOT, target, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "venv", "workdirs", "__pycache__", "*.egg-info", ".pytest_cache"))
+    shutil.copytree(
+        REPO_ROOT,
+        target,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "venv", "workdirs", "__pycache__", "*.egg-info", ".pytest_cache"
+        ),
+    )
   return target
 
 
 def find(fragment: str, readme: str = "README.md") -> str:
   """The one command of `readme` containing `fragment`."""
   matches = [c for c in commands(readme) if fragment in c]
-  assert len(matches) == 1, f"{readme} has {len(matches)} commands containing {fragment!r}: " \
-                            f"{matches}; update the test that runs it"
+  assert len(matches) == 1, (
+      f"{readme} has {len(matches)} commands containing {fragment!r}: "
+      f"{matches}; update the test that runs it"
+  )
   return matches[0]
 
 

@@ -62,8 +62,9 @@ def assert_leaves_close(la: dict, lb: dict, rel=1e-4, floor=1e-5, param_atol=0.0
       tolerance += floor * group_max[_group(key)]
       tolerance += param_atol if "opt_state" not in _group(key) else 0.0
     if diff > tolerance:
-      failures.append(f"{key}: max difference {diff:.3g} (scale {scale:.3g}, tolerance "
-                      f"{tolerance:.3g})")
+      failures.append(
+          f"{key}: max difference {diff:.3g} (scale {scale:.3g}, tolerance {tolerance:.3g})"
+      )
     elif tolerance:
       worst = max(worst, diff / tolerance)
   assert not failures, "\n".join(failures)

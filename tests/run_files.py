@@ -17,6 +17,7 @@ def event_scalars(folder: str) -> dict[str, dict[int, float]]:
   """{tag: {step: value}} of every scalar in folder's TensorBoard event files (image grids,
   also summaries, are left out)."""
   import tensorflow as tf
+
   values: dict[str, dict[int, float]] = {}
   for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -31,17 +32,22 @@ def eval_images(config) -> np.ndarray:
   """The run's eval images exactly as its eval pass sees them: float [N, S, S, 3] in [-1, 1],
   padding removed."""
   from vim_jax.data import pipeline, preprocess
+
   _, eval_data = pipeline.build_pipelines(config)
   return preprocess.from_uint8(
-      np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()]))
+      np.concatenate([b["image"][b["mask"].astype(bool)] for b in eval_data.iterate()])
+  )
 
 
 def cli_env(devices: int | None = None) -> dict:
   """A command's environment: the suite's, with one CPU device (as a user's shell has) or
   `devices` virtual ones instead of the suite's 8, and the suite's other XLA flags."""
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]  # the conftest's rest
+  flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+  ]  # the conftest's rest
   if devices:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"
@@ -60,9 +66,15 @@ def start_processes(count, command, log_dir, devices_per_process=4, env=None):
   procs, logs = [], []
   for i in range(count):
     logs.append(os.path.join(log_dir, f"process{i}.log"))
-    procs.append(subprocess.Popen(
-        command(i), cwd=REPO_ROOT, env={**cli_env(devices_per_process), **(env(i) if env else {})},
-        stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT))
+    procs.append(
+        subprocess.Popen(
+            command(i),
+            cwd=REPO_ROOT,
+            env={**cli_env(devices_per_process), **(env(i) if env else {})},
+            stdout=open(logs[-1], "w"),
+            stderr=subprocess.STDOUT,
+        )
+    )
   try:
     codes = [p.wait(timeout=900) for p in procs]
   finally:

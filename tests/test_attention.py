@@ -31,17 +31,26 @@ def attention_and_grads(fn, q, k, v):
 @pytest.mark.parametrize("head_dim", [64, 96], ids=["head64", "head96"])  # ViT-VQGAN/VIM-L, VIM-B
 def test_splash_equals_xla_outputs_and_gradients(causal, head_dim):
   q, k, v = qkv(1, 256, 2, head_dim)
-  xla = lambda q, k, v: attention.dot_product_attention(q, k, v, causal=causal,
-                                                        implementation="xla")
+  xla = lambda q, k, v: attention.dot_product_attention(
+      q, k, v, causal=causal, implementation="xla"
+  )
   with attention.pallas_interpret():
-    splash = jax.jit(lambda q, k, v: attention.dot_product_attention(
-        q, k, v, causal=causal, implementation="splash", block=128))
+    splash = jax.jit(
+        lambda q, k, v: attention.dot_product_attention(
+            q, k, v, causal=causal, implementation="splash", block=128
+        )
+    )
     out_s, grads_s = attention_and_grads(splash, q, k, v)
   out_x, grads_x = attention_and_grads(xla, q, k, v)
   np.testing.assert_allclose(out_s, out_x, rtol=1e-5, atol=1e-5)
   for name, gs, gx in zip("qkv", grads_s, grads_x):
-    np.testing.assert_allclose(gs, gx, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(gx))),
-                               err_msg=f"gradient w.r.t. {name}")
+    np.testing.assert_allclose(
+        gs,
+        gx,
+        rtol=1e-4,
+        atol=1e-4 * float(jnp.max(jnp.abs(gx))),
+        err_msg=f"gradient w.r.t. {name}",
+    )
 
 
 def test_splash_under_shard_map_on_a_mesh_equals_xla():
@@ -50,11 +59,15 @@ def test_splash_under_shard_map_on_a_mesh_equals_xla():
   mesh = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
   q, k, v = qkv(4, 128, 2, 64, seed=1)
   expected = attention.dot_product_attention(q, k, v, causal=True, implementation="xla")
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
-                                                                     "tensor", None))
+  spec = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+  )
   with attention.pallas_interpret(), jax.set_mesh(mesh):
-    fn = jax.jit(lambda q, k, v: attention.dot_product_attention(
-        q, k, v, causal=True, implementation="splash", block=128))
+    fn = jax.jit(
+        lambda q, k, v: attention.dot_product_attention(
+            q, k, v, causal=True, implementation="splash", block=128
+        )
+    )
     lowered = fn.lower(*[jax.device_put(x, spec) for x in (q, k, v)])
     out = lowered.compile()(*[jax.device_put(x, spec) for x in (q, k, v)])
   assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
@@ -62,9 +75,17 @@ def test_splash_under_shard_map_on_a_mesh_equals_xla():
 
 
 def test_a_transformer_with_splash_equals_one_with_xla():
-  config = transformer.StackConfig(num_layers=2, width=64, num_heads=2, head_dim=64,
-                                   mlp_dim=128, causal=True, scan_layers=True,
-                                   attention="xla", attention_block=128)
+  config = transformer.StackConfig(
+      num_layers=2,
+      width=64,
+      num_heads=2,
+      head_dim=64,
+      mlp_dim=128,
+      causal=True,
+      scan_layers=True,
+      attention="xla",
+      attention_block=128,
+  )
   x = jax.random.normal(jax.random.key(0), (2, 128, 64))
   xla_stack = transformer.Transformer(config)
   params = nn.meta.unbox(xla_stack.init(jax.random.key(1), x))["params"]
@@ -97,8 +118,9 @@ def test_a_kernel_the_backend_lacks_is_a_clear_error():
   with pytest.raises(ValueError, match="expected one of"):
     attention.resolve("flash", jnp.bfloat16, "cpu")
   with pytest.raises(ValueError, match="expected one of"):
-    transformer.StackConfig(num_layers=1, width=8, num_heads=1, head_dim=8, mlp_dim=8,
-                            attention="flash")
+    transformer.StackConfig(
+        num_layers=1, width=8, num_heads=1, head_dim=8, mlp_dim=8, attention="flash"
+    )
 
 
 def test_splash_tiles_divide_the_sequence():
@@ -141,27 +163,42 @@ def bf16_attention_reference(q, k, v, causal: bool, q_prescaled_in_bf16: bool):
   return o, bound
 
 
-@pytest.mark.parametrize("implementation, head_dim, causal", [
-    ("xla", 64, True), ("xla", 64, False), ("splash", 64, True), ("splash", 64, False),
-    ("splash", 96, True), ("cudnn", 64, True), ("cudnn", 64, False)])
-def test_bfloat16_attention_is_within_what_bfloat16_rounding_explains(implementation, head_dim,
-                                                                      causal):
+@pytest.mark.parametrize(
+    "implementation, head_dim, causal",
+    [
+        ("xla", 64, True),
+        ("xla", 64, False),
+        ("splash", 64, True),
+        ("splash", 64, False),
+        ("splash", 96, True),
+        ("cudnn", 64, True),
+        ("cudnn", 64, False),
+    ],
+)
+def test_bfloat16_attention_is_within_what_bfloat16_rounding_explains(
+    implementation, head_dim, causal
+):
   """Each kernel in bfloat16 against the float64 attention of the same (bf16) inputs, within
   the elementwise bound bf16_attention_reference derives (the rounding of the probabilities
   and the output, and for splash of q's pre-scaling): a kernel that, say, rounded its logits to
   bf16, or scaled q and k by K^-1/4 each in bf16, fails (3-9 x this bound here).
   Splash runs in Pallas interpret mode; cuDNN only where jax's backend is an NVIDIA GPU."""
   if implementation == "cudnn" and jax.default_backend() != "gpu":
-    pytest.skip("cuDNN attention needs an NVIDIA GPU as jax's backend, and this run's is "
-                f"{jax.default_backend()!r} (the suite sets JAX_PLATFORMS=cpu unless it is "
-                "already set: run with JAX_PLATFORMS=cuda on a GPU machine to include it)")
+    pytest.skip(
+        "cuDNN attention needs an NVIDIA GPU as jax's backend, and this run's is "
+        f"{jax.default_backend()!r} (the suite sets JAX_PLATFORMS=cpu unless it is "
+        "already set: run with JAX_PLATFORMS=cuda on a GPU machine to include it)"
+    )
   q, k, v = qkv(1, 128, 2, head_dim, seed=3)
   # Logits of standard deviation 3, a sharp attention like a trained model's, where an error in
   # the logits moves the output most.
   q, k, v = (x.astype(jnp.bfloat16) for x in (3 * q, k, v))
   with attention.pallas_interpret():
-    out = jax.jit(lambda q, k, v: attention.dot_product_attention(
-        q, k, v, causal=causal, implementation=implementation, block=128))(q, k, v)
+    out = jax.jit(
+        lambda q, k, v: attention.dot_product_attention(
+            q, k, v, causal=causal, implementation=implementation, block=128
+        )
+    )(q, k, v)
   assert out.dtype == jnp.bfloat16
   expected, bound = bf16_attention_reference(q, k, v, causal, implementation == "splash")
   ratio = np.abs(np.asarray(out.astype(jnp.float32), np.float64) - expected) / bound

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 import readme_commands
 from conftest import REPO_ROOT
 from run_files import cli_env
@@ -15,6 +14,7 @@ from run_files import cli_env
 def test_fsdp_divides_the_state_over_devices():
   from configs import vim_base
   from vim_jax.trainers import step_report
+
   config = vim_base.get_config("tiny")
   config.update(batch_size=8)
   config.data.source = "tokens"  # no tokenizer: tokens_per_image and codebook_size give shapes
@@ -35,10 +35,21 @@ def test_cli_reports_a_stage1_config_without_weights_or_data():
   cross-device traffic is the gradient all-reduce. LPIPS's image pair and the discriminator's
   minibatch-stddev groups (4 consecutive examples, 4 per device here) stay on their device."""
   out = subprocess.run(
-      [sys.executable, "-m", "vim_jax.compile_report", "--config=configs/vitvq_base.py:tiny",
-       "--config.loss.perceptual=0.1", "--config.perceptual_weights=/nonexistent",
-       "--num_cpu_devices=8", "--config.batch_size=32"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "vim_jax.compile_report",
+          "--config=configs/vitvq_base.py:tiny",
+          "--config.loss.perceptual=0.1",
+          "--config.perceptual_weights=/nonexistent",
+          "--num_cpu_devices=8",
+          "--config.batch_size=32",
+      ],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "on 8 x cpu" in out.stdout and "per device: arguments" in out.stdout
   line = next(l for l in out.stdout.splitlines() if l.startswith("collectives"))
@@ -51,11 +62,21 @@ def test_cli_reports_a_stage1_config_without_weights_or_data():
 
 # --- Compiled for real TPU slices by libtpu (compile-only devices; no TPU needed) -------------
 
+
 def test_slice_names_give_chips_and_torus_shapes():
   from vim_jax.infra import tpu_slices
-  expected = {"v4-8": (4, "v4:2x2x1"), "v4-32": (16, "v4:2x2x4"), "v4-128": (64, "v4:4x4x4"),
-              "v4-256": (128, "v4:4x4x8"), "v5p-64": (32, "v5p:2x4x4"), "v5e-8": (8, "v5e:2x4"),
-              "v5litepod-16": (16, "v5e:4x4"), "v6e-64": (64, "v6e:8x8"), "v5e-1": (1, "v5e:1x1")}
+
+  expected = {
+      "v4-8": (4, "v4:2x2x1"),
+      "v4-32": (16, "v4:2x2x4"),
+      "v4-128": (64, "v4:4x4x4"),
+      "v4-256": (128, "v4:4x4x8"),
+      "v5p-64": (32, "v5p:2x4x4"),
+      "v5e-8": (8, "v5e:2x4"),
+      "v5litepod-16": (16, "v5e:4x4"),
+      "v6e-64": (64, "v6e:8x8"),
+      "v5e-1": (1, "v5e:1x1"),
+  }
   for name, (chips, topology) in expected.items():
     spec = tpu_slices.parse(name)
     assert (spec.chips, spec.topology) == (chips, topology), name
@@ -67,12 +88,15 @@ def test_slice_names_give_chips_and_torus_shapes():
 def _printed(text: str) -> dict[str, float]:
   """The numbers compile_report prints: GiB per chip and TFLOP per step."""
   memory = next(line for line in text.splitlines() if line.startswith("per "))  # the step's
-  found = {k: float(v) for k, v in re.findall(
-      r"(arguments|outputs|temporaries|aliased|total) ([0-9.]+) GiB", memory)}
+  found = {
+      k: float(v)
+      for k, v in re.findall(r"(arguments|outputs|temporaries|aliased|total) ([0-9.]+) GiB", memory)
+  }
   found["tflop"] = float(re.search(r"per step: ([0-9.e-]+) TFLOP model", text).group(1))
   found["hardware_tflop"] = float(re.search(r", ([0-9.e-]+) TFLOP hardware", text).group(1))
-  found["xla_tflop"] = float(re.search(r"cost analysis of the step: ([0-9.e-]+) TFLOP",
-                                       text).group(1))
+  found["xla_tflop"] = float(
+      re.search(r"cost analysis of the step: ([0-9.e-]+) TFLOP", text).group(1)
+  )
   return found
 
 
@@ -83,10 +107,19 @@ def _assert_printed_equals_analysis(text, numbers):
   m = compiled.memory_analysis()
   printed = _printed(text)
   gib = lambda b: b / 2**30
-  for name, value in (("arguments", m.argument_size_in_bytes), ("outputs", m.output_size_in_bytes),
-                      ("temporaries", m.temp_size_in_bytes), ("aliased", m.alias_size_in_bytes),
-                      ("total", m.argument_size_in_bytes + m.output_size_in_bytes +
-                       m.temp_size_in_bytes - m.alias_size_in_bytes)):
+  for name, value in (
+      ("arguments", m.argument_size_in_bytes),
+      ("outputs", m.output_size_in_bytes),
+      ("temporaries", m.temp_size_in_bytes),
+      ("aliased", m.alias_size_in_bytes),
+      (
+          "total",
+          m.argument_size_in_bytes
+          + m.output_size_in_bytes
+          + m.temp_size_in_bytes
+          - m.alias_size_in_bytes,
+      ),
+  ):
     assert printed[name] == pytest.approx(gib(value), abs=6e-4), name
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -98,9 +131,11 @@ def _assert_printed_equals_analysis(text, numbers):
 
 README_COMPILE_REPORT = readme_commands.find("python -m vim_jax.compile_report")
 # The README's command at tiny size on the smallest v4 slice (a v4-128 compiles for minutes).
-README_TINY_EDITS = (("configs/vim_large.py", "configs/vim_large.py:tiny"),
-                     ("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),
-                     ("--topology=v4-128", "--topology=v4-8"))
+README_TINY_EDITS = (
+    ("configs/vim_large.py", "configs/vim_large.py:tiny"),
+    ("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),
+    ("--topology=v4-128", "--topology=v4-8"),
+)
 
 
 def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys):
@@ -111,25 +146,35 @@ def test_tiny_configs_compile_for_a_v4_8_and_print_the_compiled_analysis(capsys)
   compiler is deterministic); stage 1 is compiled once, here, and printed as the CLI prints
   (its CLI path: test_cli_reports_a_stage1_config_without_weights_or_data)."""
   from configs import vim_large, vitvq_base
-  from vim_jax.trainers import step_report
   from vim_jax.infra import tpu_slices
+  from vim_jax.trainers import step_report
+
   spec = tpu_slices.parse("v4-8")
   devices = tpu_slices.compile_only_devices(spec)
   stage1 = vitvq_base.get_config("tiny")
   stage1.update(perceptual_weights="/nonexistent")  # shapes only: no file is read
   stage1.loss.perceptual = 0.1
-  proc = subprocess.run(readme_commands.to_argv(README_COMPILE_REPORT, {}, README_TINY_EDITS),
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                        env=cli_env())
+  proc = subprocess.run(
+      readme_commands.to_argv(README_COMPILE_REPORT, {}, README_TINY_EDITS),
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=cli_env(),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   capsys.readouterr()
-  numbers = stage1_numbers = step_report.report(stage1, devices,
-                                                    capacity_bytes=spec.generation.hbm_bytes)
+  numbers = stage1_numbers = step_report.report(
+      stage1, devices, capacity_bytes=spec.generation.hbm_bytes
+  )
   step_report.print_report(stage1, numbers, spec)
   printed_stage1 = capsys.readouterr().out
-  stage2 = step_report.report(vim_large.get_config("tiny"), devices,
-                                 capacity_bytes=spec.generation.hbm_bytes,
-                                 tokenizer_config=vitvq_base.get_config("tiny"))
+  stage2 = step_report.report(
+      vim_large.get_config("tiny"),
+      devices,
+      capacity_bytes=spec.generation.hbm_bytes,
+      tokenizer_config=vitvq_base.get_config("tiny"),
+  )
   for text, numbers in ((printed_stage1, numbers), (proc.stdout, stage2)):
     assert "on 1 x v4-8 (v4:2x2x1, 4 chips)" in text
     assert "of 32 GiB HBM" in text and "at 40% MFU of a v4 chip's 275" in text
@@ -152,8 +197,9 @@ def test_splash_attention_compiles_into_the_tpu_program():
   """attention='auto' picks the Pallas splash kernel on TPU (sequence a multiple of 128): the
   compiled program calls the Mosaic kernel; with 'xla' it does not."""
   from configs import vim_base
-  from vim_jax.trainers import step_report
   from vim_jax.infra import tpu_slices
+  from vim_jax.trainers import step_report
+
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   config = vim_base.get_config("tiny")
   config.data.source = "tokens"
@@ -170,16 +216,30 @@ def test_splash_attention_compiles_into_the_tpu_program():
 def test_a_layout_that_cannot_fit_exits_nonzero_saying_so():
   """VIM-Large replicated (data-parallel, no FSDP) at batch 1024 on a v5e-8 (16 GiB chips)."""
   proc = subprocess.run(
-      [sys.executable, "-m", "vim_jax.compile_report", "--config=configs/vim_large.py",
-       "--topology=v5e-8", "--config.mesh.data=-1", "--config.mesh.fsdp=1",
-       "--config.batch_size=1024", "--tokenizer_config=configs/vitvq_base.py"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=cli_env())
+      [
+          sys.executable,
+          "-m",
+          "vim_jax.compile_report",
+          "--config=configs/vim_large.py",
+          "--topology=v5e-8",
+          "--config.mesh.data=-1",
+          "--config.mesh.fsdp=1",
+          "--config.batch_size=1024",
+          "--tokenizer_config=configs/vitvq_base.py",
+      ],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=cli_env(),
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
   assert "error: does not fit" in proc.stderr and "on 1 x v5e-8 (16 GiB per chip)" in proc.stderr
   assert "--config.mesh.fsdp=-1" in proc.stderr  # how to make it fit
 
 
 # --- The sampler (--program=sample) -----------------------------------------------------------
+
 
 def test_decode_step_is_the_samplers_loop_body():
   """N calls of the step the report compiles draw sample_tokens' tokens (guidance, top-k)."""
@@ -188,13 +248,15 @@ def test_decode_step_is_the_samplers_loop_body():
   import jax.numpy as jnp
 
   from configs import vim_base
-  from vim_jax.sampling import autoregressive
   from vim_jax.models import vim as vim_lib
+  from vim_jax.sampling import autoregressive
+
   config = vim_base.get_config("tiny")
   model = vim_lib.VIM.from_config(config, vocab_size=32, num_tokens=16)
   labels = jnp.array([0, 3, 5], jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
-                                    labels[:1]))["params"]
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32), labels[:1]))[
+      "params"
+  ]
   sampling = autoregressive.SamplingConfig(temperature=1.0, top_k=8, guidance_scale=2.0)
   rng = jax.random.key(7)
   expected = autoregressive.sample_tokens(model, params, labels, rng, sampling)
@@ -210,6 +272,7 @@ def test_decode_step_is_the_samplers_loop_body():
 
 def _tiny_stage2(guidance_scale: float):
   from configs import vim_base, vitvq_base
+
   config = vim_base.get_config("tiny")
   config.sampling.guidance_scale = guidance_scale
   return config, vitvq_base.get_config("tiny")
@@ -223,12 +286,13 @@ def test_sampler_report_equals_its_closed_forms_on_8_cpu_devices():
   formula."""
   import jax
 
+  from vim_jax.infra import tpu_slices
   from vim_jax.sampling import sampler_report
 
-  from vim_jax.infra import tpu_slices
   config, tokenizer = _tiny_stage2(guidance_scale=2.0)
-  numbers = sampler_report.sample_report(config, jax.devices()[:8], batch_size=16,
-                                         tokenizer_config=tokenizer)
+  numbers = sampler_report.sample_report(
+      config, jax.devices()[:8], batch_size=16, tokenizer_config=tokenizer
+  )
   m, tokens = config.model, numbers["num_tokens"]
   assert (numbers["rows"], numbers["devices"], numbers["guided"]) == (32, 8, True)
   assert numbers["params_bytes"] == 4 * numbers["params"]  # float32, every param on each device
@@ -251,8 +315,9 @@ def test_sampler_report_equals_its_closed_forms_on_8_cpu_devices():
   assert estimate["batches"] == batches == 3125
   assert estimate["floor_seconds"] == pytest.approx(decode + decoder, rel=1e-12)
   assert estimate["measured_seconds"] == pytest.approx(1.42 * decode + decoder, rel=1e-12)
-  unguided = sampler_report.sample_report(_tiny_stage2(1.0)[0], jax.devices()[:8],
-                                          tokenizer_config=tokenizer)
+  unguided = sampler_report.sample_report(
+      _tiny_stage2(1.0)[0], jax.devices()[:8], tokenizer_config=tokenizer
+  )
   # the default batch: config.sampling.batch_size (8) sequences per device, one per image
   assert (unguided["batch_size"], unguided["rows"]) == (64, 64)
   assert unguided["cache_bytes"] == 2 * cache
@@ -263,27 +328,46 @@ def test_the_decode_loop_state_is_read_in_the_tpus_tiled_layout():
   cache with head_dim minor-most takes 128 lanes per head (twice its size); with the batch
   minor-most (128 sequences) nothing is padded. The decode loop is the largest while loop."""
   from vim_jax.infra import hlo_stats
+
   mib, size = 2**20, hlo_stats.array_bytes
   assert size("bf16", (32, 32, 64, 1024), (2, 0, 1, 3), (8, 128)) == 256 * mib
   assert size("bf16", (128, 16, 96, 1024), (0, 2, 1, 3), (8, 128)) == 384 * mib
   assert size("bf16", (1, 1, 2048), (2, 1, 0), (2, 128)) == 2 * 2048 * 2
   assert size("f32", (3, 5)) == 60  # no tiles (CPU): as stored
-  hlo = ("  %while.1 = (s32[]{:T(128)}, bf16[32,32,64,1024]{2,0,1,3:T(8,128)(2,1)}, "
-         "bf16[2048,8192]{1,0:T(8,128)(2,1)S(3)}) while(%tuple.1), condition=%c, body=%b\n"
-         "  %while.2 = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) while(%tuple.2), body=%b2\n")
+  hlo = (
+      "  %while.1 = (s32[]{:T(128)}, bf16[32,32,64,1024]{2,0,1,3:T(8,128)(2,1)}, "
+      "bf16[2048,8192]{1,0:T(8,128)(2,1)S(3)}) while(%tuple.1), condition=%c, body=%b\n"
+      "  %while.2 = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) while(%tuple.2), body=%b2\n"
+  )
   assert hlo_stats.largest_loop_state(hlo, (32, 32, 64, 1024)) == {
-      "bytes": 4 + 256 * mib + 32 * mib, "cache_bytes": 256 * mib}
+      "bytes": 4 + 256 * mib + 32 * mib,
+      "cache_bytes": 256 * mib,
+  }
 
 
 def test_sampler_report_refuses_a_batch_the_chips_cannot_split():
   proc = subprocess.run(
-      [sys.executable, "-m", "vim_jax.compile_report", "--program=sample",
-       "--config=configs/vim_base.py:tiny", "--tokenizer_config=configs/vitvq_base.py:tiny",
-       "--num_cpu_devices=8", "--sample_batch_size=12"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+      [
+          sys.executable,
+          "-m",
+          "vim_jax.compile_report",
+          "--program=sample",
+          "--config=configs/vim_base.py:tiny",
+          "--tokenizer_config=configs/vitvq_base.py:tiny",
+          "--num_cpu_devices=8",
+          "--sample_batch_size=12",
+      ],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=cli_env(),
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
-  assert ("error: --sample_batch_size=12: the sampler splits each batch evenly over the 8 chips; "
-          "use a positive multiple of 8 (e.g. 8)") in proc.stderr
+  assert (
+      "error: --sample_batch_size=12: the sampler splits each batch evenly over the 8 chips; "
+      "use a positive multiple of 8 (e.g. 8)"
+  ) in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
@@ -293,11 +377,24 @@ def test_sampler_compiles_for_a_v4_8_and_prints_the_estimate():
   side on one chip; as halves [classes; nulls] they made 8-10 collective-permutes a step); the
   wall-time line is the formula on the numbers it printed."""
   proc = subprocess.run(
-      [sys.executable, "-m", "vim_jax.compile_report", "--program=sample",
-       "--config=configs/vim_base.py:tiny", "--tokenizer_config=configs/vitvq_base.py:tiny",
-       "--topology=v4-8", "--sample_batch_size=8", "--config.sampling.guidance_scale=2",
-       "--num_samples=500000000"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+      [
+          sys.executable,
+          "-m",
+          "vim_jax.compile_report",
+          "--program=sample",
+          "--config=configs/vim_base.py:tiny",
+          "--tokenizer_config=configs/vitvq_base.py:tiny",
+          "--topology=v4-8",
+          "--sample_batch_size=8",
+          "--config.sampling.guidance_scale=2",
+          "--num_samples=500000000",
+      ],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=cli_env(),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
   assert "global batch 8 images (guidance 2: 16 sequences decoded, 4 per chip)" in text
@@ -306,8 +403,11 @@ def test_sampler_compiles_for_a_v4_8_and_prints_the_estimate():
   floor = float(re.search(r"read once a step, ([0-9.e-]+) GB", text).group(1)) * 1e9
   step_ms = float(re.search(r"HBM\): ([0-9.e-]+) ms", text).group(1))
   assert step_ms == pytest.approx(floor / 1228e9 * 1e3, rel=1e-3)
-  minutes = re.search(r"500,000,000 samples: 62500000 batches x 64 decode steps: ([0-9.,]+) min at "
-                      r"the floor, ([0-9.,]+) min at 1.42x it", text)
+  minutes = re.search(
+      r"500,000,000 samples: 62500000 batches x 64 decode steps: ([0-9.,]+) min at "
+      r"the floor, ([0-9.,]+) min at 1.42x it",
+      text,
+  )
   assert minutes, text
   floor_minutes = 62_500_000 * 64 * floor / 1228e9 / 60
   assert float(minutes.group(1)) == pytest.approx(floor_minutes, rel=3e-3)

@@ -9,33 +9,40 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import REPO_ROOT
 
 from vim_jax import paper
 from vim_jax.main import load_config_file
 from vim_jax.models import classifier as classifier_lib
-from vim_jax.models import vim as vim_lib
 from vim_jax.models import tokenizer as tokenizer_lib
-
-from conftest import REPO_ROOT
+from vim_jax.models import vim as vim_lib
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
 CONFIGS = [c for c in CONFIGS if not c.endswith(("__init__.py", "common.py"))]
-STAGE1 = {"vitvq_small.py": ("small", "small"), "vitvq_base.py": ("base", "base"),
-          "vitvq_large.py": ("small", "large")}
+STAGE1 = {
+    "vitvq_small.py": ("small", "small"),
+    "vitvq_base.py": ("base", "base"),
+    "vitvq_large.py": ("small", "large"),
+}
 
 
 def _abstract_counts(config):
   """Parameter counts from an abstract init (no memory), for any trainer's config."""
   if config.trainer == "quickstart":
     counts = {f"stage1_{k}": v for k, v in _abstract_counts(config.stage1).items()}
-    counts.update(classifier=_abstract_counts(config.classifier)["classifier"],
-                  vim=_abstract_counts(config.stage2)["vim"])
+    counts.update(
+        classifier=_abstract_counts(config.classifier)["classifier"],
+        vim=_abstract_counts(config.stage2)["vim"],
+    )
     return counts
   if config.trainer == "classifier":
     model = classifier_lib.ConvClassifier(6, tuple(config.model.widths))
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    return {"classifier": tokenizer_lib.count_params(jax.eval_shape(model.init, jax.random.key(0),
-                                                                 images))}
+    return {
+        "classifier": tokenizer_lib.count_params(
+            jax.eval_shape(model.init, jax.random.key(0), images)
+        )
+    }
   if config.trainer == "vim":
     grid = config.image_size // (4 if config.image_size == 32 else 8)
     model = vim_lib.VIM.from_config(config, vocab_size=8192, num_tokens=grid * grid)
@@ -50,8 +57,9 @@ def _abstract_counts(config):
 
 
 # Every config with no variant, and the :tiny variant of each config that has one.
-CONFIG_ARGS = [p for p in CONFIGS] + [p + ":tiny" for p in CONFIGS
-                                      if os.path.basename(p).startswith(("vitvq", "vim"))]
+CONFIG_ARGS = [p for p in CONFIGS] + [
+    p + ":tiny" for p in CONFIGS if os.path.basename(p).startswith(("vitvq", "vim"))
+]
 CONFIG_ARGS += [p + ":stage1" for p in CONFIGS if p.endswith("quickstart.py")]
 
 
@@ -79,7 +87,9 @@ def test_paper_sizes_and_parameter_counts(name):
   assert (config.optimizer.warmup_steps, config.optimizer.end_lr) == (50_000, 5e-5)
   assert (config.batch_size, config.total_steps, config.data.name) == (256, 500_000, "imagenet2012")
   assert (paper.vit_size_of(config.model.encoder), paper.vit_size_of(config.model.decoder)) == (
-      enc, dec)
+      enc,
+      dec,
+  )
   counts = _abstract_counts(config)
   # The paper's counts (32M / 91M / 599M) are per stack.
   for stack, size in (("encoder", enc), ("decoder", dec)):
@@ -95,10 +105,18 @@ def test_paper_sizes_and_parameter_counts(name):
 PAPER_STAGE1 = {
     "loss": dict(l2=1.0, logit_laplace=0.1, vq=1.0, perceptual=0.1, adversarial=0.1),
     "optimizer": dict(b1=0.9, b2=0.99, weight_decay=1e-4),
-    "discriminator": dict(loss="non_saturating", r1_gamma=10.0, start_step=0, b1=0.9, b2=0.99,
-                          lr=1e-4),
-    "model": dict(beta=0.25, l2_normalize=True, code_dim=32, logit_laplace=True,
-                  logit_laplace_eps=0.1, position_embedding="learned", output_ffn=True),
+    "discriminator": dict(
+        loss="non_saturating", r1_gamma=10.0, start_step=0, b1=0.9, b2=0.99, lr=1e-4
+    ),
+    "model": dict(
+        beta=0.25,
+        l2_normalize=True,
+        code_dim=32,
+        logit_laplace=True,
+        logit_laplace_eps=0.1,
+        position_embedding="learned",
+        output_ffn=True,
+    ),
 }
 
 
@@ -141,6 +159,7 @@ def test_sampling_batch_is_sequences_per_chip(size):
   """config.sampling.batch_size counts sequences decoded per chip (what fills its memory: the
   KV cache); with guidance each image is two, so the global batch of images halves."""
   from vim_jax.trainers import vim_step
+
   config = load_config_file(os.path.join(REPO_ROOT, "configs", f"vim_{size}.py"))
   per_chip = config.sampling.batch_size
   assert per_chip % 2 == 0
@@ -171,17 +190,24 @@ def test_face_configs_are_the_imagenet_recipes_without_classes(key):
   assert vim.data.to_dict() == tokenizer.data.to_dict()
   differ = {"data": None, "label_dropout": None}
   assert {**vim.to_dict(), **differ, "model": {**vim.model.to_dict(), "num_classes": None}} == {
-      **vim_imagenet.to_dict(), **differ,
-      "model": {**vim_imagenet.model.to_dict(), "num_classes": None}}
+      **vim_imagenet.to_dict(),
+      **differ,
+      "model": {**vim_imagenet.model.to_dict(), "num_classes": None},
+  }
   if source == "tfds":
     assert (tokenizer.data.name, tokenizer.data.train_split, tokenizer.data.eval_split) == (
-        "celeb_a_hq/256", "train[:25000]", "train[25000:]")
+        "celeb_a_hq/256",
+        "train[:25000]",
+        "train[25000:]",
+    )
     assert tokenizer.data.label_key == ""  # the dataset has no labels
   else:
     # Both paths are the user's: the folder of 70k images and taming's ffhqvalidation.txt.
     assert (tokenizer.data.folder, tokenizer.data.folder_eval_list) == ("", "")
-  assert load_config_file(os.path.join(REPO_ROOT, "configs", f"vim_{key}.py:tiny")
-                          ).model.num_classes == 0
+  assert (
+      load_config_file(os.path.join(REPO_ROOT, "configs", f"vim_{key}.py:tiny")).model.num_classes
+      == 0
+  )
 
 
 def test_stage1_key_was_vitvq():
@@ -189,19 +215,32 @@ def test_stage1_key_was_vitvq():
   which main still accepts and runs read as 'tokenizer'."""
   from vim_jax import main
   from vim_jax.infra import runs
+
   assert main.TRAINERS["vitvq"] == main.TRAINERS["tokenizer"]
   assert runs.RENAMED_TRAINERS == {"vitvq": "tokenizer"}
 
 
 def _run_main(args, timeout=300):
   from run_files import cli_env
-  return subprocess.run([sys.executable, "-m", "vim_jax.main", *args], cwd=REPO_ROOT, env=cli_env(),
-                        capture_output=True, text=True, timeout=timeout)
+
+  return subprocess.run(
+      [sys.executable, "-m", "vim_jax.main", *args],
+      cwd=REPO_ROOT,
+      env=cli_env(),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def test_misspelt_override_fails_listing_valid_keys(tmp_path):
-  proc = _run_main(["--config=configs/vitvq_base.py:tiny", f"--workdir={tmp_path}",
-                    "--config.model.codebok_size=16"])
+  proc = _run_main(
+      [
+          "--config=configs/vitvq_base.py:tiny",
+          f"--workdir={tmp_path}",
+          "--config.model.codebok_size=16",
+      ]
+  )
   assert proc.returncode != 0
   assert "unknown config key 'model.codebok_size'" in proc.stderr
   assert "'codebook_size'" in proc.stderr and "'code_dim'" in proc.stderr
@@ -214,6 +253,7 @@ def test_unknown_variant_fails():
 
 def _event_tags(workdir):
   import tensorflow as tf
+
   tags = set()
   for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -223,10 +263,16 @@ def _event_tags(workdir):
 
 def test_granules_group_devices_by_slice_then_process():
   from types import SimpleNamespace as D
+
   from vim_jax.infra import parallel
+
   by_slice = [D(id=i, slice_index=i // 2, process_index=i // 4) for i in range(8)]
-  assert [[d.id for d in g] for g in parallel.granules(by_slice)] == [[0, 1], [2, 3], [4, 5],
-                                                                      [6, 7]]
+  assert [[d.id for d in g] for g in parallel.granules(by_slice)] == [
+      [0, 1],
+      [2, 3],
+      [4, 5],
+      [6, 7],
+  ]
   by_process = [D(id=i, slice_index=None, process_index=i % 2) for i in range(4)]
   assert [[d.id for d in g] for g in parallel.granules(by_process)] == [[0, 2], [1, 3]]
 
@@ -234,17 +280,19 @@ def test_granules_group_devices_by_slice_then_process():
 def test_dcn_mesh_needs_as_many_slices_as_asked():
   import jax
   import pytest
+
   from vim_jax.infra import parallel
-  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
-                                   dcn_tensor=1))
+
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   assert mesh.devices.size == jax.device_count()
   with pytest.raises(ValueError, match="uses 2 slices \\(or hosts\\) but 1 are available"):
-    parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=2, dcn_fsdp=1,
-                              dcn_tensor=1))
+    parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1, dcn_data=2, dcn_fsdp=1, dcn_tensor=1))
 
 
 def test_granules_fall_back_to_processes_within_one_slice():
   from types import SimpleNamespace as D
+
   from vim_jax.infra import parallel
+
   one_slice = [D(id=i, slice_index=0, process_index=i // 2) for i in range(4)]
   assert [[d.id for d in g] for g in parallel.granules(one_slice)] == [[0, 1], [2, 3]]

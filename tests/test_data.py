@@ -24,7 +24,8 @@ def _write_folder(root):
   rgba[..., 0] = 255  # red, fully transparent -> composited over white
   Image.fromarray(rgba, mode="RGBA").save(root / "dogs" / "alpha.png")
   Image.fromarray(rng.integers(0, 255, (18, 18, 3), dtype=np.uint8)).convert("P").save(
-      root / "dogs" / "nested" / "palette.PNG")
+      root / "dogs" / "nested" / "palette.PNG"
+  )
   (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
   (root / "cats" / "notes.txt").write_text("ignored")
 
@@ -58,16 +59,19 @@ def test_unreadable_files_are_counted_and_reported_once_over_many_epochs(tmp_pat
   """3 broken files among 12, 30 training steps of 4 (10 epochs): data/skipped_images is 3
   and each file is warned about once (the former pipeline counted every read: 60 here)."""
   import logging
+
   rng = np.random.default_rng(1)
   os.makedirs(tmp_path / "a")
   for i in range(9):
     Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
-        tmp_path / "a" / f"good{i}.png")
+        tmp_path / "a" / f"good{i}.png"
+    )
   for i in range(3):
     (tmp_path / "a" / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
   source = sources.FolderSource(str(tmp_path), "train", eval_fraction=0.0)
-  pipe = pipeline.InputPipeline(source, global_batch_size=4, image_size=8, seed=0, train=True,
-                                num_workers=2)
+  pipe = pipeline.InputPipeline(
+      source, global_batch_size=4, image_size=8, seed=0, train=True, num_workers=2
+  )
   with caplog.at_level(logging.WARNING, logger="vim_jax.data.pipeline"):
     batches = list(pipe.iterate(num_steps=30))
   assert len(batches) == 30 and pipe.skipped_images == 3
@@ -105,14 +109,18 @@ def test_folder_eval_list_names_the_eval_files(tmp_path):
     (tmp_path / "images" / sub).mkdir(parents=True)
     for i in range(5):
       Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(
-          tmp_path / "images" / sub / f"{sub[:2]}{i:03d}.png")
+          tmp_path / "images" / sub / f"{sub[:2]}{i:03d}.png"
+      )
   listing = tmp_path / "validation.txt"
   listing.write_text("01003.png\n01004.png\n\n00000/00004.png\n")
   folder = str(tmp_path / "images")
   evaluation = sources.FolderSource(folder, "eval", eval_list=str(listing))
   train = sources.FolderSource(folder, "train", eval_list=str(listing))
-  assert sorted(os.path.basename(f) for f in evaluation.files) == ["00004.png", "01003.png",
-                                                                   "01004.png"]
+  assert sorted(os.path.basename(f) for f in evaluation.files) == [
+      "00004.png",
+      "01003.png",
+      "01004.png",
+  ]
   assert len(train) == 7 and not set(train.files) & set(evaluation.files)
   listing.write_text("01003.png\n99999.png\n")
   with pytest.raises(ValueError, match="folder_eval_list=.*names 1 of its 2 files.*'99999.png'"):
@@ -149,8 +157,10 @@ def test_shapes_classes_differ_in_pixels():
 def test_train_batches_are_a_function_of_step_and_split_over_processes():
   source = sources.ShapesSource("train", 40, 16, seed=3)
   whole = pipeline.InputPipeline(source, 8, 16, seed=5, train=True)
-  parts = [pipeline.InputPipeline(source, 8, 16, seed=5, train=True, rows=np.arange(4) + 4 * p)
-           for p in range(2)]
+  parts = [
+      pipeline.InputPipeline(source, 8, 16, seed=5, train=True, rows=np.arange(4) + 4 * p)
+      for p in range(2)
+  ]
   for step in (0, 4, 7):  # step 5 crosses into the second epoch (40 examples / 8)
     full = whole.local_batch(step)
     halves = [p.local_batch(step) for p in parts]
@@ -171,8 +181,9 @@ def test_eval_pass_pads_last_batch_with_mask():
   assert len(batches) == 3
   np.testing.assert_array_equal(batches[-1]["mask"], [1, 1, 0, 0])
   first = np.concatenate([b["image"] for b in batches])[:10]
-  expected = np.stack([preprocess.preprocess_image(source[i]["image"], 16, None, False)
-                       for i in range(10)])
+  expected = np.stack(
+      [preprocess.preprocess_image(source[i]["image"], 16, None, False) for i in range(10)]
+  )
   np.testing.assert_array_equal(first, expected)
 
 
@@ -213,7 +224,7 @@ def _find_crop(out, images):
       unflipped = out[:, ::-1] if flipped else out
       for top in range(h - size + 1):
         for left in range(w - size + 1):
-          if np.array_equal(unflipped, image[top:top + size, left:left + size]):
+          if np.array_equal(unflipped, image[top : top + size, left : left + size]):
             return index, top, left, flipped
   return None
 
@@ -225,8 +236,10 @@ def test_training_batches_are_random_crops_and_mirror_images():
   batches are the centre crop, never mirrored; random_flip=False never mirrors. (Images whose
   shorter side is the image size, so no resizing is involved.)"""
   rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, (12, 19, 3), dtype=np.uint8),  # wide
-            rng.integers(0, 256, (19, 12, 3), dtype=np.uint8)]  # tall
+  images = [
+      rng.integers(0, 256, (12, 19, 3), dtype=np.uint8),  # wide
+      rng.integers(0, 256, (19, 12, 3), dtype=np.uint8),
+  ]  # tall
   source = _ListSource(images)
   found = []
   pipe = pipeline.InputPipeline(source, 8, 12, seed=0, train=True, num_workers=1)
@@ -242,8 +255,9 @@ def test_training_batches_are_random_crops_and_mirror_images():
   assert {left for index, _, left, _ in found if index == 1} == {0} and len(tall) >= 5, tall
   flips = sum(f for *_, f in found)
   assert 0.3 < flips / len(found) < 0.7, flips
-  no_flip = pipeline.InputPipeline(source, 8, 12, seed=0, train=True, random_flip=False,
-                                   num_workers=1)
+  no_flip = pipeline.InputPipeline(
+      source, 8, 12, seed=0, train=True, random_flip=False, num_workers=1
+  )
   assert not any(_find_crop(out, images)[3] for out in no_flip.local_batch(0)["image"])
   eval_pipe = pipeline.InputPipeline(source, 2, 12, seed=0, train=False, num_workers=1)
   eval_batch = next(eval_pipe.iterate())["image"]
@@ -269,15 +283,18 @@ def test_images_cross_as_uint8_and_are_scaled_on_the_device():
   """The pipeline's uint8 batches become float32 in [-1, 1] on the devices, sharded over the
   batch axes like any batch (a quarter of float32's host-to-device bytes)."""
   from vim_jax.infra import parallel
+
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
   images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
   images[0, 0, 0] = [0, 128, 255]
-  batch = parallel.global_batch_from_local({"image": images, "label": np.arange(8, dtype=np.int32)},
-                                           mesh, 8)
+  batch = parallel.global_batch_from_local(
+      {"image": images, "label": np.arange(8, dtype=np.int32)}, mesh, 8
+  )
   assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
   assert batch["image"].sharding == parallel.batch_sharding(mesh)
   on_device = np.asarray(batch["image"])
   np.testing.assert_array_equal(on_device, preprocess.from_uint8(images))  # the host's bits
-  np.testing.assert_allclose(on_device, images.astype(np.float64) / 127.5 - 1.0, rtol=0,
-                             atol=7.5e-8)
+  np.testing.assert_allclose(
+      on_device, images.astype(np.float64) / 127.5 - 1.0, rtol=0, atol=7.5e-8
+  )
   assert on_device[0, 0, 0, 0] == -1.0 and on_device[0, 0, 0, 2] == 1.0

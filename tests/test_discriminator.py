@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vim_jax.trainers import losses
 from vim_jax.models import discriminator as disc_lib
+from vim_jax.trainers import losses
 
 
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
@@ -26,8 +26,11 @@ def _conv(x, kernel, bias, stride, pad):
   kh, kw = kernel.shape[:2]
   xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
-  out = sum(xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride] @ kernel[i, j]
-            for i in range(kh) for j in range(kw))
+  out = sum(
+      xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride] @ kernel[i, j]
+      for i in range(kh)
+      for j in range(kw)
+  )
   return out if bias is None else out + bias
 
 
@@ -43,8 +46,9 @@ def _discriminator_reference(p, x, group_size):
 
   def blur(v):
     vp = np.pad(v, ((0, 0), (1, 2), (1, 2), (0, 0)))
-    return sum(k[i, j] * vp[:, i:i + v.shape[1], j:j + v.shape[2]] for i in range(4)
-               for j in range(4))
+    return sum(
+        k[i, j] * vp[:, i : i + v.shape[1], j : j + v.shape[2]] for i in range(4) for j in range(4)
+    )
 
   h = lrelu(_conv(x, p["from_rgb"]["kernel"], p["from_rgb"]["bias"], 1, 0))
   for size in (32, 16, 8):
@@ -72,8 +76,9 @@ def test_forward_matches_numpy_and_rejects_wrong_sizes():
   logits = jax.jit(d.apply)(params, x)
   assert logits.shape == (8,)
   expected = _discriminator_reference(params["params"], np.asarray(x, np.float64), 4)
-  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4,
-                             atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+      np.asarray(logits), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+  )
   assert np.std(expected) > 1e-2  # the examples' logits differ: a real check of each
   with pytest.raises(ValueError, match="built for 32x32"):
     d.apply(params, jnp.zeros((4, 64, 64, 3)))
@@ -90,7 +95,7 @@ def test_minibatch_stddev_matches_numpy():
   x = np.random.default_rng(0).normal(size=(8, 2, 2, 3)).astype(np.float32)
   out = np.asarray(disc_lib.minibatch_stddev(jnp.asarray(x), group_size=4))
   # Groups are consecutive examples {0..3} and {4..7}, so a group stays on one device.
-  expected = [np.sqrt(x[g * 4:(g + 1) * 4].var(axis=0) + 1e-8).mean() for g in range(2)]
+  expected = [np.sqrt(x[g * 4 : (g + 1) * 4].var(axis=0) + 1e-8).mean() for g in range(2)]
   np.testing.assert_allclose(out[..., :3], x)
   for i in range(8):
     np.testing.assert_allclose(out[i, ..., 3], expected[i // 4], rtol=1e-5)
@@ -100,16 +105,20 @@ def test_gan_losses_match_closed_forms():
   real, fake = np.array([2.0, -1.0]), np.array([0.5, -3.0])
   softplus = lambda z: np.log1p(np.exp(z))
   assert float(losses.discriminator_loss(real, fake, "non_saturating")) == pytest.approx(
-      softplus(-real).mean() + softplus(fake).mean(), rel=1e-6)
+      softplus(-real).mean() + softplus(fake).mean(), rel=1e-6
+  )
   assert float(losses.generator_adversarial_loss(fake, "non_saturating")) == pytest.approx(
-      softplus(-fake).mean(), rel=1e-6)
+      softplus(-fake).mean(), rel=1e-6
+  )
   assert float(losses.discriminator_loss(real, fake, "hinge")) == pytest.approx(
-      np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean())
+      np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean()
+  )
   assert float(losses.generator_adversarial_loss(fake, "hinge")) == pytest.approx(-fake.mean())
   with pytest.raises(ValueError, match="wasserstein"):
     losses.discriminator_loss(real, fake, "wasserstein")
   assert float(losses.lecam_regularizer(real, fake, 1.0, -1.0)) == pytest.approx(
-      np.mean((real + 1) ** 2) + np.mean((fake - 1) ** 2))
+      np.mean((real + 1) ** 2) + np.mean((fake - 1) ** 2)
+  )
 
 
 def test_r1_penalty_analytic_for_a_quadratic_discriminator():

@@ -24,8 +24,7 @@ def test_frechet_distance_closed_form_for_commuting_covariances():
   assert got == pytest.approx(expected, rel=1e-12)
   # Same covariance, shifted mean: only the mean term remains.
   s = _random_cov(rng, 16)
-  assert fid.frechet_distance(mu1, s, mu2, s) == pytest.approx(np.sum((mu1 - mu2) ** 2),
-                                                              rel=1e-9)
+  assert fid.frechet_distance(mu1, s, mu2, s) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9)
 
 
 def test_frechet_distance_matches_scipy_sqrtm_on_general_covariances():
@@ -95,7 +94,7 @@ def _inception_score_reference(probabilities, splits):
   n = len(p)
   scores = []
   for i in range(splits):
-    part = p[i * n // splits:(i + 1) * n // splits]
+    part = p[i * n // splits : (i + 1) * n // splits]
     marginal = part.mean(axis=0)
     kl = [sum(q * np.log(q / m) for q, m in zip(row, marginal) if q > 0) for row in part]
     scores.append(np.exp(np.mean(kl)))
@@ -115,14 +114,18 @@ def test_inception_score_uses_each_splits_own_marginal_and_exp_of_the_mean_kl():
   assert mean == pytest.approx(3.0, rel=1e-9) and std == pytest.approx(2.0, rel=1e-9)
 
   rng = np.random.default_rng(8)
-  parts = [rng.dirichlet(np.full(k, 0.3), size=16),  # sharp, all classes
-           rng.dirichlet(np.full(k, 3.0), size=16),  # flat
-           np.pad(rng.dirichlet(np.full(4, 0.5), size=16), ((0, 0), (0, k - 4)))]  # 4 classes
+  parts = [
+      rng.dirichlet(np.full(k, 0.3), size=16),  # sharp, all classes
+      rng.dirichlet(np.full(k, 3.0), size=16),  # flat
+      np.pad(rng.dirichlet(np.full(4, 0.5), size=16), ((0, 0), (0, k - 4))),
+  ]  # 4 classes
   probs = np.concatenate(parts)
   expected = _inception_score_reference(probs, splits=3)
   mean, std = fid.inception_score(probs, splits=3)
-  assert mean == pytest.approx(expected[0], rel=1e-9) and std == pytest.approx(expected[1],
-                                                                               rel=1e-9)
+  assert mean == pytest.approx(expected[0], rel=1e-9) and std == pytest.approx(
+      expected[1], rel=1e-9
+  )
+
   # The wrong variants differ from it by more than any rounding.
   def kl(part, marginal):
     ratio = np.divide(part, marginal, out=np.ones_like(part), where=part > 0)
@@ -130,8 +133,10 @@ def test_inception_score_uses_each_splits_own_marginal_and_exp_of_the_mean_kl():
 
   global_marginal = np.mean([np.exp(kl(q, probs.mean(0)).mean()) for q in parts])
   mean_of_exp = np.mean([np.exp(kl(q, q.mean(0))).mean() for q in parts])
-  print(f"\nIS {mean:.4f} +- {std:.4f}; with a global marginal {global_marginal:.4f}; "
-        f"mean(exp KL) {mean_of_exp:.4f}")
+  print(
+      f"\nIS {mean:.4f} +- {std:.4f}; with a global marginal {global_marginal:.4f}; "
+      f"mean(exp KL) {mean_of_exp:.4f}"
+  )
   assert min(abs(global_marginal - mean), abs(mean_of_exp - mean)) > 1e-2 * mean
 
 
@@ -146,8 +151,14 @@ def test_statistics_files_round_trip_and_read_adm_reference_batches(tmp_path):
   assert (back.num_images, back.description) == (77, "shapes eval split")
   # ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 (images), mu, sigma, and spatial stats.
   adm = str(tmp_path / "VIRTUAL_ref.npz")
-  np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=stats.mu.astype(np.float32),
-           sigma=stats.sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
+  np.savez(
+      adm,
+      arr_0=np.zeros((2, 8, 8, 3), np.uint8),
+      mu=stats.mu.astype(np.float32),
+      sigma=stats.sigma,
+      mu_s=np.zeros(3),
+      sigma_s=np.eye(3),
+  )
   ref = fid.FeatureStats.load(adm)
   assert ref.num_images == 0 and ref.description == "VIRTUAL_ref.npz"
   assert fid.fid_from_stats(ref, stats) < 1e-6
@@ -168,8 +179,7 @@ def test_extractor_streams_uneven_batches_exactly(inception_files):
   rest, _ = extractor(images[8:])
   full = np.concatenate([pool, rest]).astype(np.float64)
   np.testing.assert_allclose(streamed.stats.mu, full.mean(0), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(streamed.stats.sigma, np.cov(full, rowvar=False), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(streamed.stats.sigma, np.cov(full, rowvar=False), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="expected uint8"):
     extractor(images.astype(np.float32))
 
@@ -178,6 +188,7 @@ def test_inception_score_probabilities_leave_out_the_fc_bias(inception_files):
   """IS is softmax(pool @ W) as improved-GAN's code, the ADM evaluator and torch-fidelity compute
   it; the converted file's fc bias is non-zero, so softmax(pool @ W + b) would differ."""
   import torch
+
   state = torch.load(inception_files["pth"], weights_only=True)
   weight = state["fc.weight"].double().numpy()  # [1008, 2048], torch's (out, in) layout
   bias = state["fc.bias"].double().numpy()
@@ -194,7 +205,9 @@ def test_inception_score_probabilities_leave_out_the_fc_bias(inception_files):
   np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
   biased = softmax(pool.astype(np.float64) @ weight.T + bias)
   assert np.abs(biased - expected).max() > 100 * np.abs(probs - expected).max()
-  print(f"\nIS of 8 random images: {fid.inception_score(probs, splits=1)[0]:.6f} (unbiased "
-        f"logits), {fid.inception_score(biased, splits=1)[0]:.6f} (with the fc bias); max "
-        f"|p - p_biased| {np.abs(biased - expected).max():.2e}, max |p - numpy| "
-        f"{np.abs(probs - expected).max():.2e}")
+  print(
+      f"\nIS of 8 random images: {fid.inception_score(probs, splits=1)[0]:.6f} (unbiased "
+      f"logits), {fid.inception_score(biased, splits=1)[0]:.6f} (with the fc bias); max "
+      f"|p - p_biased| {np.abs(biased - expected).max():.2e}, max |p - numpy| "
+      f"{np.abs(probs - expected).max():.2e}"
+  )

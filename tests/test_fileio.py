@@ -2,8 +2,8 @@
 
 What this proves and what it cannot:
 - `test_no_module_opens_paths_around_the_path_layer` reads every module of the package and
-  fails on a builtin open / os / glob / numpy file call outside `vim_jax/infra/fileio.py` and a short,
-  reasoned allowlist. It cannot see a path handed to a third-party library.
+  fails on a builtin open / os / glob / numpy file call outside `vim_jax/infra/fileio.py` and a
+  short, reasoned allowlist. It cannot see a path handed to a third-party library.
 - The `object_store` fixture serves gs:// from a folder through etils.epath's backend hook, so
   every writer and reader we own runs against a store that is not the local path it names, from
   an empty working directory where a builtin open of 'gs://b/x' would leave './gs:/b/x'.
@@ -18,29 +18,48 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from etils import epath
 from etils.epath import gpath
 from PIL import Image
 
-from conftest import REPO_ROOT
+from vim_jax.data import sources
 from vim_jax.evaluators import fid
 from vim_jax.infra import fileio, runs, visualize
-from vim_jax.data import sources
 from vim_jax.models import inception, lpips
 from vim_jax.tools import weights_io
 
 # Calls that touch files by path, and the modules allowed to make them, with the reason.
-FILE_CALLS = {"open", "os.makedirs", "os.mkdir", "os.path.exists", "os.path.isdir",
-              "os.path.isfile", "os.listdir", "os.scandir", "os.walk", "os.replace",
-              "os.rename", "os.remove", "os.path.getsize", "glob.glob", "np.save", "np.savez",
-              "np.load", "shutil.rmtree", "shutil.copy", "shutil.move", "shutil.disk_usage",
-              "Image.open"}
+FILE_CALLS = {
+    "open",
+    "os.makedirs",
+    "os.mkdir",
+    "os.path.exists",
+    "os.path.isdir",
+    "os.path.isfile",
+    "os.listdir",
+    "os.scandir",
+    "os.walk",
+    "os.replace",
+    "os.rename",
+    "os.remove",
+    "os.path.getsize",
+    "glob.glob",
+    "np.save",
+    "np.savez",
+    "np.load",
+    "shutil.rmtree",
+    "shutil.copy",
+    "shutil.move",
+    "shutil.disk_usage",
+    "Image.open",
+}
 ALLOWED = {
     "vim_jax/infra/fileio.py": "the path layer itself (np.load of a local file, for mmap)",
     "vim_jax/data/sources.py": "FolderSource reads a local folder of images (data.folder); "
-                               "datasets on GCS go through tfds",
+    "datasets on GCS go through tfds",
     "vim_jax/tools/prepare_data.py": "checks the manual tars and the local disk's free space; "
-                                     "tfds itself writes the data_dir",
+    "tfds itself writes the data_dir",
 }
 
 
@@ -61,8 +80,9 @@ def test_no_module_opens_paths_around_the_path_layer():
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.Call) and _dotted(node.func) in FILE_CALLS:
         offenders.append(f"{rel}:{node.lineno}: {_dotted(node.func)}(...)")
-  assert not offenders, ("use vim_jax.infra.fileio (local and gs:// alike) instead of:\n" +
-                         "\n".join(offenders))
+  assert (
+      not offenders
+  ), "use vim_jax.infra.fileio (local and gs:// alike) instead of:\n" + "\n".join(offenders)
 
 
 @pytest.fixture
@@ -73,7 +93,7 @@ def object_store(tmp_path, monkeypatch):
 
   def local(p):
     p = os.fspath(p)
-    return os.path.join(store, p[len("gs://"):]) if p.startswith("gs://") else p
+    return os.path.join(store, p[len("gs://") :]) if p.startswith("gs://") else p
 
   def one_path(original, p, *args, **kwargs):
     return original(local(p), *args, **kwargs)
@@ -95,9 +115,21 @@ def object_store(tmp_path, monkeypatch):
   cwd.mkdir()
   monkeypatch.chdir(cwd)
   with epath.testing.mock_epath(
-      open=one_path, exists=one_path, isdir=one_path, listdir=one_path, makedirs=one_path,
-      mkdir=one_path, remove=one_path, rmtree=one_path, stat=one_path, rename=two_paths,
-      replace=two_paths, copy=two_paths, glob=glob, walk=walk):
+      open=one_path,
+      exists=one_path,
+      isdir=one_path,
+      listdir=one_path,
+      makedirs=one_path,
+      mkdir=one_path,
+      remove=one_path,
+      rmtree=one_path,
+      stat=one_path,
+      rename=two_paths,
+      replace=two_paths,
+      copy=two_paths,
+      glob=glob,
+      walk=walk,
+  ):
     yield store
   assert not (cwd / "gs:").exists(), "something wrote gs:// paths to the local disk"
 
@@ -123,8 +155,9 @@ def test_every_writer_and_reader_round_trips_through_the_object_store(object_sto
   params = {"params": {"w": rng.normal(size=(2, 3)).astype(np.float32)}}
   weights_io.save_params(params, "gs://bucket/weights/w.msgpack")
   for loader in (inception.load_params, lpips.load_params):
-    np.testing.assert_array_equal(loader("gs://bucket/weights/w.msgpack")["params"]["w"],
-                                  params["params"]["w"])
+    np.testing.assert_array_equal(
+        loader("gs://bucket/weights/w.msgpack")["params"]["w"], params["params"]["w"]
+    )
   with pytest.raises(FileNotFoundError):
     inception.load_params("gs://bucket/weights/missing.msgpack")
 
@@ -156,10 +189,12 @@ def test_local_paths_come_out_absolute_and_urls_unchanged(tmp_path, monkeypatch)
   assert str(fileio.path("workdirs/run")) == str(tmp_path / "workdirs/run")
   assert fileio.join("workdirs", "run", 3) == str(tmp_path / "workdirs/run/3")
   assert fileio.absolute("~/w") == str(tmp_path / "home/w")
-  assert fileio.absolute("gs://bucket/run") == "gs://bucket/run" == str(
-      fileio.path("gs://bucket/run"))
+  assert (
+      fileio.absolute("gs://bucket/run") == "gs://bucket/run" == str(fileio.path("gs://bucket/run"))
+  )
   assert fileio.absolute("") == ""  # a config's "not set" stays unset
   from configs import quickstart
+
   config = quickstart.get_config()
   config.stage2.tokenizer_workdir = "workdirs/q/tokenizer"
   config.stage2.fid.reference_stats = "gs://b/ref.npz"
@@ -179,7 +214,10 @@ def test_the_gcs_client_orbax_imports_for_buckets_is_installed():
   save and restore in a bucket fails with an ImportError (found against a GCS emulator, issue
   28). setup.py declares it; this fails when orbax stops needing it, or the install lacks it."""
   import inspect
+
   from orbax.checkpoint._src.path import gcs_utils
+
   assert "from google.cloud import storage" in inspect.getsource(gcs_utils.get_bucket)
   from google.cloud import storage
+
   assert callable(storage.Client)

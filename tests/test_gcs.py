@@ -18,10 +18,9 @@ import textwrap
 import time
 
 import pytest
-
+import run_files
 from conftest import REPO_ROOT
 from gcs_emulator import GcsEmulator
-import run_files
 
 BUCKET = "bucket"
 
@@ -43,8 +42,14 @@ def _env(gcs, home):
 
 def _run(args, env, cwd, timeout=600):
   """Runs `python -m ARGS...`; returns its output, failing with its end if it failed."""
-  done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  done = subprocess.run(
+      [sys.executable, "-m", *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stderr[-4000:]}"
   return done.stdout + done.stderr
 
@@ -61,8 +66,11 @@ def _upload(gcs, folder, prefix, skip=()):
 
 def _tree(folder):
   """Every file and folder under `folder`, relative."""
-  return sorted(os.path.relpath(os.path.join(root, name), folder)
-                for root, dirs, files in os.walk(folder) for name in dirs + files)
+  return sorted(
+      os.path.relpath(os.path.join(root, name), folder)
+      for root, dirs, files in os.walk(folder)
+      for name in dirs + files
+  )
 
 
 # TensorBoard's own loader, in the mode it runs in without TensorFlow (`pip install
@@ -84,8 +92,7 @@ _READ_SCALARS = textwrap.dedent("""
 """)
 
 
-def test_the_pipeline_keeps_everything_in_the_bucket(gcs, fake_imagenet, inception_files,
-                                                     tmp_path):
+def test_the_pipeline_keeps_everything_in_the_bucket(gcs, fake_imagenet, inception_files, tmp_path):
   """Stage 1 on the fake ImageNet prepared into the bucket, stage 2 on its tokenizer, evaluate
   with converted Inception weights from the bucket, sample and probe: every workdir, the data
   and the weights in gs://, and nothing written under the working folder or $HOME."""
@@ -95,25 +102,62 @@ def test_the_pipeline_keeps_everything_in_the_bucket(gcs, fake_imagenet, incepti
   _upload(gcs, fake_imagenet["data_dir"], "tfds", skip=("downloads",))
   _upload(gcs, os.path.dirname(inception_files["flax"]), "weights")
   root = f"gs://{BUCKET}/chain"
-  data = ["--config.data.source=tfds", "--config.data.name=imagenet2012",
-          f"--config.data.data_dir=gs://{BUCKET}/tfds"]
+  data = [
+      "--config.data.source=tfds",
+      "--config.data.name=imagenet2012",
+      f"--config.data.data_dir=gs://{BUCKET}/tfds",
+  ]
   config = lambda name: f"--config={os.path.join(REPO_ROOT, 'configs', name)}"
-  _run(["vim_jax.main", config("vitvq_base.py:tiny"), f"--workdir={root}/tokenizer", *data,
-        "--config.total_steps=4", "--config.log_every=1", "--config.eval_every=4",
-        "--config.checkpoint_every=4",
-        "--config.loss.adversarial=0", "--config.num_eval_images=8"], env, cwd)
-  _run(["vim_jax.main", config("vim_base.py:tiny"), f"--workdir={root}/vim",
-        f"--config.tokenizer_workdir={root}/tokenizer", *data, "--config.model.num_classes=0",
-        "--config.total_steps=3",
-        "--config.log_every=1", "--config.eval_every=3", "--config.checkpoint_every=3",
-        "--config.num_grid_images=8", "--config.num_eval_images=8",
-        "--config.probe.num_train_images=16", "--config.probe.num_eval_images=8",
-        "--config.probe.batch_size=8", "--config.probe.steps=5"], env, cwd)
+  _run(
+      [
+          "vim_jax.main",
+          config("vitvq_base.py:tiny"),
+          f"--workdir={root}/tokenizer",
+          *data,
+          "--config.total_steps=4",
+          "--config.log_every=1",
+          "--config.eval_every=4",
+          "--config.checkpoint_every=4",
+          "--config.loss.adversarial=0",
+          "--config.num_eval_images=8",
+      ],
+      env,
+      cwd,
+  )
+  _run(
+      [
+          "vim_jax.main",
+          config("vim_base.py:tiny"),
+          f"--workdir={root}/vim",
+          f"--config.tokenizer_workdir={root}/tokenizer",
+          *data,
+          "--config.model.num_classes=0",
+          "--config.total_steps=3",
+          "--config.log_every=1",
+          "--config.eval_every=3",
+          "--config.checkpoint_every=3",
+          "--config.num_grid_images=8",
+          "--config.num_eval_images=8",
+          "--config.probe.num_train_images=16",
+          "--config.probe.num_eval_images=8",
+          "--config.probe.batch_size=8",
+          "--config.probe.steps=5",
+      ],
+      env,
+      cwd,
+  )
   weights = f"gs://{BUCKET}/weights/{os.path.basename(inception_files['flax'])}"
-  _run(["vim_jax.evaluate", f"--workdir={root}/tokenizer", f"--inception_weights={weights}",
-        "--batch_size=8"], env, cwd)
-  _run(["vim_jax.sample", f"--workdir={root}/vim", "--num_samples=8", "--batch_size=8"],
-       env, cwd)
+  _run(
+      [
+          "vim_jax.evaluate",
+          f"--workdir={root}/tokenizer",
+          f"--inception_weights={weights}",
+          "--batch_size=8",
+      ],
+      env,
+      cwd,
+  )
+  _run(["vim_jax.sample", f"--workdir={root}/vim", "--num_samples=8", "--batch_size=8"], env, cwd)
   _run(["vim_jax.probe", f"--workdir={root}/vim"], env, cwd)
 
   assert _tree(cwd) == [] and _tree(home) == []
@@ -124,20 +168,31 @@ def test_the_pipeline_keeps_everything_in_the_bucket(gcs, fake_imagenet, incepti
       print(f"  {size:>9}  gs://{BUCKET}/{name}")
   for run in ("tokenizer", "vim"):
     assert json.loads(gcs.read(f"chain/{run}/config.json"))["data"]["data_dir"] == (
-        f"gs://{BUCKET}/tfds")
+        f"gs://{BUCKET}/tfds"
+    )
     assert any(n.startswith(f"chain/{run}/checkpoints/") for n in objects)
-  tokenizer_steps = {n.split("/")[3] for n in objects if n.startswith("chain/tokenizer/checkpoints/")}
+  tokenizer_steps = {
+      n.split("/")[3] for n in objects if n.startswith("chain/tokenizer/checkpoints/")
+  }
   assert tokenizer_steps == {"4"}
   results = json.loads(gcs.read("chain/tokenizer/eval/results_00000004.json"))
   assert results["metrics"]["psnr"]["num_images"] == 8
 
   # TensorBoard reads the run's scalars back from the bucket: the same values the run logged.
-  read = subprocess.run([sys.executable, "-c", _READ_SCALARS, f"{root}/tokenizer"], env=env,
-                        cwd=cwd, capture_output=True, text=True, timeout=300)
+  read = subprocess.run(
+      [sys.executable, "-c", _READ_SCALARS, f"{root}/tokenizer"],
+      env=env,
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert read.returncode == 0, read.stderr[-3000:]
   scalars = json.loads(read.stdout.splitlines()[-1])
-  print("TensorBoard's loader read from the bucket:", {t: v for t, v in scalars.items()
-                                                       if t in ("train/loss", "eval/psnr")})
+  print(
+      "TensorBoard's loader read from the bucket:",
+      {t: v for t, v in scalars.items() if t in ("train/loss", "eval/psnr")},
+  )
   assert sorted(scalars["train/loss"]) == ["1", "2", "3", "4"]
   assert scalars["eval/psnr"]["4"] == pytest.approx(results["metrics"]["psnr"]["value"], abs=1e-3)
 
@@ -156,18 +211,31 @@ _PARAMS_DIGEST = textwrap.dedent("""
 
 
 def _digest(workdir, env, cwd):
-  done = subprocess.run([sys.executable, "-c", _PARAMS_DIGEST, workdir], env=env, cwd=cwd,
-                        capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+      [sys.executable, "-c", _PARAMS_DIGEST, workdir],
+      env=env,
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout.split()[-2:]
 
 
 def _stage1(workdir, steps=4, checkpoint_every=2):
-  return ["vim_jax.main", f"--config={os.path.join(REPO_ROOT, 'configs', 'vitvq_base.py:tiny')}",
-          f"--workdir={workdir}", f"--config.total_steps={steps}", "--config.log_every=1",
-          f"--config.eval_every={steps}", f"--config.checkpoint_every={checkpoint_every}",
-          "--config.num_eval_images=8", "--config.eval_batch_size=8",
-          "--config.loss.adversarial=0"]
+  return [
+      "vim_jax.main",
+      f"--config={os.path.join(REPO_ROOT, 'configs', 'vitvq_base.py:tiny')}",
+      f"--workdir={workdir}",
+      f"--config.total_steps={steps}",
+      "--config.log_every=1",
+      f"--config.eval_every={steps}",
+      f"--config.checkpoint_every={checkpoint_every}",
+      "--config.num_eval_images=8",
+      "--config.eval_batch_size=8",
+      "--config.loss.adversarial=0",
+  ]
 
 
 def test_resume_from_the_bucket_is_exact_and_a_corrupt_latest_is_moved_aside(gcs, tmp_path):
@@ -207,10 +275,25 @@ def test_two_processes_commit_their_checkpoints_to_the_bucket(gcs, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  processes = [subprocess.Popen(
-      [sys.executable, "-m", *_stage1(multi), "--config.mesh.data=1", "--config.mesh.fsdp=2",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=cwd, env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT) for i in range(2)]
+  processes = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              "-m",
+              *_stage1(multi),
+              "--config.mesh.data=1",
+              "--config.mesh.fsdp=2",
+              f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+          ],
+          cwd=cwd,
+          env=env,
+          stdout=open(logs[i], "w"),
+          stderr=subprocess.STDOUT,
+      )
+      for i in range(2)
+  ]
   for i, p in enumerate(processes):
     assert p.wait(timeout=600) == 0, f"process {i}:\n{logs[i].read_text()[-3000:]}"
   for step in ("2", "4"):
@@ -222,8 +305,14 @@ def test_two_processes_commit_their_checkpoints_to_the_bucket(gcs, tmp_path):
 
 def test_a_bucket_that_does_not_exist_stops_the_run_at_start(gcs, tmp_path):
   env, cwd = _env(gcs, tmp_path), str(tmp_path)
-  done = subprocess.run([sys.executable, "-m", *_stage1("gs://no-such-bucket/run")], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+      [sys.executable, "-m", *_stage1("gs://no-such-bucket/run")],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   print("\nwhat the user sees:", done.stderr.strip().splitlines()[-1])
   assert done.returncode == 2
   assert "the bucket gs://no-such-bucket does not exist" in done.stderr
@@ -231,8 +320,7 @@ def test_a_bucket_that_does_not_exist_stops_the_run_at_start(gcs, tmp_path):
   assert "step 1" not in done.stdout + done.stderr  # stopped before training, let alone saving
 
 
-def test_the_server_stopping_mid_run_ends_it_with_the_bucket_named_and_a_rerun_resumes(
-    tmp_path):
+def test_the_server_stopping_mid_run_ends_it_with_the_bucket_named_and_a_rerun_resumes(tmp_path):
   """The bucket's server stops after step 3's checkpoint, while the run saves every step. The
   run either ends (no hang) naming the bucket, or, when the stop caught a checkpoint write,
   whose client (tensorstore) retries with backoff, waits and completes once the server is back
@@ -243,8 +331,11 @@ def test_the_server_stopping_mid_run_ends_it_with_the_bucket_named_and_a_rerun_r
   server = GcsEmulator(BUCKET, disk=str(disk), log_path=str(tmp_path / "server.log"))
   env, cwd = _env(server, tmp_path), str(tmp_path)
   command = [sys.executable, "-m", *_stage1(f"gs://{BUCKET}/fault", steps=12, checkpoint_every=1)]
-  committed = lambda: sorted(int(n.split("/")[2]) for n in server.objects("fault/checkpoints/")
-                             if n.endswith("/commit_success.txt") and n.count("/") == 3)
+  committed = lambda: sorted(
+      int(n.split("/")[2])
+      for n in server.objects("fault/checkpoints/")
+      if n.endswith("/commit_success.txt") and n.count("/") == 3
+  )
   try:
     with open(tmp_path / "run.log", "w") as log:
       run = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -256,15 +347,18 @@ def test_the_server_stopping_mid_run_ends_it_with_the_bucket_named_and_a_rerun_r
         code = run.wait(timeout=60)
       except subprocess.TimeoutExpired:
         code = None  # still retrying: bring the server back
-      server = GcsEmulator(BUCKET, disk=str(disk), port=server.port,
-                           log_path=str(tmp_path / "server.log"))
+      server = GcsEmulator(
+          BUCKET, disk=str(disk), port=server.port, log_path=str(tmp_path / "server.log")
+      )
       if code is None:
         code = run.wait(timeout=600)
     said = (tmp_path / "run.log").read_text()
     complete = committed()
     folders = sorted({n.split("/")[2] for n in server.objects("fault/checkpoints/")})
-    print(f"\nserver stopped after step 3's checkpoint: the run exited {code}; checkpoint "
-          f"folders in the bucket {folders}, completed {complete}")
+    print(
+        f"\nserver stopped after step 3's checkpoint: the run exited {code}; checkpoint "
+        f"folders in the bucket {folders}, completed {complete}"
+    )
     if code == 0:  # the client's retries outlasted the outage
       assert complete[-1] == 12
     else:

@@ -17,16 +17,40 @@ import collections
 import numpy as np
 import pytest
 
-from vim_jax.infra import parallel, tpu_slices
 from vim_jax.data import pipeline, sources
+from vim_jax.infra import parallel, tpu_slices
 
-SLICES = ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v5p-8", "v5p-16", "v5p-32", "v5p-64",
-          "v5p-128", "v5e-1", "v5e-4", "v5e-8", "v5e-16", "v5e-32", "v5e-64", "v5e-256",
-          "v6e-4", "v6e-8", "v6e-16", "v6e-64", "v6e-256")
+SLICES = (
+    "v4-8",
+    "v4-16",
+    "v4-32",
+    "v4-64",
+    "v4-128",
+    "v5p-8",
+    "v5p-16",
+    "v5p-32",
+    "v5p-64",
+    "v5p-128",
+    "v5e-1",
+    "v5e-4",
+    "v5e-8",
+    "v5e-16",
+    "v5e-32",
+    "v5e-64",
+    "v5e-256",
+    "v6e-4",
+    "v6e-8",
+    "v6e-16",
+    "v6e-64",
+    "v6e-256",
+)
 # (config file, mesh overrides): the paper configs' defaults and launch/README.md's layouts.
 LAYOUTS = (
-    ("vitvq_small.py", {}), ("vitvq_base.py", {}), ("vitvq_large.py", {}),
-    ("vim_base.py", {}), ("vim_large.py", {}),
+    ("vitvq_small.py", {}),
+    ("vitvq_base.py", {}),
+    ("vitvq_large.py", {}),
+    ("vim_base.py", {}),
+    ("vim_large.py", {}),
     ("vim_large.py", {"data": 1, "fsdp": -1, "tensor": 4}),
 )
 MULTI_SLICE = (("v4-128", 2), ("v5p-128", 2), ("v4-32", 2))
@@ -38,6 +62,7 @@ MULTI_SLICE_LAYOUTS = (
 
 def _config(name):
   from test_config_checks import _load
+
   return _load(name)
 
 
@@ -121,14 +146,17 @@ def test_vim_large_tensor4_on_a_v4_128_feeds_shared_rows_not_contiguous_slices(c
   assert spans == {2}  # every tensor group on 2 hosts
   rows = check_rows(mesh, config.batch_size)
   batch, processes = config.batch_size, spec.hosts
-  contiguous = {p: np.arange(p * batch // processes, (p + 1) * batch // processes)
-                for p in range(processes)}
+  contiguous = {
+      p: np.arange(p * batch // processes, (p + 1) * batch // processes) for p in range(processes)
+  }
   with capsys.disabled():
     print(f"\nVIM-Large tensor=4 on a v4-128, batch {batch}, rows per process (first 4):")
     for p in range(4):
       before, now = (pipeline.describe_rows(r) for r in (contiguous[p], rows[p]))
-      print(f"  process {p}: before {before} ({len(contiguous[p])} rows); "
-            f"now {now} ({len(rows[p])} rows)")
+      print(
+          f"  process {p}: before {before} ({len(contiguous[p])} rows); "
+          f"now {now} ({len(rows[p])} rows)"
+      )
   assert all(len(r) == 2 * batch // 16 for r in rows.values())  # 2 fsdp rows of 64 each
   assert any(not np.array_equal(rows[p], contiguous[p]) for p in rows)
   sharing = collections.Counter(tuple(r.tolist()) for r in rows.values())
@@ -142,8 +170,12 @@ def test_shared_rows_load_identical_examples():
   rows_a = np.array([0, 1, 2, 3, 8, 9, 10, 11])
   rows_b = rows_a.copy()
   rows_c = np.array([4, 5, 6, 7, 12, 13, 14, 15])
-  loaded = [pipeline.InputPipeline(source, 16, 16, seed=3, train=True, rows=r,
-                                   num_workers=2).local_batch(5) for r in (rows_a, rows_b, rows_c)]
+  loaded = [
+      pipeline.InputPipeline(source, 16, 16, seed=3, train=True, rows=r, num_workers=2).local_batch(
+          5
+      )
+      for r in (rows_a, rows_b, rows_c)
+  ]
   whole = pipeline.InputPipeline(source, 16, 16, seed=3, train=True).local_batch(5)
   np.testing.assert_array_equal(loaded[0]["image"], loaded[1]["image"])
   np.testing.assert_array_equal(loaded[0]["image"], whole["image"][rows_a])

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO_ROOT
 from enhancing_reference import Tokenizer
+
 from vim_jax import main
 from vim_jax.infra import runs
 from vim_jax.tools import import_enhancing
@@ -41,23 +41,37 @@ def _images(n=4, size=64, seed=0):
 
 def test_imported_tokenizer_equals_the_pytorch_model(reference, imported):
   import jax
+
   from vim_jax.models import tokenizer as tokenizer_lib
+
   tok = runs.load_tokenizer(imported)
   assert tok.step == 1234 and tok.config.model.pixel_range == "zero_to_one"
   images, images01 = _images()
-  ours = np.asarray(jax.jit(lambda p, x: tok.model.apply(
-      {"params": p}, x, method=tokenizer_lib.ViTVQGAN.encode_to_indices))(tok.params, images))
+  ours = np.asarray(
+      jax.jit(
+          lambda p, x: tok.model.apply(
+              {"params": p}, x, method=tokenizer_lib.ViTVQGAN.encode_to_indices
+          )
+      )(tok.params, images)
+  )
   with torch.no_grad():
     theirs = reference.encode_codes(images01).numpy()
     their_recon = reference.decode_codes(torch.from_numpy(theirs)).numpy()
   equal = float(np.mean(ours.reshape(len(images), -1) == theirs))
-  recon = np.asarray(jax.jit(lambda p, i: tok.model.apply(
-      {"params": p}, i, method=tokenizer_lib.ViTVQGAN.decode_from_indices))(tok.params, ours))
+  recon = np.asarray(
+      jax.jit(
+          lambda p, i: tok.model.apply(
+              {"params": p}, i, method=tokenizer_lib.ViTVQGAN.decode_from_indices
+          )
+      )(tok.params, ours)
+  )
   expected = their_recon.transpose(0, 2, 3, 1) * 2 - 1  # their [0, 1] output in our [-1, 1]
   worst = float(np.abs(recon - expected).max())
-  print(f"\nequal code indices: {equal:.4f} of {theirs.size}; max |reconstruction difference| "
-        f"{worst:.3g} (values up to {np.abs(expected).max():.3g}); codes used "
-        f"{np.unique(theirs).size}")
+  print(
+      f"\nequal code indices: {equal:.4f} of {theirs.size}; max |reconstruction difference| "
+      f"{worst:.3g} (values up to {np.abs(expected).max():.3g}); codes used "
+      f"{np.unique(theirs).size}"
+  )
   assert equal == 1.0
   assert worst < 1e-4
   # The whole forward pass (encode, quantize, decode) as training and evaluation run it.
@@ -68,8 +82,12 @@ def test_imported_tokenizer_equals_the_pytorch_model(reference, imported):
 
 def test_older_key_names_and_bare_state_dicts_import_the_same(reference, imported, tmp_path):
   state = {k: v.float() for k, v in reference.state.items()}
-  renamed = {k.replace("decoder.to_pixel.1.", "decoder.to_pixel.conv_out.")
-              .replace("encoder.transformer.norm.", "encoder.norm."): v for k, v in state.items()}
+  renamed = {
+      k.replace("decoder.to_pixel.1.", "decoder.to_pixel.conv_out.").replace(
+          "encoder.transformer.norm.", "encoder.norm."
+      ): v
+      for k, v in state.items()
+  }
   path = str(tmp_path / "bare.pth")
   torch.save(renamed, path)
   config = main.load_config_file(TINY)
@@ -77,6 +95,7 @@ def test_older_key_names_and_bare_state_dicts_import_the_same(reference, importe
   assert step == 0
   a, b = runs.load_tokenizer(imported).params, runs.load_tokenizer(str(tmp_path / "run")).params
   import jax
+
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -100,13 +119,15 @@ def test_wrong_checkpoints_are_refused_by_name(reference, tmp_path):
   assert "width 64, 2 encoder blocks" in message and "enhancing_vitvq_small.py" in message
   # Not one of their models: our paper config.
   assert "does not describe an enhancing-transformers" in _refusal(
-      state, os.path.join(REPO_ROOT, "configs/vitvq_small.py"))
+      state, os.path.join(REPO_ROOT, "configs/vitvq_small.py")
+  )
   moved = {**state, "encoder.en_pos_embedding": state["encoder.en_pos_embedding"][:, ::-1]}
   assert "differs from the 2-D sin-cos table" in _refusal(moved)
   # A checkpoint holding pickled objects beyond tensors: refused unless trusted.
   path = str(tmp_path / "pickled.ckpt")
-  torch.save({**reference.lightning_checkpoint(), "hyper_parameters": argparse.Namespace(a=1)},
-             path)
+  torch.save(
+      {**reference.lightning_checkpoint(), "hyper_parameters": argparse.Namespace(a=1)}, path
+  )
   with pytest.raises(import_enhancing.CheckpointMismatch, match="--trust_pickle"):
     import_enhancing.read_checkpoint(path)
   tokenizer, step = import_enhancing.read_checkpoint(path, trust_pickle=True)

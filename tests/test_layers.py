@@ -16,8 +16,9 @@ import pytest
 from vim_jax.infra import checkpoint, parallel
 from vim_jax.models import transformer
 
-CONFIG = transformer.StackConfig(num_layers=3, width=32, num_heads=2, head_dim=16, mlp_dim=64,
-                                 causal=True)
+CONFIG = transformer.StackConfig(
+    num_layers=3, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True
+)
 
 
 def scanned_params(unrolled: dict, num_layers: int) -> dict:
@@ -51,7 +52,8 @@ def test_scanned_params_carry_a_layers_axis_and_match_the_restacked_layout(stack
   assert jax.tree.map(np.shape, nn.meta.unbox(boxed)) == jax.tree.map(np.shape, restacked)
   spec = nn.get_partition_spec(boxed)["layers"]["block"]["attention"]["query_kernel"]
   assert nn.logical_to_mesh_axes(spec, parallel.DEFAULT_AXIS_RULES) == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor", None)
+      None, "fsdp", "tensor", None
+  )
 
 
 def test_scanned_equals_unrolled_forward_gradient_and_captured_block(stacks):
@@ -62,9 +64,11 @@ def test_scanned_equals_unrolled_forward_gradient_and_captured_block(stacks):
     return jnp.sum(out**2) + jnp.sum(jnp.sin(captured)), (out, captured)
 
   (value_u, (out_u, cap_u)), grads_u = jax.value_and_grad(
-      lambda p: loss(unrolled, p), has_aux=True)(params)
-  (value_s, (out_s, cap_s)), grads_s = jax.value_and_grad(
-      lambda p: loss(scanned, p), has_aux=True)(restacked)
+      lambda p: loss(unrolled, p), has_aux=True
+  )(params)
+  (value_s, (out_s, cap_s)), grads_s = jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True)(
+      restacked
+  )
   np.testing.assert_allclose(out_s, out_u, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(cap_s, cap_u, rtol=1e-5, atol=1e-5)
   assert float(value_s) == pytest.approx(float(value_u), rel=1e-5)
@@ -77,15 +81,20 @@ def test_scanned_kv_cached_decoding_equals_unrolled(stacks):
   unrolled, scanned, x, params, restacked = stacks
   full = unrolled.apply({"params": params}, x)
   length = x.shape[1]
-  cache = scanned.init(jax.random.key(0), x[:, :1], decode_index=jnp.zeros((), jnp.int32),
-                       cache_length=length)["cache"]
+  cache = scanned.init(
+      jax.random.key(0), x[:, :1], decode_index=jnp.zeros((), jnp.int32), cache_length=length
+  )["cache"]
   # [layers, B, H, K, positions]: heads-major, positions minor (see _attend_to_cache)
   assert jax.tree.leaves(cache)[0].shape == (CONFIG.num_layers, 2, 2, 16, length)
   outs = []
   for i in range(length):
-    out, mutated = scanned.apply({"params": restacked, "cache": cache}, x[:, i:i + 1],
-                                 decode_index=jnp.asarray(i, jnp.int32), cache_length=length,
-                                 mutable=["cache"])
+    out, mutated = scanned.apply(
+        {"params": restacked, "cache": cache},
+        x[:, i : i + 1],
+        decode_index=jnp.asarray(i, jnp.int32),
+        cache_length=length,
+        mutable=["cache"],
+    )
     cache = mutated["cache"]
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
@@ -102,8 +111,9 @@ def test_remat_policies_change_neither_outputs_nor_gradients(scan):
 
   def run(policy):
     model = transformer.Transformer(dataclasses.replace(config, remat_policy=policy))
-    f = lambda p: jnp.sum(model.apply({"params": p}, x, False,
-                                      rngs={"dropout": jax.random.key(2)}) ** 2)
+    f = lambda p: jnp.sum(
+        model.apply({"params": p}, x, False, rngs={"dropout": jax.random.key(2)}) ** 2
+    )
     return jax.value_and_grad(f)(params)
 
   value, grads = run("none")
@@ -121,20 +131,27 @@ def test_scanned_layers_draw_their_own_dropout_masks():
   x = jax.random.normal(jax.random.key(0), (2, 8, 32))
   model = transformer.Transformer(config)
   params = nn.meta.unbox(model.init(jax.random.key(1), x))["params"]
-  same = jax.tree.map(lambda p: jnp.broadcast_to(p[:1], p.shape),
-                      params["layers"])  # every layer = layer 0
+  same = jax.tree.map(
+      lambda p: jnp.broadcast_to(p[:1], p.shape), params["layers"]
+  )  # every layer = layer 0
   params = {**params, "layers": same}
   run = lambda rng: model.apply({"params": params}, x, False, rngs={"dropout": rng})
   np.testing.assert_array_equal(run(jax.random.key(3)), run(jax.random.key(3)))
 
   class SharedMaskScan(nn.Module):  # what a scan without split_rngs={'dropout': True} does
+
     @nn.compact
     def __call__(self, x):
-      scanned = nn.scan(transformer.ScannedBlock, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": False}, in_axes=(0, nn.broadcast),
-                        length=config.num_layers)
+      scanned = nn.scan(
+          transformer.ScannedBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": False},
+          in_axes=(0, nn.broadcast),
+          length=config.num_layers,
+      )
       (x, _), _ = scanned(config, jnp.float32, False, name="layers")(
-          (x, None), jnp.arange(config.num_layers), None)
+          (x, None), jnp.arange(config.num_layers), None
+      )
       return transformer.layer_norm(jnp.float32, "ln_final")(x)
 
   shared = SharedMaskScan().apply({"params": params}, x, rngs={"dropout": jax.random.key(3)})
@@ -146,11 +163,16 @@ def test_a_checkpoint_of_the_other_layout_is_refused_by_name(tmp_path, stacks):
   _, _, _, params, restacked = stacks
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   ckpt.save(1, {"params": params}, force=True)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-      {"params": restacked})
-  with pytest.raises(checkpoint.CheckpointLayoutError,
-                     match=r"(?s)unrolled \(scan_layers=False\).*scan_layers to match"):
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      ),
+      {"params": restacked},
+  )
+  with pytest.raises(
+      checkpoint.CheckpointLayoutError,
+      match=r"(?s)unrolled \(scan_layers=False\).*scan_layers to match",
+  ):
     ckpt.restore_latest(abstract)
   assert (tmp_path / "checkpoints" / "1").exists()
   assert not (tmp_path / "checkpoints" / "corrupt").exists()
@@ -162,12 +184,18 @@ def test_a_checkpoint_of_another_model_size_is_refused_not_set_aside(tmp_path, s
   _, _, _, _, restacked = stacks
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   ckpt.save(1, {"params": restacked}, force=True)
-  deeper = jax.tree.map(lambda a: jnp.concatenate([a, a[:1]]) if a.ndim and a.shape[0] == 3
-                        else a, restacked)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-      {"params": deeper})
-  with pytest.raises(checkpoint.CheckpointLayoutError, match=r"other shapes .*\(3, 32\) saved, "
-                     r"\(4, 32\) wanted"):
+  deeper = jax.tree.map(
+      lambda a: jnp.concatenate([a, a[:1]]) if a.ndim and a.shape[0] == 3 else a, restacked
+  )
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      ),
+      {"params": deeper},
+  )
+  with pytest.raises(
+      checkpoint.CheckpointLayoutError,
+      match=r"other shapes .*\(3, 32\) saved, \(4, 32\) wanted",
+  ):
     ckpt.restore_latest(abstract)
   assert (tmp_path / "checkpoints" / "1").exists()

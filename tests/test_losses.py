@@ -48,9 +48,14 @@ def test_logit_laplace_density_integrates_to_one():
   mu, log_b = 0.3, -0.5
   nll = np.abs(y - mu) / np.exp(log_b) + log_b + np.log(2) + np.log(x01) + np.log1p(-x01)
   assert np.trapezoid(np.exp(-nll), x01) == pytest.approx(1.0, abs=2e-3)
-  ours = float(losses.logit_laplace_nll(np.full(target.shape[:1] + (1, 1, 1), mu),
-                                        np.full(target.shape[:1] + (1, 1, 1), log_b),
-                                        target.astype(np.float32), eps))
+  ours = float(
+      losses.logit_laplace_nll(
+          np.full(target.shape[:1] + (1, 1, 1), mu),
+          np.full(target.shape[:1] + (1, 1, 1), log_b),
+          target.astype(np.float32),
+          eps,
+      )
+  )
   assert ours == pytest.approx(np.mean(nll), rel=1e-3)
 
 
@@ -71,14 +76,22 @@ def test_ssim_matches_tensorflow():
   a, b = _images(5, (3, 32, 32, 3)), _images(6, (3, 32, 32, 3))
   b = np.clip(a + 0.2 * b, -1, 1)
   ours = np.asarray(image_metrics.ssim(a, b))
-  ref = tf.image.ssim(tf.constant((a + 1) / 2), tf.constant((b + 1) / 2), max_val=1.0,
-                      filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03).numpy()
+  ref = tf.image.ssim(
+      tf.constant((a + 1) / 2),
+      tf.constant((b + 1) / 2),
+      max_val=1.0,
+      filter_size=11,
+      filter_sigma=1.5,
+      k1=0.01,
+      k2=0.03,
+  ).numpy()
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(image_metrics.ssim(a, a)), 1.0, atol=1e-5)
 
 
 def test_adaptive_adversarial_weight_is_a_gradient_norm_ratio():
   import jax.numpy as jnp
+
   rec = {"a": jnp.full((2, 2), 3.0), "b": jnp.full((4,), 4.0)}  # norm sqrt(4*9 + 4*16) = 10
   adv = {"a": jnp.full((2, 2), 0.5), "b": jnp.zeros((4,))}  # norm 1
   assert float(losses.adaptive_adversarial_weight(rec, adv)) == pytest.approx(10 / (1 + 1e-4))

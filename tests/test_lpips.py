@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from vim_jax.models import lpips
-from vim_jax.tools import convert_lpips
-
 from conftest import REPO_ROOT
 from lpips_reference import VGG_CONVS
 from run_files import cli_env
 
+from vim_jax.models import lpips
+from vim_jax.tools import convert_lpips
+
+
 def torch_lpips(vgg, head, x, y):
   """Independent LPIPS v0.1 in PyTorch (NCHW), following the lpips package's definition."""
-  shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
-  scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+  shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+  scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
   def features(z):
     z = (z - shift) / scale
@@ -80,7 +80,9 @@ def test_a_bfloat16_tokenizer_reports_float32_lpips(converted, tiny_config):
   at full precision. A bf16 VGG, what the model's dtype gave it before, is off by 2e-4 with
   these random weights: 10x the tolerance, so the check tells them apart."""
   import flax.linen as nn
+
   from vim_jax.trainers import tokenizer_step
+
   tiny_config.model.dtype = "bfloat16"
   tiny_config.perceptual_weights = converted[2]
   models = tokenizer_step.build_models(tiny_config)
@@ -88,13 +90,16 @@ def test_a_bfloat16_tokenizer_reports_float32_lpips(converted, tiny_config):
   params = lpips.load_params(converted[2])["params"]
   images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
   tokenizer_params = nn.meta.unbox(jax.jit(models.tokenizer.init)(jax.random.key(1), images))
-  out = jax.jit(tokenizer_step.make_eval_step(models))(tokenizer_params["params"], {"image": images},
-                                               params)
+  out = jax.jit(tokenizer_step.make_eval_step(models))(
+      tokenizer_params["params"], {"image": images}, params
+  )
   recon = out["reconstruction"].astype(jnp.float32)
   float32 = np.asarray(lpips.LPIPS().apply({"params": params}, images, recon))
   bfloat16 = np.asarray(lpips.LPIPS(jnp.bfloat16).apply({"params": params}, images, recon))
-  print(f"\nLPIPS of a bf16 tokenizer's reconstructions: eval step {np.asarray(out['lpips'])}, "
-        f"float32 network {float32}, bf16 network {bfloat16}")
+  print(
+      f"\nLPIPS of a bf16 tokenizer's reconstructions: eval step {np.asarray(out['lpips'])}, "
+      f"float32 network {float32}, bf16 network {bfloat16}"
+  )
   np.testing.assert_allclose(out["lpips"], float32, rtol=0, atol=1e-5)
   assert np.abs(bfloat16 - float32).max() > 1e-4
 
@@ -102,8 +107,10 @@ def test_a_bfloat16_tokenizer_reports_float32_lpips(converted, tiny_config):
 def test_no_gradient_reaches_the_frozen_weights(converted):
   params = lpips.load_params(converted[2])
   x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
+
   def loss(p, y):
     return jnp.sum(lpips.LPIPS().apply(jax.lax.stop_gradient(p), x, y))
+
   g_params, g_y = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x * 0.5)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(g_params))
   assert float(jnp.abs(g_y).max()) > 0
@@ -124,6 +131,7 @@ def test_converter_rejects_wrong_layouts(converted):
 
 def test_missing_weights_error_names_path_and_commands(tiny_config, tmp_path):
   from vim_jax.trainers import tokenizer as tokenizer_trainer
+
   tiny_config.loss.perceptual = 0.1
   tiny_config.perceptual_weights = str(tmp_path / "nowhere.msgpack")
   with pytest.raises(FileNotFoundError) as e:
@@ -137,14 +145,26 @@ def test_tiny_full_objective_end_to_end_through_main(converted, tmp_path):
   converted from random-weight published-layout files): the files and scalars a user looks at,
   then the finished command rerun, which resumes at the end and trains nothing more."""
   workdir = str(tmp_path / "full")
-  args = [sys.executable, "-m", "vim_jax.main", "--config=configs/vitvq_base.py:tiny",
-          f"--workdir={workdir}", "--config.loss.perceptual=0.1",
-          f"--config.perceptual_weights={converted[2]}", "--config.total_steps=4",
-          "--config.eval_every=4", "--config.checkpoint_every=2", "--config.log_every=2",
-          "--config.num_eval_images=16", "--config.eval_batch_size=8",
-          "--config.ema_decay=0.9", "--config.batch_size=8"]  # VGG16 dominates a step
-  proc = subprocess.run(args, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True,
-                        timeout=600)
+  args = [
+      sys.executable,
+      "-m",
+      "vim_jax.main",
+      "--config=configs/vitvq_base.py:tiny",
+      f"--workdir={workdir}",
+      "--config.loss.perceptual=0.1",
+      f"--config.perceptual_weights={converted[2]}",
+      "--config.total_steps=4",
+      "--config.eval_every=4",
+      "--config.checkpoint_every=2",
+      "--config.log_every=2",
+      "--config.num_eval_images=16",
+      "--config.eval_batch_size=8",
+      "--config.ema_decay=0.9",
+      "--config.batch_size=8",
+  ]  # VGG16 dominates a step
+  proc = subprocess.run(
+      args, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "LPIPS weights:" in proc.stderr and "lpips=" in proc.stderr
   assert "eval at step 4" in proc.stderr and "TFLOP/s/device" in proc.stderr
@@ -152,16 +172,35 @@ def test_tiny_full_objective_end_to_end_through_main(converted, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.path.exists(os.path.join(workdir, "images", "reconstructions_00000004.png"))
   from test_configs import _event_tags
+
   tags = _event_tags(workdir)
-  for tag in ("train/loss", "train/loss_perceptual", "train/loss_adversarial",
-              "train/loss_logit_laplace", "train/loss_l2", "train/loss_vq", "train/learning_rate",
-              "train/grad_norm", "train/codebook_usage", "train/perplexity",
-              "train/images_per_sec_per_device", "train/tflops_per_sec_per_device", "disc/loss",
-              "disc/logits_real", "disc/logits_fake", "disc/r1_penalty", "eval/lpips",
-              "eval/psnr", "eval/ssim", "eval/codebook_usage", "eval/codebook_usage_per_256",
-              "eval/inputs_and_reconstructions"):
+  for tag in (
+      "train/loss",
+      "train/loss_perceptual",
+      "train/loss_adversarial",
+      "train/loss_logit_laplace",
+      "train/loss_l2",
+      "train/loss_vq",
+      "train/learning_rate",
+      "train/grad_norm",
+      "train/codebook_usage",
+      "train/perplexity",
+      "train/images_per_sec_per_device",
+      "train/tflops_per_sec_per_device",
+      "disc/loss",
+      "disc/logits_real",
+      "disc/logits_fake",
+      "disc/r1_penalty",
+      "eval/lpips",
+      "eval/psnr",
+      "eval/ssim",
+      "eval/codebook_usage",
+      "eval/codebook_usage_per_256",
+      "eval/inputs_and_reconstructions",
+  ):
     assert tag in tags, (tag, sorted(tags))
 
-  again = subprocess.run(args, cwd=REPO_ROOT, env=cli_env(),
-                         capture_output=True, text=True, timeout=600)
+  again = subprocess.run(
+      args, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600
+  )
   assert again.returncode == 0 and "resumed at step 4" in again.stderr, again.stderr[-3000:]

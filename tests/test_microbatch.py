@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from run_compare import assert_states_close
-from vim_jax.trainers import microbatch, tokenizer_step, vim_step
+
 from vim_jax.models import vim as vim_lib
+from vim_jax.trainers import microbatch, tokenizer_step, vim_step
 
 
 def test_microbatches_take_consecutive_examples_from_every_device_shard():
@@ -45,14 +45,17 @@ def test_stage1_accumulated_update_equals_one_large_batch(tiny_config):
   tx, schedule, disc_tx = tokenizer_step.build_optimizers(tiny_config)
   init = tokenizer_step.make_init_fn(models, tx, disc_tx, tiny_config, init_batch=1)
   state = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
-  batches = [{"image": jax.random.uniform(jax.random.key(i), (8, 32, 32, 3), minval=-1,
-                                          maxval=1)} for i in range(2)]
+  batches = [
+      {"image": jax.random.uniform(jax.random.key(i), (8, 32, 32, 3), minval=-1, maxval=1)}
+      for i in range(2)
+  ]
   results = {}
   for k in (1, 2):
     tiny_config.grad_accum_steps = k
     variants = tokenizer_step.make_train_steps(models, tx, schedule, disc_tx, tiny_config)
-    results[k] = _run(None, state, batches,
-                      lambda i: variants[tokenizer_step.is_r1_step(tiny_config, i)])
+    results[k] = _run(
+        None, state, batches, lambda i: variants[tokenizer_step.is_r1_step(tiny_config, i)]
+    )
   (one, m1), (two, m2) = results[1], results[2]
   for key in ("loss", "grad_norm", "disc/loss", "disc/grad_norm", "disc/r1_penalty"):
     assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-4), key
@@ -61,24 +64,44 @@ def test_stage1_accumulated_update_equals_one_large_batch(tiny_config):
 
 
 def _tiny_vim(**overrides):
-  return vim_lib.VIM(stack=vim_lib.transformer.StackConfig(
-      num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True,
-      scan_layers=True), vocab_size=64, num_tokens=16, num_classes=3, **overrides)
+  return vim_lib.VIM(
+      stack=vim_lib.transformer.StackConfig(
+          num_layers=2,
+          width=32,
+          num_heads=2,
+          head_dim=16,
+          mlp_dim=64,
+          causal=True,
+          scan_layers=True,
+      ),
+      vocab_size=64,
+      num_tokens=16,
+      num_classes=3,
+      **overrides,
+  )
 
 
 def test_stage2_accumulated_update_equals_one_large_batch():
   from configs import vim_base
+
   config = vim_base.get_config("tiny")
   config.model.dropout = 0.0
   model = _tiny_vim()
   tx, schedule = vim_step.build_optimizer(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32),
-                                    jnp.zeros((1,), jnp.int32)))["params"]
-  state = vim_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params))
+  params = nn.meta.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,), jnp.int32))
+  )["params"]
+  state = vim_step.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
   rng = np.random.default_rng(0)
-  batches = [{"tokens": jnp.asarray(rng.integers(0, 64, (16, 16)), jnp.int32),
-              "label": jnp.asarray(rng.integers(0, 3, (16,)), jnp.int32)} for _ in range(2)]
+  batches = [
+      {
+          "tokens": jnp.asarray(rng.integers(0, 64, (16, 16)), jnp.int32),
+          "label": jnp.asarray(rng.integers(0, 3, (16,)), jnp.int32),
+      }
+      for _ in range(2)
+  ]
   results = {}
   for k in (1, 4):
     config.grad_accum_steps = k

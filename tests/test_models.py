@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from vim_jax.infra import parallel
-from vim_jax.models import transformer
 from vim_jax.models import tokenizer as tokenizer_lib
+from vim_jax.models import transformer
 
 
 def test_patchify_round_trip_and_raster_order():
@@ -31,8 +31,9 @@ def test_attention_width_is_independent_of_model_width():
 
 
 def test_causal_attention_ignores_the_future():
-  cfg = transformer.StackConfig(num_layers=2, width=16, num_heads=2, head_dim=8, mlp_dim=32,
-                                causal=True)
+  cfg = transformer.StackConfig(
+      num_layers=2, width=16, num_heads=2, head_dim=8, mlp_dim=32, causal=True
+  )
   stack = transformer.Transformer(cfg)
   x = jax.random.normal(jax.random.key(0), (1, 6, 16))
   params = jax.jit(stack.init)(jax.random.key(1), x)
@@ -84,8 +85,7 @@ def test_logit_laplace_head_shapes(tiny_config):
   np.testing.assert_allclose(np.asarray(out["reconstruction"]), expected, atol=1e-6)
   tiny_config.model.logit_laplace = False
   plain = tokenizer_lib.ViTVQGAN.from_config(tiny_config)
-  out = jax.jit(plain.apply)(nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images)),
-                             images)
+  out = jax.jit(plain.apply)(nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images)), images)
   assert set(out) >= {"reconstruction", "indices", "vq_loss"} and "mu" not in out
 
 
@@ -143,8 +143,10 @@ def _vitvqgan_reference(p, images, patch, eps_ll):
       b = jax.tree.map(lambda a: a[i], blocks)
       a = b["attention"]
       y = layer_norm(x, b["ln_attention"])
-      qkv = [np.einsum("bld,dhk->blhk", y, a[f"{n}_kernel"]) + a[f"{n}_bias"]
-             for n in ("query", "key", "value")]
+      qkv = [
+          np.einsum("bld,dhk->blhk", y, a[f"{n}_kernel"]) + a[f"{n}_bias"]
+          for n in ("query", "key", "value")
+      ]
       logits = np.einsum("bqhk,bshk->bhqs", qkv[0], qkv[1]) / np.sqrt(qkv[0].shape[-1])
       weights = np.exp(logits - logits.max(-1, keepdims=True))
       weights /= weights.sum(-1, keepdims=True)
@@ -158,8 +160,9 @@ def _vitvqgan_reference(p, images, patch, eps_ll):
   normalize = lambda v: v / np.sqrt(np.sum(v**2, -1, keepdims=True) + 1e-6)
   b, size = images.shape[:2]
   g = size // patch
-  patches = images.reshape(b, g, patch, g, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
-      b, g * g, -1)
+  patches = (
+      images.reshape(b, g, patch, g, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1)
+  )
   enc, dec = p["encoder"], p["decoder"]
   x = dense(patches, enc["patch_embedding"]) + enc["position_embedding"]
   z = normalize(dense(ffn(transformer(x, enc["transformer"]), enc["output_ffn"]), enc["to_code"]))
@@ -168,13 +171,18 @@ def _vitvqgan_reference(p, images, patch, eps_ll):
   codes = codebook[indices]
   x = dense(codes, dec["from_code"]) + dec["position_embedding"]
   out = ffn(transformer(x, dec["transformer"]), dec["output_ffn"])  # [B, N, p * p * 6]
-  pixels = out.reshape(b, g, g, patch, patch, 6).transpose(0, 1, 3, 2, 4, 5).reshape(
-      b, size, size, 6)
+  pixels = (
+      out.reshape(b, g, g, patch, patch, 6).transpose(0, 1, 3, 2, 4, 5).reshape(b, size, size, 6)
+  )
   mu, log_scale = pixels[..., :3], pixels[..., 3:]
   x01 = (1 / (1 + np.exp(-mu)) - eps_ll) / (1 - 2 * eps_ll)
-  return {"indices": indices.reshape(b, g, g), "mu": mu, "log_scale": log_scale,
-          "reconstruction": np.clip(x01, 0, 1) * 2 - 1,
-          "vq_loss": 1.25 * np.mean((z - codes) ** 2)}
+  return {
+      "indices": indices.reshape(b, g, g),
+      "mu": mu,
+      "log_scale": log_scale,
+      "reconstruction": np.clip(x01, 0, 1) * 2 - 1,
+      "vq_loss": 1.25 * np.mean((z - codes) ** 2),
+  }
 
 
 def test_paper_layout_vitvqgan_matches_a_numpy_forward(tiny_config):
@@ -188,17 +196,20 @@ def test_paper_layout_vitvqgan_matches_a_numpy_forward(tiny_config):
     stack.update(num_layers=2, width=16, num_heads=2, head_dim=4, mlp_dim=32)
   c.model.update(patch_size=4, codebook_size=16, code_dim=4)
   assert (c.model.position_embedding, c.model.output_ffn, c.model.logit_laplace) == (
-      "learned", True, True) and c.model.encoder.scan_layers
+      "learned",
+      True,
+      True,
+  ) and c.model.encoder.scan_layers
   model = tokenizer_lib.ViTVQGAN.from_config(c)
   images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3), minval=-1, maxval=1)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), images))["params"]
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
   out = jax.jit(model.apply)({"params": params}, images)
-  ref = _vitvqgan_reference(params, np.asarray(images, np.float64), 4,
-                            model.logit_laplace_eps)
+  ref = _vitvqgan_reference(params, np.asarray(images, np.float64), 4, model.logit_laplace_eps)
   np.testing.assert_array_equal(np.asarray(out["indices"]), ref["indices"])
   assert len(np.unique(ref["indices"])) > 2
   for key in ("mu", "log_scale", "reconstruction"):

@@ -15,13 +15,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
-import jax
-
 from conftest import REPO_ROOT
 from run_compare import assert_leaves_close
 from run_files import cli_env, event_scalars, free_port, start_processes
+
 from vim_jax import main
 from vim_jax.infra import fileio, runs
 
@@ -46,31 +46,47 @@ def _run_processes(count, args, workdir, log_dir, devices_per_process=1, env=Non
   on 127.0.0.1; env(i): extra environment of process i. Returns their log files."""
   port = free_port()
   logs = start_processes(
-      count, lambda i: [sys.executable, "-m", "vim_jax.main", *args, f"--workdir={workdir}",
-                        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
-                        f"--process_id={i}"], log_dir, devices_per_process, env)
+      count,
+      lambda i: [
+          sys.executable,
+          "-m",
+          "vim_jax.main",
+          *args,
+          f"--workdir={workdir}",
+          f"--coordinator_address=127.0.0.1:{port}",
+          f"--num_processes={count}",
+          f"--process_id={i}",
+      ],
+      log_dir,
+      devices_per_process,
+      env,
+  )
   last = open(logs[-1]).read()
   total = count * devices_per_process
-  assert (f"process {count - 1} of {count}, {devices_per_process} local / {total} global "
-          "devices") in last
+  assert (
+      f"process {count - 1} of {count}, {devices_per_process} local / {total} global devices"
+  ) in last
   return logs
 
 
 def fed_rows(log: str) -> str:
   """The rows of each training batch a process's log says it loads."""
-  return re.search(r"input: this process loads rows (\S+) of each training batch", 
-                   open(log).read()).group(1)
+  return re.search(
+      r"input: this process loads rows (\S+) of each training batch", open(log).read()
+  ).group(1)
 
 
 def checkpoint_arrays(workdir) -> dict[str, np.ndarray]:
   """Every array of a run's last checkpoint, read on the host, by path."""
   import orbax.checkpoint as ocp
+
   step = runs.checkpoint_steps(workdir)[-1]
   path = os.path.join(workdir, "checkpoints", str(step), "default")
   metadata = ocp.PyTreeCheckpointHandler().metadata(fileio.path(path)).tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-  tree = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      restore_args=restore_args))
+  tree = ocp.PyTreeCheckpointer().restore(
+      path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+  )
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
@@ -92,13 +108,20 @@ def assert_runs_match(single, multi, rel: float = 1e-5, leaf_rel: float = 5e-4) 
   # (R1's second-order gradient at step 4) differ by up to 2e-4 of a leaf's scale. A gradient
   # summed over the 2 processes instead of averaged is 100% off.
   share = assert_leaves_close(a, b, rel=leaf_rel, param_atol=1e-3)
-  return (f"loss within {worst['train/loss']:.2g}, grad_norm within "
-          f"{worst['train/grad_norm']:.2g} (relative, worst step); the final state's worst "
-          f"leaf uses {share:.0%} of its tolerance")
+  return (
+      f"loss within {worst['train/loss']:.2g}, grad_norm within "
+      f"{worst['train/grad_norm']:.2g} (relative, worst step); the final state's worst "
+      f"leaf uses {share:.0%} of its tolerance"
+  )
 
 
-STAGE1 = {"total_steps": STEPS, "log_every": 1, "eval_every": 1000, "checkpoint_every": 1000,
-          "num_eval_images": 16}
+STAGE1 = {
+    "total_steps": STEPS,
+    "log_every": 1,
+    "eval_every": 1000,
+    "checkpoint_every": 1000,
+    "num_eval_images": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +133,12 @@ def stage1_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost1")
   spec = "configs/vitvq_base.py:tiny"
   _run_single(spec, STAGE1, str(root / "single"))
-  flags = _flags(spec, {**STAGE1, "checkpoint_every": 4, "mesh.data": 1, "mesh.fsdp": 2,
-                        "mesh.tensor": 2}) + ["--heartbeat_timeout=10"]
-  killed = _interrupt(flags, str(root / "multi"), str(root / "killed"), {2: signal.SIGKILL},
-                      after="step 5/")
+  flags = _flags(
+      spec, {**STAGE1, "checkpoint_every": 4, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}
+  ) + ["--heartbeat_timeout=10"]
+  killed = _interrupt(
+      flags, str(root / "multi"), str(root / "killed"), {2: signal.SIGKILL}, after="step 5/"
+  )
   logs = _run_processes(4, flags, str(root / "multi"), str(root))
   return str(root / "single"), str(root / "multi"), logs, killed
 
@@ -125,11 +150,25 @@ def _interrupt(flags, workdir, log_dir, signals: dict, after: str, env=None):
   os.makedirs(log_dir)
   port = free_port()
   logs = [os.path.join(log_dir, f"process{i}.log") for i in range(4)]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "vim_jax.main", *flags, f"--workdir={workdir}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=4", f"--process_id={i}"],
-      cwd=REPO_ROOT, env={**cli_env(1), **(env(i) if env else {})}, stdout=open(logs[i], "w"),
-      stderr=subprocess.STDOUT) for i in range(4)]
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              "-m",
+              "vim_jax.main",
+              *flags,
+              f"--workdir={workdir}",
+              f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=4",
+              f"--process_id={i}",
+          ],
+          cwd=REPO_ROOT,
+          env={**cli_env(1), **(env(i) if env else {})},
+          stdout=open(logs[i], "w"),
+          stderr=subprocess.STDOUT,
+      )
+      for i in range(4)
+  ]
   try:
     start = time.time()
     while after not in open(logs[0]).read():
@@ -157,8 +196,10 @@ def test_stage1_four_processes_with_tensor_across_processes_match_one(stage1_run
   # scale; seen at step 7 or 8 since R1 became its own program, 2026-12-04: to be attributed,
   # see issue 30's note). A gradient summed instead of averaged over the processes is 100% off.
   worst = assert_runs_match(single, multi, rel=2e-3, leaf_rel=5e-2)
-  print(f"\nstage 1, 4 processes (fsdp 2 x tensor 2, tensor across processes, killed once and "
-        f"resumed) vs 1: {worst}")
+  print(
+      f"\nstage 1, 4 processes (fsdp 2 x tensor 2, tensor across processes, killed once and "
+      f"resumed) vs 1: {worst}"
+  )
 
 
 def test_a_dead_process_stops_the_others_which_say_so_and_a_rerun_resumes(stage1_runs):
@@ -175,12 +216,15 @@ def test_a_dead_process_stops_the_others_which_say_so_and_a_rerun_resumes(stage1
   assert "the run resumes from step 4, exactly" in said[0]
   rerun = open(logs[0]).read()
   assert "checkpoint: restoring step 4" in rerun and "resumed at step 4" in rerun
-  print(f"\nSIGKILL of process 2 of 4: the others exited {killed['seconds']:.1f} s later "
-        f"(codes {codes})")
+  print(
+      f"\nSIGKILL of process 2 of 4: the others exited {killed['seconds']:.1f} s later "
+      f"(codes {codes})"
+  )
 
 
 def test_stage2_two_nodes_of_two_processes_stopped_by_sigterm_and_rerun_match_one(
-    stage1_runs, tmp_path):
+    stage1_runs, tmp_path
+):
   """A GPU cluster's layout: 2 nodes (SLURM_NODEID) of 2 processes, one device each (one
   process per GPU); data parallel over the nodes (dcn_data=2 counts nodes, not processes),
   tensor=2 over each node's 2 devices, so every tensor group spans the node's 2 processes.
@@ -189,26 +233,38 @@ def test_stage2_two_nodes_of_two_processes_stopped_by_sigterm_and_rerun_match_on
   uninterrupted run."""
   single_tok, _, _, _ = stage1_runs
   spec = "configs/vim_base.py:tiny"
-  overrides = {"tokenizer_workdir": single_tok, "total_steps": STEPS, "log_every": 1,
-               "eval_every": 1000, "checkpoint_every": 1000}
+  overrides = {
+      "tokenizer_workdir": single_tok,
+      "total_steps": STEPS,
+      "log_every": 1,
+      "eval_every": 1000,
+      "checkpoint_every": 1000,
+  }
   _run_single(spec, overrides, str(tmp_path / "single"))
   mesh = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 2, "mesh.dcn_data": 2}
   flags, workdir = _flags(spec, {**overrides, **mesh}), str(tmp_path / "multi")
   nodes = lambda i: {"SLURM_NODEID": str(i // 2)}  # noqa: E731
-  stopped = _interrupt(flags, workdir, str(tmp_path / "stopped"),
-                       dict.fromkeys(range(4), signal.SIGTERM), after="step 1/", env=nodes)
+  stopped = _interrupt(
+      flags,
+      workdir,
+      str(tmp_path / "stopped"),
+      dict.fromkeys(range(4), signal.SIGTERM),
+      after="step 1/",
+      env=nodes,
+  )
   assert stopped["codes"] == [0, 0, 0, 0], [t[-2000:] for t in stopped["logs"]]
-  saved = {int(re.search(r"stop requested: saved step (\d+)", t).group(1))
-           for t in stopped["logs"]}
+  saved = {int(re.search(r"stop requested: saved step (\d+)", t).group(1)) for t in stopped["logs"]}
   assert len(saved) == 1 and 1 < min(saved) < STEPS, saved  # one step, for all 4
   (step,) = saved
   logs = _run_processes(4, flags, workdir, str(tmp_path), env=nodes)
   assert f"resumed at step {step}" in open(logs[0]).read()
   assert [fed_rows(log) for log in logs] == ["[0..7]", "[0..7]", "[8..15]", "[8..15]"]
   worst = assert_runs_match(str(tmp_path / "single"), workdir)
-  print(f"\nstage 2 (2 nodes over DCN x tensor 2 across each node's 2 processes), 4 processes "
-        f"stopped by SIGTERM at step {step} ({stopped['seconds']:.1f} s to exit) and rerun, "
-        f"vs 1 uninterrupted: {worst}")
+  print(
+      f"\nstage 2 (2 nodes over DCN x tensor 2 across each node's 2 processes), 4 processes "
+      f"stopped by SIGTERM at step {step} ({stopped['seconds']:.1f} s to exit) and rerun, "
+      f"vs 1 uninterrupted: {worst}"
+  )
 
 
 def test_eval_split_inception_statistics_on_two_processes_match_one(inception_files, tmp_path):
@@ -217,19 +273,26 @@ def test_eval_split_inception_statistics_on_two_processes_match_one(inception_fi
   process. (Before the shares were gathered, jax 0.10 refused the first batch: "ndarray passed
   to device_put is not the same on each process".)"""
   from multihost_fid_stats import reference_config
+
   from vim_jax.evaluators import fid, paper_metrics
+
   port, out = free_port(), str(tmp_path / "stats.npz")
   script = os.path.join(REPO_ROOT, "tests", "multihost_fid_stats.py")
-  start_processes(2, lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i),
-                                 inception_files["flax"], out], str(tmp_path))
+  start_processes(
+      2,
+      lambda i: [sys.executable, script, f"127.0.0.1:{port}", str(i), inception_files["flax"], out],
+      str(tmp_path),
+  )
   two = fid.FeatureStats.load(out)
-  one = paper_metrics.reference_stats(reference_config(),
-                                         fid.FeatureExtractor(inception_files["flax"],
-                                                              batch_size=8))
+  one = paper_metrics.reference_stats(
+      reference_config(), fid.FeatureExtractor(inception_files["flax"], batch_size=8)
+  )
   assert one.num_images == two.num_images == 20
   scale = np.abs(one.sigma).max()
-  print(f"\neval-split statistics, 2 processes vs 1: max |mu diff| "
-        f"{np.abs(one.mu - two.mu).max():.3g}, max |sigma diff| "
-        f"{np.abs(one.sigma - two.sigma).max():.3g} (max |sigma| {scale:.3g})")
+  print(
+      f"\neval-split statistics, 2 processes vs 1: max |mu diff| "
+      f"{np.abs(one.mu - two.mu).max():.3g}, max |sigma diff| "
+      f"{np.abs(one.sigma - two.sigma).max():.3g} (max |sigma| {scale:.3g})"
+  )
   np.testing.assert_allclose(two.mu, one.mu, rtol=0, atol=1e-5 * np.abs(one.mu).max())
   np.testing.assert_allclose(two.sigma, one.sigma, rtol=0, atol=1e-5 * scale)

@@ -5,7 +5,6 @@ import sys
 
 import nbclient
 import nbformat
-
 from conftest import REPO_ROOT
 
 
@@ -16,8 +15,9 @@ def test_evaluation_notebook_executes(tokenizer_dir, vim_dir, inception_files, m
   monkeypatch.setenv("VIM_NB_NUM_IMAGES", "16")
   monkeypatch.setenv("VIM_NB_SAMPLES_PER_CLASS", "2")
   nb = nbformat.read(os.path.join(REPO_ROOT, "notebooks", "evaluate.ipynb"), as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": REPO_ROOT}}).execute()
+  nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO_ROOT}}
+  ).execute()
   text, images = [], 0
   for cell in nb.cells:
     for output in cell.get("outputs", []):
@@ -53,13 +53,16 @@ def test_install_cell_builds_the_pip_command_for_each_runtime(monkeypatch):
   assert ns["install_commands"]("tpu", git) == [pip + ["jax[tpu]==0.10.2", git]]
   assert ns["install_commands"]("gpu", git) == [pip + ["jax[cuda12]==0.10.2", git]]
   assert ns["install_commands"]("cpu", "/content/drive/MyDrive/vim_jax") == [
-      pip + ["jax==0.10.2", "/content/drive/MyDrive/vim_jax"]]
+      pip + ["jax==0.10.2", "/content/drive/MyDrive/vim_jax"]
+  ]
   wheel = "gs://bucket/dist/vim_jax-0.1.0-py3-none-any.whl"
   assert ns["install_commands"]("tpu", wheel) == [
       ["gcloud", "storage", "cp", wheel, "/content/vim_jax-0.1.0-py3-none-any.whl"],
-      pip + ["jax[tpu]==0.10.2", "/content/vim_jax-0.1.0-py3-none-any.whl"]]
+      pip + ["jax[tpu]==0.10.2", "/content/vim_jax-0.1.0-py3-none-any.whl"],
+  ]
   # The pin is the jax this package is tested with.
   import jax
+
   assert ns["JAX_VERSION"] == jax.__version__
   monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
   assert ns["runtime_kind"]() == "tpu"

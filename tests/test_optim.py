@@ -14,13 +14,17 @@ LR, WD, B1 = 0.5, 0.1, 0.9
 
 
 def _adamw(clip=1.0):
-  config = ml_collections.ConfigDict(dict(b1=B1, b2=0.99, eps=1e-8, weight_decay=WD,
-                                          grad_clip_norm=clip))
+  config = ml_collections.ConfigDict(
+      dict(b1=B1, b2=0.99, eps=1e-8, weight_decay=WD, grad_clip_norm=clip)
+  )
   return optim.adamw(config, lambda step: LR)
 
 
-PARAMS = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)},
-          "norm": {"scale": jnp.full((4,), 2.0)}, "embedding": jnp.full((5, 3), 2.0)}
+PARAMS = {
+    "dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)},
+    "norm": {"scale": jnp.full((4,), 2.0)},
+    "embedding": jnp.full((5, 3), 2.0),
+}
 
 
 def test_weight_decay_reaches_matrices_only():
@@ -52,8 +56,10 @@ def test_gradients_are_clipped_to_the_global_norm(grad_value):
 def _decay_names(params):
   """{'path/to/leaf': decayed?} of a parameter tree under optim's mask."""
   import flax
-  mask = flax.traverse_util.flatten_dict(flax.core.unfreeze(optim.decay_weights_only(params)),
-                                         sep="/")
+
+  mask = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(optim.decay_weights_only(params)), sep="/"
+  )
   return {name: bool(decayed) for name, decayed in mask.items()}
 
 
@@ -63,9 +69,11 @@ def test_weight_decay_mask_on_the_real_models(scan_layers):
   token/class embedding tables are decayed; biases (the attention's are 2-D), LayerNorm scales
   (2-D when the layers are scanned), position embeddings and the codebook are not."""
   import flax.linen as nn
+
   from configs import vim_base, vitvq_base
   from vim_jax.models import discriminator, vim
   from vim_jax.models import tokenizer as tokenizer_lib
+
   stage1 = vitvq_base.get_config("tiny")
   stage2 = vim_base.get_config("tiny")
   for section in (stage1.model.encoder, stage1.model.decoder, stage2.model):
@@ -74,10 +82,15 @@ def test_weight_decay_mask_on_the_real_models(scan_layers):
   image = jnp.zeros((1, stage1.image_size, stage1.image_size, 3))
   trees = {
       "vitvqgan": jax.eval_shape(tokenizer_lib.ViTVQGAN.from_config(stage1).init, key, image),
-      "vim": jax.eval_shape(vim.VIM.from_config(stage2, 64, 16).init, key,
-                            jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,), jnp.int32)),
-      "discriminator": jax.eval_shape(discriminator.StyleGANDiscriminator(32, 64, 32).init,
-                                      key, image),
+      "vim": jax.eval_shape(
+          vim.VIM.from_config(stage2, 64, 16).init,
+          key,
+          jnp.zeros((1, 16), jnp.int32),
+          jnp.zeros((1,), jnp.int32),
+      ),
+      "discriminator": jax.eval_shape(
+          discriminator.StyleGANDiscriminator(32, 64, 32).init, key, image
+      ),
   }
   trees = {model: nn.meta.unbox(variables) for model, variables in trees.items()}
   names = {}
@@ -89,18 +102,22 @@ def test_weight_decay_mask_on_the_real_models(scan_layers):
   for name in decayed:
     assert last(name) in ("kernel", "embedding") or last(name).endswith("_kernel"), name
   for name in kept:
-    assert (last(name) in ("bias", "scale", "position_embedding", "codebook")
-            or last(name).endswith("_bias")), name
+    assert last(name) in ("bias", "scale", "position_embedding", "codebook") or last(name).endswith(
+        "_bias"
+    ), name
   assert "vim/token_embedding/embedding" in decayed
   assert "vim/condition_embedding/embedding" in decayed
   assert "vitvqgan/quantizer/codebook" in kept
-  assert any(n.endswith("query_bias") for n in kept) and any(n.endswith("query_kernel")
-                                                             for n in decayed)
+  assert any(n.endswith("query_bias") for n in kept) and any(
+      n.endswith("query_kernel") for n in decayed
+  )
   assert any(n.startswith("discriminator/") for n in decayed)
   # The former rule (ndim >= 2) decayed these: 2-D attention biases, position embeddings and
   # the codebook, and with scanned layers every LayerNorm scale and bias.
   wrongly = [n for n in kept if _leaf(trees, n).ndim >= 2]
-  assert any("position_embedding" in n for n in wrongly) and "vitvqgan/quantizer/codebook" in wrongly
+  assert (
+      any("position_embedding" in n for n in wrongly) and "vitvqgan/quantizer/codebook" in wrongly
+  )
   print(f"kept out of decay that ndim >= 2 decayed ({len(wrongly)}): {wrongly}")
 
 
@@ -126,19 +143,28 @@ def test_stage1_schedule_is_linear_warmup_then_cosine_to_end_lr():
   linear warmup steps, cosine to 5e-5 at step 500k: 7.5e-5 halfway through the decay), at a
   small one, and where warmup_steps >= total_steps (warmup then ends one step before the end)."""
   from configs import vitvq_base
+
   paper = vitvq_base.get_config().optimizer
   schedule = optim.warmup_cosine_schedule(paper, 500_000)
-  for step, expected in ((0, 0.0), (25_000, 5e-5), (50_000, 1e-4), (275_000, 7.5e-5),
-                         (500_000, 5e-5), (600_000, 5e-5)):
+  for step, expected in (
+      (0, 0.0),
+      (25_000, 5e-5),
+      (50_000, 1e-4),
+      (275_000, 7.5e-5),
+      (500_000, 5e-5),
+      (600_000, 5e-5),
+  ):
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
   small = ml_collections.ConfigDict(dict(peak_lr=2.0, end_lr=0.5, warmup_steps=4))
   schedule = optim.warmup_cosine_schedule(small, 20)
   for step in range(0, 25):
-    assert float(schedule(step)) == pytest.approx(_warmup_cosine(step, 2.0, 0.5, 4, 20),
-                                                  rel=1e-6, abs=1e-7), step
+    assert float(schedule(step)) == pytest.approx(
+        _warmup_cosine(step, 2.0, 0.5, 4, 20), rel=1e-6, abs=1e-7
+    ), step
   clamped = optim.warmup_cosine_schedule(small, 3)  # warmup 4 > 3 steps: warmup 2
   assert [float(clamped(s)) for s in range(5)] == pytest.approx(
-      [_warmup_cosine(s, 2.0, 0.5, 2, 3) for s in range(5)], rel=1e-6, abs=1e-7)
+      [_warmup_cosine(s, 2.0, 0.5, 2, 3) for s in range(5)], rel=1e-6, abs=1e-7
+  )
 
 
 @pytest.mark.parametrize("arg", ["", "tiny"], ids=["paper", "tiny"])
@@ -149,6 +175,7 @@ def test_stage2_schedule_against_its_closed_form(arg):
   (w 5k, d 80k, T 450k) and the tiny one (no warmup: peak from step 0). A warmup one step
   longer, a curved warmup, or a decay starting a step late fails here."""
   from configs import vim_base
+
   config = vim_base.get_config(arg or None)
   opt, total = config.optimizer, config.total_steps
   peak, end, w, d = opt.peak_lr, opt.end_lr, opt.warmup_steps, opt.decay_start
@@ -161,8 +188,26 @@ def test_stage2_schedule_against_its_closed_form(arg):
     return peak * (end / peak) ** ((min(t, total) - d) / (total - d))
 
   schedule = optim.warmup_exponential_schedule(opt, total)
-  steps = sorted({0, 1, w // 4, w // 2, 3 * w // 4, max(w - 1, 0), w, w + 1, (w + d) // 2, d,
-                  d + 1, d + (total - d) // 3, (d + total) // 2, total - 1, total, total + 100})
+  steps = sorted(
+      {
+          0,
+          1,
+          w // 4,
+          w // 2,
+          3 * w // 4,
+          max(w - 1, 0),
+          w,
+          w + 1,
+          (w + d) // 2,
+          d,
+          d + 1,
+          d + (total - d) // 3,
+          (d + total) // 2,
+          total - 1,
+          total,
+          total + 100,
+      }
+  )
   # optax computes the warmup as peak - peak (1 - t / w) in float32: an absolute error of a
   # few float32 ulps of peak (2^-24 peak each), large relative to lr(t) only for t << w.
   for t in steps:

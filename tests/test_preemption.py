@@ -3,8 +3,8 @@ keeps the previous checkpoint. Each interrupted run, resumed, must end with exac
 parameters of an uninterrupted run. (Corrupt checkpoints: tests/test_train_vitvq.py.)"""
 
 import glob
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,25 +12,36 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
+
 from vim_jax.infra import runs
 
 STEPS = 10
 
 
 def _command(workdir, checkpoint_every=1000):
-  return [sys.executable, "-m", "vim_jax.main", "--config=configs/vitvq_base.py:tiny",
-          f"--workdir={workdir}", f"--config.total_steps={STEPS}", "--config.log_every=1",
-          "--config.eval_every=1000", f"--config.checkpoint_every={checkpoint_every}",
-          "--config.num_eval_images=16", "--config.loss.adversarial=0"]
+  return [
+      sys.executable,
+      "-m",
+      "vim_jax.main",
+      "--config=configs/vitvq_base.py:tiny",
+      f"--workdir={workdir}",
+      f"--config.total_steps={STEPS}",
+      "--config.log_every=1",
+      "--config.eval_every=1000",
+      f"--config.checkpoint_every={checkpoint_every}",
+      "--config.num_eval_images=16",
+      "--config.loss.adversarial=0",
+  ]
 
 
 def _params(workdir):
   tok = runs.load_tokenizer(workdir)
   assert tok.step == STEPS
-  return {"/".join(map(str, k)): np.asarray(v) for k, v in
-          __import__("flax").traverse_util.flatten_dict(tok.params).items()}
+  return {
+      "/".join(map(str, k)): np.asarray(v)
+      for k, v in __import__("flax").traverse_util.flatten_dict(tok.params).items()
+  }
 
 
 def _assert_same_params(a, b):
@@ -68,8 +79,9 @@ def test_sigterm_saves_exits_zero_and_resume_is_exact(uninterrupted, tmp_path):
   assert rc == 0, log[-3000:]
   print(f"\nSIGTERM to exit: {seconds:.2f} s")
   assert "stop requested: saved step" in log
-  saved = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints",
-                                                                    "[0-9]*"))]
+  saved = [
+      int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*"))
+  ]
   assert len(saved) == 1 and 3 <= saved[0] < STEPS
   subprocess.run(_command(workdir), cwd=REPO_ROOT, check=True, capture_output=True, timeout=900)
   _assert_same_params(_params(workdir), uninterrupted)
@@ -82,16 +94,22 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path)
   in_progress = lambda: [n for n in listing() if "tmp" in n]
   finished = lambda: [n for n in listing() if n.isdigit()]
   with open(tmp_path / "log.txt", "w") as log_file:
-    proc = subprocess.Popen(_command(workdir, checkpoint_every=1), cwd=REPO_ROOT,
-                            stdout=log_file, stderr=log_file)
+    proc = subprocess.Popen(
+        _command(workdir, checkpoint_every=1), cwd=REPO_ROOT, stdout=log_file, stderr=log_file
+    )
     # Kill while a save is being written, once an earlier one has completed.
     _wait_for(lambda: finished() and in_progress(), proc)
     proc.kill()
     proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   assert finished(), "no complete checkpoint survived"
-  subprocess.run(_command(workdir, checkpoint_every=1), cwd=REPO_ROOT, check=True,
-                 capture_output=True, timeout=900)
+  subprocess.run(
+      _command(workdir, checkpoint_every=1),
+      cwd=REPO_ROOT,
+      check=True,
+      capture_output=True,
+      timeout=900,
+  )
   assert not in_progress(), "the partial save was not cleaned up"
   _assert_same_params(_params(workdir), uninterrupted)
 
@@ -121,14 +139,23 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption service: the SIGTERM one process gets reaches the other, and both
   processes' checks agree on the step to save at, with no host collective on the steps."""
   import socket
+
   from run_files import cli_env
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, "-c", _SYNC_SCRIPT, address, str(i)],
-                            cwd=REPO_ROOT, env=cli_env(1), stdout=open(logs[i], "w"),
-                            stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", _SYNC_SCRIPT, address, str(i)],
+          cwd=REPO_ROOT,
+          env=cli_env(1),
+          stdout=open(logs[i], "w"),
+          stderr=subprocess.STDOUT,
+      )
+      for i in range(2)
+  ]
   try:
     _wait_for(lambda: all("running" in log.read_text() for log in logs), procs[1], timeout=120)
     procs[1].send_signal(signal.SIGTERM)

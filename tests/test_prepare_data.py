@@ -16,11 +16,11 @@ import tarfile
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-
 import readme_commands
 import run_files
+import tensorflow_datasets as tfds
 from conftest import REPO_ROOT
+
 from vim_jax.data import pipeline, sources
 from vim_jax.tools import prepare_data
 
@@ -49,7 +49,7 @@ def test_prepared_archives_read_back_with_the_right_labels_and_colours(fake_imag
       assert np.abs(255 - image - original).mean() > 50, name
   # Validation labels come from tfds' list, in the sorted order of the official file names.
   val = sources.TfdsSource("imagenet2012", "validation", data_dir)
-  expected = [synsets.index(s) for s in _imagenet_list("validation_labels.txt")[:len(val)]]
+  expected = [synsets.index(s) for s in _imagenet_list("validation_labels.txt")[: len(val)]]
   by_name = sorted((val.data[i]["file_name"], val[i]["label"]) for i in range(len(val)))
   assert [label for _, label in by_name] == expected and len(val) == archive["validation"]
   # Batches are a pure function of (seed, step): the resume guarantee.
@@ -60,11 +60,13 @@ def test_prepared_archives_read_back_with_the_right_labels_and_colours(fake_imag
   np.testing.assert_array_equal(batch["label"], again["label"])
 
 
-def test_rerun_says_ready_and_a_rerun_after_an_interruption_finishes(fake_imagenet, tmp_path,
-                                                                    capsys):
+def test_rerun_says_ready_and_a_rerun_after_an_interruption_finishes(
+    fake_imagenet, tmp_path, capsys
+):
   prepare_data.prepare("imagenet2012", fake_imagenet["data_dir"], fake_imagenet["manual_dir"])
   assert "is ready (array_record; train 26, validation 8). Nothing to do." in (
-      capsys.readouterr().out)
+      capsys.readouterr().out
+  )
   # An interrupted run leaves tfds' incomplete.* folder; the rerun removes it and finishes.
   data_dir = tmp_path / "tfds"
   leftover = data_dir / "imagenet2012" / "incomplete.ABC123_5.1.0"
@@ -80,12 +82,24 @@ def test_rerun_says_ready_and_a_rerun_after_an_interruption_finishes(fake_imagen
 def test_empty_manual_dir_names_each_missing_file_and_where_to_get_it(tmp_path):
   data_dir = tmp_path / "tfds"
   proc = subprocess.run(
-      [sys.executable, "-m", "vim_jax.tools.prepare_data", "--name=imagenet2012",
-       f"--data_dir={data_dir}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "vim_jax.tools.prepare_data",
+          "--name=imagenet2012",
+          f"--data_dir={data_dir}",
+      ],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 1, proc.stdout + proc.stderr
   manual = data_dir / "downloads" / "manual"
-  for name, size in (("ILSVRC2012_img_train.tar", "147.9 GB"),
-                     ("ILSVRC2012_img_val.tar", "6.7 GB")):
+  for name, size in (
+      ("ILSVRC2012_img_train.tar", "147.9 GB"),
+      ("ILSVRC2012_img_val.tar", "6.7 GB"),
+  ):
     assert f"missing {name} ({size}): expected at {manual / name}" in proc.stderr
   assert proc.stderr.count("get it from https://image-net.org/download-images") == 2
   assert "ILSVRC2012_img_test.tar: not there (optional" in proc.stdout
@@ -97,7 +111,7 @@ def test_broken_archives_are_refused_before_any_work(fake_imagenet, tmp_path):
   shutil.copytree(fake_imagenet["manual_dir"], manual)
   val = manual / "ILSVRC2012_img_val.tar"
   # Truncated in the middle of the archive, as an interrupted download leaves it.
-  val.write_bytes(val.read_bytes()[:val.stat().st_size // 2])
+  val.write_bytes(val.read_bytes()[: val.stat().st_size // 2])
   with pytest.raises(prepare_data.ManualFileError, match="is not a complete tar archive"):
     prepare_data.check_manual_files("imagenet2012", str(manual), None)
   # A gap in the validation numbers would shift every later label: refused.
@@ -122,12 +136,15 @@ def test_unprepared_or_tfrecord_dataset_stops_with_the_prepare_command(fake_imag
   message = str(error.value)
   assert "'imagenet2012' is not prepared in data_dir=" + repr(data_dir) in message
   assert f"python -m vim_jax.tools.prepare_data --name=imagenet2012 --data_dir={data_dir}" in (
-      message)
+      message
+  )
   assert not os.path.exists(os.path.join(data_dir, "downloads"))  # nothing was downloaded
   # Prepared as tfrecord (e.g. by an old `tfds build`): random access cannot read it.
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
-  builder.download_and_prepare(file_format="tfrecord", download_config=tfds.download.DownloadConfig(
-      manual_dir=fake_imagenet["manual_dir"]))
+  builder.download_and_prepare(
+      file_format="tfrecord",
+      download_config=tfds.download.DownloadConfig(manual_dir=fake_imagenet["manual_dir"]),
+  )
   with pytest.raises(sources.DatasetNotPreparedError, match="--overwrite"):
     sources.TfdsSource("imagenet2012", "train", data_dir)
   with pytest.raises(sources.DatasetNotPreparedError, match=r"no split 'test'; it has"):
@@ -146,11 +163,23 @@ def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_fi
   command = readme_commands.find("--workdir=$WORKDIR --config.data.data_dir=$TFDS_DATA_DIR")
   train = subprocess.run(
       readme_commands.to_argv(
-          command, variables, edits=(("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),),
-          extra=("--config.data.source=tfds", "--config.data.name=imagenet2012",
-                 "--config.total_steps=10", "--config.eval_every=10",
-                 "--config.checkpoint_every=10")),
-      cwd=root, capture_output=True, text=True, timeout=600, env=env)
+          command,
+          variables,
+          edits=(("configs/vitvq_base.py", "configs/vitvq_base.py:tiny"),),
+          extra=(
+              "--config.data.source=tfds",
+              "--config.data.name=imagenet2012",
+              "--config.total_steps=10",
+              "--config.eval_every=10",
+              "--config.checkpoint_every=10",
+          ),
+      ),
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
   assert train.returncode == 0, train.stderr[-3000:]
   workdir = os.path.join(root, "run")
   config = json.load(open(os.path.join(workdir, "config.json")))
@@ -164,10 +193,22 @@ def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_fi
   shutil.move(os.path.join(root, "tfds"), moved)
   out = str(tmp_path / "eval")
   evaluate = subprocess.run(
-      [sys.executable, "-m", "vim_jax.evaluate", f"--workdir={workdir}", f"--out={out}",
-       f"--inception_weights={inception_files['flax']}", "--batch_size=8",
-       f"--data_dir={moved}"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+      [
+          sys.executable,
+          "-m",
+          "vim_jax.evaluate",
+          f"--workdir={workdir}",
+          f"--out={out}",
+          f"--inception_weights={inception_files['flax']}",
+          "--batch_size=8",
+          f"--data_dir={moved}",
+      ],
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
   shutil.move(moved, os.path.join(root, "tfds"))  # fake_imagenet is shared by the module
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   metrics = json.load(open(os.path.join(out, "results_00000010.json")))["metrics"]
@@ -176,16 +217,18 @@ def test_train_and_evaluate_on_the_prepared_archives(fake_imagenet, inception_fi
   assert metrics["psnr"]["num_images"] == 8
   assert metrics["psnr"]["value"] == pytest.approx(trained_psnr, abs=1e-3)
   assert metrics["rfid_vs_imagenet2012_validation"]["against"] == (
-      "imagenet2012_validation (8 images)")
+      "imagenet2012_validation (8 images)"
+  )
 
 
 def test_a_run_records_the_tfds_data_dir_it_reads(tmp_path, monkeypatch):
   """The launch scripts give the data's location as $TFDS_DATA_DIR, not in the config: the run's
   config records it (absolute) so that evaluate and the notebook, started later without the
   variable, find the data; a data_dir the config sets, or a source other than tfds, stays."""
+  from configs import vitvq_base
   from vim_jax import main
   from vim_jax.data import sources
-  from configs import vitvq_base
+
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("TFDS_DATA_DIR", "tfds")
   config = vitvq_base.get_config()
@@ -193,15 +236,16 @@ def test_a_run_records_the_tfds_data_dir_it_reads(tmp_path, monkeypatch):
   assert sources.with_recorded_data_dir(config).data.data_dir == str(tmp_path / "tfds")
   monkeypatch.setenv("TFDS_DATA_DIR", "gs://bucket/tensorflow_datasets")
   config.data.data_dir = ""
-  assert sources.with_recorded_data_dir(config).data.data_dir == (
-      "gs://bucket/tensorflow_datasets")
+  assert sources.with_recorded_data_dir(config).data.data_dir == ("gs://bucket/tensorflow_datasets")
   monkeypatch.delenv("TFDS_DATA_DIR")
   config.data.data_dir = ""
   assert sources.with_recorded_data_dir(config).data.data_dir == os.path.expanduser(
-      "~/tensorflow_datasets")
+      "~/tensorflow_datasets"
+  )
   config.data.data_dir = "/data/tfds"
   assert sources.with_recorded_data_dir(config).data.data_dir == "/data/tfds"
   shapes = vitvq_base.get_config("tiny")
   assert sources.with_recorded_data_dir(shapes).data.data_dir == ""
   import inspect  # main's one resolution step applies it to every run
+
   assert "sources.with_recorded_data_dir(" in inspect.getsource(main.main)

@@ -12,17 +12,15 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-
-from vim_jax.infra import prng
-from vim_jax.trainers import vim_step
-from vim_jax.trainers import train_state
-from vim_jax.trainers import vim as vim_trainer
-from vim_jax.models import transformer
-from vim_jax.models import vim as vim_lib
-
 from conftest import tiny_vim_config
 from run_compare import assert_same_metrics, assert_states_close
 from test_train_vim import _NUM_CLASSES, _TOKENS, _VOCAB, _tiny_vim_params, _token_batch
+
+from vim_jax.infra import prng
+from vim_jax.models import transformer
+from vim_jax.models import vim as vim_lib
+from vim_jax.trainers import train_state, vim_step
+from vim_jax.trainers import vim as vim_trainer
 
 
 def _config(setting, seed=0):
@@ -60,6 +58,7 @@ def test_the_key_follows_the_platform_of_the_mesh_it_is_traced_for():
   from jax.sharding import Mesh
 
   from vim_jax.infra import tpu_slices
+
   config = _config("auto")
   tpu = Mesh(np.array(tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))), ("data",))
   with jax.set_mesh(tpu):
@@ -81,8 +80,10 @@ def _masks(setting, steps=(0, 0, 1)):
     rng = jax.random.fold_in(prng.dropout_key(_config(setting)), step)
     _, dropout_rng = jax.random.split(rng)
     rng = jax.random.fold_in(dropout_rng, jnp.int32(1))
-    return nn.Dropout(0.5).apply({}, jnp.ones((64, 64)), deterministic=False,
-                                 rngs={"dropout": rng}) != 0
+    return (
+        nn.Dropout(0.5).apply({}, jnp.ones((64, 64)), deterministic=False, rngs={"dropout": rng})
+        != 0
+    )
 
   return np.stack([np.asarray(mask(jnp.int32(s))) for s in steps])
 
@@ -104,8 +105,9 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
   """The train step (dropout 0.5, label dropout 0.3) keyed by config.dropout_rng: the same step
   gives the same loss under each setting, the next step another, and rbg another than threefry.
   The parameters' init key is not the dropout key: they are the same under every setting."""
-  stack = transformer.StackConfig(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64,
-                                  dropout=0.5, causal=True)
+  stack = transformer.StackConfig(
+      num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, dropout=0.5, causal=True
+  )
   model = vim_lib.VIM(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
   params = _tiny_vim_params()
   tx, schedule = optax.sgd(1e-2), optax.constant_schedule(1e-2)
@@ -113,11 +115,13 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
   batch = _token_batch(8)
   losses = {}
   for setting in ("threefry", "rbg"):
-    config = ml_collections.ConfigDict(dict(seed=0, label_dropout=0.3, grad_accum_steps=1,
-                                            dropout_rng=setting))
+    config = ml_collections.ConfigDict(
+        dict(seed=0, label_dropout=0.3, grad_accum_steps=1, dropout_rng=setting)
+    )
     step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
-    losses[setting] = [float(step(state.replace(step=jnp.int32(s)), batch, None)[1]["loss"])
-                       for s in (0, 0, 1)]
+    losses[setting] = [
+        float(step(state.replace(step=jnp.int32(s)), batch, None)[1]["loss"]) for s in (0, 0, 1)
+    ]
     first, again, next_step = losses[setting]
     assert first == again and first != next_step, (setting, losses[setting])
   assert losses["threefry"][0] != losses["rbg"][0], losses
@@ -125,8 +129,13 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
 
 def test_the_libtpu_flag_is_set_only_for_rbg_settings():
   from configs import quickstart, vim_base
-  for setting, expected in (("auto", True), ("rbg", True), ("unsafe_rbg", True),
-                            ("threefry", False)):
+
+  for setting, expected in (
+      ("auto", True),
+      ("rbg", True),
+      ("unsafe_rbg", True),
+      ("threefry", False),
+  ):
     config = vim_base.get_config()
     config.dropout_rng = setting
     environ = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_latency_hiding_scheduler=true"}
@@ -147,6 +156,7 @@ def test_the_libtpu_flag_is_set_only_for_rbg_settings():
   config.stage2.dropout_rng = "rbg"
   assert prng.configure_libtpu(config, {})
   from configs import classifier
+
   assert not prng.configure_libtpu(classifier.get_config(), {})
 
 
@@ -160,15 +170,19 @@ def test_resume_is_exact_under_rbg_and_checkpoints_hold_no_key(tokenizer_dir, tm
   assert config.model.dropout > 0 and config.label_dropout > 0
   one = jax.devices()[:1]
   straight = vim_trainer.train_and_evaluate(config, str(tmp_path / "a"), devices=one)
-  vim_trainer.train_and_evaluate(config, str(tmp_path / "b"), should_stop=lambda s: s == 1,
-                               devices=one)
+  vim_trainer.train_and_evaluate(
+      config, str(tmp_path / "b"), should_stop=lambda s: s == 1, devices=one
+  )
   shutil.copytree(tmp_path / "b", tmp_path / "c")
   resumed = vim_trainer.train_and_evaluate(config, str(tmp_path / "b"), devices=one)
   assert [m["step"] for m in resumed.train_metrics] == [2, 3]
   assert_same_metrics(straight.train_metrics[1:], resumed.train_metrics, rel=0)
   assert_states_close(straight.state, resumed.state, rel=0.0)
-  assert not [x for x in jax.tree.leaves(resumed.state)
-              if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  assert not [
+      x
+      for x in jax.tree.leaves(resumed.state)
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  ]
   config.dropout_rng = "threefry"
   switched = vim_trainer.train_and_evaluate(config, str(tmp_path / "c"), devices=one)
   assert [m["step"] for m in switched.train_metrics] == [2, 3]
@@ -179,6 +193,7 @@ def test_the_stage1_train_step_draws_dropout_from_the_configs_prng(tiny_config):
   """Stage 1 (encoder dropout on) keys its dropout by config.dropout_rng: the traced step's
   random bits come from an rbg key under 'rbg' and from threefry's under 'threefry'."""
   from vim_jax.trainers import tokenizer_step
+
   tiny_config.model.encoder.dropout = 0.1
   tiny_config.loss.update(perceptual=0.0, adversarial=0.0)
   models = tokenizer_step.build_models(tiny_config)
@@ -201,15 +216,16 @@ def test_a_compile_for_a_tpu_slice_draws_each_chips_masks_only():
   RngBitGenerator (tpu_slices names the flag), so on 4 data-parallel chips each draws the
   masks of its 16 of the 64 sequences, not the whole batch's (u32[64, ...] then sliced)."""
   from configs import vim_base
-  from vim_jax.trainers import step_report
   from vim_jax.infra import tpu_slices
+  from vim_jax.trainers import step_report
+
   config = vim_base.get_config("tiny")
   config.update(batch_size=64, dropout_rng="rbg")
   config.data.source = "tokens"
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   assert prng.TPU_FLAG in os.environ["LIBTPU_INIT_ARGS"]
-  hlo = step_report.report(config, devices, tokens_per_image=64,
-                              codebook_size=256)["compiled"].as_text()
-  batches = {int(b) for b in re.findall(r"= u32\[(\d+),[\d,]*\]\{[^}]*\} rng-bit-generator\(",
-                                        hlo)}
+  hlo = step_report.report(config, devices, tokens_per_image=64, codebook_size=256)[
+      "compiled"
+  ].as_text()
+  batches = {int(b) for b in re.findall(r"= u32\[(\d+),[\d,]*\]\{[^}]*\} rng-bit-generator\(", hlo)}
   assert batches == {16}, batches

@@ -43,8 +43,9 @@ def test_linear_probe_accuracy_equals_a_numpy_solution():
   np.testing.assert_array_equal(reference, eval_class)  # every eval point far from a boundary
   expected = np.mean(reference == eval_y)
   assert expected == 24 / 30
-  acc = probe.train_linear_probe(train_x, train_y, eval_x, eval_y, 3, steps=300, batch_size=64,
-                                 lr=1e-2)
+  acc = probe.train_linear_probe(
+      train_x, train_y, eval_x, eval_y, 3, steps=300, batch_size=64, lr=1e-2
+  )
   assert acc == expected
   # Standardisation uses the train split's statistics for both splits.
   train_x, eval_x = rng.normal(3, 2, size=(50, 4)), rng.normal(-1, 5, size=(20, 4))

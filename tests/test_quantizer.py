@@ -13,8 +13,9 @@ from vim_jax.models import tokenizer as tokenizer_lib
 
 
 def _quantize(l2: bool, z: np.ndarray, k: int = 64):
-  vq = quantizer_lib.VectorQuantizer(codebook_size=k, code_dim=z.shape[-1], l2_normalize=l2,
-                                     beta=0.25)
+  vq = quantizer_lib.VectorQuantizer(
+      codebook_size=k, code_dim=z.shape[-1], l2_normalize=l2, beta=0.25
+  )
   params = nn.meta.unbox(vq.init(jax.random.key(0), z))
   z_st, idx, aux = vq.apply(params, z)
   return vq, params, z_st, idx, aux
@@ -120,14 +121,16 @@ def test_vq_loss_gradients_reach_codebook_and_latent_by_their_own_terms():
   expected_z, expected_codebook, indices = _vq_gradients(zz, codebook, beta, upstream=target)
   assert len(np.unique(indices)) > 1  # several codes move
   np.testing.assert_array_equal(np.asarray(vq.apply(params, z)[1]), indices)
-  np.testing.assert_allclose(np.asarray(d_params["params"]["codebook"]), expected_codebook,
-                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(
+      np.asarray(d_params["params"]["codebook"]), expected_codebook, rtol=1e-4, atol=1e-7
+  )
   np.testing.assert_allclose(np.asarray(d_z), expected_z, rtol=1e-4, atol=1e-7)
   # The VQ loss alone, where beta x the commitment gradient is all the latent gets.
   d_params, d_z = jax.grad(lambda p, z: loss(p, z)[1], argnums=(0, 1))(params, z)
   expected_z, expected_codebook, _ = _vq_gradients(zz, codebook, beta)
-  np.testing.assert_allclose(np.asarray(d_params["params"]["codebook"]), expected_codebook,
-                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(
+      np.asarray(d_params["params"]["codebook"]), expected_codebook, rtol=1e-4, atol=1e-7
+  )
   np.testing.assert_allclose(np.asarray(d_z), expected_z, rtol=1e-4, atol=1e-8)
 
 
@@ -152,16 +155,27 @@ def test_tokenizer_gradients_reach_encoder_and_codebook_by_their_terms(tiny_conf
   codebook = np.asarray(params["quantizer"]["codebook"], np.float64)
   _, _, indices = _vq_gradients(z, codebook, model.beta)
   codes = _normalized(codebook)[0][indices].astype(np.float32)
-  decoder_grad = jax.jit(jax.grad(lambda c: jnp.mean(model.apply(
-      {"params": params}, c, method=lambda m, c: m.decode(c)["reconstruction"]) ** 2)))(codes)
-  expected_z, expected_codebook, _ = _vq_gradients(z, codebook, model.beta,
-                                                   upstream=np.asarray(decoder_grad))
-  np.testing.assert_allclose(np.asarray(grads["quantizer"]["codebook"]), expected_codebook,
-                             rtol=1e-4, atol=1e-8)
+  decoder_grad = jax.jit(
+      jax.grad(
+          lambda c: jnp.mean(
+              model.apply({"params": params}, c, method=lambda m, c: m.decode(c)["reconstruction"])
+              ** 2
+          )
+      )
+  )(codes)
+  expected_z, expected_codebook, _ = _vq_gradients(
+      z, codebook, model.beta, upstream=np.asarray(decoder_grad)
+  )
+  np.testing.assert_allclose(
+      np.asarray(grads["quantizer"]["codebook"]), expected_codebook, rtol=1e-4, atol=1e-8
+  )
   (expected,) = jax.jit(lambda p, ct: jax.vjp(encode, p)[1](ct))(
-      params, jnp.asarray(expected_z, jnp.float32))
-  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v)
-                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+      params, jnp.asarray(expected_z, jnp.float32)
+  )
+  flat = lambda tree: {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
   got, expected = flat(grads["encoder"]), flat(expected["encoder"])
   assert got.keys() == expected.keys()
   scale = max(np.max(np.abs(ref)) for ref in expected.values())
@@ -208,6 +222,7 @@ def test_near_ties_pick_the_float64_nearest_code():
   float32 matmul computes (one bf16 pass), pick another code for most of them: the case is a
   real near-tie, not one any precision resolves."""
   import ml_dtypes
+
   z, codebook = _near_ties()
   zn, _ = _normalized(z.astype(np.float64))
   cn, _ = _normalized(codebook.astype(np.float64))
@@ -216,8 +231,9 @@ def test_near_ties_pick_the_float64_nearest_code():
   one_bf16_pass = np.argmax(bf16(zn) @ bf16(cn).T, -1)
   assert np.sum(one_bf16_pass != expected) >= len(z) // 4
   for l2 in (True, False):
-    vq = quantizer_lib.VectorQuantizer(codebook_size=len(codebook), code_dim=z.shape[-1],
-                                       l2_normalize=l2)
+    vq = quantizer_lib.VectorQuantizer(
+        codebook_size=len(codebook), code_dim=z.shape[-1], l2_normalize=l2
+    )
     params = {"params": {"codebook": jnp.asarray(codebook)}}
     _, indices, _ = jax.jit(vq.apply)(params, z[None])
     if l2:
@@ -255,8 +271,11 @@ def test_every_lookup_product_runs_at_highest_precision(l2):
     z_st, _, aux = vq.apply(params, z)
     return jnp.sum(z_st) + aux["vq_loss"]
 
-  for fn in (lambda p, z: vq.apply(p, z), jax.grad(loss, argnums=(0, 1)),
-             lambda p, z: vq.apply(p, z.astype(jnp.bfloat16))):
+  for fn in (
+      lambda p, z: vq.apply(p, z),
+      jax.grad(loss, argnums=(0, 1)),
+      lambda p, z: vq.apply(p, z.astype(jnp.bfloat16)),
+  ):
     dots = _dot_generals(jax.make_jaxpr(fn)(params, z).jaxpr)
     assert dots, "the lookup's product was not found in the jaxpr"
     for eqn in dots:
@@ -272,15 +291,21 @@ def test_the_tpu_program_keeps_the_lookup_product_at_highest_precision():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   from vim_jax.infra import tpu_slices
+
   devices = tpu_slices.compile_only_devices(tpu_slices.parse("v4-8"))
   replicated = NamedSharding(Mesh(np.array(devices[:1]), ("data",)), PartitionSpec())
   vq = quantizer_lib.VectorQuantizer(codebook_size=1024, code_dim=32)
   lookup = lambda codebook, z: vq.apply({"params": {"codebook": codebook}}, z)[1]
-  shapes = (jax.ShapeDtypeStruct((1024, 32), jnp.float32, sharding=replicated),
-            jax.ShapeDtypeStruct((4, 256, 32), jnp.float32, sharding=replicated))
+  shapes = (
+      jax.ShapeDtypeStruct((1024, 32), jnp.float32, sharding=replicated),
+      jax.ShapeDtypeStruct((4, 256, 32), jnp.float32, sharding=replicated),
+  )
   text = jax.jit(lookup).lower(*shapes).compile().as_text()
-  products = [line for line in text.splitlines()
-              if ("convolution(" in line or " dot(" in line) and "lookup" in line]
+  products = [
+      line
+      for line in text.splitlines()
+      if ("convolution(" in line or " dot(" in line) and "lookup" in line
+  ]
   assert products, text
   for line in products:
     assert "operand_precision={highest,highest}" in line and "= f32[" in line, line

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 import readme_commands
 from run_files import cli_env, event_scalars
 
@@ -37,13 +36,14 @@ def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
     assert proc.wait(timeout=300) == 0, first_log.read_text()[-3000:]
   text = first_log.read_text()
   assert "stopped during classifier" in text and "rerun the same command to resume" in text
-  stopped_at = [int(os.path.basename(p)) for p in
-                glob.glob(os.path.join(workdir, "classifier", "checkpoints", "[0-9]*"))]
+  stopped_at = [
+      int(os.path.basename(p))
+      for p in glob.glob(os.path.join(workdir, "classifier", "checkpoints", "[0-9]*"))
+  ]
   assert len(stopped_at) == 1 and stopped_at[0] < 6
   assert not os.path.exists(os.path.join(workdir, "vim"))
 
-  second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+  second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   log = second.stderr
   assert f"checkpoint: restoring step {stopped_at[0]}" in log  # the classifier resumed
@@ -55,7 +55,9 @@ def test_quickstart_smoke_stops_between_stages_and_resumes(tmp_path):
     assert os.path.isdir(os.path.join(workdir, stage, "checkpoints", str(step))), stage
     assert glob.glob(os.path.join(workdir, stage, "events.out.tfevents.*")), stage
     assert os.path.exists(os.path.join(workdir, stage, "config.json")), stage
-  assert os.path.exists(os.path.join(workdir, "tokenizer", "images", "reconstructions_00000006.png"))
+  assert os.path.exists(
+      os.path.join(workdir, "tokenizer", "images", "reconstructions_00000006.png")
+  )
   assert os.path.exists(os.path.join(workdir, "vim", "images", "samples_00000006.png"))
   tokenizer = event_scalars(os.path.join(workdir, "tokenizer"))
   assert sorted(tokenizer["train/loss"]) == [3, 6] and 6 in tokenizer["eval/psnr"]

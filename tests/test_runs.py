@@ -1,9 +1,9 @@
 """vim_jax/infra/runs.py: params-only restores equal full train-state restores; written runs load.
 
-The "old path" below is how runs were loaded before infra/runs.py (tokenizer.py, vim_trainer.load_vim,
-classifier_trainer.load_classifier): rebuild the whole train state, optimizers and discriminator
-included, and restore all of it. The fixture runs are written by the trainers, whose
-checkpoint layout infra/runs.py must keep reading.
+The "old path" below is how runs were loaded before infra/runs.py (tokenizer.py,
+vim_trainer.load_vim, classifier_trainer.load_classifier): rebuild the whole train state, optimizers
+and discriminator included, and restore all of it. The fixture runs are written by the trainers,
+whose checkpoint layout infra/runs.py must keep reading.
 """
 
 import dataclasses
@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vim_jax.infra import checkpoint, fileio, parallel, runs
-from vim_jax.trainers import tokenizer_step, vim_step
 from vim_jax.models import classifier as classifier_lib
+from vim_jax.trainers import tokenizer_step, vim_step
 
 
 def _full_restore(workdir, init_fn):
@@ -29,8 +29,10 @@ def _full_restore(workdir, init_fn):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"))
   try:
-    return ckpt.restore(ckpt.latest_step(), checkpoint.abstract_with_shardings(
-        shapes, jax.tree.map(lambda _: device, shapes)))
+    return ckpt.restore(
+        ckpt.latest_step(),
+        checkpoint.abstract_with_shardings(shapes, jax.tree.map(lambda _: device, shapes)),
+    )
   finally:
     ckpt.close()
 
@@ -59,8 +61,9 @@ def test_vim_and_classifier_params_equal_the_full_restore(vim_dir, classifier_di
   tx, _ = vim_step.build_optimizer(trained.config)
 
   def vim_init(rng):
-    params = trained.model.init(rng, jnp.zeros((1, trained.model.num_tokens), jnp.int32),
-                                jnp.zeros((1,), jnp.int32))["params"]
+    params = trained.model.init(
+        rng, jnp.zeros((1, trained.model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)
+    )["params"]
     return vim_step.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   _assert_trees_equal(trained.params, _full_restore(vim_dir, vim_init).params)
@@ -69,8 +72,13 @@ def test_vim_and_classifier_params_equal_the_full_restore(vim_dir, classifier_di
   model, params = runs.load_classifier(classifier_dir)
   config = runs.read_run_config(classifier_dir, "classifier")
   from vim_jax.trainers import classifier as classifier_trainer
-  full = _full_restore(classifier_dir, classifier_trainer.make_init_fn(
-      model, classifier_trainer.build_optimizer(config), config.image_size))
+
+  full = _full_restore(
+      classifier_dir,
+      classifier_trainer.make_init_fn(
+          model, classifier_trainer.build_optimizer(config), config.image_size
+      ),
+  )
   assert isinstance(model, classifier_lib.ConvClassifier)
   _assert_trees_equal(params, full.params)
 
@@ -96,9 +104,16 @@ def test_written_runs_load_and_the_ema_copy_wins(tokenizer_dir, tmp_path):
   # A stage-2 run written on top of it.
   vim_config = stage2_config(written)
   model = vim_step.build_model(vim_config, tok.model)
-  vim_params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
-      jax.random.key(1), jnp.zeros((1, model.num_tokens), jnp.int32),
-      jnp.zeros((1,), jnp.int32))["params"]))
+  vim_params = jax.tree.map(
+      np.asarray,
+      nn.meta.unbox(
+          model.init(
+              jax.random.key(1),
+              jnp.zeros((1, model.num_tokens), jnp.int32),
+              jnp.zeros((1,), jnp.int32),
+          )["params"]
+      ),
+  )
   vim_run = str(tmp_path / "vim")
   runs.write_run(vim_run, vim_config, vim_params)
   _assert_trees_equal(runs.load_vim(vim_run).params, vim_params)
@@ -114,9 +129,16 @@ def test_runs_read_and_write_through_relative_paths(tokenizer_dir, tmp_path, mon
   _assert_trees_equal(tok.params, runs.load_tokenizer(tokenizer_dir).params)
   assert runs.stored_fields("workdirs/tok", 4)["params"]
   model = vim_step.build_model(stage2_config("workdirs/tok"), tok.model)
-  vim_params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
-      jax.random.key(1), jnp.zeros((1, model.num_tokens), jnp.int32),
-      jnp.zeros((1,), jnp.int32))["params"]))
+  vim_params = jax.tree.map(
+      np.asarray,
+      nn.meta.unbox(
+          model.init(
+              jax.random.key(1),
+              jnp.zeros((1, model.num_tokens), jnp.int32),
+              jnp.zeros((1,), jnp.int32),
+          )["params"]
+      ),
+  )
   runs.write_run("workdirs/vim", stage2_config("workdirs/tok"), vim_params, step=3)
   assert runs.read_run_config("workdirs/vim").tokenizer_workdir == str(tmp_path / "workdirs/tok")
   elsewhere = tmp_path / "elsewhere"
@@ -127,6 +149,7 @@ def test_runs_read_and_write_through_relative_paths(tokenizer_dir, tmp_path, mon
 
 def stage2_config(tokenizer_workdir):
   from configs import vim_base
+
   config = vim_base.get_config("tiny")
   config.tokenizer_workdir = tokenizer_workdir
   return config
@@ -136,8 +159,7 @@ def test_write_run_names_every_mismatch(tokenizer_dir, tmp_path):
   config = runs.read_run_config(tokenizer_dir, "vitvq")
   params = jax.tree.map(np.asarray, runs.load_tokenizer(tokenizer_dir).params)
   broken = {**params, "extra": {"kernel": np.zeros(3)}}
-  broken["quantizer"] = {**params["quantizer"],
-                         "codebook": np.zeros((7, 3), np.float32)}
+  broken["quantizer"] = {**params["quantizer"], "codebook": np.zeros((7, 3), np.float32)}
   del broken["decoder"]
   with pytest.raises(ValueError) as error:
     runs.write_run(str(tmp_path / "x"), config, broken)
@@ -160,8 +182,9 @@ def test_errors_name_the_workdir_and_the_fix(tokenizer_dir, vim_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 99; it has"):
     runs.load_tokenizer(tokenizer_dir, step=99)
   empty = str(tmp_path / "empty")
-  fileio.write_text(fileio.join(empty, "config.json"),
-                    runs.read_run_config(tokenizer_dir).to_json_best_effort())
+  fileio.write_text(
+      fileio.join(empty, "config.json"), runs.read_run_config(tokenizer_dir).to_json_best_effort()
+  )
   with pytest.raises(FileNotFoundError, match="no checkpoint under .*python -m vim_jax.main"):
     runs.load_tokenizer(empty)
 
@@ -180,6 +203,7 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   the code; its tokens equal the full float32-stored params' on the same bfloat16 model."""
   from configs import vitvq_base
   from vim_jax.models import tokenizer as tokenizer_lib
+
   config = vitvq_base.get_config("tiny")
   config.model.dtype = "bfloat16"
   model = tokenizer_lib.ViTVQGAN.from_config(config)
@@ -188,16 +212,22 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   # Trained-looking values: LayerNorm scales of 1 and zero biases survive a bfloat16 cast.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape)
-                                        for p, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
   runs.write_run(str(tmp_path / "tok"), config, params)
   mesh = parallel.create_mesh(dict(data=1, fsdp=8, tensor=1))
   lean = runs.load_frozen_encoder(str(tmp_path / "tok"), mesh, parallel.DEFAULT_AXIS_RULES)
   assert set(lean.params) == {"encoder", "quantizer"}
-  dtypes = {"/".join(str(k.key) for k in path): leaf.dtype
-            for path, leaf in jax.tree_util.tree_flatten_with_path(lean.params)[0]}
-  matrices = {k for k in dtypes if k.startswith("encoder/") and "to_code" not in k
-              and k.endswith(("kernel", "_embedding"))}
+  dtypes = {
+      "/".join(str(k.key) for k in path): leaf.dtype
+      for path, leaf in jax.tree_util.tree_flatten_with_path(lean.params)[0]
+  }
+  matrices = {
+      k
+      for k in dtypes
+      if k.startswith("encoder/") and "to_code" not in k and k.endswith(("kernel", "_embedding"))
+  }
   assert len(matrices) == 10 and {dtypes[k] for k in matrices} == {jnp.dtype("bfloat16")}
   # LayerNorm runs in float32, also for the stacked [layers, D] params of a scanned stack.
   assert {dtypes[k] for k in dtypes if "/ln_" in k or k.endswith("bias")} == {jnp.dtype("float32")}
@@ -205,12 +235,14 @@ def test_frozen_encoder_is_sharded_in_the_compute_dtype_and_tokenizes_identicall
   fc1 = lean.params["encoder"]["transformer"]["layers"]["block"]["mlp"]["fc1"]["kernel"]
   assert fc1.sharding.spec == P(None, "fsdp", "tensor")
   assert fc1.addressable_shards[0].data.shape[1] == fc1.shape[1] // 8
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                            method=tokenizer_lib.ViTVQGAN.encode_to_indices))
+  encode = jax.jit(
+      lambda p, x: model.apply({"params": p}, x, method=tokenizer_lib.ViTVQGAN.encode_to_indices)
+  )
   # Against the float32-stored params on the same shardings (an FSDP-split contraction sums in
   # another order than one device does, which can flip a near-tie between two codes).
-  full = jax.tree.map(lambda p, l: jax.device_put(p, l.sharding),
-                      {k: params[k] for k in lean.params}, lean.params)
+  full = jax.tree.map(
+      lambda p, l: jax.device_put(p, l.sharding), {k: params[k] for k in lean.params}, lean.params
+  )
   np.testing.assert_array_equal(encode(lean.params, images), encode(full, images))
 
 
@@ -223,8 +255,12 @@ def _set(config, key: str, value):
 
 def _configs_of_each_kind():
   from configs import classifier, vim_base, vitvq_base
-  return {"tokenizer": vitvq_base.get_config("tiny"), "vim": vim_base.get_config("tiny"),
-          "classifier": classifier.get_config()}
+
+  return {
+      "tokenizer": vitvq_base.get_config("tiny"),
+      "vim": vim_base.get_config("tiny"),
+      "classifier": classifier.get_config(),
+  }
 
 
 def _json(config) -> dict:
@@ -237,6 +273,7 @@ def test_a_run_saved_before_the_added_fields_reads_back_with_their_former_values
   from vim_jax.infra import prng
   from vim_jax.models import tokenizer as tokenizer_lib
   from vim_jax.models import vim as vim_lib
+
   read = {}
   for trainer, explicit in _configs_of_each_kind().items():
     for key, value in runs.FIELDS_ADDED[trainer].items():
@@ -266,7 +303,10 @@ def test_a_run_saved_before_the_added_fields_reads_back_with_their_former_values
       old, new = (tokenizer_lib.ViTVQGAN.from_config(c) for c in (read[trainer], explicit))
       assert old.encoder_stack.remat_policy == "full" and not old.encoder_stack.scan_layers
       assert (old.position_embedding, old.output_ffn, old.pixel_range) == (
-          "learned", True, "minus_one_to_one")
+          "learned",
+          True,
+          "minus_one_to_one",
+      )
       assert shapes(runs.tokenizer_param_shapes(old)) == shapes(runs.tokenizer_param_shapes(new))
     elif trainer == "vim":
       old, new = (vim_lib.VIM.from_config(c, 256, 64) for c in (read[trainer], explicit))

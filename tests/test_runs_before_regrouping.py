@@ -23,8 +23,7 @@ from vim_jax.infra import runs
 from vim_jax.sampling import generation
 from vim_jax.trainers import vim_step
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                       "runs_before_regrouping")
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "runs_before_regrouping")
 
 
 @pytest.fixture
@@ -61,7 +60,14 @@ def test_old_tokenizer_run_loads_with_its_renamed_trainer_and_resumes(old_runs):
   workdir = os.path.join(old_runs, "tokenizer")
   stored = _stored(workdir)
   assert sorted(k for k, v in stored.items() if v is not None) == [
-      "disc_opt_state", "disc_params", "ema_params", "lecam_ema", "opt_state", "params", "step"]
+      "disc_opt_state",
+      "disc_params",
+      "ema_params",
+      "lecam_ema",
+      "opt_state",
+      "params",
+      "step",
+  ]
   config = runs.read_run_config(workdir, "tokenizer")
   assert config.trainer == "tokenizer"  # written as 'vitvq'
   tok = runs.load_tokenizer(workdir)
@@ -86,8 +92,9 @@ def test_old_vim_run_loads_samples_and_resumes(old_runs):
   assert trained.step == 2
   _assert_trees_equal(trained.params, stored["params"])
   labels = np.arange(4, dtype=np.int32) % trained.model.num_classes
-  images = generation.Sampler(trained, vim_step.sampling_config_from(trained.config),
-                              batch_size=4).generate(labels, seed=0)
+  images = generation.Sampler(
+      trained, vim_step.sampling_config_from(trained.config), batch_size=4
+  ).generate(labels, seed=0)
   assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
 
   config = runs.read_run_config(workdir, "vim")

@@ -1,5 +1,5 @@
-"""Stage 2's step functions (vim_jax/trainers/vim_step.py) at unit level: the reported bits per token
-against a float64 numpy negative log-likelihood. The trainer end to end: test_train_vim.py."""
+"""Stage 2's step functions (vim_jax/trainers/vim_step.py) at unit level: the reported bits per
+token against a float64 numpy negative log-likelihood. The trainer end to end: test_train_vim.py."""
 
 import flax.linen as nn
 import jax
@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from configs import vim_base
-from vim_jax.infra import parallel
-from vim_jax.trainers import vim_step
-from vim_jax.trainers import train_state
 from vim_jax.data import pipeline
+from vim_jax.infra import parallel
 from vim_jax.models import vim as vim_lib
+from vim_jax.trainers import train_state, vim_step
 
 V, N, B = 32, 16, 4
 
@@ -46,8 +45,9 @@ def test_bits_per_token_is_the_numpy_nll_in_bits():
   no label dropout) and vim_step.evaluate's, over a two-batch eval pass, equal the numpy NLL and
   NLL / ln 2. (The former check, bits == loss / ln 2 of the same run, held by construction.)"""
   config = vim_base.get_config("tiny")
-  config.model.update(num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64,
-                      dropout=0.0, loss_chunk=8)
+  config.model.update(
+      num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64, dropout=0.0, loss_chunk=8
+  )
   config.label_dropout = 0.0
   model = vim_lib.VIM.from_config(config, vocab_size=V, num_tokens=N)
   rng = np.random.default_rng(0)
@@ -56,8 +56,9 @@ def test_bits_per_token_is_the_numpy_nll_in_bits():
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:1], labels[:1]))
   params = params["params"]
   tx, schedule = vim_step.build_optimizer(config)
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=tx.init(params))
+  state = train_state.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
   step = jax.jit(vim_step.make_train_step(model, None, tx, schedule, config))
   _, metrics = step(state, {"tokens": tokens[:B], "label": labels[:B]}, None)
   nll = _numpy_nll(model, params, tokens[:B], labels[:B])
@@ -65,8 +66,9 @@ def test_bits_per_token_is_the_numpy_nll_in_bits():
   assert float(metrics["bits_per_token"]) == pytest.approx(nll / np.log(2), rel=1e-5)
 
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  eval_data = pipeline.InputPipeline(_TokenSource(tokens, labels), B, 32, seed=0, train=False,
-                                     num_workers=1)
+  eval_data = pipeline.InputPipeline(
+      _TokenSource(tokens, labels), B, 32, seed=0, train=False, num_workers=1
+  )
   eval_fn = jax.jit(vim_step.make_eval_step(model, None))
   result = vim_step.evaluate(eval_fn, params, None, eval_data, mesh)
   nll = _numpy_nll(model, params, tokens, labels)

@@ -15,11 +15,11 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.compat.proto import summary_pb2
 from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+from tensorboard.compat.proto import summary_pb2
 from tensorboard.util import tensor_util
-
 from test_fileio import object_store  # noqa: F401 (a fixture)
+
 from vim_jax.infra import summaries
 
 RNG = np.random.default_rng(0)
@@ -57,10 +57,15 @@ def test_tensorboard_and_tensorflow_read_back_what_was_written(tmp_path):
   writer.close()
 
   acc = _tensorboard(str(tmp_path))
-  by_plugin = {p: set(acc.PluginTagToContent(p)) for p in ("scalars", "images", "text",
-                                                             "histograms")}
-  assert by_plugin == {"scalars": {"train/loss", "train/lr"}, "images": {"grid", "gray"},
-                       "text": {"note"}, "histograms": {"weights"}}
+  by_plugin = {
+      p: set(acc.PluginTagToContent(p)) for p in ("scalars", "images", "text", "histograms")
+  }
+  assert by_plugin == {
+      "scalars": {"train/loss", "train/lr"},
+      "images": {"grid", "gray"},
+      "text": {"note"},
+      "histograms": {"weights"},
+  }
   loss = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")]
   assert [s for s, _ in loss] == [1, 2] and all(v.dtype == np.float32 for _, v in loss)
   assert [float(v) for _, v in loss] == [0.25, 0.125]
@@ -85,8 +90,10 @@ def test_tensorboard_and_tensorflow_read_back_what_was_written(tmp_path):
   assert buckets.shape == (12, 3) and buckets[:, 2].sum() == VALUES.size
   assert buckets[0, 0] == VALUES.min() and buckets[-1, 1] == VALUES.max()
   np.testing.assert_array_equal(buckets[1:, 0], buckets[:-1, 1])  # contiguous buckets
-  assert values[(2, "weights")].tolist() == tensor_util.make_ndarray(
-      acc.Tensors("weights")[0].tensor_proto).tolist()
+  assert (
+      values[(2, "weights")].tolist()
+      == tensor_util.make_ndarray(acc.Tensors("weights")[0].tensor_proto).tolist()
+  )
 
 
 def test_same_records_as_tf_summary(tmp_path):
@@ -94,19 +101,24 @@ def test_same_records_as_tf_summary(tmp_path):
   metadata, dtypes, shapes and values (PNGs compared decoded: encoders may compress
   differently; WAVs compared byte for byte)."""
   from clu.metric_writers import SummaryWriter
+
   audio = RNG.uniform(-1.2, 1.2, (2, 50, 2)).astype(np.float32)  # [N, T, C], some clipped
   float_image = RNG.uniform(-0.1, 1.1, (3, 4, 3)).astype(np.float32)
   custom = summary_pb2.SummaryMetadata(
-      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="custom", content=b"\x01"))
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="custom", content=b"\x01")
+  )
   records = []
-  for name, writer in (("ours", summaries.EventFileWriter(str(tmp_path / "ours"))),
-                       ("tf", SummaryWriter(str(tmp_path / "tf")))):
+  for name, writer in (
+      ("ours", summaries.EventFileWriter(str(tmp_path / "ours"))),
+      ("tf", SummaryWriter(str(tmp_path / "tf"))),
+  ):
     _write_everything(writer)
     writer.write_images(3, {"float": float_image})
     writer.write_histograms(3, {"constant": np.full(5, 2.0), "empty": np.zeros(0)})
     writer.write_audios(3, {"sound": audio}, sample_rate=8000)
-    writer.write_summaries(3, {"raw": np.arange(6, dtype=np.int32).reshape(2, 3)},
-                           {"raw": custom.SerializeToString()})
+    writer.write_summaries(
+        3, {"raw": np.arange(6, dtype=np.int32).reshape(2, 3)}, {"raw": custom.SerializeToString()}
+    )
     writer.close()
     [path] = _files(str(tmp_path / name))
     records.append([(e.step, v) for e in _tf_events(path)[1:] for v in e.summary.value])
@@ -131,12 +143,20 @@ def test_hparams_are_the_plugins_session_start(tmp_path):
   acc = _tensorboard(str(tmp_path))
   [tag] = acc.PluginTagToContent("hparams")
   from tensorboard.plugins.hparams import metadata
+
   start = metadata.parse_session_start_info_plugin_data(
-      acc.SummaryMetadata(tag).plugin_data.content)
-  hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
-             for k, v in start.hparams.items()}
-  assert hparams == {"lr": 0.1, "model.depth": 4.0, "model.norm": "", "sizes.0": 8.0,
-                     "sizes.1": 16.0}
+      acc.SummaryMetadata(tag).plugin_data.content
+  )
+  hparams = {
+      k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()
+  }
+  assert hparams == {
+      "lr": 0.1,
+      "model.depth": 4.0,
+      "model.norm": "",
+      "sizes.0": 8.0,
+      "sizes.1": 16.0,
+  }
 
 
 def test_framing_is_tfrecord_byte_for_byte(tmp_path):
@@ -200,7 +220,8 @@ def test_a_gs_logdir_goes_through_the_path_layer(object_store):  # noqa: F811
   [event] = _tf_events(path)[1:]
   assert event.step == 7 and tf.make_ndarray(event.summary.value[0].tensor) == np.float32(0.5)
   assert [os.path.basename(p) for p in summaries.fileio.glob("gs://bucket/run", "*")] == [
-      os.path.basename(path)]
+      os.path.basename(path)
+  ]
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 2, 5), np.uint8), np.zeros((2, 2, 3), np.int32)])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import classifier as classifier_config
+from vim_jax.data import pipeline, sources
 from vim_jax.infra import runs
 from vim_jax.sampling import generation
 from vim_jax.trainers import classifier as classifier_trainer
-from vim_jax.data import pipeline, sources
 
 STEPS, NUM_EVAL, CLASSES = 60, 40, 3  # 40 eval images in batches of 16: 8 padded rows
 
@@ -26,11 +26,18 @@ def run(tmp_path_factory):
   config = classifier_config.get_config()
   config.model.widths = (8, 16)
   config.optimizer.lr = 1e-2
-  config.data.update(shapes_train_size=480, shapes_eval_size=64, num_workers=1,
-                     num_classes=CLASSES, shapes_num_colors=2, shapes_gradient=False,
-                     shapes_radius=(0.3, 0.4))
-  config.update(total_steps=STEPS, batch_size=16, eval_batch_size=16, num_eval_images=NUM_EVAL,
-                log_every=10)
+  config.data.update(
+      shapes_train_size=480,
+      shapes_eval_size=64,
+      num_workers=1,
+      num_classes=CLASSES,
+      shapes_num_colors=2,
+      shapes_gradient=False,
+      shapes_radius=(0.3, 0.4),
+  )
+  config.update(
+      total_steps=STEPS, batch_size=16, eval_batch_size=16, num_eval_images=NUM_EVAL, log_every=10
+  )
   workdir = str(tmp_path_factory.mktemp("classifier"))
   result = classifier_trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   result = result.eval_metrics
@@ -41,8 +48,15 @@ def _eval_images(config):
   """The eval split's first 40 images (uint8 [40, 32, 32, 3], centre-cropped as the trainer's
   eval pipeline has them) and their labels [40]."""
   source = sources.build_source(config.data, "eval", config.image_size, config.seed)
-  data = pipeline.InputPipeline(source, NUM_EVAL, config.image_size, config.seed, train=False,
-                                num_workers=1, max_examples=NUM_EVAL)
+  data = pipeline.InputPipeline(
+      source,
+      NUM_EVAL,
+      config.image_size,
+      config.seed,
+      train=False,
+      num_workers=1,
+      max_examples=NUM_EVAL,
+  )
   batch = next(data.iterate())
   assert batch["mask"].all()
   return batch["image"], batch["label"]
@@ -84,10 +98,13 @@ def test_the_trainer_learns_reports_its_unpadded_eval_accuracy_and_writes_a_load
   assert result["accuracy"] == np.mean(np.argmax(logits, -1) == labels)
   tx = classifier_trainer.build_optimizer(config)
   initial = jax.jit(classifier_trainer.make_init_fn(model, tx, config.image_size))(
-      jax.random.key(config.seed)).params
+      jax.random.key(config.seed)
+  ).params
   before, after = (_cross_entropy(_logits(model, p, images), labels) for p in (initial, params))
-  print(f"\neval cross-entropy: {before:.3f} at init, {after:.3f} after {STEPS} steps; "
-        f"accuracy {result['accuracy']:.3f}")
+  print(
+      f"\neval cross-entropy: {before:.3f} at init, {after:.3f} after {STEPS} steps; "
+      f"accuracy {result['accuracy']:.3f}"
+  )
   assert after < min(before, np.log(CLASSES)) - 0.15, (before, after)
   assert result["accuracy"] >= 0.5  # chance: 1/3
   assert json.load(open(os.path.join(workdir, "num_classes.json"))) == {"num_classes": CLASSES}

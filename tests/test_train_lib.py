@@ -3,8 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from vim_jax.infra import flops
-from vim_jax.infra import progress_log
+from vim_jax.infra import flops, progress_log
 from vim_jax.trainers import loop
 
 
@@ -13,6 +12,7 @@ def _progress():
 
 
 class _Writer:
+
   def __init__(self):
     self.writes = []
 
@@ -22,8 +22,9 @@ class _Writer:
 
 def test_a_window_is_fetched_after_the_next_step_is_dispatched_and_the_last_at_once():
   writer, lines = _Writer(), []
-  windows = loop.TrainWindows(writer, _progress(),
-                                   lambda step, scalars: lines.append((step, scalars["loss"])))
+  windows = loop.TrainWindows(
+      writer, _progress(), lambda step, scalars: lines.append((step, scalars["loss"]))
+  )
   windows.add({"loss": jnp.asarray(1.0)})
   windows.add({"loss": jnp.asarray(3.0)})
   windows.end(2, None, 0, at_once=False)
@@ -39,8 +40,7 @@ def test_a_window_is_fetched_after_the_next_step_is_dispatched_and_the_last_at_o
 
 
 def test_a_nan_window_stops_the_run_naming_its_step_and_the_last_checkpoint():
-  windows = loop.TrainWindows(_Writer(), _progress(),
-                                   lambda step, scalars: None)
+  windows = loop.TrainWindows(_Writer(), _progress(), lambda step, scalars: None)
   windows.add({"loss": jnp.asarray(float("nan"))})
   windows.end(4, 3, 0, at_once=False)
   with pytest.raises(FloatingPointError, match="at step 4.*last good checkpoint is step 3"):

@@ -7,20 +7,33 @@ import numpy as np
 import pytest
 
 from vim_jax.infra import hlo_stats
-from vim_jax.sampling import autoregressive
 from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
+from vim_jax.sampling import autoregressive
 
 V, N, C = 32, 12, 3
 
 
 def _model(num_classes=C, condition_every_position=False, scan_layers=False):
-  stack = transformer.StackConfig(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64,
-                                  causal=True, scan_layers=scan_layers)
-  model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=num_classes,
-                      condition_every_position=condition_every_position)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, N), jnp.int32),
-                                    jnp.zeros((2,), jnp.int32)))["params"]
+  stack = transformer.StackConfig(
+      num_layers=2,
+      width=32,
+      num_heads=2,
+      head_dim=16,
+      mlp_dim=64,
+      causal=True,
+      scan_layers=scan_layers,
+  )
+  model = vim_lib.VIM(
+      stack,
+      vocab_size=V,
+      num_tokens=N,
+      num_classes=num_classes,
+      condition_every_position=condition_every_position,
+  )
+  params = nn.meta.unbox(
+      model.init(jax.random.key(0), jnp.zeros((2, N), jnp.int32), jnp.zeros((2,), jnp.int32))
+  )["params"]
   return model, params
 
 
@@ -33,9 +46,16 @@ def test_cached_decoding_gives_the_full_forward_logits(condition_every_position)
   cache = autoregressive.init_cache(model, 2)
   previous = jnp.zeros((2,), jnp.int32)
   # One compiled step (the sampler's way) instead of N eager applies: seconds, not a minute.
-  decode = jax.jit(lambda cache, previous, i: model.apply(
-      {"params": params, "cache": cache}, previous, labels, i, method=vim_lib.VIM.decode,
-      mutable=["cache"]))
+  decode = jax.jit(
+      lambda cache, previous, i: model.apply(
+          {"params": params, "cache": cache},
+          previous,
+          labels,
+          i,
+          method=vim_lib.VIM.decode,
+          mutable=["cache"],
+      )
+  )
   for i in range(N):
     logits, mutated = decode(cache, previous, jnp.int32(i))
     cache = mutated["cache"]
@@ -66,8 +86,7 @@ def test_condition_every_position_adds_the_class_embedding_to_every_input():
   expected = shifted + cond + np.asarray(params["position_embedding"])[None]
   np.testing.assert_allclose(np.asarray(inputs), expected, atol=1e-6)
   plain, _ = _model(condition_every_position=False)
-  no_cond = plain.apply({"params": params}, tokens, labels,
-                        method=lambda m, t, l: m._inputs(t, l))
+  no_cond = plain.apply({"params": params}, tokens, labels, method=lambda m, t, l: m._inputs(t, l))
   np.testing.assert_allclose(np.asarray(no_cond), expected - cond, atol=1e-6)
 
 
@@ -97,7 +116,8 @@ def test_a_scanned_model_decodes_in_the_unrolled_layout_with_the_same_samples():
   assert not unrolled.stack.scan_layers and "block_01" in unrolled_params["transformer"]
   np.testing.assert_array_equal(
       unrolled_params["transformer"]["block_01"]["mlp"]["fc1"]["kernel"],
-      params["transformer"]["layers"]["block"]["mlp"]["fc1"]["kernel"][1])
+      params["transformer"]["layers"]["block"]["mlp"]["fc1"]["kernel"][1],
+  )
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -109,10 +129,18 @@ def test_each_decoded_token_writes_one_cache_position_per_layer_and_copies_nothi
   model, params = _model(scan_layers=scan_layers)
   labels = jnp.array([0, 1, 2])
   config = autoregressive.SamplingConfig(top_k=5, guidance_scale=2.0)
-  hlo = jax.jit(lambda p, l, k: autoregressive.sample_tokens(model, p, l, k, config)).lower(
-      params, labels, jax.random.key(0)).compile().as_text()
-  (cache_shape,) = {x.shape for x in jax.tree.leaves(autoregressive.init_cache(
-      autoregressive.decoding_layout(model, params)[0], 6))}
+  hlo = (
+      jax.jit(lambda p, l, k: autoregressive.sample_tokens(model, p, l, k, config))
+      .lower(params, labels, jax.random.key(0))
+      .compile()
+      .as_text()
+  )
+  (cache_shape,) = {
+      x.shape
+      for x in jax.tree.leaves(
+          autoregressive.init_cache(autoregressive.decoding_layout(model, params)[0], 6)
+      )
+  }
   writes = hlo_stats.buffer_writes_in_loops(hlo, cache_shape)
   assert writes == {"updates": 2 * model.stack.num_layers, "full": 0}, writes
 
@@ -148,12 +176,17 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
   # The sampler honours them too: with top_k=1 sampling is greedy.
   model, params = _model()
   labels = jnp.array([0, 1])
-  top1 = autoregressive.sample_tokens(model, params, labels, jax.random.key(5),
-                                autoregressive.SamplingConfig(temperature=1.0, top_k=1))
-  greedy = autoregressive.sample_tokens(model, params, labels, jax.random.key(5),
-                                  autoregressive.SamplingConfig(temperature=0.0))
+  top1 = autoregressive.sample_tokens(
+      model,
+      params,
+      labels,
+      jax.random.key(5),
+      autoregressive.SamplingConfig(temperature=1.0, top_k=1),
+  )
+  greedy = autoregressive.sample_tokens(
+      model, params, labels, jax.random.key(5), autoregressive.SamplingConfig(temperature=0.0)
+  )
   np.testing.assert_array_equal(top1, greedy)
-
 
 
 def _filtered_softmax(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
@@ -161,7 +194,7 @@ def _filtered_softmax(logits: np.ndarray, temperature: float, top_k: int) -> np.
   largest logits (all when k = 0) and renormalised there, zero elsewhere. logits: [B, V]."""
   z = np.asarray(logits, np.float64) / temperature
   if top_k:
-    kth = -np.sort(-z, axis=-1)[:, top_k - 1:top_k]
+    kth = -np.sort(-z, axis=-1)[:, top_k - 1 : top_k]
     z = np.where(z >= kth, z, -np.inf)
   p = np.exp(z - z.max(-1, keepdims=True))
   return p / p.sum(-1, keepdims=True)
@@ -173,8 +206,7 @@ def test_top_k_leaves_exactly_k_tokens_with_the_softmax_renormalised_over_them(t
   k >= V), and they equal the numpy softmax restricted to the k largest logits: a filter that
   keeps only the argmax, or the k smallest, or changes the kept logits, fails."""
   logits = np.asarray(jax.random.normal(jax.random.key(0), (4, V)) * 3)
-  filtered = np.asarray(autoregressive.filter_logits(jnp.asarray(logits), top_k=top_k),
-                        np.float64)
+  filtered = np.asarray(autoregressive.filter_logits(jnp.asarray(logits), top_k=top_k), np.float64)
   p = np.exp(filtered - filtered.max(-1, keepdims=True))  # finfo.min - max underflows to 0
   p /= p.sum(-1, keepdims=True)
   expected = _filtered_softmax(logits, 1.0, top_k)
@@ -194,8 +226,11 @@ def test_sampled_tokens_follow_the_tempered_top_k_softmax(temperature, top_k):
   n = 4096
   labels = jnp.full((n,), 1, jnp.int32)
   config = autoregressive.SamplingConfig(temperature=temperature, top_k=top_k)
-  first = np.asarray(jax.jit(lambda p, l, k: autoregressive.sample_tokens(
-      model, p, l, k, config))(params, labels, jax.random.key(11))[:, 0])
+  first = np.asarray(
+      jax.jit(lambda p, l, k: autoregressive.sample_tokens(model, p, l, k, config))(
+          params, labels, jax.random.key(11)
+      )[:, 0]
+  )
   logits = model.apply({"params": params}, jnp.zeros((1, N), jnp.int32), labels[:1])[:, 0]
   p = _filtered_softmax(np.asarray(logits), temperature, top_k)[0]
   frequency = np.bincount(first, minlength=V) / n
@@ -204,7 +239,8 @@ def test_sampled_tokens_follow_the_tempered_top_k_softmax(temperature, top_k):
   worst = int(np.argmax(np.abs(frequency - p) / bound))
   assert np.all(np.abs(frequency - p) <= bound), (
       f"token {worst}: frequency {frequency[worst]:.4f}, expected {p[worst]:.4f} +- "
-      f"{bound[worst]:.4f}")
+      f"{bound[worst]:.4f}"
+  )
 
 
 def _guided_reference(model, params, labels, key, scale):
@@ -227,10 +263,12 @@ def test_guided_sampling_equals_two_full_forward_passes(scale):
   argmax) equals the reference's; at scale 1 that is the plain conditional sampler."""
   model, params = _model()
   labels, key = jnp.array([0, 1, 2, 1]), jax.random.key(2)
-  ours = autoregressive.sample_tokens(model, params, labels, key,
-                                      autoregressive.SamplingConfig(guidance_scale=scale))
-  np.testing.assert_array_equal(np.asarray(ours), _guided_reference(model, params, labels, key,
-                                                                    scale))
+  ours = autoregressive.sample_tokens(
+      model, params, labels, key, autoregressive.SamplingConfig(guidance_scale=scale)
+  )
+  np.testing.assert_array_equal(
+      np.asarray(ours), _guided_reference(model, params, labels, key, scale)
+  )
   if scale == 1.0:
     plain = autoregressive.sample_tokens_without_cache(model, params, labels, key)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
@@ -257,15 +295,15 @@ def test_a_bfloat16_vim_computes_its_logits_in_float32():
   h = rng.normal(size=(2, 3, 256)).astype(np.float32)
   kernel = (rng.normal(size=(256, V)) / 16).astype(np.float32)
   bias = rng.normal(size=(V,)).astype(np.float32)
-  logits = vim_lib.head_logits(jnp.asarray(h), jnp.asarray(kernel), jnp.asarray(bias),
-                               jnp.bfloat16)
+  logits = vim_lib.head_logits(jnp.asarray(h), jnp.asarray(kernel), jnp.asarray(bias), jnp.bfloat16)
   as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
   expected = as_bf16(h) @ as_bf16(kernel) + bias  # float64 sums of the bf16-rounded inputs
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
 
-  stack = transformer.StackConfig(num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64,
-                                  causal=True)
+  stack = transformer.StackConfig(
+      num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True
+  )
   model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=C, dtype=jnp.bfloat16)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([0, 2])
@@ -273,9 +311,16 @@ def test_a_bfloat16_vim_computes_its_logits_in_float32():
   full = model.apply({"params": params}, tokens, labels)
   nll, accuracy = model.apply({"params": params}, tokens, labels, method=vim_lib.VIM.loss)
   cache = autoregressive.init_cache(model, 2)
-  step, _ = model.apply({"params": params, "cache": cache}, tokens[:, 0], labels, jnp.int32(0),
-                        method=vim_lib.VIM.decode, mutable=["cache"])
+  step, _ = model.apply(
+      {"params": params, "cache": cache},
+      tokens[:, 0],
+      labels,
+      jnp.int32(0),
+      method=vim_lib.VIM.decode,
+      mutable=["cache"],
+  )
   assert full.dtype == nll.dtype == accuracy.dtype == step.dtype == jnp.float32
-  reference_nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(full), np.float64),
-                                      np.asarray(tokens)[..., None], -1)[..., 0].mean(-1)
+  reference_nll = -np.take_along_axis(
+      np.asarray(jax.nn.log_softmax(full), np.float64), np.asarray(tokens)[..., None], -1
+  )[..., 0].mean(-1)
   np.testing.assert_allclose(np.asarray(nll), reference_nll, rtol=1e-5)

@@ -32,11 +32,17 @@ TRAINERS = {
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with a variant: configs/vitvq_base.py:tiny",
-    lock_config=True)
+    "config",
+    None,
+    "Config file, optionally with a variant: configs/vitvq_base.py:tiny",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory (local or gs://) for checkpoints, TensorBoard logs and images; "
-    "rerun with the same one to resume.")
+    "workdir",
+    None,
+    "Directory (local or gs://) for checkpoints, TensorBoard logs and images; "
+    "rerun with the same one to resume.",
+)
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -45,29 +51,47 @@ def worker_failure_message(error: BaseException, workdir: str, process: int, cou
   """What a process of a multi-process job says when its run fails: most often another
   process died, and every process must be started again."""
   from vim_jax.infra import runs  # lazy: --help without jax
+
   found = re.findall(r"/task:(\d+)|Task (\d+) heartbeat", str(error))
   dead = sorted({int(a or b) for a, b in found} - {process})
-  who = (f"JAX names process {', '.join(map(str, dead))}" if dead else
-         "JAX's coordination service names it within --heartbeat_timeout seconds ('Task N "
-         "heartbeat timeout': process N)")
+  who = (
+      f"JAX names process {', '.join(map(str, dead))}"
+      if dead
+      else "JAX's coordination service names it within --heartbeat_timeout seconds ('Task N "
+      "heartbeat timeout': process N)"
+  )
   steps = runs.checkpoint_steps(workdir)
   resume = f"step {steps[-1]}" if steps else "the start (no checkpoint yet)"
-  return (f"process {process} of {count} stopped: {type(error).__name__}: "
-          f"{str(error).splitlines()[0][:300] if str(error) else ''}\n"
-          f"In a job of {count} processes this is most often another process that died: {who}. "
-          f"Start every process again with the same command (launch/README.md, 'When a worker "
-          f"dies'); the run resumes from {resume}, exactly.")
+  return (
+      f"process {process} of {count} stopped: {type(error).__name__}: "
+      f"{str(error).splitlines()[0][:300] if str(error) else ''}\n"
+      f"In a job of {count} processes this is most often another process that died: {who}. "
+      f"Start every process again with the same command (launch/README.md, 'When a worker "
+      f"dies'); the run resumes from {resume}, exactly."
+  )
 
 
 # Exception classes (by name, anywhere in an exception's class hierarchy: aiohttp, requests,
 # google-api-core and the builtins) that mean the storage server could not be reached, as
 # opposed to a missing object or a permission (which are the run's own errors to report).
-_CONNECTION_ERRORS = {"ConnectionError", "TimeoutError", "ClientConnectorError",
-                      "ServerDisconnectedError", "ClientOSError", "ServiceUnavailable",
-                      "RetryError", "gaierror"}
+_CONNECTION_ERRORS = {
+    "ConnectionError",
+    "TimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ServiceUnavailable",
+    "RetryError",
+    "gaierror",
+}
 # What tensorstore and gcsfs say in a message when they give up on an unreachable server.
-_CONNECTION_MESSAGES = ("Connection refused", "Cannot connect to host", "UNAVAILABLE",
-                        "Server disconnected", "Connection reset")
+_CONNECTION_MESSAGES = (
+    "Connection refused",
+    "Cannot connect to host",
+    "UNAVAILABLE",
+    "Server disconnected",
+    "Connection reset",
+)
 
 
 def unreachable_bucket(error: BaseException, workdir: str) -> str | None:
@@ -79,19 +103,21 @@ def unreachable_bucket(error: BaseException, workdir: str) -> str | None:
   while seen is not None:
     names = {cls.__name__ for cls in type(seen).__mro__}
     if names & _CONNECTION_ERRORS or any(m in str(seen) for m in _CONNECTION_MESSAGES):
-      return "gs://" + workdir[len("gs://"):].split("/", 1)[0]
+      return "gs://" + workdir[len("gs://") :].split("/", 1)[0]
     seen = seen.__cause__ or seen.__context__
   return None
 
 
 def storage_failure_message(error: BaseException, bucket: str) -> str:
   """What a run says when its bucket stops answering mid-run."""
-  return (f"stopped: the bucket {bucket} stopped answering ({type(error).__name__}: "
-          f"{str(error).splitlines()[0][:300] if str(error) else ''}). Nothing written since "
-          "the last completed checkpoint counts: a checkpoint becomes a step only once all of "
-          "it is written (an interrupted save is left as a temporary folder, never restored). "
-          "Once the bucket answers again (network, credentials, $STORAGE_EMULATOR_HOST), run "
-          "the same command: it resumes from the last completed checkpoint.")
+  return (
+      f"stopped: the bucket {bucket} stopped answering ({type(error).__name__}: "
+      f"{str(error).splitlines()[0][:300] if str(error) else ''}). Nothing written since "
+      "the last completed checkpoint counts: a checkpoint becomes a step only once all of "
+      "it is written (an interrupted save is left as a temporary folder, never restored). "
+      "Once the bucket answers again (network, credentials, $STORAGE_EMULATOR_HOST), run "
+      "the same command: it resumes from the last completed checkpoint."
+  )
 
 
 def train(config, workdir: str, **kwargs):
@@ -101,6 +127,7 @@ def train(config, workdir: str, **kwargs):
   if config.trainer not in TRAINERS:
     raise ValueError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
   from vim_jax.infra import runs  # lazy: --help without jax
+
   if config.trainer in runs.RENAMED_TRAINERS:
     new = runs.RENAMED_TRAINERS[config.trainer]
     logging.warning("config.trainer=%r is deprecated; it is now %r.", config.trainer, new)
@@ -113,6 +140,7 @@ def hide_gpus_from_tensorflow():
   """TF is only used for summaries and tfds; keep it off the accelerators JAX needs."""
   try:
     import tensorflow as tf  # lazy: TensorFlow takes seconds to load
+
     tf.config.set_visible_devices([], "GPU")
   except Exception:  # pylint: disable=broad-except; TF absent or already initialised
     pass
@@ -134,14 +162,13 @@ def unknown_override_message(argv: list[str]) -> str | None:
   for arg in argv:
     if not arg.startswith("--config."):
       continue
-    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    path = arg[len("--config.") :].split("=", 1)[0].split(".")
     node = config
     for depth, key in enumerate(path):
       keys = list(node.keys()) if hasattr(node, "keys") else []
       if key not in keys:
         where = ".".join(path[:depth]) or "(top level)"
-        problems.append(f"unknown config key {'.'.join(path)!r}: {where} has keys "
-                        f"{sorted(keys)}")
+        problems.append(f"unknown config key {'.'.join(path)!r}: {where} has keys {sorted(keys)}")
         break
       node = node[key]
   return "\n".join(problems) or None
@@ -165,6 +192,7 @@ def main(argv):
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; expected one of {sorted(TRAINERS)}.")
   from vim_jax.infra import config_checks  # lazy: --help without jax
+
   try:
     config_checks.check(config)  # every stage's, before start-up and compiles
   except config_checks.ConfigValueError as e:
@@ -174,13 +202,17 @@ def main(argv):
   # Before anything starts a jax backend (or TF, which may load libtpu too): libtpu reads its
   # flags once, when it starts.
   if prng.configure_libtpu(config):
-    logging.info("LIBTPU_INIT_ARGS=%s (rbg dropout draws each chip's shard alone; vim_jax/infra/prng.py)",
-                 os.environ["LIBTPU_INIT_ARGS"])
+    logging.info(
+        "LIBTPU_INIT_ARGS=%s (rbg dropout draws each chip's shard alone; vim_jax/infra/prng.py)",
+        os.environ["LIBTPU_INIT_ARGS"],
+    )
   hide_gpus_from_tensorflow()
   distributed.start()
-  from vim_jax.infra import fileio  # lazy: --help without jax
-  from vim_jax.infra import preemption  # lazy: --help without jax
   from vim_jax.data import sources  # lazy: --help without jax
+  from vim_jax.infra import (
+      fileio,  # lazy: --help without jax
+      preemption,  # lazy: --help without jax
+  )
   # Relative paths are resolved once, here, against the folder the command starts in, and a
   # tfds run records the data_dir it reads ($TFDS_DATA_DIR when its config leaves it empty).
   config = sources.with_recorded_data_dir(fileio.with_absolute_paths(config))
@@ -188,8 +220,9 @@ def main(argv):
   preemption.install_preemption_handler()  # SIGTERM: save at the next step, exit 0
   workdir = fileio.absolute(_WORKDIR.value)
   try:  # a missing bucket stops here, not at the first save after the compile
-    fileio.check_buckets({"--workdir": workdir, **{f"config.{k}": v for k, v in
-                                                    fileio.path_fields(config).items()}})
+    fileio.check_buckets(
+        {"--workdir": workdir, **{f"config.{k}": v for k, v in fileio.path_fields(config).items()}}
+    )
   except FileNotFoundError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(2)
@@ -197,6 +230,7 @@ def main(argv):
     train(config, workdir)
   except Exception as e:  # pylint: disable=broad-except; explained, then raised as it was
     import jax  # lazy: --help without jax
+
     bucket = unreachable_bucket(e, workdir)
     if bucket:
       # The storage client's own threads (orbax's background commit, gcsfs's event loop) keep
@@ -207,8 +241,9 @@ def main(argv):
       sys.stderr.flush()
       os._exit(1)
     if jax.process_count() > 1:
-      logging.error("%s", worker_failure_message(e, workdir, jax.process_index(),
-                                                 jax.process_count()))
+      logging.error(
+          "%s", worker_failure_message(e, workdir, jax.process_index(), jax.process_count())
+      )
     raise
 
 

@@ -24,8 +24,11 @@ STAGE1_THROUGHPUT = {("small", "small"): 1520, ("base", "base"): 960, ("small", 
 
 # rFID of the reconstructed validation images against the validation images, 256 px
 # [paper, Table 2; paper? for the two face datasets].
-RFID = {"imagenet": {("small", "small"): 1.99, ("base", "base"): 1.55, ("small", "large"): 1.28},
-        "celeb_a_hq": 4.66, "ffhq": 3.13}
+RFID = {
+    "imagenet": {("small", "small"): 1.99, ("base", "base"): 1.55, ("small", "large"): 1.28},
+    "celeb_a_hq": 4.66,
+    "ffhq": 3.13,
+}
 
 # Stage 2 [paper?]: blocks and widths; heads and MLP dims unverified (the configs use 96-wide
 # heads for Base, 64-wide for Large, MLP = 4 x width).

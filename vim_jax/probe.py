@@ -25,10 +25,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
-from vim_jax.models import vim as vim_lib
+from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
 from vim_jax.models import tokenizer as tokenizer_lib
+from vim_jax.models import vim as vim_lib
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ def data_parallel_mesh():
   return parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
 
 
-def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
-                     blocks: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+def extract_features(
+    trained: runs.TrainedVIM, data: pipeline.InputPipeline, blocks: list[int]
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
   """One ordered pass over `data` (built with rows_of(data_parallel_mesh())): ({block:
   features [N, D]}, labels [N])."""
   mesh = data_parallel_mesh()
@@ -47,12 +48,15 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
 
   @jax.jit
   def features(params, tok_params, images):
-    tokens = tok.model.apply({"params": tok_params}, images,
-                             method=tokenizer_lib.ViTVQGAN.encode_to_indices)
+    tokens = tok.model.apply(
+        {"params": tok_params}, images, method=tokenizer_lib.ViTVQGAN.encode_to_indices
+    )
     tokens = tokens.reshape(tokens.shape[0], -1)
     null = jnp.full((tokens.shape[0],), model.null_label, jnp.int32)
-    return {b: model.apply({"params": params}, tokens, null, b, method=vim_lib.VIM.features)
-            for b in blocks}
+    return {
+        b: model.apply({"params": params}, tokens, null, b, method=vim_lib.VIM.features)
+        for b in blocks
+    }
 
   params = parallel.replicate(trained.params, mesh)
   tok_params = parallel.replicate(tok.params, mesh)
@@ -60,8 +64,9 @@ def extract_features(trained: runs.TrainedVIM, data: pipeline.InputPipeline,
   labels = []
   for local in data.iterate():
     batch = parallel.global_batch_from_local(local, mesh, data.global_batch_size)
-    out, label, mask = parallel.fetch((features(params, tok_params, batch["image"]),
-                                       batch["label"], batch["mask"]))
+    out, label, mask = parallel.fetch(
+        (features(params, tok_params, batch["image"]), batch["label"], batch["mask"])
+    )
     mask = mask.astype(bool)
     for b in blocks:
       feats[b].append(out[b][mask])
@@ -76,14 +81,26 @@ def standardise(train_x: np.ndarray, eval_x: np.ndarray) -> tuple[np.ndarray, np
   return (train_x - mean) / std, (eval_x - mean) / std
 
 
-def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray,
-                       eval_y: np.ndarray, num_classes: int, steps: int, batch_size: int,
-                       lr: float, weight_decay: float = 0.0, seed: int = 0) -> float:
+def train_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray,
+    num_classes: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> float:
   """Trains softmax(x W + b) with Adam on standardised features; returns eval top-1."""
   train_x, eval_x = standardise(train_x, eval_x)
   params = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay,
-                   mask={"w": True, "b": False})
+  tx = optax.adamw(
+      optax.cosine_decay_schedule(lr, steps),
+      weight_decay=weight_decay,
+      mask={"w": True, "b": False},
+  )
   opt_state = tx.init(params)
   train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y)
 
@@ -118,7 +135,8 @@ def check_null_condition_trained(config, workdir: str):
         f"{config.label_dropout}: its null condition, which the probe feeds so that "
         "the features see no label, was never trained. Probe an unconditional VIM "
         "(model.num_classes=0) or a class-conditional one trained with label_dropout > 0 "
-        "(e.g. --config.label_dropout=0.1, the configs' default).")
+        "(e.g. --config.label_dropout=0.1, the configs' default)."
+    )
 
 
 def run_probe(workdir: str, blocks: list[int] | None = None) -> dict[int, float]:
@@ -128,24 +146,48 @@ def run_probe(workdir: str, blocks: list[int] | None = None) -> dict[int, float]
   config, p = trained.config, trained.config.probe
   last = trained.model.stack.num_layers
   blocks = sorted(set(blocks or [p.block, last]))
-  built = {split: sources.build_source(config.data, split, config.image_size, config.seed)
-           for split in ("train", "eval")}
+  built = {
+      split: sources.build_source(config.data, split, config.image_size, config.seed)
+      for split in ("train", "eval")
+  }
   passes = {
       split: pipeline.InputPipeline(
-          built[split], config.eval_batch_size, config.image_size, config.seed, train=False,
+          built[split],
+          config.eval_batch_size,
+          config.image_size,
+          config.seed,
+          train=False,
           rows=pipeline.rows_of(data_parallel_mesh(), config.eval_batch_size),
           num_workers=config.data.num_workers,
-          max_examples=p.num_train_images if split == "train" else p.num_eval_images)
-      for split in ("train", "eval")}
+          max_examples=p.num_train_images if split == "train" else p.num_eval_images,
+      )
+      for split in ("train", "eval")
+  }
   train_feats, train_y = extract_features(trained, passes["train"], blocks)
   eval_feats, eval_y = extract_features(trained, passes["eval"], blocks)
   num_classes = built["train"].num_classes
   results = {}
   for b in blocks:
-    results[b] = train_linear_probe(train_feats[b], train_y, eval_feats[b], eval_y, num_classes,
-                                    p.steps, p.batch_size, p.lr, p.weight_decay, config.seed)
-    log.info("linear probe, block %d of %d: top-1 %.4f (%d train / %d eval images)", b, last,
-             results[b], len(train_y), len(eval_y))
+    results[b] = train_linear_probe(
+        train_feats[b],
+        train_y,
+        eval_feats[b],
+        eval_y,
+        num_classes,
+        p.steps,
+        p.batch_size,
+        p.lr,
+        p.weight_decay,
+        config.seed,
+    )
+    log.info(
+        "linear probe, block %d of %d: top-1 %.4f (%d train / %d eval images)",
+        b,
+        last,
+        results[b],
+        len(train_y),
+        len(eval_y),
+    )
   return results
 
 
@@ -168,14 +210,18 @@ def main(argv):
   trained_layers = runs.load_vim(FLAGS.workdir).model.stack.num_layers
   if distributed.is_writer():  # every process trained the same probe on the same features
     print(format_table(results, trained_layers))
-    fileio.write_json(fileio.join(FLAGS.workdir, "probe.json"),
-                      {str(k): v for k, v in results.items()})
+    fileio.write_json(
+        fileio.join(FLAGS.workdir, "probe.json"), {str(k): v for k, v in results.items()}
+    )
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A stage-2 (VIM) workdir.")
-  flags.DEFINE_string("blocks", "", "Comma-separated 1-based blocks to probe; default "
-                      "config.probe.block and the last block.")
+  flags.DEFINE_string(
+      "blocks",
+      "",
+      "Comma-separated 1-based blocks to probe; default config.probe.block and the last block.",
+  )
   distributed.define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from vim_jax.infra import parallel
 from vim_jax.data import preprocess, sources
+from vim_jax.infra import parallel
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,32 @@ class InputPipeline:
   the last batch padded with mask 0.
   """
 
-  def __init__(self, source, global_batch_size: int, image_size: int, seed: int, train: bool,
-               random_flip: bool = True, rows: np.ndarray | None = None, num_workers: int = 0,
-               max_examples: int | None = None):
+  def __init__(
+      self,
+      source,
+      global_batch_size: int,
+      image_size: int,
+      seed: int,
+      train: bool,
+      random_flip: bool = True,
+      rows: np.ndarray | None = None,
+      num_workers: int = 0,
+      max_examples: int | None = None,
+  ):
     if len(source) == 0:
       raise ValueError("the data source is empty.")
     self.rows = np.arange(global_batch_size) if rows is None else np.asarray(rows, np.int64)
     if len(self.rows) == 0 or self.rows.min() < 0 or self.rows.max() >= global_batch_size:
-      raise ValueError(f"rows {self.rows[:8]}... must be non-empty and within the global batch "
-                       f"of {global_batch_size}.")
+      raise ValueError(
+          f"rows {self.rows[:8]}... must be non-empty and within the global batch "
+          f"of {global_batch_size}."
+      )
     self.source, self.global_batch_size, self.image_size = source, global_batch_size, image_size
     self.seed, self.train, self.random_flip = seed, train, random_flip
     self.local_batch_size = len(self.rows)
-    self.num_examples = len(source) if not max_examples or max_examples < 0 else min(
-        len(source), max_examples)
+    self.num_examples = (
+        len(source) if not max_examples or max_examples < 0 else min(len(source), max_examples)
+    )
     # Source indices that failed to decode: never read again (a corrupt file stays corrupt),
     # counted and reported once each however many epochs pass over them.
     self._unreadable: set[int] = set()
@@ -114,8 +126,9 @@ class InputPipeline:
         if first_time:  # two threads may hit the same file in one batch
           log.warning("skipping unreadable image (%d distinct files so far): %s", count, e)
     else:
-      raise RuntimeError(f"100 consecutive unreadable images from index {index}; is the "
-                         "dataset path right?")
+      raise RuntimeError(
+          f"100 consecutive unreadable images from index {index}; is the dataset path right?"
+      )
     if "tokens" in example:  # a pre-tokenized source: nothing to preprocess
       return {"tokens": np.asarray(example["tokens"], np.int32), "label": example["label"]}
     rng = np.random.default_rng([self.seed, step, position]) if self.train else None
@@ -125,16 +138,18 @@ class InputPipeline:
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch at `step`."""
     indices, valid = self._global_indices(step)
-    futures = [self._pool.submit(self._load, int(indices[row]), step, int(row))
-               for row in self.rows]
+    futures = [
+        self._pool.submit(self._load, int(indices[row]), step, int(row)) for row in self.rows
+    ]
     examples = [f.result() for f in futures]
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "label"}
     batch["label"] = np.asarray([e["label"] for e in examples], np.int32)
     batch["mask"] = valid[self.rows].astype(np.float32)
     return batch
 
-  def iterate(self, start_step: int = 0, num_steps: int | None = None,
-              prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  def iterate(
+      self, start_step: int = 0, num_steps: int | None = None, prefetch: int = 2
+  ) -> Iterator[dict[str, np.ndarray]]:
     """Local batches for steps start_step, start_step+1, ... (eval: to the end of the pass),
     prepared `prefetch` batches ahead in a background thread."""
     if num_steps is None:
@@ -191,13 +206,30 @@ def build_pipelines(config, mesh=None):
   common = dict(image_size=config.image_size, num_workers=d.num_workers)
   train_rows = rows_of(mesh, config.batch_size)
   if train_rows is not None and len(train_rows) < config.batch_size:
-    log.info("input: this process loads rows %s of each training batch of %d (the rows its "
-             "devices hold)", describe_rows(train_rows), config.batch_size)
-  train = InputPipeline(train_source, config.batch_size, seed=config.seed, train=True,
-                        random_flip=d.random_flip, rows=train_rows, **common)
-  evaluation = InputPipeline(eval_source, config.eval_batch_size, seed=config.seed, train=False,
-                             max_examples=config.num_eval_images,
-                             rows=rows_of(mesh, config.eval_batch_size), **common)
+    log.info(
+        "input: this process loads rows %s of each training batch of %d (the rows its "
+        "devices hold)",
+        describe_rows(train_rows),
+        config.batch_size,
+    )
+  train = InputPipeline(
+      train_source,
+      config.batch_size,
+      seed=config.seed,
+      train=True,
+      random_flip=d.random_flip,
+      rows=train_rows,
+      **common,
+  )
+  evaluation = InputPipeline(
+      eval_source,
+      config.eval_batch_size,
+      seed=config.seed,
+      train=False,
+      max_examples=config.num_eval_images,
+      rows=rows_of(mesh, config.eval_batch_size),
+      **common,
+  )
   return train, evaluation
 
 
@@ -213,7 +245,9 @@ def rows_of(mesh, global_batch_size: int) -> np.ndarray | None:
   """This process's rows of a global batch laid over `mesh` (None = all: one process)."""
   if mesh is None:
     if jax.process_count() > 1:
-      raise ValueError("several processes: pass the mesh, whose sharding says which batch "
-                       "rows each process loads.")
+      raise ValueError(
+          "several processes: pass the mesh, whose sharding says which batch "
+          "rows each process loads."
+      )
     return None
   return parallel.batch_rows(mesh, global_batch_size)

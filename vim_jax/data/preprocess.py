@@ -25,11 +25,12 @@ def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.nd
     top, left = (h - size) // 2, (w - size) // 2
   else:
     top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
-def preprocess_image(image: np.ndarray, size: int, rng: np.random.Generator | None,
-                     random_flip: bool) -> np.ndarray:
+def preprocess_image(
+    image: np.ndarray, size: int, rng: np.random.Generator | None, random_flip: bool
+) -> np.ndarray:
   """uint8 [H, W, 3] -> uint8 [size, size, 3] (from_uint8 gives the model's input).
 
   Training (rng given): random crop and, if random_flip, a horizontal flip with p=0.5.

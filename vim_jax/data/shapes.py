@@ -46,9 +46,22 @@ def _shape_sdf(name: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
 
 
 # The palette of the low-entropy style: well separated, saturated colours.
-PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.7, 0.2], [0.15, 0.3, 0.9], [0.95, 0.8, 0.1],
-                    [0.6, 0.2, 0.8], [0.1, 0.8, 0.85], [0.95, 0.5, 0.1], [0.95, 0.95, 0.95],
-                    [0.1, 0.1, 0.1], [0.9, 0.4, 0.7], [0.5, 0.35, 0.2], [0.5, 0.5, 0.5]])
+PALETTE = np.array(
+    [
+        [0.9, 0.1, 0.1],
+        [0.1, 0.7, 0.2],
+        [0.15, 0.3, 0.9],
+        [0.95, 0.8, 0.1],
+        [0.6, 0.2, 0.8],
+        [0.1, 0.8, 0.85],
+        [0.95, 0.5, 0.1],
+        [0.95, 0.95, 0.95],
+        [0.1, 0.1, 0.1],
+        [0.9, 0.4, 0.7],
+        [0.5, 0.35, 0.2],
+        [0.5, 0.5, 0.5],
+    ]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +86,21 @@ def _distinct_colour(rng: np.random.Generator, avoid: np.ndarray, style: ShapesS
   return 1.0 - avoid
 
 
-def render_example(seed: int, split: str, index: int, resolution: int,
-                   num_classes: int = len(CLASS_NAMES),
-                   style: ShapesStyle = ShapesStyle()) -> tuple[np.ndarray, int]:
+def render_example(
+    seed: int,
+    split: str,
+    index: int,
+    resolution: int,
+    num_classes: int = len(CLASS_NAMES),
+    style: ShapesStyle = ShapesStyle(),
+) -> tuple[np.ndarray, int]:
   """One example: (image uint8 [resolution, resolution, 3], label int)."""
   if not 1 <= num_classes <= len(CLASS_NAMES):
     raise ValueError(f"num_classes={num_classes}; the shapes dataset has 1..{len(CLASS_NAMES)}.")
   if not 0 <= style.num_colors <= len(PALETTE) or style.num_colors == 1:
-    raise ValueError(f"shapes num_colors={style.num_colors}; expected 0 (any colour) or "
-                     f"2..{len(PALETTE)}.")
+    raise ValueError(
+        f"shapes num_colors={style.num_colors}; expected 0 (any colour) or 2..{len(PALETTE)}."
+    )
   label = index % num_classes
   rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
   coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution

@@ -13,8 +13,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from vim_jax.infra import fileio
 from vim_jax.data import shapes
+from vim_jax.infra import fileio
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -26,9 +26,15 @@ class CorruptImageError(Exception):
 class ShapesSource:
   """The embedded dataset (see data/shapes.py)."""
 
-  def __init__(self, split: str, num_examples: int, resolution: int, seed: int,
-               num_classes: int = len(shapes.CLASS_NAMES),
-               style: shapes.ShapesStyle = shapes.ShapesStyle()):
+  def __init__(
+      self,
+      split: str,
+      num_examples: int,
+      resolution: int,
+      seed: int,
+      num_classes: int = len(shapes.CLASS_NAMES),
+      style: shapes.ShapesStyle = shapes.ShapesStyle(),
+  ):
     self.split, self.num_examples, self.resolution = split, num_examples, resolution
     self.seed, self.num_classes, self.style = seed, num_classes, style
 
@@ -36,8 +42,9 @@ class ShapesSource:
     return self.num_examples
 
   def __getitem__(self, index: int):
-    image, label = shapes.render_example(self.seed, self.split, int(index), self.resolution,
-                                         self.num_classes, self.style)
+    image, label = shapes.render_example(
+        self.seed, self.split, int(index), self.resolution, self.num_classes, self.style
+    )
     return {"image": image, "label": label}
 
 
@@ -72,12 +79,12 @@ class FolderSource:
   deterministic fraction of files chosen by a hash of the relative path.
   """
 
-  def __init__(self, folder: str, split: str, eval_fraction: float = 0.02,
-               eval_list: str = ""):
+  def __init__(self, folder: str, split: str, eval_fraction: float = 0.02, eval_list: str = ""):
     if not os.path.isdir(folder):
       raise FileNotFoundError(
           f"data.folder={folder!r} is not a directory; point --config.data.folder at a folder "
-          "of .jpg/.png images (subfolders become class labels).")
+          "of .jpg/.png images (subfolders become class labels)."
+      )
     if split not in ("train", "eval"):
       raise ValueError(f"folder split {split!r}: expected 'train' or 'eval'.")
     listed = read_eval_list(eval_list) if eval_list else None
@@ -107,11 +114,13 @@ class FolderSource:
       raise ValueError(
           f"data.folder_eval_list={eval_list!r} names {len(missing)} of its {len(listed)} files "
           f"that are not under data.folder={folder!r} (e.g. {missing[0]!r}); point data.folder "
-          "at the folder the list describes.")
+          "at the folder the list describes."
+      )
     if not files:
       raise ValueError(
           f"no {'/'.join(IMAGE_EXTENSIONS)} images for split {split!r} under {folder!r} "
-          f"(eval_fraction={eval_fraction}); add images or change data.folder_eval_fraction.")
+          f"(eval_fraction={eval_fraction}); add images or change data.folder_eval_fraction."
+      )
     self.files, self.labels = files, labels
     self.num_classes = max(1, len(class_names))
     self.class_names = class_names
@@ -126,8 +135,10 @@ class FolderSource:
 def read_eval_list(path: str) -> set[str]:
   """The file names a data.folder_eval_list file holds, one per line (blank lines skipped)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.folder_eval_list={path!r} is not a file; point it at a text "
-                            "file naming the eval images, one per line.")
+    raise FileNotFoundError(
+        f"data.folder_eval_list={path!r} is not a file; point it at a text "
+        "file naming the eval images, one per line."
+    )
   with open(path, encoding="utf-8") as f:
     return {line.strip() for line in f if line.strip()}
 
@@ -170,23 +181,29 @@ def open_tfds_builder(name: str, data_dir: str):
   """
   import tensorflow_datasets as tfds  # lazy: loads TensorFlow (seconds); only tfds sources need it
 
-  fix = (f"Prepare it once with\n  {prepare_command(name, data_dir)}\n(imagenet2012: put "
-         "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org in "
-         f"{os.path.join(data_dir, 'downloads', 'manual')} first; see the README).")
+  fix = (
+      f"Prepare it once with\n  {prepare_command(name, data_dir)}\n(imagenet2012: put "
+      "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org in "
+      f"{os.path.join(data_dir, 'downloads', 'manual')} first; see the README)."
+  )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError and friends carry tfds' own explanation
-    raise DatasetNotPreparedError(f"tfds dataset {name!r} could not be opened in data_dir="
-                                  f"{data_dir!r}: {type(e).__name__}: {e}") from e
+    raise DatasetNotPreparedError(
+        f"tfds dataset {name!r} could not be opened in data_dir="
+        f"{data_dir!r}: {type(e).__name__}: {e}"
+    ) from e
   if not builder.is_prepared():
     raise DatasetNotPreparedError(
         f"tfds dataset {name!r} is not prepared in data_dir={data_dir!r} (no "
-        f"{builder.data_path}). {fix}")
+        f"{builder.data_path}). {fix}"
+    )
   if not has_array_record(builder):
     raise DatasetNotPreparedError(
         f"tfds dataset {name!r} in data_dir={data_dir!r} is prepared as "
         f"{builder.info.file_format}, but random access (tfds.data_source) needs array_record. "
-        f"Prepare it again with\n  {prepare_command(name, data_dir)} --overwrite")
+        f"Prepare it again with\n  {prepare_command(name, data_dir)} --overwrite"
+    )
   return builder
 
 
@@ -197,15 +214,22 @@ class TfdsSource:
   at start with the command that prepares it.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               image_key: str = "image", label_key: str = "label"):
+  def __init__(
+      self,
+      name: str,
+      split: str,
+      data_dir: str | None = None,
+      image_key: str = "image",
+      label_key: str = "label",
+  ):
     data_dir = tfds_data_dir(data_dir)
     builder = open_tfds_builder(name, data_dir)
     base_split = split.split("[")[0]
     if "+" not in split and base_split not in builder.info.splits:
       raise DatasetNotPreparedError(
           f"tfds dataset {name!r} in data_dir={data_dir!r} has no split {base_split!r}; it has "
-          f"{sorted(builder.info.splits)}. Set --config.data.train_split / eval_split.")
+          f"{sorted(builder.info.splits)}. Set --config.data.train_split / eval_split."
+      )
     self.data = builder.as_data_source(split=split)
     self.image_key, self.label_key = image_key, label_key
     label_feature = self.data.dataset_info.features[label_key] if label_key else None
@@ -237,7 +261,8 @@ class TokenSource:
     if not fileio.exists(meta_path):
       raise FileNotFoundError(
           f"data.tokens_dir={folder!r} has no meta.json; write it with `python -m "
-          "vim_jax.tools.pretokenize --config=<vim config> --out=<dir>`.")
+          "vim_jax.tools.pretokenize --config=<vim config> --out=<dir>`."
+      )
     self.meta = fileio.read_json(meta_path)
     shards = fileio.glob(folder, f"{split}-*.tokens.npy")
     if not shards:
@@ -262,17 +287,30 @@ def build_source(data_config, split: str, image_size: int, seed: int):
   kind = data_config.source
   if kind == "shapes":
     size = data_config.shapes_train_size if split == "train" else data_config.shapes_eval_size
-    style = shapes.ShapesStyle(data_config.shapes_num_colors, data_config.shapes_gradient,
-                               *data_config.shapes_radius)
-    return ShapesSource(split, size, data_config.shapes_resolution or image_size,
-                        data_config.shapes_seed, data_config.num_classes, style)
+    style = shapes.ShapesStyle(
+        data_config.shapes_num_colors, data_config.shapes_gradient, *data_config.shapes_radius
+    )
+    return ShapesSource(
+        split,
+        size,
+        data_config.shapes_resolution or image_size,
+        data_config.shapes_seed,
+        data_config.num_classes,
+        style,
+    )
   if kind == "folder":
-    return FolderSource(data_config.folder, split, data_config.folder_eval_fraction,
-                        data_config.folder_eval_list)
+    return FolderSource(
+        data_config.folder, split, data_config.folder_eval_fraction, data_config.folder_eval_list
+    )
   if kind == "tfds":
     tfds_split = data_config.train_split if split == "train" else data_config.eval_split
-    return TfdsSource(data_config.name, tfds_split, data_config.data_dir or None,
-                      data_config.image_key, data_config.label_key)
+    return TfdsSource(
+        data_config.name,
+        tfds_split,
+        data_config.data_dir or None,
+        data_config.image_key,
+        data_config.label_key,
+    )
   if kind == "tokens":
     return TokenSource(data_config.tokens_dir, split)
   raise ValueError(f"data.source={kind!r}; expected 'shapes', 'tfds', 'folder' or 'tokens'.")

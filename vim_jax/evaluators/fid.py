@@ -29,8 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vim_jax.infra import fileio, parallel
-from vim_jax.infra import progress_log
+from vim_jax.infra import fileio, parallel, progress_log
 from vim_jax.models import inception
 
 log = logging.getLogger(__name__)
@@ -49,26 +48,37 @@ class FeatureStats:
   description: str = ""  # what the statistics are of, e.g. "shapes eval split"
 
   def save(self, path: str):
-    fileio.save_npz(path, mu=self.mu, sigma=self.sigma, num_images=np.asarray(self.num_images),
-                    description=np.asarray(self.description))
+    fileio.save_npz(
+        path,
+        mu=self.mu,
+        sigma=self.sigma,
+        num_images=np.asarray(self.num_images),
+        description=np.asarray(self.description),
+    )
 
   @classmethod
   def load(cls, path: str) -> FeatureStats:
     """Reads our files and ADM's reference batches (keys 'mu' and 'sigma'; other keys, such as
     the images in 'arr_0', are ignored)."""
     if not fileio.exists(path):
-      raise FileNotFoundError(f"no statistics file at {path!r}; write one with "
-                              "`python -m vim_jax.evaluate ... --save_reference_stats=PATH`.")
+      raise FileNotFoundError(
+          f"no statistics file at {path!r}; write one with "
+          "`python -m vim_jax.evaluate ... --save_reference_stats=PATH`."
+      )
     f = fileio.load_npz(path)
     if "mu" not in f or "sigma" not in f:
-      raise KeyError(f"{path!r} has keys {sorted(f.keys())}; expected 'mu' and 'sigma' "
-                     "(our files, or ADM's VIRTUAL_*.npz reference batches).")
+      raise KeyError(
+          f"{path!r} has keys {sorted(f.keys())}; expected 'mu' and 'sigma' "
+          "(our files, or ADM's VIRTUAL_*.npz reference batches)."
+      )
     mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     num = int(f["num_images"]) if "num_images" in f else 0
     desc = str(f["description"]) if "description" in f else os.path.basename(path)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-      raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} do not match; expected "
-                       "[D] and [D, D].")
+      raise ValueError(
+          f"{path!r}: mu {mu.shape} and sigma {sigma.shape} do not match; expected "
+          "[D] and [D, D]."
+      )
     return cls(mu, sigma, num, desc)
 
 
@@ -117,9 +127,13 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   real = float(np.sum(np.sqrt(np.clip(eig, 0, None))))
   imaginary = float(np.sum(np.sqrt(np.clip(-eig, 0, None))))
   if imaginary > 1e-3 * max(real, 1.0):
-    log.warning("FID: tr sqrt(S1 S2) has an imaginary part of %.3g against a real part of "
-                "%.3g (negative eigenvalues down to %.3g); the covariances may not be PSD.",
-                imaginary, real, eig.min())
+    log.warning(
+        "FID: tr sqrt(S1 S2) has an imaginary part of %.3g against a real part of "
+        "%.3g (negative eigenvalues down to %.3g); the covariances may not be PSD.",
+        imaginary,
+        real,
+        eig.min(),
+    )
   return real
 
 
@@ -128,14 +142,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    raise ValueError(f"statistics differ in size: mu {mu1.shape} vs {mu2.shape}, sigma "
-                     f"{sigma1.shape} vs {sigma2.shape}.")
+    raise ValueError(
+        f"statistics differ in size: mu {mu1.shape} vs {mu2.shape}, sigma "
+        f"{sigma1.shape} vs {sigma2.shape}."
+    )
   for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
     if not np.all(np.isfinite(value)):
       raise ValueError(f"{name} has non-finite values; the features are broken.")
   diff = mu1 - mu2
-  distance = (diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-              - 2.0 * trace_sqrt_product(sigma1, sigma2))
+  distance = (
+      diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+  )
   return float(max(distance, 0.0))  # exact arithmetic gives >= 0; clip rounding below it
 
 
@@ -147,8 +164,9 @@ def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float,
   """(mean, std) over `splits` equal, consecutive splits of p(y|x) [N, K] (rows sum to 1)."""
   p = np.asarray(probabilities, np.float64)
   if p.shape[0] < splits:
-    raise ValueError(f"inception_score with {splits} splits needs >= {splits} images, got "
-                     f"{p.shape[0]}.")
+    raise ValueError(
+        f"inception_score with {splits} splits needs >= {splits} images, got {p.shape[0]}."
+    )
   scores = []
   for part in np.array_split(p, splits):
     marginal = part.mean(0, keepdims=True)
@@ -176,8 +194,13 @@ class Features:
     """IS over `splits` splits; with fewer images than splits (a small eval split), one image
     per split, with a warning: such a value is not comparable with published ones."""
     if 0 < self.num_images < splits:
-      log.warning("Inception Score of %d images: %d splits instead of the standard %d; not "
-                  "comparable with published values.", self.num_images, self.num_images, splits)
+      log.warning(
+          "Inception Score of %d images: %d splits instead of the standard %d; not "
+          "comparable with published values.",
+          self.num_images,
+          self.num_images,
+          splits,
+      )
       splits = self.num_images
     return inception_score(self.probabilities, splits)
 
@@ -189,8 +212,14 @@ class FeatureExtractor:
   shares first, as paper_metrics.eval_split_images does); each device featurizes its rows,
   and every process gets all the features back."""
 
-  def __init__(self, weights_path: str, mesh=None, resize: str = "bilinear",
-               batch_size: int = 64, log_every_seconds: float = 30.0):
+  def __init__(
+      self,
+      weights_path: str,
+      mesh=None,
+      resize: str = "bilinear",
+      batch_size: int = 64,
+      log_every_seconds: float = 30.0,
+  ):
     params = inception.load_params(weights_path)["params"]
     self.mesh = mesh or parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
     dp = parallel.data_parallel_size(self.mesh)
@@ -207,23 +236,24 @@ class FeatureExtractor:
       # The IS softmax is over the unbiased logits (pool @ W), as the reference tools compute it.
       return out["pool"], jax.nn.softmax(out["logits_unbiased"], axis=-1)
 
-    self._forward = jax.jit(forward, in_shardings=(replicated, self.batch_sharding),
-                            out_shardings=replicated)
+    self._forward = jax.jit(
+        forward, in_shardings=(replicated, self.batch_sharding), out_shardings=replicated
+    )
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [n, H, W, 3] with n <= batch_size -> (pool [n, 2048], probabilities [n, 1008])."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} "
-                       f"{images.shape}.")
+      raise ValueError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}.")
     n = images.shape[0]
     padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
     padded[:n] = images
     pool, probs = self._forward(self.params, jax.device_put(padded, self.batch_sharding))
     return np.asarray(pool)[:n], np.asarray(probs)[:n]
 
-  def extract(self, batches: Iterable[np.ndarray], description: str,
-              total: int | None = None) -> Features:
+  def extract(
+      self, batches: Iterable[np.ndarray], description: str, total: int | None = None
+  ) -> Features:
     """Streams uint8 batches (any sizes) through Inception; logs progress with an ETA."""
     acc = FeatureAccumulator(self, description)
     start = last_log = time.time()
@@ -233,12 +263,21 @@ class FeatureExtractor:
       if now - last_log > self.log_every_seconds:
         last_log = now
         rate = acc.count / (now - start)
-        eta = (f", ETA {progress_log.format_duration((total - acc.count) / rate)}"
-               if total else "")
-        log.info("inception features of %s: %d%s images (%.1f images/s%s)", description,
-                 acc.count, f" / {total}" if total else "", rate, eta)
-    log.info("inception features of %s: %d images in %s", description, acc.count,
-             progress_log.format_duration(time.time() - start))
+        eta = f", ETA {progress_log.format_duration((total - acc.count) / rate)}" if total else ""
+        log.info(
+            "inception features of %s: %d%s images (%.1f images/s%s)",
+            description,
+            acc.count,
+            f" / {total}" if total else "",
+            rate,
+            eta,
+        )
+    log.info(
+        "inception features of %s: %d images in %s",
+        description,
+        acc.count,
+        progress_log.format_duration(time.time() - start),
+    )
     return acc.result()
 
 
@@ -258,7 +297,7 @@ class FeatureAccumulator:
   def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [n, H, W, 3] of any n -> (pool [n, 2048], probabilities [n, 1008])."""
     step = self.extractor.batch_size
-    parts = [self.extractor(images[i:i + step]) for i in range(0, len(images), step)]
+    parts = [self.extractor(images[i : i + step]) for i in range(0, len(images), step)]
     return (np.concatenate([p for p, _ in parts]), np.concatenate([q for _, q in parts]))
 
   def add(self, images: np.ndarray):
@@ -269,8 +308,8 @@ class FeatureAccumulator:
     batches, so that the float64 moments come out as if the images were added now."""
     step = self.extractor.batch_size
     for i in range(0, len(pool), step):
-      self.moments.update(pool[i:i + step])
-      self.probabilities.append(probabilities[i:i + step])
+      self.moments.update(pool[i : i + step])
+      self.probabilities.append(probabilities[i : i + step])
 
   def result(self) -> Features:
     if not self.probabilities:

@@ -27,8 +27,14 @@ def _gaussian_window(size: int, sigma: float) -> np.ndarray:
   return (g / g.sum()).astype(np.float32)
 
 
-def ssim(images: jax.Array, reconstructions: jax.Array, window_size: int = 11,
-         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> jax.Array:
+def ssim(
+    images: jax.Array,
+    reconstructions: jax.Array,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004) with a Gaussian window, 'valid' filtering (as
   tf.image.ssim), averaged over positions and channels: [B, H, W, C] x2 -> [B].
 
@@ -43,10 +49,12 @@ def ssim(images: jax.Array, reconstructions: jax.Array, window_size: int = 11,
     kh = jnp.tile(g.reshape(size, 1, 1, 1), (1, 1, 1, c))
     kw = jnp.tile(g.reshape(1, size, 1, 1), (1, 1, 1, c))
     dn = ("NHWC", "HWIO", "NHWC")
-    z = jax.lax.conv_general_dilated(z, kh, (1, 1), "VALID", dimension_numbers=dn,
-                                     feature_group_count=c)
-    return jax.lax.conv_general_dilated(z, kw, (1, 1), "VALID", dimension_numbers=dn,
-                                        feature_group_count=c)
+    z = jax.lax.conv_general_dilated(
+        z, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
+    )
+    return jax.lax.conv_general_dilated(
+        z, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
+    )
 
   c1, c2 = k1**2, k2**2
   mu_x, mu_y = blur(x), blur(y)
@@ -54,5 +62,6 @@ def ssim(images: jax.Array, reconstructions: jax.Array, window_size: int = 11,
   var_y = blur(y * y) - mu_y**2
   cov = blur(x * y) - mu_x * mu_y
   ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-      (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+      (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+  )
   return jnp.mean(ssim_map, axis=(1, 2, 3))

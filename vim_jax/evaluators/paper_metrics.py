@@ -21,11 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from vim_jax.data import pipeline
 from vim_jax.evaluators import fid, resumable
-from vim_jax.infra import fileio, parallel, runs
+from vim_jax.infra import fileio, parallel, preemption, progress_log, runs
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.sampling import autoregressive, generation
 from vim_jax.trainers import tokenizer_step
-from vim_jax.infra import preemption, progress_log
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,10 @@ def data_label(data_config: ml_collections.ConfigDict) -> str:
     return "shapes_eval"
   if source == "folder":
     return f"{os.path.basename(os.path.normpath(data_config.folder))}_eval"
-  raise ValueError(f"data.source={source!r} holds no images to compare with; pass reference "
-                   "statistics (--reference_stats, config.fid.reference_stats).")
+  raise ValueError(
+      f"data.source={source!r} holds no images to compare with; pass reference "
+      "statistics (--reference_stats, config.fid.reference_stats)."
+  )
 
 
 def metric(value: float, num_images: int, against: str = "") -> dict:
@@ -50,8 +51,9 @@ def metric(value: float, num_images: int, against: str = "") -> dict:
   return entry
 
 
-def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1, mesh=None
-                      ) -> tuple[Iterator[np.ndarray], int]:
+def eval_split_images(
+    config: ml_collections.ConfigDict, max_images: int = -1, mesh=None
+) -> tuple[Iterator[np.ndarray], int]:
   """(uint8 batches of the run's eval split, their number), up to max_images (-1 = the run's
   num_eval_images). Every process gets the same, whole batches: each reads the rows its
   devices hold in `mesh` (default: every device on the batch) and they are gathered, as the
@@ -69,17 +71,22 @@ def eval_split_images(config: ml_collections.ConfigDict, max_images: int = -1, m
     for local in eval_data.iterate():
       images, mask = local["image"], local["mask"]  # this process's rows, uint8 and {0, 1}
       if several:
-        batch = parallel.global_batch_from_local({"image": images, "mask": mask}, mesh,
-                                                 eval_data.global_batch_size,
-                                                 images_from_uint8=False)
+        batch = parallel.global_batch_from_local(
+            {"image": images, "mask": mask},
+            mesh,
+            eval_data.global_batch_size,
+            images_from_uint8=False,
+        )
         images, mask = parallel.fetch((batch["image"], batch["mask"]))
       yield images[mask.astype(bool)]
 
   return whole_batches(), eval_data.num_examples
 
 
-ADM_IMAGENET256_REFERENCE = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-                             "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz")
+ADM_IMAGENET256_REFERENCE = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+    "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
+)
 
 
 def not_the_papers_protocol(config: ml_collections.ConfigDict, path: str) -> str | None:
@@ -89,28 +96,36 @@ def not_the_papers_protocol(config: ml_collections.ConfigDict, path: str) -> str
   label = data_label(config.data)
   if "imagenet" not in label.lower():
     return None
-  return (f"gFID against {label} (the run's eval split, at most num_eval_images="
-          f"{config.num_eval_images} images) is not the paper's protocol, which compares 50,000 "
-          f"samples with ADM's ImageNet 256x256 training reference batch. Get that file once "
-          f"(curl -LO {ADM_IMAGENET256_REFERENCE}) and pass "
-          "--reference_stats=VIRTUAL_imagenet256_labeled.npz to vim_jax.evaluate (or set "
-          "config.fid.reference_stats), with --num_samples=50000.")
+  return (
+      f"gFID against {label} (the run's eval split, at most num_eval_images="
+      f"{config.num_eval_images} images) is not the paper's protocol, which compares 50,000 "
+      f"samples with ADM's ImageNet 256x256 training reference batch. Get that file once "
+      f"(curl -LO {ADM_IMAGENET256_REFERENCE}) and pass "
+      "--reference_stats=VIRTUAL_imagenet256_labeled.npz to vim_jax.evaluate (or set "
+      "config.fid.reference_stats), with --num_samples=50000."
+  )
 
 
-def reference_stats(config: ml_collections.ConfigDict, extractor: fid.FeatureExtractor,
-                    path: str = "", max_images: int = -1) -> fid.FeatureStats:
+def reference_stats(
+    config: ml_collections.ConfigDict,
+    extractor: fid.FeatureExtractor,
+    path: str = "",
+    max_images: int = -1,
+) -> fid.FeatureStats:
   """Statistics from `path`, or computed over the run's eval split (labelled with data_label;
   for an ImageNet run, with a warning that this is not the paper's reference)."""
   if path:
     stats = fid.FeatureStats.load(path)
-    log.info("reference statistics %s: %s (%s images)", path, stats.description,
-             stats.num_images or "?")
+    log.info(
+        "reference statistics %s: %s (%s images)", path, stats.description, stats.num_images or "?"
+    )
     return stats
   warning = not_the_papers_protocol(config, path)
   if warning:
     log.warning(warning)
-  batches, total = eval_split_images(config, max_images,
-                                     extractor.mesh if extractor is not None else None)
+  batches, total = eval_split_images(
+      config, max_images, extractor.mesh if extractor is not None else None
+  )
   return extractor.extract(batches, data_label(config.data), total).stats
 
 
@@ -120,8 +135,9 @@ class ReconstructionFID:
   reference: statistics of the real images when they are already known (trainers compute
   them once per run); otherwise the real images of the same pass are featurized too."""
 
-  def __init__(self, extractor: fid.FeatureExtractor, label: str,
-               reference: fid.FeatureStats | None = None):
+  def __init__(
+      self, extractor: fid.FeatureExtractor, label: str, reference: fid.FeatureStats | None = None
+  ):
     self.label = label
     self.reference = reference
     self.real = None if reference else fid.FeatureAccumulator(extractor, label)
@@ -139,22 +155,38 @@ class ReconstructionFID:
     real, recon = self.real_stats(), self.recon.result()
     mean, std = recon.inception_score()
     n = recon.num_images
-    return {f"rfid_vs_{self.label}": metric(fid.fid_from_stats(recon.stats, real), n,
-                                            f"{real.description} ({real.num_images} images)"),
-            "is_of_reconstructions": metric(mean, n), "is_of_reconstructions_std": metric(std, n)}
+    return {
+        f"rfid_vs_{self.label}": metric(
+            fid.fid_from_stats(recon.stats, real),
+            n,
+            f"{real.description} ({real.num_images} images)",
+        ),
+        "is_of_reconstructions": metric(mean, n),
+        "is_of_reconstructions_std": metric(std, n),
+    }
 
 
-def generator_metrics(feats: fid.Features, reference: fid.FeatureStats, reference_label: str,
-                      against: str, suffix: str) -> dict[str, dict]:
+def generator_metrics(
+    feats: fid.Features,
+    reference: fid.FeatureStats,
+    reference_label: str,
+    against: str,
+    suffix: str,
+) -> dict[str, dict]:
   mean, std = feats.inception_score()
   n = feats.num_images
-  return {f"fid_vs_{reference_label}{suffix}": metric(fid.fid_from_stats(feats.stats, reference),
-                                                      n, against),
-          f"is_of_samples{suffix}": metric(mean, n), f"is_of_samples{suffix}_std": metric(std, n)}
+  return {
+      f"fid_vs_{reference_label}{suffix}": metric(
+          fid.fid_from_stats(feats.stats, reference), n, against
+      ),
+      f"is_of_samples{suffix}": metric(mean, n),
+      f"is_of_samples{suffix}_std": metric(std, n),
+  }
 
 
-def reference_label_for(path: str, config: ml_collections.ConfigDict,
-                        stats: fid.FeatureStats) -> str:
+def reference_label_for(
+    path: str, config: ml_collections.ConfigDict, stats: fid.FeatureStats
+) -> str:
   if not path:
     return data_label(config.data)
   return stats.description if stats.num_images else os.path.splitext(os.path.basename(path))[0]
@@ -163,8 +195,9 @@ def reference_label_for(path: str, config: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------------------------
 # Stage 1.
 # ----------------------------------------------------------------------------------------------
-def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
-                       max_images: int = -1) -> tuple[dict[str, dict], fid.FeatureStats]:
+def evaluate_tokenizer(
+    tok: runs.Tokenizer, extractor: fid.FeatureExtractor, max_images: int = -1
+) -> tuple[dict[str, dict], fid.FeatureStats]:
   """Every stage-1 metric over the eval split; returns (metrics, the real images' statistics)."""
   config = ml_collections.ConfigDict(tok.config.to_dict())
   if max_images > 0:
@@ -177,13 +210,21 @@ def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
   replicated = NamedSharding(mesh, P())
   lpips_params = {}
   if models.lpips is not None:
-    lpips_params = jax.device_put(lpips_lib.load_params(config.perceptual_weights)["params"],
-                                  replicated)
+    lpips_params = jax.device_put(
+        lpips_lib.load_params(config.perceptual_weights)["params"], replicated
+    )
   eval_step = jax.jit(tokenizer_step.make_eval_step(models))
   consumer = ReconstructionFID(extractor, data_label(config.data))
   image_metrics, _ = tokenizer_step.evaluate(
-      eval_step, jax.device_put(tok.params, replicated), lpips_params, eval_data, mesh,
-      tok.model.codebook_size, config.eval_usage_chunk, consume=consumer)
+      eval_step,
+      jax.device_put(tok.params, replicated),
+      lpips_params,
+      eval_data,
+      mesh,
+      tok.model.codebook_size,
+      config.eval_usage_chunk,
+      consume=consumer,
+  )
   n = image_metrics.pop("num_images")
   results = {k: metric(v, n) for k, v in image_metrics.items()}
   results.update(consumer.results())
@@ -193,13 +234,19 @@ def evaluate_tokenizer(tok: runs.Tokenizer, extractor: fid.FeatureExtractor,
 # ----------------------------------------------------------------------------------------------
 # Stage 2.
 # ----------------------------------------------------------------------------------------------
-def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor,
-                       reference: fid.FeatureStats, reference_label: str, num_samples: int,
-                       seed: int, sampling_config: autoregressive.SamplingConfig,
-                       batch_size: int = 64, classifier_workdir: str = "",
-                       acceptance: float = 1.0,
-                       progress: resumable.ShardedProgress | None = None
-                       ) -> dict[str, dict] | None:
+def evaluate_generator(
+    trained: runs.TrainedVIM,
+    extractor: fid.FeatureExtractor,
+    reference: fid.FeatureStats,
+    reference_label: str,
+    num_samples: int,
+    seed: int,
+    sampling_config: autoregressive.SamplingConfig,
+    batch_size: int = 64,
+    classifier_workdir: str = "",
+    acceptance: float = 1.0,
+    progress: resumable.ShardedProgress | None = None,
+) -> dict[str, dict] | None:
   """gFID and IS of num_samples class-balanced samples (and with rejection sampling).
 
   With `progress`, every finished batch (and rejection class) is saved there and a rerun
@@ -211,8 +258,9 @@ def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor
   classifier = classifier_params = None
   if classifier_workdir:
     if trained.model.num_classes == 0:
-      raise ValueError("--classifier_workdir scores class-conditional samples; this VIM is "
-                       "unconditional.")
+      raise ValueError(
+          "--classifier_workdir scores class-conditional samples; this VIM is unconditional."
+      )
     classifier, classifier_params = runs.load_classifier(classifier_workdir)
   samples = fid.FeatureAccumulator(extractor, "samples")
 
@@ -221,13 +269,20 @@ def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor
     correct = 0
     if classifier is not None:
       probs = generation.class_probabilities(classifier, classifier_params, images)
-      wanted = labels[i * sampler.batch_size:i * sampler.batch_size + len(images)]
+      wanted = labels[i * sampler.batch_size : i * sampler.batch_size + len(images)]
       correct = int(np.sum(np.argmax(probs, -1) == wanted))
     return (*samples.features(images), correct)
 
   num_batches = sampler.num_batches(num_samples)
-  correct = _resumable_pass("samples", num_batches, sample_batch, samples, progress,
-                            unit_images=sampler.batch_size, total_images=num_samples)
+  correct = _resumable_pass(
+      "samples",
+      num_batches,
+      sample_batch,
+      samples,
+      progress,
+      unit_images=sampler.batch_size,
+      total_images=num_samples,
+  )
   if correct is None:
     return None
   results = generator_metrics(samples.result(), reference, reference_label, against, "")
@@ -242,25 +297,40 @@ def evaluate_generator(trained: runs.TrainedVIM, extractor: fid.FeatureExtractor
     def rejection_class(j: int):
       c = int(classes[j])
       images, probs = generation.rejection_for_class(
-          sampler, c, int(np.sum(labels == c)), seed, classifier, classifier_params, acceptance)
+          sampler, c, int(np.sum(labels == c)), seed, classifier, classifier_params, acceptance
+      )
       return (*kept.features(images), int(np.sum(np.argmax(probs, -1) == c)))
 
-    kept_correct = _resumable_pass(f"rejection{acceptance:g}", len(classes), rejection_class,
-                                   kept, progress, unit_images=num_samples / len(classes),
-                                   total_images=num_samples, step_offset=num_batches)
+    kept_correct = _resumable_pass(
+        f"rejection{acceptance:g}",
+        len(classes),
+        rejection_class,
+        kept,
+        progress,
+        unit_images=num_samples / len(classes),
+        total_images=num_samples,
+        step_offset=num_batches,
+    )
     if kept_correct is None:
       return None
-    results.update(generator_metrics(kept.result(), reference, reference_label, against,
-                                     suffix))
-    results[f"class_accuracy{suffix}"] = metric(kept_correct / num_samples, num_samples,
-                                                classifier_workdir)
+    results.update(generator_metrics(kept.result(), reference, reference_label, against, suffix))
+    results[f"class_accuracy{suffix}"] = metric(
+        kept_correct / num_samples, num_samples, classifier_workdir
+    )
   return results
 
 
-def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
-                    progress: resumable.ShardedProgress | None, unit_images: float,
-                    total_images: int, step_offset: int = 0,
-                    log_every_seconds: float = 30.0) -> int | None:
+def _resumable_pass(
+    phase: str,
+    num_units: int,
+    compute: Callable,
+    accumulator,
+    progress: resumable.ShardedProgress | None,
+    unit_images: float,
+    total_images: int,
+    step_offset: int = 0,
+    log_every_seconds: float = 30.0,
+) -> int | None:
   """Runs compute(unit) -> (pool [n, 2048], probabilities [n, 1008], correct) for every unit
   in order, adding the features to `accumulator`; units an earlier run finished are read
   from `progress` instead. Returns the summed `correct`, or None when a SIGTERM asked to stop
@@ -272,14 +342,21 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
     accumulator.add_features(shard["pool"], shard["probabilities"])
     correct += int(shard["correct"])
   if done:
-    log.info("%s: resumed after %d of %d units (%d images) saved in %s", phase, done, num_units,
-             accumulator.count, progress.directory)
+    log.info(
+        "%s: resumed after %d of %d units (%d images) saved in %s",
+        phase,
+        done,
+        num_units,
+        accumulator.count,
+        progress.directory,
+    )
   start = last_log = time.time()
   for unit in range(done, num_units):
     pool, probabilities, unit_correct = compute(unit)
     if progress:
-      progress.save(phase, unit, pool=pool, probabilities=probabilities,
-                    correct=np.int64(unit_correct))
+      progress.save(
+          phase, unit, pool=pool, probabilities=probabilities, correct=np.int64(unit_correct)
+      )
     accumulator.add_features(pool, probabilities)
     correct += unit_correct
     now = time.time()
@@ -287,12 +364,24 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
       last_log = now
       rate = (unit + 1 - done) * unit_images / (now - start)
       left = (num_units - unit - 1) * unit_images / rate
-      log.info("%s: %d / %d images (%d / %d units), %.2f images/s, ETA %s", phase,
-               accumulator.count, total_images, unit + 1, num_units, rate,
-               progress_log.format_duration(left))
+      log.info(
+          "%s: %d / %d images (%d / %d units), %.2f images/s, ETA %s",
+          phase,
+          accumulator.count,
+          total_images,
+          unit + 1,
+          num_units,
+          rate,
+          progress_log.format_duration(left),
+      )
     if preemption.preemption_requested(step_offset + unit):
-      log.info("%s: stopped by SIGTERM after unit %d of %d; progress is saved: run the same "
-               "command to continue.", phase, unit + 1, num_units)
+      log.info(
+          "%s: stopped by SIGTERM after unit %d of %d; progress is saved: run the same "
+          "command to continue.",
+          phase,
+          unit + 1,
+          num_units,
+      )
       return None
   return correct
 
@@ -303,6 +392,7 @@ def _resumable_pass(phase: str, num_units: int, compute: Callable, accumulator,
 def write_results(out_dir: str, step: int, results: dict[str, dict], info: dict) -> str:
   """OUT/results_<step>.json and TensorBoard scalars eval/<name> at `step`."""
   from vim_jax.infra import summaries  # lazy: loads TensorFlow (clu's writers); only this needs it
+
   fileio.makedirs(out_dir)
   path = fileio.join(out_dir, f"results_{step:08d}.json")
   if jax.process_index() == 0:

@@ -51,7 +51,8 @@ class ShardedProgress:
             f"{directory} holds the progress of another evaluation: "
             + "; ".join(f"{k} was {saved.get(k)!r}, now {identity.get(k)!r}" for k in changed)
             + ". Rerun with the earlier settings to continue it, or delete that folder (or "
-            "pass another --out) to start over.")
+            "pass another --out) to start over."
+        )
     elif self.writer:
       fileio.makedirs(directory)
       fileio.write_json(path, identity)

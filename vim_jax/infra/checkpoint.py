@@ -48,42 +48,53 @@ def key_paths(tree) -> set[str]:
 
 def leaf_shapes(tree) -> dict[str, tuple]:
   """{key path: shape} of a pytree of arrays, ShapeDtypeStructs or orbax array metadata."""
-  return {"/".join(_entry_name(e) for e in path): tuple(getattr(leaf, "shape", ()))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      "/".join(_entry_name(e) for e in path): tuple(getattr(leaf, "shape", ()))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
-def describe_layout_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple],
-                             where: str) -> str | None:
+def describe_layout_mismatch(
+    saved: dict[str, tuple], wanted: dict[str, tuple], where: str
+) -> str | None:
   """None when the two {key path: shape} maps agree, else an explanation naming the
   difference (and `scan_layers` when one side has scanned blocks and the other unrolled)."""
   params_first = lambda key: (not key.startswith("params/"), key)
   only_saved = sorted(set(saved) - set(wanted), key=params_first)
   only_wanted = sorted(set(wanted) - set(saved), key=params_first)
-  reshaped = sorted((k for k in set(saved) & set(wanted) if saved[k] != wanted[k]),
-                    key=params_first)
+  reshaped = sorted(
+      (k for k in set(saved) & set(wanted) if saved[k] != wanted[k]), key=params_first
+  )
   if not only_saved and not only_wanted and not reshaped:
     return None
   lines = [f"{where} holds different arrays than the model this config builds."]
   if reshaped:
-    lines.append(f"  other shapes ({len(reshaped)}): " + ", ".join(
-        f"{k} {saved[k]} saved, {wanted[k]} wanted" for k in reshaped[:3]) +
-                 (", ..." if len(reshaped) > 3 else ""))
-  for label, keys in (("only in the checkpoint", only_saved), ("only in the config's model",
-                                                               only_wanted)):
+    lines.append(
+        f"  other shapes ({len(reshaped)}): "
+        + ", ".join(f"{k} {saved[k]} saved, {wanted[k]} wanted" for k in reshaped[:3])
+        + (", ..." if len(reshaped) > 3 else "")
+    )
+  for label, keys in (
+      ("only in the checkpoint", only_saved),
+      ("only in the config's model", only_wanted),
+  ):
     if keys:
-      lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:4]) +
-                   (", ..." if len(keys) > 4 else ""))
+      lines.append(
+          f"  {label} ({len(keys)}): " + ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+      )
   scanned = lambda keys: any("/layers/" in k for k in keys)
   unrolled = lambda keys: any("/block_" in k for k in keys)
-  if (scanned(only_saved) and unrolled(only_wanted)) or (unrolled(only_saved) and
-                                                         scanned(only_wanted)):
+  if (scanned(only_saved) and unrolled(only_wanted)) or (
+      unrolled(only_saved) and scanned(only_wanted)
+  ):
     was = "scanned (scan_layers=True)" if scanned(only_saved) else "unrolled (scan_layers=False)"
-    lines.append(f"  The checkpoint's Transformer blocks are {was}; the two layouts do not "
-                 "load into each other. Set the model's scan_layers to match the run that "
-                 "saved it (model.scan_layers, or model.encoder/decoder.scan_layers).")
+    lines.append(
+        f"  The checkpoint's Transformer blocks are {was}; the two layouts do not "
+        "load into each other. Set the model's scan_layers to match the run that "
+        "saved it (model.scan_layers, or model.encoder/decoder.scan_layers)."
+    )
   else:
-    lines.append("  Use the config the run was trained with (its config.json), or a new "
-                 "workdir.")
+    lines.append("  Use the config the run was trained with (its config.json), or a new workdir.")
   return "\n".join(lines)
 
 
@@ -95,8 +106,12 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True))
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -117,8 +132,7 @@ class Checkpointer:
       # VIM or classifier state, saved before the trainers shared one TrainState) is left out
       # of the target: orbax matches the target's entries to the saved ones by name.
       stored = self.stored_names(step)
-      fields = {f.name: getattr(abstract_state, f.name)
-                for f in dataclasses.fields(abstract_state)}
+      fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
       target = {k: v for k, v in fields.items() if k in stored or v is not None}
       if len(target) < len(fields):
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
@@ -139,9 +153,16 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state), step
       except Exception as e:  # pylint: disable=broad-except; any failure means unusable
-        log.warning("checkpoint: step %d in %s is corrupt or partial (%s: %s); moving it to "
-                    "%s/corrupt/%d and falling back to the previous checkpoint", step,
-                    self.directory, type(e).__name__, str(e)[:300], self.directory, step)
+        log.warning(
+            "checkpoint: step %d in %s is corrupt or partial (%s: %s); moving it to "
+            "%s/corrupt/%d and falling back to the previous checkpoint",
+            step,
+            self.directory,
+            type(e).__name__,
+            str(e)[:300],
+            self.directory,
+            step,
+        )
         self._move_aside(step)
     set_aside = self._set_aside_steps()
     if set_aside:
@@ -150,21 +171,24 @@ class Checkpointer:
           f"no checkpoint in {self.directory} restores: steps {set_aside} are corrupt or "
           f"partial and were moved to {self.directory}/corrupt/. Refusing to start over from "
           f"step 0. Put good copies back under {self.directory}, or delete "
-          f"{self.directory}/corrupt to train from scratch.")
+          f"{self.directory}/corrupt to train from scratch."
+      )
     return None, None
 
   def _check_layout(self, step: int, abstract_state):
     """Raises CheckpointLayoutError when the step's saved tree differs from abstract_state's.
     Unreadable metadata is left to the restore (and the corrupt-checkpoint path)."""
     try:  # the item's own metadata (a fresh manager's item_metadata() lacks the handler)
-      saved = leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(
-          self._root() / str(step) / "default"))
+      saved = leaf_shapes(
+          ocp.PyTreeCheckpointHandler().metadata(self._root() / str(step) / "default")
+      )
     except Exception:  # pylint: disable=broad-except; a damaged checkpoint: restore decides
       return
     if not saved:
       return
-    problem = describe_layout_mismatch(saved, leaf_shapes(abstract_state),
-                                       f"checkpoint step {step} in {self.directory}")
+    problem = describe_layout_mismatch(
+        saved, leaf_shapes(abstract_state), f"checkpoint step {step} in {self.directory}"
+    )
     if problem:
       self.close()
       raise CheckpointLayoutError(problem)
@@ -184,9 +208,11 @@ class Checkpointer:
       target = directory / "corrupt" / str(step)
       # An object store has no folders: corrupt/ exists once an object is in it (a rename into
       # a "folder" with nothing in it fails), so a note goes there first.
-      fileio.write_text(target.parent / "README.txt",
-                        "Checkpoints that failed to restore, moved here from ../ by vim_jax; "
-                        "delete them once inspected.\n")
+      fileio.write_text(
+          target.parent / "README.txt",
+          "Checkpoints that failed to restore, moved here from ../ by vim_jax; "
+          "delete them once inspected.\n",
+      )
       if target.exists():
         target.rmtree()
       (directory / str(step)).rename(target)
@@ -203,5 +229,6 @@ class Checkpointer:
 
 def abstract_with_shardings(shape_tree, sharding_tree):
   """ShapeDtypeStructs carrying the target shardings, as orbax restore expects."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shape_tree, sharding_tree)
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape_tree, sharding_tree
+  )

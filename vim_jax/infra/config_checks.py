@@ -14,10 +14,23 @@ from typing import Callable
 from vim_jax.infra.prng import DROPOUT_RNGS
 
 # Fields that must be whole numbers >= 1, wherever they appear in a config.
-POSITIVE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "batch_size",
-            "eval_batch_size", "keep_checkpoints", "grad_accum_steps", "num_grid_images",
-            "num_samples", "fid.num_images", "fid.batch_size", "probe.steps", "probe.batch_size",
-            "sampling.batch_size")
+POSITIVE = (
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "batch_size",
+    "eval_batch_size",
+    "keep_checkpoints",
+    "grad_accum_steps",
+    "num_grid_images",
+    "num_samples",
+    "fid.num_images",
+    "fid.batch_size",
+    "probe.steps",
+    "probe.batch_size",
+    "sampling.batch_size",
+)
 # Counts of images where -1 means "the whole split".
 COUNT_OR_ALL = ("num_eval_images", "probe.num_train_images", "probe.num_eval_images")
 # Periods where 0 turns the feature off.
@@ -25,15 +38,25 @@ PERIOD_OR_OFF = ("fid.every",)
 
 # Fields with a range, and what the range means.
 _RANGES = (
-    ("acceptance", lambda v: 0 < v <= 1,
-     "in (0, 1] (the share of samples rejection sampling keeps; the paper's is 0.5)"),
-    ("label_dropout", lambda v: 0 <= v < 1, "in [0, 1) (the share of labels replaced by the null "
-     "class)"),
+    (
+        "acceptance",
+        lambda v: 0 < v <= 1,
+        "in (0, 1] (the share of samples rejection sampling keeps; the paper's is 0.5)",
+    ),
+    (
+        "label_dropout",
+        lambda v: 0 <= v < 1,
+        "in [0, 1) (the share of labels replaced by the null class)",
+    ),
     ("sampling.temperature", lambda v: v >= 0, ">= 0 (0 = greedy, 1 = the model's distribution)"),
     ("sampling.top_k", lambda v: _is_int(v) and v >= 0, "a whole number >= 0 (0 = off)"),
     ("sampling.top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
-    ("dropout_rng", lambda v: v in DROPOUT_RNGS, f"one of {', '.join(DROPOUT_RNGS)} (the dropout "
-     "PRNG; auto, the default, is rbg on TPU and threefry elsewhere)"),
+    (
+        "dropout_rng",
+        lambda v: v in DROPOUT_RNGS,
+        f"one of {', '.join(DROPOUT_RNGS)} (the dropout "
+        "PRNG; auto, the default, is rbg on TPU and threefry elsewhere)",
+    ),
 )
 
 _HINTS = {
@@ -64,8 +87,11 @@ def _is_int(value) -> bool:
 def _problems(config, prefix: str) -> list[str]:
   rules: list[tuple[tuple[str, ...], Callable[[object], bool], str]] = [
       (POSITIVE, lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
-      (COUNT_OR_ALL, lambda v: _is_int(v) and (v >= 1 or v == -1),
-       "a whole number >= 1, or -1 for the whole split"),
+      (
+          COUNT_OR_ALL,
+          lambda v: _is_int(v) and (v >= 1 or v == -1),
+          "a whole number >= 1, or -1 for the whole split",
+      ),
       (PERIOD_OR_OFF, lambda v: _is_int(v) and v >= 0, "a whole number of steps >= 1, or 0 (off)"),
   ]
   problems = []
@@ -75,8 +101,11 @@ def _problems(config, prefix: str) -> list[str]:
       if value is None or valid(value):
         continue
       hint = _HINTS.get(field)
-      problems.append(f"config.{prefix}{field}={value!r} must be {expected}"
-                      + (f" ({hint})" if hint else "") + f": pass --config.{prefix}{field}=N.")
+      problems.append(
+          f"config.{prefix}{field}={value!r} must be {expected}"
+          + (f" ({hint})" if hint else "")
+          + f": pass --config.{prefix}{field}=N."
+      )
   for field, valid, expected in _RANGES:
     value = _lookup(config, field)
     if value is not None and not valid(value):

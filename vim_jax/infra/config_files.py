@@ -28,7 +28,7 @@ def add_config_roots(argv: list[str]) -> None:
   for arg in argv:
     for flag in CONFIG_FLAGS:
       if arg.startswith(flag):
-        add_config_root(arg[len(flag):])
+        add_config_root(arg[len(flag) :])
 
 
 def load(spec: str):

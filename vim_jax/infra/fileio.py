@@ -85,19 +85,21 @@ def check_buckets(named_paths: dict[str, str]) -> None:
   for name, value in named_paths.items():
     if not str(value).startswith("gs://"):
       continue
-    bucket = "gs://" + str(value)[len("gs://"):].split("/", 1)[0]
+    bucket = "gs://" + str(value)[len("gs://") :].split("/", 1)[0]
     try:
       found = epath.Path(bucket).exists()
     except Exception as e:  # pylint: disable=broad-except; explained with the cause
       raise FileNotFoundError(
           f"{name}={value}: cannot reach the bucket {bucket} ({type(e).__name__}: {e}). Check "
           "the credentials (`gcloud auth application-default login`, or the TPU VM's service "
-          "account) and, for a local GCS emulator, $STORAGE_EMULATOR_HOST.") from e
+          "account) and, for a local GCS emulator, $STORAGE_EMULATOR_HOST."
+      ) from e
     if not found:
       raise FileNotFoundError(
           f"{name}={value}: the bucket {bucket} does not exist (or these credentials cannot "
           f"see it). Create it in the TPU's region first: gcloud storage buckets create "
-          f"{bucket} --location=REGION (see launch/README.md, \"Buckets\").")
+          f'{bucket} --location=REGION (see launch/README.md, "Buckets").'
+      )
 
 
 def path(p: str | epath.Path) -> epath.Path:

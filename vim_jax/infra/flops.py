@@ -86,8 +86,7 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(v)
 
 
-def count_jaxpr(jaxpr: jax_core.Jaxpr, recomputed: bool = False,
-                causal: bool = False) -> StepFlops:
+def count_jaxpr(jaxpr: jax_core.Jaxpr, recomputed: bool = False, causal: bool = False) -> StepFlops:
   """Matmul and convolution FLOPs of a jaxpr (see the module docstring). recomputed / causal:
   whether the enclosing equations are under the remat / causal-attention scope (a nested
   jaxpr's name stacks start afresh)."""
@@ -102,8 +101,7 @@ def count_jaxpr(jaxpr: jax_core.Jaxpr, recomputed: bool = False,
       flops *= 0.5 if eqn_causal else 1.0
       total += StepFlops(0.0 if eqn_recomputed else flops, flops)
     elif name == "cond":
-      branches = [count_jaxpr(b.jaxpr, eqn_recomputed, eqn_causal)
-                  for b in eqn.params["branches"]]
+      branches = [count_jaxpr(b.jaxpr, eqn_recomputed, eqn_causal) for b in eqn.params["branches"]]
       total += max(branches, key=lambda f: f.hardware)
     else:
       inner = ZERO

@@ -18,10 +18,22 @@ _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\](?:\{[^}]*\
 _WHILE_BODY = re.compile(r"\bbody=%([\w.\-]+)")
 _FUSION_CALLS = re.compile(r"calls=%([\w.\-]+)")
 # Opcodes that name or alias a buffer without writing it.
-_NOT_WRITES = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "call",
-               "conditional"}
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-             "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_NOT_WRITES = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional"}
+_ITEMSIZE = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
 # An array in compiled HLO text: f32[2,3]{1,0:T(8,128)}: dtype, dims, minor-to-major, tiles.
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\](?:\{([\d,]*)(?::([^}]*))?\})?")
 
@@ -68,7 +80,7 @@ def buffer_writes_in_loops(hlo_text: str, shape: tuple[int, ...]) -> dict[str, i
       if not m:
         continue
       dims = _dims(m.group(1))
-      if len(dims) < len(shape) or dims[len(dims) - len(shape):] != tuple(shape):
+      if len(dims) < len(shape) or dims[len(dims) - len(shape) :] != tuple(shape):
         continue
       opcode = m.group(2)
       if opcode == "fusion":
@@ -80,8 +92,12 @@ def buffer_writes_in_loops(hlo_text: str, shape: tuple[int, ...]) -> dict[str, i
   return counts
 
 
-def array_bytes(dtype: str, dims: tuple[int, ...], minor_to_major: tuple[int, ...] = (),
-                tile: tuple[int, ...] = ()) -> int:
+def array_bytes(
+    dtype: str,
+    dims: tuple[int, ...],
+    minor_to_major: tuple[int, ...] = (),
+    tile: tuple[int, ...] = (),
+) -> int:
   """Bytes of an array as laid out: the dims a tile covers (the minor-most, in layout order)
   padded to the tile's multiples, as a TPU stores them (T(8,128): a head_dim of 64 in the
   minor-most place takes 128 lanes)."""

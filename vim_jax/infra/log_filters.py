@@ -15,8 +15,9 @@ class QuietLibraries(logging.Filter):
   """Drops records below WARNING whose source file lies in a chatty library."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return (record.levelno >= logging.WARNING
-            or not any(part in record.pathname for part in CHATTY_LIBRARIES))
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in CHATTY_LIBRARIES
+    )
 
 
 def install():

@@ -59,8 +59,9 @@ DEFAULT_AXIS_RULES = (
 )
 
 
-def resolve_mesh_shape(sizes: dict[str, int], num_devices: int,
-                       unit: str = "devices") -> tuple[int, ...]:
+def resolve_mesh_shape(
+    sizes: dict[str, int], num_devices: int, unit: str = "devices"
+) -> tuple[int, ...]:
   """Fills one -1 entry so that the product equals num_devices; errors name the fix."""
   shape = [int(sizes[a]) for a in MESH_AXES]
   if shape.count(-1) > 1:
@@ -70,12 +71,14 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int,
     if num_devices % known:
       raise ValueError(
           f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} {unit} are not divisible by "
-          f"{known}; change config.mesh so the fixed axes divide the device count.")
+          f"{known}; change config.mesh so the fixed axes divide the device count."
+      )
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
     raise ValueError(
         f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} {unit} but "
-        f"{num_devices} are available; set one axis to -1 or make the product {num_devices}.")
+        f"{num_devices} are available; set one axis to -1 or make the product {num_devices}."
+    )
   return tuple(shape)
 
 
@@ -87,8 +90,9 @@ def _ici_device_array(shape: tuple[int, ...], devices: list) -> np.ndarray:
     return np.asarray(devices).reshape(shape)
 
 
-def granules(devices: Sequence[jax.Device], host_of_process: dict[int, int] | None = None
-             ) -> list[list[jax.Device]]:
+def granules(
+    devices: Sequence[jax.Device], host_of_process: dict[int, int] | None = None
+) -> list[list[jax.Device]]:
   """Devices grouped by slice (TPU multi-slice: device.slice_index) when they span several,
   else by host, in a stable order. A host is a machine: on a GPU cluster with one process per
   GPU (SLURM), a node's 8 processes are one host (`host_of_process`, default
@@ -97,8 +101,11 @@ def granules(devices: Sequence[jax.Device], host_of_process: dict[int, int] | No
   by_slice = None not in slices and len(slices) > 1
   if not by_slice and host_of_process is None:
     host_of_process = process_hosts()
-  key = (lambda d: d.slice_index) if by_slice else (
-      lambda d: host_of_process.get(d.process_index, d.process_index))
+  key = (
+      (lambda d: d.slice_index)
+      if by_slice
+      else (lambda d: host_of_process.get(d.process_index, d.process_index))
+  )
   groups: dict[int, list] = {}
   for d in devices:
     groups.setdefault(key(d), []).append(d)
@@ -133,15 +140,16 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mes
   # Optional: one-slice meshes built in code (dict(data=-1, fsdp=1, tensor=1)) have no DCN part.
   dcn = {a: int(mesh_config.get(f"dcn_{a}", 1)) for a in MESH_AXES}
   if all(v == 1 for v in dcn.values()):
-    device_array = _ici_device_array(resolve_mesh_shape(dict(mesh_config), len(devices)),
-                                     devices)
+    device_array = _ici_device_array(resolve_mesh_shape(dict(mesh_config), len(devices)), devices)
   else:
     groups = granules(devices)
     dcn_shape = resolve_mesh_shape(dcn, len(groups), "slices (or hosts)")
     ici_shape = resolve_mesh_shape({a: mesh_config[a] for a in MESH_AXES}, len(groups[0]))
     if any(len(g) != len(groups[0]) for g in groups):
-      raise ValueError(f"slices have different device counts {[len(g) for g in groups]}; "
-                       "a DCN mesh needs equal slices.")
+      raise ValueError(
+          f"slices have different device counts {[len(g) for g in groups]}; "
+          "a DCN mesh needs equal slices."
+      )
     blocks = np.empty(dcn_shape, dtype=object)
     for index, group in zip(np.ndindex(*dcn_shape), groups):
       blocks[index] = _ici_device_array(ici_shape, group)
@@ -176,8 +184,7 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None
-               ) -> np.ndarray:
+def batch_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None) -> np.ndarray:
   """The rows of a [global_batch_size, ...] batch that the devices of `process_index` (default:
   this process) hold under batch_sharding(mesh), sorted, each once: the rows that process
   loads. They are a contiguous 1/P of the batch only when the batch axes alone span the
@@ -199,24 +206,31 @@ def _batch_rows(mesh: Mesh, global_batch_size: int, process_index: int) -> tuple
   return tuple(sorted(rows))
 
 
-def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                            global_batch_size: int, images_from_uint8: bool = True
-                            ) -> dict[str, jax.Array]:
+def global_batch_from_local(
+    local_batch: dict[str, np.ndarray],
+    mesh: Mesh,
+    global_batch_size: int,
+    images_from_uint8: bool = True,
+) -> dict[str, jax.Array]:
   """Global [global_batch_size, ...] jax.Arrays sharded over the batch axes, from this
   process's rows of the batch (`batch_rows(mesh, global_batch_size)`, in that order). uint8
   images cross to the devices as uint8 and become float32 in [-1, 1] there (unless
   images_from_uint8 is False)."""
   sharding = batch_sharding(mesh)
-  rows = len(batch_rows(mesh, global_batch_size)) if jax.process_count() > 1 else (
-      global_batch_size)
+  rows = (
+      len(batch_rows(mesh, global_batch_size)) if jax.process_count() > 1 else (global_batch_size)
+  )
   batch = {}
   for key, value in local_batch.items():
     if len(value) != rows:
-      raise ValueError(f"batch[{key!r}] holds {len(value)} rows; this process's devices hold "
-                       f"{rows} of the global batch of {global_batch_size} (load them with "
-                       "parallel.batch_rows).")
+      raise ValueError(
+          f"batch[{key!r}] holds {len(value)} rows; this process's devices hold "
+          f"{rows} of the global batch of {global_batch_size} (load them with "
+          "parallel.batch_rows)."
+      )
     batch[key] = jax.make_array_from_process_local_data(
-        sharding, value, (global_batch_size,) + value.shape[1:])
+        sharding, value, (global_batch_size,) + value.shape[1:]
+    )
   if images_from_uint8 and "image" in batch and batch["image"].dtype == jnp.uint8:
     batch["image"] = _images_from_uint8(batch["image"])
   return batch
@@ -232,10 +246,12 @@ def replicate(tree, mesh: Mesh):
 def fetch(tree):
   """Host numpy copies of a tree of global jax.Arrays, whole on every process (arrays spread
   over several processes are gathered: jax refuses to read them directly)."""
+
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
   return jax.tree.map(one, tree)
 
 

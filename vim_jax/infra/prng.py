@@ -41,9 +41,11 @@ TPU_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 def check_setting(value) -> None:
   """Raises ValueError unless `value` is one of DROPOUT_RNGS."""
   if value not in DROPOUT_RNGS:
-    raise ValueError(f"config.dropout_rng={value!r} is not a dropout PRNG; expected one of "
-                     f"{', '.join(DROPOUT_RNGS)} (auto: rbg on TPU, threefry elsewhere); pass "
-                     "e.g. --config.dropout_rng=auto.")
+    raise ValueError(
+        f"config.dropout_rng={value!r} is not a dropout PRNG; expected one of "
+        f"{', '.join(DROPOUT_RNGS)} (auto: rbg on TPU, threefry elsewhere); pass "
+        "e.g. --config.dropout_rng=auto."
+    )
 
 
 def impl_for(setting: str, platform: str) -> str:

@@ -15,9 +15,16 @@ class Progress:
   FLOP/s (flops.peak_flops_per_second), None when unknown (no MFU / HFU then).
   """
 
-  def __init__(self, start_step: int, total_steps: int, global_batch_size: int,
-               flops_per_step_per_device, num_devices: int, tokens_per_example: int = 0,
-               peak_flops: float | None = None):
+  def __init__(
+      self,
+      start_step: int,
+      total_steps: int,
+      global_batch_size: int,
+      flops_per_step_per_device,
+      num_devices: int,
+      tokens_per_example: int = 0,
+      peak_flops: float | None = None,
+  ):
     self.total_steps, self.batch = total_steps, global_batch_size
     self.flops = flops_per_step_per_device
     self.peak = peak_flops
@@ -58,9 +65,11 @@ class Progress:
       rate = f"{scalars['tokens_per_sec_per_device']:.0f} tokens/s/device"
     else:
       rate = f"{scalars['images_per_sec_per_device']:.1f} img/s/device"
-    return (f"{scalars['steps_per_sec']:.2f} steps/s, {rate}, "
-            f"{scalars['tflops_per_sec_per_device']:.3f} model TFLOP/s/device"
-            f"{self.utilisation(scalars)}, ETA {format_duration(self.eta_seconds(step))}")
+    return (
+        f"{scalars['steps_per_sec']:.2f} steps/s, {rate}, "
+        f"{scalars['tflops_per_sec_per_device']:.3f} model TFLOP/s/device"
+        f"{self.utilisation(scalars)}, ETA {format_duration(self.eta_seconds(step))}"
+    )
 
   def utilisation(self, scalars: dict) -> str:
     """', MFU x%, HFU y%' for a log line ('' without a known peak)."""

@@ -36,14 +36,18 @@ from vim_jax.trainers import vim_step
 
 # Trainer keys renamed since (old -> new): workdirs and configs written before say the old one.
 RENAMED_TRAINERS = {"vitvq": "tokenizer"}
-RUN_KINDS = {"tokenizer": "stage-1", "vim": "stage-2 (VIM)", "classifier": "classifier",
-             "quickstart": "quickstart"}
+RUN_KINDS = {
+    "tokenizer": "stage-1",
+    "vim": "stage-2 (VIM)",
+    "classifier": "classifier",
+    "quickstart": "quickstart",
+}
 # What trains each kind of run, for error messages.
-HOW_TO_TRAIN = {"tokenizer": "python -m vim_jax.main --config=configs/vitvq_base.py "
-                             "--workdir=...",
-                "vim": "python -m vim_jax.main --config=configs/vim_base.py --workdir=...",
-                "classifier": "python -m vim_jax.main --config=configs/classifier.py "
-                              "--workdir=..."}
+HOW_TO_TRAIN = {
+    "tokenizer": "python -m vim_jax.main --config=configs/vitvq_base.py --workdir=...",
+    "vim": "python -m vim_jax.main --config=configs/vim_base.py --workdir=...",
+    "classifier": "python -m vim_jax.main --config=configs/classifier.py --workdir=...",
+}
 
 
 # Config fields added after runs had been saved without them, by kind of run, each with the value
@@ -64,8 +68,11 @@ _STACK_SECTIONS = {"tokenizer": ("model.encoder", "model.decoder"), "vim": ("mod
 
 
 def _stack_fields_added(trainer: str) -> dict:
-  return {f"{section}.{field}": value for section in _STACK_SECTIONS[trainer]
-          for field, value in _STACK_FIELDS_ADDED.items()}
+  return {
+      f"{section}.{field}": value
+      for section in _STACK_SECTIONS[trainer]
+      for field, value in _STACK_FIELDS_ADDED.items()
+  }
 
 
 _EVERY_RUN_FIELDS_ADDED = {
@@ -142,15 +149,19 @@ def read_run_config(workdir: str, trainer: str | None = None) -> ml_collections.
   path = fileio.join(workdir, "config.json")
   if not fileio.exists(path):
     what = RUN_KINDS.get(trainer, "training")
-    raise FileNotFoundError(f"no {what} run at {workdir!r} (missing config.json); point at a "
-                            "workdir written by `python -m vim_jax.main`.")
+    raise FileNotFoundError(
+        f"no {what} run at {workdir!r} (missing config.json); point at a "
+        "workdir written by `python -m vim_jax.main`."
+    )
   config = ml_collections.ConfigDict(fileio.read_json(path))
   trainer = RENAMED_TRAINERS.get(trainer, trainer)
   if config.get("trainer") in RENAMED_TRAINERS:
     config.trainer = RENAMED_TRAINERS[config.trainer]
   if trainer is not None and config.get("trainer") != trainer:
-    raise ValueError(f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
-                     f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run.")
+    raise ValueError(
+        f"{workdir!r} holds a {config.get('trainer')!r} run, not a "
+        f"{RUN_KINDS.get(trainer, trainer)} ({trainer!r}) run."
+    )
   return with_added_fields(config)
 
 
@@ -160,16 +171,19 @@ def checkpoint_steps(workdir: str) -> list[int]:
   folder = fileio.path(workdir) / "checkpoints"
   if not folder.exists():
     return []
-  return sorted(int(p.name) for p in folder.iterdir()
-                if p.name.isdigit() and (p / "default").exists())
+  return sorted(
+      int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "default").exists()
+  )
 
 
 def checkpoint_step(workdir: str, step: int | None, trainer: str) -> int:
   """`step`, checked to exist, or the run's latest checkpoint step."""
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints; train the "
-                            f"{RUN_KINDS[trainer]} run first ({HOW_TO_TRAIN[trainer]}).")
+    raise FileNotFoundError(
+        f"no checkpoint under {workdir}/checkpoints; train the "
+        f"{RUN_KINDS[trainer]} run first ({HOW_TO_TRAIN[trainer]})."
+    )
   if step is None:
     return steps[-1]
   if step not in steps:
@@ -202,18 +216,25 @@ def restore_params(workdir: str, step: int, field: str, shapes, shardings=None):
   item = {field: _abstract(shapes, shardings)}
   try:
     restored = ocp.PyTreeCheckpointer().restore(
-        _item_dir(workdir, step), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True))
+        _item_dir(workdir, step),
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        ),
+    )
   except Exception as e:  # orbax raises several types for a tree that does not match
-    raise ValueError(f"the checkpoint at {workdir} step {step} does not match the model its "
-                     f"config.json describes ({field}): {type(e).__name__}: {e}") from e
+    raise ValueError(
+        f"the checkpoint at {workdir} step {step} does not match the model its "
+        f"config.json describes ({field}): {type(e).__name__}: {e}"
+    ) from e
   return restored[field]
 
 
 def _param_shapes(model: nn.Module, *example_inputs) -> Any:
-  return nn.meta.unbox(jax.eval_shape(
-      lambda rng: model.init(rng, *example_inputs), jax.random.key(0)))["params"]
+  return nn.meta.unbox(
+      jax.eval_shape(lambda rng: model.init(rng, *example_inputs), jax.random.key(0))
+  )["params"]
 
 
 @dataclasses.dataclass
@@ -242,8 +263,13 @@ def tokenizer_param_shapes(model: tokenizer_lib.ViTVQGAN) -> dict:
   return _param_shapes(model, jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32))
 
 
-def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
-                   with_decoder: bool = True, with_encoder: bool = True) -> Tokenizer:
+def load_tokenizer(
+    workdir: str,
+    step: int | None = None,
+    shardings=None,
+    with_decoder: bool = True,
+    with_encoder: bool = True,
+) -> Tokenizer:
   """A stage-1 run's tokenizer params (the EMA copy when the run kept one), latest checkpoint
   by default. with_decoder=False skips the decoder: enough to tokenize (pretokenize, the probe),
   not to decode; with_encoder=False skips the encoder: enough to decode tokens (sampling).
@@ -252,8 +278,9 @@ def load_tokenizer(workdir: str, step: int | None = None, shardings=None,
   step = checkpoint_step(workdir, step, "tokenizer")
   model = tokenizer_lib.ViTVQGAN.from_config(config)
   shapes = tokenizer_param_shapes(model)
-  skipped = {name for name, wanted in (("decoder", with_decoder), ("encoder", with_encoder))
-             if not wanted}
+  skipped = {
+      name for name, wanted in (("decoder", with_decoder), ("encoder", with_encoder)) if not wanted
+  }
   shapes = {k: v for k, v in shapes.items() if k not in skipped}
   field = "ema_params" if stored_fields(workdir, step).get("ema_params") else "params"
   params = restore_params(workdir, step, field, shapes, shardings)
@@ -305,8 +332,9 @@ def load_frozen_encoder(workdir: str, mesh, rules) -> Tokenizer:
   config = read_run_config(workdir, "tokenizer")
   model = tokenizer_lib.ViTVQGAN.from_config(config)
   shapes = frozen_encoder_shapes(model, mesh, rules)
-  tok = load_tokenizer(workdir, shardings=jax.tree.map(lambda x: x.sharding, shapes),
-                       with_decoder=False)
+  tok = load_tokenizer(
+      workdir, shardings=jax.tree.map(lambda x: x.sharding, shapes), with_decoder=False
+  )
   return dataclasses.replace(tok, params=frozen_encoder_params(model, tok.params))
 
 
@@ -322,17 +350,24 @@ class TrainedVIM:
 
 
 def vim_param_shapes(model: vim_lib.VIM) -> dict:
-  return _param_shapes(model, jnp.zeros((1, model.num_tokens), jnp.int32),
-                       jnp.zeros((1,), jnp.int32))
+  return _param_shapes(
+      model, jnp.zeros((1, model.num_tokens), jnp.int32), jnp.zeros((1,), jnp.int32)
+  )
 
 
-def load_vim(workdir: str, step: int | None = None, shardings=None,
-             tokenizer_shardings=None, with_decoder: bool = True) -> TrainedVIM:
+def load_vim(
+    workdir: str,
+    step: int | None = None,
+    shardings=None,
+    tokenizer_shardings=None,
+    with_decoder: bool = True,
+) -> TrainedVIM:
   """A stage-2 run's VIM params (latest checkpoint by default) and its tokenizer."""
   config = read_run_config(workdir, "vim")
   step = checkpoint_step(workdir, step, "vim")
-  tok = load_tokenizer(config.tokenizer_workdir, shardings=tokenizer_shardings,
-                       with_decoder=with_decoder)
+  tok = load_tokenizer(
+      config.tokenizer_workdir, shardings=tokenizer_shardings, with_decoder=with_decoder
+  )
   model = vim_step.build_model(config, tok.model)
   params = restore_params(workdir, step, "params", vim_param_shapes(model), shardings)
   return TrainedVIM(model, params, tok, config, step)
@@ -343,8 +378,10 @@ def load_classifier(workdir: str, shardings=None) -> tuple[classifier_lib.ConvCl
   config = read_run_config(workdir, "classifier")
   path = fileio.join(workdir, "num_classes.json")
   if not fileio.exists(path):
-    raise FileNotFoundError(f"{workdir} has no finished classifier run (missing "
-                            "num_classes.json); train one with configs/classifier.py.")
+    raise FileNotFoundError(
+        f"{workdir} has no finished classifier run (missing "
+        "num_classes.json); train one with configs/classifier.py."
+    )
   model = classifier_lib.ConvClassifier.from_config(config, fileio.read_json(path)["num_classes"])
   step = checkpoint_step(workdir, None, "classifier")
   shapes = _param_shapes(model, jnp.zeros((1, config.image_size, config.image_size, 3)))
@@ -369,20 +406,26 @@ def _check_params(params, expected, what: str):
       if not any(k.split("/")[0] == top for k in other):  # the whole subtree
         done.add(top)
         count = sum(k.split("/")[0] == top for k in keys)
-        lines.append(f"{label} {top}/* ({count} arrays)" if "/" in key else
-                     f"{label} {key} {shapes[key]}")
+        lines.append(
+            f"{label} {top}/* ({count} arrays)" if "/" in key else f"{label} {key} {shapes[key]}"
+        )
       else:
         lines.append(f"{label} {key} {shapes[key]}")
     return lines
 
   problems = grouped(set(got) - set(want), want, "unexpected", got)
-  problems += [f"{k}: shape {got[k]}, the config's model has {want[k]}"
-               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  problems += [
+      f"{k}: shape {got[k]}, the config's model has {want[k]}"
+      for k in sorted(set(got) & set(want))
+      if got[k] != want[k]
+  ]
   problems += grouped(set(want) - set(got), got, "missing", want)
   if problems:
-    raise ValueError(f"params do not fit the {what} the config describes:\n  " +
-                     "\n  ".join(problems[:20]) +
-                     (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    raise ValueError(
+        f"params do not fit the {what} the config describes:\n  "
+        + "\n  ".join(problems[:20])
+        + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    )
 
 
 def _flatten(tree) -> dict:
@@ -393,8 +436,10 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """workdir/config.json (process 0), with local paths made absolute: commands that read the
   run later (evaluate, sample, a stage-2 run's tokenizer) may start in another folder."""
   if jax.process_index() == 0:
-    fileio.write_text(fileio.join(workdir, "config.json"),
-                      fileio.with_absolute_paths(config).to_json_best_effort(indent=2))
+    fileio.write_text(
+        fileio.join(workdir, "config.json"),
+        fileio.with_absolute_paths(config).to_json_best_effort(indent=2),
+    )
 
 
 def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int = 0) -> None:
@@ -403,18 +448,24 @@ def write_run(workdir: str, config: ml_collections.ConfigDict, params, step: int
   importers of published weights and for tests; a trainer cannot resume from it (it holds no
   optimizer state). params are checked against the model the config describes."""
   if config.get("trainer") == "tokenizer":
-    _check_params(params, tokenizer_param_shapes(tokenizer_lib.ViTVQGAN.from_config(config)),
-                  "tokenizer")
+    _check_params(
+        params, tokenizer_param_shapes(tokenizer_lib.ViTVQGAN.from_config(config)), "tokenizer"
+    )
   elif config.get("trainer") == "vim":
     tok = load_tokenizer(config.tokenizer_workdir, with_decoder=False)
     _check_params(params, vim_param_shapes(vim_step.build_model(config, tok.model)), "VIM")
   else:
-    raise ValueError(f"config.trainer={config.get('trainer')!r}; write_run writes 'tokenizer' "
-                     "(stage 1) or 'vim' (stage 2) runs.")
+    raise ValueError(
+        f"config.trainer={config.get('trainer')!r}; write_run writes 'tokenizer' "
+        "(stage 1) or 'vim' (stage 2) runs."
+    )
   write_config(workdir, config)
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), async_save=False)
   try:
-    ckpt.save(step, {"step": np.asarray(step, np.int32),
-                     "params": jax.tree.map(np.asarray, params)}, force=True)
+    ckpt.save(
+        step,
+        {"step": np.asarray(step, np.int32), "params": jax.tree.map(np.asarray, params)},
+        force=True,
+    )
   finally:
     ckpt.close()

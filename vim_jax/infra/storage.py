@@ -8,7 +8,8 @@ A run reaches GCS through four clients, each with its own way of being pointed e
   etils.epath -> TensorFlow's tf.io.gfile  orbax's folders, our files,     none (endpoint built
                                            tfds's data dirs                into libtensorflow)
   etils.epath -> fsspec/gcsfs              the same, with EPATH_USE_TF=0   STORAGE_EMULATOR_HOST
-  google-cloud-cpp (riegeli)               array_record reads of tfds data CLOUD_STORAGE_EMULATOR_ENDPOINT
+  google-cloud-cpp (riegeli)               array_record reads of tfds data
+                                                                           CLOUD_STORAGE_EMULATOR_ENDPOINT
 
 TensorBoard event files are written by `vim_jax.infra.summaries` through our path layer, so no
 TensorFlow GCS client is left on our paths.
@@ -47,7 +48,8 @@ def use_emulator_if_set() -> str | None:
     raise RuntimeError(
         f"{EMULATOR_VARIABLE}={os.environ[EMULATOR_VARIABLE]} asks for a GCS emulator, and gs:// "
         "files then go through gcsfs (TensorFlow's GCS client has its endpoint built in), which "
-        "is not installed: pip install gcsfs (the test extra has it), or unset the variable.")
+        "is not installed: pip install gcsfs (the test extra has it), or unset the variable."
+    )
   settings = {
       "TENSORSTORE_GCS_HTTP_URL": url,
       "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
@@ -63,5 +65,6 @@ def use_emulator_if_set() -> str | None:
   os.environ.update(settings)
   # The token is read from here when gcsfs's filesystem is first made.
   import fsspec.config  # lazy: comes with gcsfs, optional (checked above)
+
   fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
   return url

@@ -59,8 +59,12 @@ def _masked_crc32c(data: bytes) -> int:
 def tfrecord(data: bytes) -> bytes:
   """One TFRecord: the framing tf.io.TFRecordWriter (and tf.summary) writes around `data`."""
   length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", _masked_crc32c(length)) + data
-          + struct.pack("<I", _masked_crc32c(data)))
+  return (
+      length
+      + struct.pack("<I", _masked_crc32c(length))
+      + data
+      + struct.pack("<I", _masked_crc32c(data))
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,8 +83,10 @@ def _next_file_name() -> str:
   global _last_second
   with _name_lock:
     _last_second = max(_last_second, int(time.time()))
-    return (f"events.out.tfevents.{_last_second:010d}.{socket.gethostname()}.{os.getpid()}."
-            f"{next(_sequence):06d}.v2")
+    return (
+        f"events.out.tfevents.{_last_second:010d}.{socket.gethostname()}.{os.getpid()}."
+        f"{next(_sequence):06d}.v2"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +139,9 @@ def histogram_buckets(values: np.ndarray, buckets: int = DEFAULT_HISTOGRAM_BUCKE
     counts = np.zeros(buckets)
     counts[-1] = values.size
     return np.stack([np.full(buckets, high), np.full(buckets, high), counts], axis=1)
-  index = np.minimum(np.floor((values - low) / ((high - low) / buckets)).astype(np.int64),
-                     buckets - 1)
+  index = np.minimum(
+      np.floor((values - low) / ((high - low) / buckets)).astype(np.int64), buckets - 1
+  )
   counts = np.bincount(index, minlength=buckets).astype(np.float64)
   edges = np.linspace(low, high, buckets + 1)
   edges[-1] = high
@@ -170,20 +177,26 @@ class EventFileWriter(metric_writers.MetricWriter):
     # clu's AsyncWriter writes from its thread and flushes from the caller's.
     self._lock = threading.Lock()
 
-  def _add(self, step: int, tag: str, array: np.ndarray,
-           metadata: summary_pb2.SummaryMetadata) -> None:
+  def _add(
+      self, step: int, tag: str, array: np.ndarray, metadata: summary_pb2.SummaryMetadata
+  ) -> None:
     """One event holding one tensor summary, as tf.summary writes each call."""
     tensor = tensor_util.make_tensor_proto(array)
-    self._add_summary(step, summary_pb2.Summary(
-        value=[summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=metadata)]))
+    self._add_summary(
+        step,
+        summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=metadata)]
+        ),
+    )
 
   def _add_summary(self, step: int, summary: summary_pb2.Summary) -> None:
     event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
     with self._lock:
       self._pending.append(event.SerializeToString())
 
-  def write_summaries(self, step: int, values: Mapping[str, Any],
-                      metadata: Mapping[str, Any] | None = None):
+  def write_summaries(
+      self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+  ):
     """Raw tensors; `metadata[key]` is a SummaryMetadata proto or its serialized bytes."""
     for key, value in values.items():
       md = (metadata or {}).get(key)
@@ -220,7 +233,8 @@ class EventFileWriter(metric_writers.MetricWriter):
     """[N, T, C] floats in [-1, 1] as tf.summary.audio: a string tensor [N, 2] of
     (WAV bytes, label '')."""
     md = audio_metadata.create_summary_metadata(
-        display_name="", description="", encoding=audio_metadata.Encoding.Value("WAV"))
+        display_name="", description="", encoding=audio_metadata.Encoding.Value("WAV")
+    )
     for key, value in audios.items():
       value = np.asarray(value)
       if value.ndim != 3:
@@ -234,8 +248,9 @@ class EventFileWriter(metric_writers.MetricWriter):
     for key, value in texts.items():
       self._add(step, key, np.array(value.encode("utf-8"), dtype=object), md)
 
-  def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Mapping[str, int] | None = None):
+  def write_histograms(
+      self, step: int, arrays: Mapping[str, Any], num_buckets: Mapping[str, int] | None = None
+  ):
     """Each array (any shape) as a float64 [k, 3] tensor of (left, right, count) buckets;
     k is num_buckets[key], else 30."""
     md = histogram_metadata.create_summary_metadata(display_name="", description="")
@@ -262,8 +277,9 @@ class EventFileWriter(metric_writers.MetricWriter):
     self.flush()
 
 
-def create_default_writer(logdir: str, *, just_logging: bool = False,
-                          asynchronous: bool = True) -> metric_writers.MetricWriter:
+def create_default_writer(
+    logdir: str, *, just_logging: bool = False, asynchronous: bool = True
+) -> metric_writers.MetricWriter:
   """Like clu.metric_writers.create_default_writer: every value goes to the absl log and,
   unless just_logging (processes other than 0), to event files in `logdir` (EventFileWriter).
   Asynchronous like clu's: writes (PNG encoding included) run in a background thread, and

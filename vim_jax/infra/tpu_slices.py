@@ -49,8 +49,15 @@ GENERATIONS = {
 }
 ALIASES = {"v5litepod": "v5e"}
 # jax's device_kind of each generation's chip ('TPU v5 lite' is a v5e, 'TPU v6 lite' a v6e).
-DEVICE_KINDS = {"TPU v4": "v4", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v5 lite": "v5e",
-                "TPU v5e": "v5e", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+DEVICE_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+}
 
 
 def generation_of_device_kind(kind: str) -> Generation | None:
@@ -102,9 +109,11 @@ def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
 def parse(name: str) -> SliceSpec:
   """'v4-128' -> its chips and torus shape. Raises ValueError naming the accepted forms."""
   match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
-  usage = ("expected a Google Cloud slice name: v4-N or v5p-N (N TensorCores, 2 per chip, "
-           "e.g. v4-128 = 64 chips; the smallest is -8), v5e-N / v5litepod-N or v6e-N "
-           "(N chips), with N a power of 2")
+  usage = (
+      "expected a Google Cloud slice name: v4-N or v5p-N (N TensorCores, 2 per chip, "
+      "e.g. v4-128 = 64 chips; the smallest is -8), v5e-N / v5litepod-N or v6e-N "
+      "(N chips), with N a power of 2"
+  )
   if not match:
     raise ValueError(f"--topology={name!r}: {usage}.")
   generation = GENERATIONS[ALIASES.get(match.group(1), match.group(1))]
@@ -120,9 +129,11 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
-INSTALL_HINT = ("libtpu is not installed; it compiles for TPU slices on this machine. Install "
-                "the version the installed jax needs with: pip install '.[tpu]' (from the "
-                "repository root).")
+INSTALL_HINT = (
+    "libtpu is not installed; it compiles for TPU slices on this machine. Install "
+    "the version the installed jax needs with: pip install '.[tpu]' (from the "
+    "repository root)."
+)
 
 
 def prepare_environment():
@@ -140,6 +151,7 @@ def prepare_environment():
   # RngBitGenerator partitioned per chip, as vim_jax/main.py sets it for rbg dropout (the TPU
   # default): without it each chip's program would draw the whole batch's masks.
   from vim_jax.infra import prng  # lazy: imports jax, which reads JAX_PLATFORMS on import
+
   prng.name_libtpu_flag(os.environ)
 
 
@@ -152,12 +164,17 @@ def compile_only_devices(spec: SliceSpec, num_slices: int = 1) -> list:
   # The hosts as the hardware has them: the devices' process indices (which host feeds which
   # chips) come from here; the compiled program does not depend on them.
   description = topologies.get_topology_desc(
-      topology_name=spec.topology, platform="tpu",
-      chip_config_name=spec.generation.chip_config, chips_per_host_bounds=spec.host_bounds,
-      num_slices=num_slices)
+      topology_name=spec.topology,
+      platform="tpu",
+      chip_config_name=spec.generation.chip_config,
+      chips_per_host_bounds=spec.host_bounds,
+      num_slices=num_slices,
+  )
   devices = list(description.devices)
   expected = spec.chips * num_slices
   if len(devices) != expected:
-    raise RuntimeError(f"libtpu gave {len(devices)} devices for {num_slices} x {spec.name} "
-                       f"({spec.topology}); expected {expected}.")
+    raise RuntimeError(
+        f"libtpu gave {len(devices)} devices for {num_slices} x {spec.name} "
+        f"({spec.topology}); expected {expected}."
+    )
   return devices

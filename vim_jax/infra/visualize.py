@@ -7,12 +7,13 @@ import io
 import numpy as np
 from PIL import Image
 
-from vim_jax.infra import fileio
 from vim_jax.data import preprocess
+from vim_jax.infra import fileio
 
 
-def pairs_grid(images: np.ndarray, reconstructions: np.ndarray, columns: int = 4,
-               padding: int = 2) -> np.ndarray:
+def pairs_grid(
+    images: np.ndarray, reconstructions: np.ndarray, columns: int = 4, padding: int = 2
+) -> np.ndarray:
   """Inputs next to their reconstructions.
 
   Args:
@@ -20,8 +21,9 @@ def pairs_grid(images: np.ndarray, reconstructions: np.ndarray, columns: int = 4
   Returns:
     uint8 [rows*(H+p)+p, columns*(2W+p)+p, 3]; each cell is (input | reconstruction).
   """
-  pairs = np.concatenate([preprocess.to_uint8(images), preprocess.to_uint8(reconstructions)],
-                         axis=2)
+  pairs = np.concatenate(
+      [preprocess.to_uint8(images), preprocess.to_uint8(reconstructions)], axis=2
+  )
   return tile(pairs, columns, padding)
 
 
@@ -30,12 +32,13 @@ def tile(images: np.ndarray, columns: int, padding: int = 2, fill: int = 255) ->
   n, h, w, c = images.shape
   columns = max(1, min(columns, n))
   rows = -(-n // columns)
-  grid = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), fill,
-                 np.uint8)
+  grid = np.full(
+      (rows * (h + padding) + padding, columns * (w + padding) + padding, c), fill, np.uint8
+  )
   for i in range(n):
     r, col = divmod(i, columns)
     top, left = padding + r * (h + padding), padding + col * (w + padding)
-    grid[top:top + h, left:left + w] = images[i]
+    grid[top : top + h, left : left + w] = images[i]
   return grid
 
 

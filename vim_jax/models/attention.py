@@ -59,8 +59,13 @@ def xla_only():
     _xla_only = previous
 
 
-def resolve(implementation: str, dtype, backend: str | None = None, length: int = 128,
-            splash_can_shard: bool = True) -> str:
+def resolve(
+    implementation: str,
+    dtype,
+    backend: str | None = None,
+    length: int = 128,
+    splash_can_shard: bool = True,
+) -> str:
   """The kernel `implementation` means on `backend` (default: jax's) for compute `dtype`
   and sequence `length`. splash_can_shard: one device runs it all, or a mesh is set whose
   batch axes divide the batch and whose tensor axis divides the heads (splash is a Mosaic
@@ -80,11 +85,15 @@ def resolve(implementation: str, dtype, backend: str | None = None, length: int 
       return "cudnn"
     return "xla"
   if implementation == "cudnn" and backend not in ("gpu", "cuda"):
-    raise ValueError(f"attention='cudnn' needs an NVIDIA GPU, but jax's backend is {backend!r};"
-                     " use attention='auto' or 'xla'.")
+    raise ValueError(
+        f"attention='cudnn' needs an NVIDIA GPU, but jax's backend is {backend!r};"
+        " use attention='auto' or 'xla'."
+    )
   if implementation == "splash" and backend != "tpu" and not _interpret:
-    raise ValueError(f"attention='splash' is a TPU (Pallas Mosaic) kernel, but jax's backend "
-                     f"is {backend!r}; use attention='auto' or 'xla'.")
+    raise ValueError(
+        f"attention='splash' is a TPU (Pallas Mosaic) kernel, but jax's backend "
+        f"is {backend!r}; use attention='auto' or 'xla'."
+    )
   return implementation
 
 
@@ -94,22 +103,35 @@ def splash_block_size(length: int, block: int) -> int:
   for size in range(min(block, length) // 128 * 128, 0, -128):
     if length % size == 0:
       return size
-  raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}; "
-                   "use attention='xla' for this model.")
+  raise ValueError(
+      f"splash attention needs a sequence length divisible by 128, got {length}; "
+      "use attention='xla' for this model."
+  )
 
 
 def _splash_kernel(num_heads: int, length: int, causal: bool, block: int, interpret: bool):
   """Built inside each trace: the kernel holds its mask tables as arrays, which a cached
   kernel would leak from the trace that made it into the next."""
   from jax.experimental.pallas.ops.tpu import (  # lazy: Pallas TPU kernels, used on TPU only
-      splash_attention as splash)
+      splash_attention as splash,
+  )
+
   mask_cls = splash.CausalMask if causal else splash.FullMask
   mask = splash.MultiHeadMask([mask_cls((length, length)) for _ in range(num_heads)])
   b = splash_block_size(length, block)
-  sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  sizes = splash.BlockSizes(
+      block_q=b,
+      block_kv=b,
+      block_kv_compute=b,
+      block_q_dkv=b,
+      block_kv_dkv=b,
+      block_kv_dkv_compute=b,
+      block_q_dq=b,
+      block_kv_dq=b,
+  )
+  return splash.make_splash_mha(
+      mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, block: int) -> jax.Array:
@@ -119,8 +141,9 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, block: int) 
   def per_shard(q, k, v):
     kernel = _splash_kernel(q.shape[2], q.shape[1], causal, block, _interpret)
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K], splash's layout
-    out = jax.vmap(kernel)(to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k),
-                           to_heads_first(v))
+    out = jax.vmap(kernel)(
+        to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k), to_heads_first(v)
+    )
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
   mesh = jax.sharding.get_abstract_mesh()
@@ -128,12 +151,20 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, block: int) 
     return per_shard(q, k, v)
   # Batch over the data-parallel axes, heads over tensor: each device runs whole sequences.
   spec = P(("data", "fsdp"), None, "tensor", None)
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                       check_vma=False)(q, k, v)
+  return jax.shard_map(
+      per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+  )(q, k, v)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-                          implementation: str = "auto", block: int = 512) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    implementation: str = "auto",
+    block: int = 512,
+) -> jax.Array:
   """Softmax(q k^T / sqrt(K)) v with the softmax in float32.
 
   q, k, v: [B, L, H, K] -> [B, L, H, K]. implementation: see the module docstring; block is
@@ -148,12 +179,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     splash_can_shard = jax.device_count() == 1
   else:  # whole sequences per device: the batch over (data, fsdp), the heads over tensor
     sizes = dict(mesh.shape)
-    splash_can_shard = (q.shape[0] % (sizes.get("data", 1) * sizes.get("fsdp", 1)) == 0
-                        and q.shape[2] % sizes.get("tensor", 1) == 0)
-  kind = resolve(implementation, q.dtype, backend=backend, length=q.shape[1],
-                 splash_can_shard=splash_can_shard)
+    splash_can_shard = (
+        q.shape[0] % (sizes.get("data", 1) * sizes.get("fsdp", 1)) == 0
+        and q.shape[2] % sizes.get("tensor", 1) == 0
+    )
+  kind = resolve(
+      implementation, q.dtype, backend=backend, length=q.shape[1], splash_can_shard=splash_can_shard
+  )
   if kind == "splash":
     return _splash(q, k, v, causal, block)
   with jax.named_scope(CAUSAL_SCOPE if causal else "attention"):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kind)
-

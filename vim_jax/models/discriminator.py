@@ -40,19 +40,31 @@ def blur(x: jax.Array) -> jax.Array:
   k /= k.sum()
   c = x.shape[-1]
   kernel = jnp.tile(jnp.asarray(k, x.dtype)[:, :, None, None], (1, 1, 1, c))
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 2), (1, 2)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      feature_group_count=c)
+  return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      (1, 1),
+      ((1, 2), (1, 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=c,
+  )
 
 
-def conv(features: int, kernel: int, stride: int = 1, use_bias: bool = True, name=None,
-         dtype=jnp.float32) -> nn.Conv:
+def conv(
+    features: int, kernel: int, stride: int = 1, use_bias: bool = True, name=None, dtype=jnp.float32
+) -> nn.Conv:
   pad = kernel // 2
   return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      use_bias=use_bias, dtype=dtype, name=name,
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=use_bias,
+      dtype=dtype,
+      name=name,
       kernel_init=nn.with_logical_partitioning(weight_init, (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+  )
 
 
 class DiscriminatorBlock(nn.Module):
@@ -66,8 +78,9 @@ class DiscriminatorBlock(nn.Module):
     """[B, H, W, C_in] -> [B, H/2, W/2, out_channels]."""
     y = lrelu(conv(x.shape[-1], 3, name="conv0", dtype=self.dtype)(x))
     y = lrelu(conv(self.out_channels, 3, stride=2, name="conv1", dtype=self.dtype)(blur(y)))
-    skip = conv(self.out_channels, 1, stride=2, use_bias=False, name="skip",
-                dtype=self.dtype)(blur(x))
+    skip = conv(self.out_channels, 1, stride=2, use_bias=False, name="skip", dtype=self.dtype)(
+        blur(x)
+    )
     return (y + skip) / math.sqrt(2.0)
 
 
@@ -106,21 +119,28 @@ class StyleGANDiscriminator(nn.Module):
     """images [B, S, S, 3] in [-1, 1] -> logits [B] (float32, or float64 for a float64 net)."""
     size = self.image_size
     if images.shape[1:3] != (size, size) or size < 8 or size & (size - 1):
-      raise ValueError(f"discriminator built for {size}x{size} (a power of two >= 8), got "
-                       f"images of shape {images.shape}.")
-    x = lrelu(conv(self.channels(size), 1, name="from_rgb", dtype=self.dtype)(
-        images.astype(self.dtype)))
+      raise ValueError(
+          f"discriminator built for {size}x{size} (a power of two >= 8), got "
+          f"images of shape {images.shape}."
+      )
+    x = lrelu(
+        conv(self.channels(size), 1, name="from_rgb", dtype=self.dtype)(images.astype(self.dtype))
+    )
     resolution = size
     while resolution > 4:
-      x = DiscriminatorBlock(self.channels(resolution // 2), self.dtype,
-                             name=f"block_{resolution}")(x)
+      x = DiscriminatorBlock(
+          self.channels(resolution // 2), self.dtype, name=f"block_{resolution}"
+      )(x)
       resolution //= 2
     x = minibatch_stddev(x, self.mbstd_group_size)
     x = lrelu(conv(self.channels(4), 3, name="conv_4x4", dtype=self.dtype)(x))
     x = x.reshape(x.shape[0], -1)
     dense = lambda n, name: nn.Dense(
-        n, dtype=self.dtype, name=name,
+        n,
+        dtype=self.dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(weight_init, ("conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    )
     x = lrelu(dense(self.channels(4), "fc")(x))
     return dense(1, "logit")(x)[:, 0].astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -76,8 +76,14 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel, (self.stride, self.stride),
-                padding=((ph, ph), (pw, pw)), use_bias=False, name="conv")(x)
+    x = nn.Conv(
+        self.features,
+        self.kernel,
+        (self.stride, self.stride),
+        padding=((ph, ph), (pw, pw)),
+        use_bias=False,
+        name="conv",
+    )(x)
     return nn.relu(FrozenBatchNorm(name="bn")(x))
 
 
@@ -165,12 +171,22 @@ class InceptionE(nn.Module):
   def __call__(self, x):
     b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
     b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], -1)
+    b3 = jnp.concatenate(
+        [
+            BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+            BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+        ],
+        -1,
+    )
     bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], -1)
+    bd = jnp.concatenate(
+        [
+            BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+            BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+        ],
+        -1,
+    )
     if self.pool == "avg":
       pooled = avg_pool_3x3(x)
     else:

@@ -28,11 +28,23 @@ SCALE = (0.458, 0.448, 0.450)
 
 # VGG16 "features" as (torchvision index of the conv, output channels); "M" = 2x2 max pool.
 VGG16_LAYOUT = (
-    (0, 64), (2, 64), "M",
-    (5, 128), (7, 128), "M",
-    (10, 256), (12, 256), (14, 256), "M",
-    (17, 512), (19, 512), (21, 512), "M",
-    (24, 512), (26, 512), (28, 512),
+    (0, 64),
+    (2, 64),
+    "M",
+    (5, 128),
+    (7, 128),
+    "M",
+    (10, 256),
+    (12, 256),
+    (14, 256),
+    "M",
+    (17, 512),
+    (19, 512),
+    (21, 512),
+    "M",
+    (24, 512),
+    (26, 512),
+    (28, 512),
 )
 # The conv whose ReLU output is tapped: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 TAPPED_CONVS = (2, 7, 14, 21, 28)
@@ -53,8 +65,14 @@ class VGG16Features(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
         continue
       index, channels = layer
-      x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  precision=self.precision, name=f"conv{index}")(x)
+      x = nn.Conv(
+          channels,
+          (3, 3),
+          padding=((1, 1), (1, 1)),
+          dtype=self.dtype,
+          precision=self.precision,
+          name=f"conv{index}",
+      )(x)
       x = nn.relu(x)
       if index in TAPPED_CONVS:
         taps.append(x)
@@ -84,15 +102,13 @@ class LPIPS(nn.Module):
     # x and y go through the same VGG one after the other: concatenating them along the
     # batch axis would move examples between the devices that share the batch.
     vgg = VGG16Features(self.dtype, self.precision, name="vgg")
-    features = lambda images: vgg(((images.astype(jnp.float32) - shift) / scale).astype(
-        self.dtype))
+    features = lambda images: vgg(((images.astype(jnp.float32) - shift) / scale).astype(self.dtype))
     total = 0.0
     for k, (fx, fy, channels) in enumerate(zip(features(x), features(y), TAP_CHANNELS)):
       fx = normalize_channels(fx.astype(jnp.float32))
       fy = normalize_channels(fy.astype(jnp.float32))
       weight = self.param(f"lin{k}", nn.initializers.ones_init(), (channels,))
-      total = total + jnp.mean(jnp.einsum("bhwc,c->bhw", jnp.square(fx - fy), weight),
-                               axis=(1, 2))
+      total = total + jnp.mean(jnp.einsum("bhwc,c->bhw", jnp.square(fx - fy), weight), axis=(1, 2))
     return total
 
 

@@ -76,8 +76,13 @@ class VectorQuantizer(nn.Module):
     """
     z = z.astype(jnp.float32)
     codebook = self.normalized_codebook()
-    dot = jnp.einsum("...d,kd->...k", z, codebook, precision=jax.lax.Precision.HIGHEST,
-                     preferred_element_type=jnp.float32)
+    dot = jnp.einsum(
+        "...d,kd->...k",
+        z,
+        codebook,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
     if self.l2_normalize:
       scores = dot
     else:  # argmin ||z - e||^2 == argmax (2 z.e - ||e||^2)

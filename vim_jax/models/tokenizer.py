@@ -70,13 +70,21 @@ class OutputFFN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, L, D] -> [B, L, out_dim]."""
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype,
-                 kernel_init=transformer.dense_init(("embed", "mlp")),
-                 bias_init=transformer.zeros_init(("mlp",)), name="hidden")(x)
+    x = nn.Dense(
+        self.hidden_dim,
+        dtype=self.dtype,
+        kernel_init=transformer.dense_init(("embed", "mlp")),
+        bias_init=transformer.zeros_init(("mlp",)),
+        name="hidden",
+    )(x)
     x = jnp.tanh(x)
-    return nn.Dense(self.out_dim, dtype=self.dtype,
-                    kernel_init=transformer.dense_init(("mlp", self.out_axis)),
-                    bias_init=transformer.zeros_init((self.out_axis,)), name="out")(x)
+    return nn.Dense(
+        self.out_dim,
+        dtype=self.dtype,
+        kernel_init=transformer.dense_init(("mlp", self.out_axis)),
+        bias_init=transformer.zeros_init((self.out_axis,)),
+        name="out",
+    )(x)
 
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
@@ -94,8 +102,9 @@ def sincos_position_embedding(grid: tuple[int, int], width: int) -> np.ndarray:
     raise ValueError(f"a sin-cos position embedding needs a width divisible by 4, got {width}.")
   quarter = width // 4
   omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-  rows, cols = np.meshgrid(np.arange(grid[0], dtype=np.float64),
-                           np.arange(grid[1], dtype=np.float64), indexing="ij")
+  rows, cols = np.meshgrid(
+      np.arange(grid[0], dtype=np.float64), np.arange(grid[1], dtype=np.float64), indexing="ij"
+  )
   parts = []
   for coordinate in (cols.reshape(-1), rows.reshape(-1)):
     angles = coordinate[:, None] * omega[None, :]
@@ -103,8 +112,9 @@ def sincos_position_embedding(grid: tuple[int, int], width: int) -> np.ndarray:
   return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def position_embedding(module: nn.Module, kind: str, grid: tuple[int, int],
-                       width: int) -> jax.Array:
+def position_embedding(
+    module: nn.Module, kind: str, grid: tuple[int, int], width: int
+) -> jax.Array:
   """[h*w, width]: a learned parameter or the fixed sin-cos table (see the module docstring)."""
   if kind == "sincos":
     return jnp.asarray(sincos_position_embedding(grid, width))
@@ -128,15 +138,24 @@ class Encoder(nn.Module):
     """images: [B, H, W, 3] (in the network's pixel range) -> latents [B, N, code_dim] float32."""
     width = self.stack.width
     x = patchify(images.astype(self.dtype), self.patch_size)
-    x = nn.Dense(width, dtype=self.dtype, kernel_init=transformer.dense_init(("patch", "embed")),
-                 bias_init=transformer.zeros_init(("embed",)), name="patch_embedding")(x)
+    x = nn.Dense(
+        width,
+        dtype=self.dtype,
+        kernel_init=transformer.dense_init(("patch", "embed")),
+        bias_init=transformer.zeros_init(("embed",)),
+        name="patch_embedding",
+    )(x)
     x = x + position_embedding(self, self.position_embedding, self.grid, width).astype(self.dtype)
     x = transformer.Transformer(self.stack, self.dtype, name="transformer")(x, deterministic)
     if self.output_ffn_dim:
       x = OutputFFN(self.output_ffn_dim, width, "embed", self.dtype, name="output_ffn")(x)
-    x = nn.Dense(self.code_dim, dtype=jnp.float32,
-                 kernel_init=transformer.dense_init(("embed", "code_dim")),
-                 bias_init=transformer.zeros_init(("code_dim",)), name="to_code")(x)
+    x = nn.Dense(
+        self.code_dim,
+        dtype=jnp.float32,
+        kernel_init=transformer.dense_init(("embed", "code_dim")),
+        bias_init=transformer.zeros_init(("code_dim",)),
+        name="to_code",
+    )(x)
     return x
 
 
@@ -155,18 +174,28 @@ class Decoder(nn.Module):
   def __call__(self, codes: jax.Array, deterministic: bool = True) -> jax.Array:
     """codes: [B, N, code_dim] -> pixels [B, H, W, out_channels] float32."""
     width = self.stack.width
-    x = nn.Dense(width, dtype=self.dtype, kernel_init=transformer.dense_init(("code_dim", "embed")),
-                 bias_init=transformer.zeros_init(("embed",)), name="from_code")(codes)
+    x = nn.Dense(
+        width,
+        dtype=self.dtype,
+        kernel_init=transformer.dense_init(("code_dim", "embed")),
+        bias_init=transformer.zeros_init(("embed",)),
+        name="from_code",
+    )(codes)
     x = x + position_embedding(self, self.position_embedding, self.grid, width).astype(self.dtype)
     x = transformer.Transformer(self.stack, self.dtype, name="transformer")(x, deterministic)
     pixels_per_token = self.patch_size * self.patch_size * self.out_channels
     if self.output_ffn_dim:
-      x = OutputFFN(self.output_ffn_dim, pixels_per_token, "patch", self.dtype,
-                    name="output_ffn")(x)
+      x = OutputFFN(self.output_ffn_dim, pixels_per_token, "patch", self.dtype, name="output_ffn")(
+          x
+      )
     else:
-      x = nn.Dense(pixels_per_token, dtype=self.dtype,
-                   kernel_init=transformer.dense_init(("embed", "patch")),
-                   bias_init=transformer.zeros_init(("patch",)), name="to_pixels")(x)
+      x = nn.Dense(
+          pixels_per_token,
+          dtype=self.dtype,
+          kernel_init=transformer.dense_init(("embed", "patch")),
+          bias_init=transformer.zeros_init(("patch",)),
+          name="to_pixels",
+      )(x)
     return unpatchify(x.astype(jnp.float32), self.grid, self.patch_size)
 
 
@@ -197,17 +226,26 @@ class ViTVQGAN(nn.Module):
     if config.image_size % m.patch_size:
       raise ValueError(
           f"image_size={config.image_size} is not a multiple of model.patch_size="
-          f"{m.patch_size}; pick sizes with image_size % patch_size == 0.")
+          f"{m.patch_size}; pick sizes with image_size % patch_size == 0."
+      )
     return cls(
         encoder_stack=transformer.StackConfig.from_config(m.encoder),
         decoder_stack=transformer.StackConfig.from_config(m.decoder),
-        image_size=config.image_size, patch_size=m.patch_size, codebook_size=m.codebook_size,
-        code_dim=m.code_dim, l2_normalize=m.l2_normalize, beta=m.beta,
-        logit_laplace=m.logit_laplace, logit_laplace_eps=m.logit_laplace_eps,
+        image_size=config.image_size,
+        patch_size=m.patch_size,
+        codebook_size=m.codebook_size,
+        code_dim=m.code_dim,
+        l2_normalize=m.l2_normalize,
+        beta=m.beta,
+        logit_laplace=m.logit_laplace,
+        logit_laplace_eps=m.logit_laplace_eps,
         encoder_output_ffn_dim=m.encoder.output_ffn_dim,
-        decoder_output_ffn_dim=m.decoder.output_ffn_dim, dtype=jnp.dtype(m.dtype),
-        position_embedding=m.position_embedding, output_ffn=m.output_ffn,
-        pixel_range=m.pixel_range)
+        decoder_output_ffn_dim=m.decoder.output_ffn_dim,
+        dtype=jnp.dtype(m.dtype),
+        position_embedding=m.position_embedding,
+        output_ffn=m.output_ffn,
+        pixel_range=m.pixel_range,
+    )
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -215,28 +253,41 @@ class ViTVQGAN(nn.Module):
     return (side, side)
 
   def setup(self):
-    for field, value, allowed in (("position_embedding", self.position_embedding,
-                                   POSITION_EMBEDDINGS),
-                                  ("pixel_range", self.pixel_range, PIXEL_RANGES)):
+    for field, value, allowed in (
+        ("position_embedding", self.position_embedding, POSITION_EMBEDDINGS),
+        ("pixel_range", self.pixel_range, PIXEL_RANGES),
+    ):
       if value not in allowed:
         raise ValueError(f"model.{field}={value!r}; expected one of {list(allowed)}.")
     ffn = lambda dim, stack: (dim or stack.mlp_dim) if self.output_ffn else 0
     self.encoder = Encoder(
-        self.encoder_stack, self.patch_size, self.grid, self.code_dim,
-        ffn(self.encoder_output_ffn_dim, self.encoder_stack), self.dtype,
-        self.position_embedding)
+        self.encoder_stack,
+        self.patch_size,
+        self.grid,
+        self.code_dim,
+        ffn(self.encoder_output_ffn_dim, self.encoder_stack),
+        self.dtype,
+        self.position_embedding,
+    )
     self.quantizer = quantizer_lib.VectorQuantizer(
-        self.codebook_size, self.code_dim, self.l2_normalize, self.beta)
+        self.codebook_size, self.code_dim, self.l2_normalize, self.beta
+    )
     self.decoder = Decoder(
-        self.decoder_stack, self.patch_size, self.grid, 6 if self.logit_laplace else 3,
-        ffn(self.decoder_output_ffn_dim, self.decoder_stack), self.dtype,
-        self.position_embedding)
+        self.decoder_stack,
+        self.patch_size,
+        self.grid,
+        6 if self.logit_laplace else 3,
+        ffn(self.decoder_output_ffn_dim, self.decoder_stack),
+        self.dtype,
+        self.position_embedding,
+    )
 
   def _check_images(self, images: jax.Array):
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(
           f"expected images of shape [B, {self.image_size}, {self.image_size}, 3], got "
-          f"{images.shape}; resize inputs to the config's image_size.")
+          f"{images.shape}; resize inputs to the config's image_size."
+      )
 
   def encode(self, images: jax.Array, deterministic: bool = True):
     """images [B, H, W, 3] -> (codes [B, N, d], indices [B, h, w], quantizer aux dict)."""
@@ -254,8 +305,11 @@ class ViTVQGAN(nn.Module):
     if not self.logit_laplace:
       return {"reconstruction": raw * 2.0 - 1.0 if self.pixel_range == "zero_to_one" else raw}
     mu, log_scale = raw[..., :3], raw[..., 3:]
-    return {"reconstruction": logit_laplace_reconstruction(mu, self.logit_laplace_eps),
-            "mu": mu, "log_scale": log_scale}
+    return {
+        "reconstruction": logit_laplace_reconstruction(mu, self.logit_laplace_eps),
+        "mu": mu,
+        "log_scale": log_scale,
+    }
 
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
     """Reconstructs images [B, H, W, 3]; returns decode()'s dict plus indices [B, h, w] and the

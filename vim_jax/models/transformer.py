@@ -72,25 +72,39 @@ class StackConfig:
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of "
-                       f"{list(REMAT_POLICIES)}.")
+      raise ValueError(
+          f"remat_policy={self.remat_policy!r}; expected one of {list(REMAT_POLICIES)}."
+      )
     if self.attention not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f"attention={self.attention!r}; expected one of "
-                       f"{list(attention_lib.IMPLEMENTATIONS)}.")
+      raise ValueError(
+          f"attention={self.attention!r}; expected one of "
+          f"{list(attention_lib.IMPLEMENTATIONS)}."
+      )
     if self.mlp_activation not in MLP_ACTIVATIONS:
-      raise ValueError(f"mlp_activation={self.mlp_activation!r}; expected one of "
-                       f"{list(MLP_ACTIVATIONS)}.")
+      raise ValueError(
+          f"mlp_activation={self.mlp_activation!r}; expected one of {list(MLP_ACTIVATIONS)}."
+      )
 
   @classmethod
   def from_config(cls, cfg, causal: bool = False) -> "StackConfig":
     """From a config section with every stack key (configs: `common.vit_stack`, the stage-2
     `model`; runs saved before a key existed get it from runs.FIELDS_ADDED)."""
-    return cls(num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads,
-               head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, causal=causal,
-               remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
-               attention=cfg.attention, attention_block=cfg.attention_block,
-               mlp_activation=cfg.mlp_activation, qkv_bias=cfg.qkv_bias,
-               layer_norm_eps=cfg.layer_norm_eps)
+    return cls(
+        num_layers=cfg.num_layers,
+        width=cfg.width,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        mlp_dim=cfg.mlp_dim,
+        dropout=cfg.dropout,
+        causal=causal,
+        remat_policy=cfg.remat_policy,
+        scan_layers=cfg.scan_layers,
+        attention=cfg.attention,
+        attention_block=cfg.attention_block,
+        mlp_activation=cfg.mlp_activation,
+        qkv_bias=cfg.qkv_bias,
+        layer_norm_eps=cfg.layer_norm_eps,
+    )
 
 
 def dense_init(axes):
@@ -132,8 +146,9 @@ class MultiHeadAttention(nn.Module):
   qkv_bias: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, decode_index: jax.Array | None = None,
-               cache_length: int = 0) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, decode_index: jax.Array | None = None, cache_length: int = 0
+  ) -> jax.Array:
     """x: [B, L, D] -> [B, L, D].
 
     With decode_index (an int32 scalar), x holds the L tokens at positions
@@ -154,8 +169,13 @@ class MultiHeadAttention(nn.Module):
     q, key, value = project("query"), project("key"), project("value")
     if decode_index is None:
       out = attention_lib.dot_product_attention(
-          q, key, value, causal=self.causal, implementation=self.attention,
-          block=self.attention_block)
+          q,
+          key,
+          value,
+          causal=self.causal,
+          implementation=self.attention,
+          block=self.attention_block,
+      )
     else:
       out = self._attend_to_cache(q, key, value, decode_index, cache_length)
     out_kernel = self.param("out_kernel", dense_init(("heads", "kv", "embed")), (h, k, width))
@@ -176,13 +196,16 @@ class MultiHeadAttention(nn.Module):
     cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
     start = (0, 0, 0, decode_index)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value,
-                                                    jnp.einsum("blhk->bhkl", key), start)
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value,
-                                                      jnp.einsum("blhk->bhkl", value), start)
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, jnp.einsum("blhk->bhkl", key), start
+    )
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, jnp.einsum("blhk->bhkl", value), start
+    )
     scale = jnp.asarray(1.0 / np.sqrt(k), q.dtype)
-    logits = jnp.einsum("blhk,bhkt->bhlt", q * scale, cached_key.value,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "blhk,bhkt->bhlt", q * scale, cached_key.value, preferred_element_type=jnp.float32
+    )
     query_pos = decode_index + jnp.arange(length)
     mask = jnp.arange(cache_length)[None, :] <= query_pos[:, None]  # [L, cache_length]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -200,13 +223,23 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     """x: [B, L, D] -> [B, L, D]."""
     width = x.shape[-1]
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init(("embed", "mlp")),
-                 bias_init=zeros_init(("mlp",)), name="fc1")(x)
+    y = nn.Dense(
+        self.mlp_dim,
+        dtype=self.dtype,
+        kernel_init=dense_init(("embed", "mlp")),
+        bias_init=zeros_init(("mlp",)),
+        name="fc1",
+    )(x)
     y = nn.with_logical_constraint(y, ("act_batch", "act_length", "act_mlp"))
     y = MLP_ACTIVATIONS[self.activation](y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init(("mlp", "embed")),
-                    bias_init=zeros_init(("embed",)), name="fc2")(y)
+    return nn.Dense(
+        width,
+        dtype=self.dtype,
+        kernel_init=dense_init(("mlp", "embed")),
+        bias_init=zeros_init(("embed",)),
+        name="fc2",
+    )(y)
 
 
 class TransformerBlock(nn.Module):
@@ -214,19 +247,28 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool, decode_index=None,
-               cache_length: int = 0) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, deterministic: bool, decode_index=None, cache_length: int = 0
+  ) -> jax.Array:
     """x: [B, L, D] -> [B, L, D]."""
     cfg = self.config
     y = layer_norm(self.dtype, "ln_attention", cfg.layer_norm_eps)(x)
-    y = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.causal, self.dtype, cfg.attention,
-                           cfg.attention_block, cfg.qkv_bias, name="attention")(
-                               y, decode_index, cache_length)
+    y = MultiHeadAttention(
+        cfg.num_heads,
+        cfg.head_dim,
+        cfg.causal,
+        self.dtype,
+        cfg.attention,
+        cfg.attention_block,
+        cfg.qkv_bias,
+        name="attention",
+    )(y, decode_index, cache_length)
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     x = constrain_tokens(x + y)
     y = layer_norm(self.dtype, "ln_mlp", cfg.layer_norm_eps)(x)
     y = MlpBlock(cfg.mlp_dim, cfg.dropout, self.dtype, cfg.mlp_activation, name="mlp")(
-        y, deterministic)
+        y, deterministic
+    )
     y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     return constrain_tokens(x + y)
 
@@ -248,7 +290,8 @@ class ScannedBlock(nn.Module):
   def __call__(self, carry, layer, decode_index):
     x, captured = carry
     x = TransformerBlock(self.config, self.dtype, name="block")(
-        x, self.deterministic, decode_index, self.cache_length)
+        x, self.deterministic, decode_index, self.cache_length
+    )
     if captured is not None:  # keep the probe's block output as it passes
       captured = jnp.where(layer == self.capture_block - 1, x, captured)
     return (x, captured), None
@@ -261,8 +304,14 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True, decode_index=None,
-               cache_length: int = 0, capture_block: int | None = None):
+  def __call__(
+      self,
+      x: jax.Array,
+      deterministic: bool = True,
+      decode_index=None,
+      cache_length: int = 0,
+      capture_block: int | None = None,
+  ):
     """x: [B, L, D] -> [B, L, D].
 
     decode_index / cache_length: KV-cached decoding (see MultiHeadAttention).
@@ -276,11 +325,13 @@ class Transformer(nn.Module):
     policy = REMAT_POLICIES[cfg.remat_policy] if decode_index is None else None
     x = constrain_tokens(x.astype(self.dtype))
     if cfg.scan_layers:
-      x, captured = self._scanned(x, deterministic, decode_index, cache_length, capture_block,
-                                  policy)
+      x, captured = self._scanned(
+          x, deterministic, decode_index, cache_length, capture_block, policy
+      )
     else:
-      x, captured = self._unrolled(x, deterministic, decode_index, cache_length, capture_block,
-                                   policy)
+      x, captured = self._unrolled(
+          x, deterministic, decode_index, cache_length, capture_block, policy
+      )
     out = layer_norm(self.dtype, "ln_final", cfg.layer_norm_eps)(x)
     return out if capture_block is None else (out, captured)
 
@@ -291,7 +342,8 @@ class Transformer(nn.Module):
     captured = None
     for i in range(self.config.num_layers):
       x = block_cls(self.config, self.dtype, name=f"block_{i:02d}")(
-          x, deterministic, decode_index, cache_length)
+          x, deterministic, decode_index, cache_length
+      )
       if capture_block == i + 1:
         captured = x
     return x, captured
@@ -301,14 +353,17 @@ class Transformer(nn.Module):
     if policy is not None:
       block_cls = nn.remat(ScannedBlock, policy=policy, prevent_cse=False)
     scanned = nn.scan(
-        block_cls, variable_axes={"params": 0, "cache": 0},
+        block_cls,
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},  # each layer its own init and dropout
-        in_axes=(0, nn.broadcast), length=self.config.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"})
+        in_axes=(0, nn.broadcast),
+        length=self.config.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     captured = None if capture_block is None else jnp.zeros_like(x)
-    (x, captured), _ = scanned(self.config, self.dtype, deterministic, cache_length,
-                               capture_block, name="layers")(
-        (x, captured), jnp.arange(self.config.num_layers, dtype=jnp.int32), decode_index)
+    (x, captured), _ = scanned(
+        self.config, self.dtype, deterministic, cache_length, capture_block, name="layers"
+    )((x, captured), jnp.arange(self.config.num_layers, dtype=jnp.int32), decode_index)
     return x, captured
 
 
@@ -320,8 +375,9 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
   sliced each layer's cache out of a stacked [num_layers, ...] buffer and wrote it back into a
   new one, moving the whole KV cache several times per token instead of one position."""
   if "layers" not in params:
-    raise ValueError(f"expected scanned Transformer params (a 'layers' entry); got "
-                     f"{sorted(params)}.")
+    raise ValueError(
+        f"expected scanned Transformer params (a 'layers' entry); got {sorted(params)}."
+    )
   unrolled = {k: v for k, v in params.items() if k != "layers"}
   for i in range(num_layers):
     unrolled[f"block_{i:02d}"] = jax.tree.map(lambda p, i=i: p[i], params["layers"]["block"])

@@ -29,8 +29,9 @@ class OutputHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.kernel = self.param("kernel", transformer.dense_init(("embed", "vocab")),
-                             (self.width, self.vocab_size))
+    self.kernel = self.param(
+        "kernel", transformer.dense_init(("embed", "vocab")), (self.width, self.vocab_size)
+    )
     self.bias = self.param("bias", transformer.zeros_init(("vocab",)), (self.vocab_size,))
 
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -47,8 +48,9 @@ class OutputHead(nn.Module):
 
 
 def head_logits(h, kernel, bias, dtype) -> jax.Array:
-  logits = jnp.einsum("...d,dv->...v", h.astype(dtype), kernel.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+      "...d,dv->...v", h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
+  )
   return logits + bias.astype(jnp.float32)
 
 
@@ -57,8 +59,10 @@ def chunked_cross_entropy(h, kernel, bias, targets, chunk: int, dtype):
   b, n, d = h.shape
   chunk = n if chunk <= 0 or chunk >= n else chunk
   if n % chunk:
-    raise ValueError(f"model.loss_chunk={chunk} does not divide the {n} tokens per image; "
-                     "use a divisor of it (or 0 for the whole sequence).")
+    raise ValueError(
+        f"model.loss_chunk={chunk} does not divide the {n} tokens per image; "
+        "use a divisor of it (or 0 for the whole sequence)."
+    )
 
   @jax.checkpoint  # saves only this chunk's inputs; its logits are recomputed for the gradient
   def one_chunk(h_chunk, t_chunk):
@@ -69,8 +73,9 @@ def chunked_cross_entropy(h, kernel, bias, targets, chunk: int, dtype):
     return nll, correct
 
   split = lambda x: jnp.swapaxes(x.reshape(b, n // chunk, chunk, *x.shape[2:]), 0, 1)
-  _, (nll, correct) = jax.lax.scan(lambda _, xs: (None, one_chunk(*xs)), None,
-                                   (split(h), split(targets)))
+  _, (nll, correct) = jax.lax.scan(
+      lambda _, xs: (None, one_chunk(*xs)), None, (split(h), split(targets))
+  )
   merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(b, n)
   return merge(nll), merge(correct)
 
@@ -94,12 +99,20 @@ class VIM(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int,
-                  num_tokens: int) -> "VIM":
+  def from_config(
+      cls, config: ml_collections.ConfigDict, vocab_size: int, num_tokens: int
+  ) -> "VIM":
     m = config.model
     stack = transformer.StackConfig.from_config(m, causal=True)
-    return cls(stack, vocab_size, num_tokens, m.num_classes, m.condition_every_position,
-               m.loss_chunk, jnp.dtype(m.dtype))
+    return cls(
+        stack,
+        vocab_size,
+        num_tokens,
+        m.num_classes,
+        m.condition_every_position,
+        m.loss_chunk,
+        jnp.dtype(m.dtype),
+    )
 
   @property
   def null_label(self) -> int:
@@ -108,12 +121,18 @@ class VIM(nn.Module):
   def setup(self):
     width = self.stack.width
     embed_init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-    self.token_embedding = nn.Embed(self.vocab_size, width, dtype=self.dtype,
-                                    embedding_init=embed_init(("vocab", "embed")))
-    self.condition_embedding = nn.Embed(self.num_classes + 1, width, dtype=self.dtype,
-                                        embedding_init=embed_init(("classes", "embed")))
-    self.position_embedding = self.param("position_embedding", embed_init(("length", "embed")),
-                                         (self.num_tokens, width))
+    self.token_embedding = nn.Embed(
+        self.vocab_size, width, dtype=self.dtype, embedding_init=embed_init(("vocab", "embed"))
+    )
+    self.condition_embedding = nn.Embed(
+        self.num_classes + 1,
+        width,
+        dtype=self.dtype,
+        embedding_init=embed_init(("classes", "embed")),
+    )
+    self.position_embedding = self.param(
+        "position_embedding", embed_init(("length", "embed")), (self.num_tokens, width)
+    )
     self.transformer = transformer.Transformer(self.stack, self.dtype)
     self.head = OutputHead(width, self.vocab_size, self.dtype)
 

@@ -44,8 +44,9 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep a token if the mass before it is < top_p (so the most likely one is always kept).
     keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
     logits = jnp.where(keep, logits, neg_inf)
   return logits
 
@@ -57,17 +58,22 @@ def decoding_layout(model: vim_lib.VIM, params) -> tuple[vim_lib.VIM, dict]:
   if not model.stack.scan_layers:
     return model, params
   model = model.clone(stack=dataclasses.replace(model.stack, scan_layers=False))
-  params = {**params, "transformer": transformer.unstack_layers(params["transformer"],
-                                                                model.stack.num_layers)}
+  params = {
+      **params,
+      "transformer": transformer.unstack_layers(params["transformer"], model.stack.num_layers),
+  }
   return model, params
 
 
 def init_cache(model: vim_lib.VIM, batch_size: int):
   """Zeroed KV cache for `batch_size` sequences."""
   shapes = jax.eval_shape(
-      functools.partial(model.init, method=vim_lib.VIM.decode), jax.random.key(0),
-      jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), jnp.int32),
-      jnp.zeros((), jnp.int32))["cache"]
+      functools.partial(model.init, method=vim_lib.VIM.decode),
+      jax.random.key(0),
+      jnp.zeros((batch_size,), jnp.int32),
+      jnp.zeros((batch_size,), jnp.int32),
+      jnp.zeros((), jnp.int32),
+  )["cache"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -82,13 +88,19 @@ def make_decode_step(model: vim_lib.VIM, config: SamplingConfig = SamplingConfig
   (params, cache, previous [R], labels [R], tokens [B, N], index, rng) -> (cache, previous,
   tokens), where R = B sequences, or 2B with guidance (each image's class and the null class,
   interleaved: [c_0, null, c_1, null, ...], so that with the batch split over devices a pair
-  never straddles two: halves [classes; nulls] made every step exchange logits), and the token at `index` is drawn with fold_in(rng, index). The compile report
-  compiles it on its own."""
+  never straddles two: halves [classes; nulls] made every step exchange logits), and the token at
+  `index` is drawn with fold_in(rng, index). The compile report compiles it on its own."""
   guided = is_guided(model, config)
 
   def step(params, cache, previous, labels, tokens, index, rng):
-    logits, mutated = model.apply({"params": params, "cache": cache}, previous, labels, index,
-                                  method=vim_lib.VIM.decode, mutable=["cache"])
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache},
+        previous,
+        labels,
+        index,
+        method=vim_lib.VIM.decode,
+        mutable=["cache"],
+    )
     if guided:  # rows are (class, null) pairs: a pair stays on one device of the batch axes
       pairs = logits.reshape(-1, 2, logits.shape[-1])
       cond, uncond = pairs[:, 0], pairs[:, 1]
@@ -105,8 +117,13 @@ def make_decode_step(model: vim_lib.VIM, config: SamplingConfig = SamplingConfig
   return step
 
 
-def sample_tokens(model: vim_lib.VIM, params, labels: jax.Array, rng: jax.Array,
-                  config: SamplingConfig = SamplingConfig()) -> jax.Array:
+def sample_tokens(
+    model: vim_lib.VIM,
+    params,
+    labels: jax.Array,
+    rng: jax.Array,
+    config: SamplingConfig = SamplingConfig(),
+) -> jax.Array:
   """Draws token sequences.
 
   Args:
@@ -126,15 +143,22 @@ def sample_tokens(model: vim_lib.VIM, params, labels: jax.Array, rng: jax.Array,
     cache, previous, tokens = carry
     return step(params, cache, previous, model_labels, tokens, index, rng)
 
-  carry = (init_cache(model, model_labels.shape[0]),
-           jnp.zeros((model_labels.shape[0],), jnp.int32),
-           jnp.zeros((labels.shape[0], model.num_tokens), jnp.int32))
+  carry = (
+      init_cache(model, model_labels.shape[0]),
+      jnp.zeros((model_labels.shape[0],), jnp.int32),
+      jnp.zeros((labels.shape[0], model.num_tokens), jnp.int32),
+  )
   _, _, tokens = jax.lax.fori_loop(0, model.num_tokens, body, carry)
   return tokens
 
 
-def sample_tokens_without_cache(model: vim_lib.VIM, params, labels: jax.Array, rng: jax.Array,
-                                config: SamplingConfig = SamplingConfig()) -> jax.Array:
+def sample_tokens_without_cache(
+    model: vim_lib.VIM,
+    params,
+    labels: jax.Array,
+    rng: jax.Array,
+    config: SamplingConfig = SamplingConfig(),
+) -> jax.Array:
   """Reference sampler that recomputes the whole prefix at every step (no KV cache, no
   guidance). Same tokens as sample_tokens for the same key; used by tests and benchmarks."""
 

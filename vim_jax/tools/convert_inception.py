@@ -29,14 +29,21 @@ from vim_jax.models import inception
 from vim_jax.tools import weights_io
 
 # torch suffix -> (flax leaf path suffix, transform)
-_BN = {"bn.weight": "bn/scale", "bn.bias": "bn/bias", "bn.running_mean": "bn/mean",
-       "bn.running_var": "bn/var"}
+_BN = {
+    "bn.weight": "bn/scale",
+    "bn.bias": "bn/bias",
+    "bn.running_mean": "bn/mean",
+    "bn.running_var": "bn/var",
+}
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
   """'Mixed_5b/branch1x1/conv/kernel' -> shape, from the Flax model itself."""
-  shapes = jax.eval_shape(inception.InceptionV3FID().init, jax.random.key(0),
-                          jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
+  shapes = jax.eval_shape(
+      inception.InceptionV3FID().init,
+      jax.random.key(0),
+      jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)),
+  )
   flat = traverse_util.flatten_dict(shapes["params"], sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -54,9 +61,11 @@ def flax_name(torch_key: str) -> tuple[str, bool]:
     if torch_key.endswith("." + torch_suffix):
       block = torch_key[: -len(torch_suffix) - 1]
       return block.replace(".", "/") + "/" + flax_suffix, False
-  raise KeyError(f"unexpected tensor {torch_key!r} in the Inception file; expected "
-                 "pytorch-fid's pt_inception-2015-12-05 state_dict (BasicConv2d conv/bn "
-                 "tensors and fc.weight/fc.bias).")
+  raise KeyError(
+      f"unexpected tensor {torch_key!r} in the Inception file; expected "
+      "pytorch-fid's pt_inception-2015-12-05 state_dict (BasicConv2d conv/bn "
+      "tensors and fc.weight/fc.bias)."
+  )
 
 
 def convert(state: dict[str, np.ndarray]) -> dict:
@@ -67,8 +76,10 @@ def convert(state: dict[str, np.ndarray]) -> dict:
     if key.endswith("num_batches_tracked"):
       continue
     if key.startswith("AuxLogits."):
-      raise KeyError(f"{key!r}: this file has torchvision's auxiliary head, so it is not the "
-                     "FID network; use pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+      raise KeyError(
+          f"{key!r}: this file has torchvision's auxiliary head, so it is not the "
+          "FID network; use pytorch-fid's pt_inception-2015-12-05-6726825d.pth."
+      )
     name, transpose = flax_name(key)
     if name not in expected:
       raise KeyError(f"{key!r} (as {name}) is not a tensor of the FID InceptionV3.")
@@ -76,13 +87,17 @@ def convert(state: dict[str, np.ndarray]) -> dict:
     if transpose:
       value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
     if value.shape != expected[name]:
-      raise ValueError(f"{key!r} has shape {value.shape} after conversion; expected "
-                       f"{expected[name]}. Is this the 1008-class FID network?")
+      raise ValueError(
+          f"{key!r} has shape {value.shape} after conversion; expected "
+          f"{expected[name]}. Is this the 1008-class FID network?"
+      )
     flat[name] = np.ascontiguousarray(value)
   missing = sorted(set(expected) - set(flat))
   if missing:
-    raise KeyError(f"{len(missing)} tensors missing from the Inception file, e.g. "
-                   f"{missing[:3]}; expected pytorch-fid's pt_inception-2015-12-05 file.")
+    raise KeyError(
+        f"{len(missing)} tensors missing from the Inception file, e.g. "
+        f"{missing[:3]}; expected pytorch-fid's pt_inception-2015-12-05 file."
+    )
   return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 

@@ -35,19 +35,25 @@ def convert(vgg16_state: dict[str, np.ndarray], head_state: dict[str, np.ndarray
       break
     key = f"features.{index}"
     if f"{key}.weight" not in vgg16_state:
-      raise KeyError(f"{key}.weight missing from the VGG16 file; expected torchvision's "
-                     "vgg16 state_dict (keys features.0.weight ... features.28.bias).")
+      raise KeyError(
+          f"{key}.weight missing from the VGG16 file; expected torchvision's "
+          "vgg16 state_dict (keys features.0.weight ... features.28.bias)."
+      )
     weight = vgg16_state[f"{key}.weight"]
     if weight.shape[0] != channels or weight.shape[2:] != (3, 3):
       raise ValueError(f"{key}.weight has shape {weight.shape}; expected ({channels}, in, 3, 3).")
-    vgg[f"conv{index}"] = {"kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
-                           "bias": vgg16_state[f"{key}.bias"]}
+    vgg[f"conv{index}"] = {
+        "kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
+        "bias": vgg16_state[f"{key}.bias"],
+    }
   params = {"vgg": vgg}
   for k, channels in enumerate(lpips.TAP_CHANNELS):
     key = f"lin{k}.model.1.weight"
     if key not in head_state:
-      raise KeyError(f"{key} missing from the LPIPS head file; expected the lpips package's "
-                     "weights/v0.1/vgg.pth (keys lin0.model.1.weight ... lin4.model.1.weight).")
+      raise KeyError(
+          f"{key} missing from the LPIPS head file; expected the lpips package's "
+          "weights/v0.1/vgg.pth (keys lin0.model.1.weight ... lin4.model.1.weight)."
+      )
     weight = head_state[key]
     if weight.shape != (1, channels, 1, 1):
       raise ValueError(f"{key} has shape {weight.shape}; expected (1, {channels}, 1, 1).")
@@ -61,8 +67,9 @@ def main(argv=None):
   parser.add_argument("--lpips_head", required=True, help="lpips weights/v0.1/vgg.pth")
   parser.add_argument("--output", required=True, help="Flax params file to write (.msgpack)")
   args = parser.parse_args(argv)
-  params = convert(weights_io.load_state_dict(args.vgg16),
-                   weights_io.load_state_dict(args.lpips_head))
+  params = convert(
+      weights_io.load_state_dict(args.vgg16), weights_io.load_state_dict(args.lpips_head)
+  )
   weights_io.save_params(params, args.output)
   n = sum(np.size(x) for x in _leaves(params))
   print(f"wrote {args.output}: {n:,} parameters")

@@ -33,19 +33,29 @@ from absl import app, flags, logging  # noqa: E402
 from vim_jax.data import sources  # noqa: E402
 from vim_jax.infra import log_filters  # noqa: E402
 
-_NAME = flags.DEFINE_string("name", None, "tfds dataset name, e.g. imagenet2012 or "
-                            "imagenet2012_subset/10pct.")
+_NAME = flags.DEFINE_string(
+    "name", None, "tfds dataset name, e.g. imagenet2012 or imagenet2012_subset/10pct."
+)
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "tfds data_dir to prepare into (the one the configs' data.data_dir or "
-    "$TFDS_DATA_DIR name); default $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
+    "data_dir",
+    None,
+    "tfds data_dir to prepare into (the one the configs' data.data_dir or "
+    "$TFDS_DATA_DIR name); default $TFDS_DATA_DIR, else ~/tensorflow_datasets.",
+)
 _MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "Folder holding manually downloaded files; default "
-    "DATA_DIR/downloads/manual.")
+    "manual_dir",
+    None,
+    "Folder holding manually downloaded files; default DATA_DIR/downloads/manual.",
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Delete an existing prepared copy of this dataset version and prepare it "
-    "again (e.g. one prepared as tfrecord, which tfds.data_source cannot read).")
+    "overwrite",
+    False,
+    "Delete an existing prepared copy of this dataset version and prepare it "
+    "again (e.g. one prepared as tfrecord, which tfds.data_source cannot read).",
+)
 _IGNORE_DISK_SPACE = flags.DEFINE_bool(
-    "ignore_disk_space", False, "Prepare even if the free space looks too small.")
+    "ignore_disk_space", False, "Prepare even if the free space looks too small."
+)
 
 GB = 1e9
 # Generated ArrayRecord size / size of the manual archives. The builder stores the archives'
@@ -62,6 +72,7 @@ class ManualFileError(Exception):
 @dataclasses.dataclass(frozen=True)
 class ManualFile:
   """A file the user must download by hand for a tfds builder."""
+
   name: str
   official_bytes: int
   required: bool
@@ -78,11 +89,13 @@ def _tar_members(path: str) -> list[str]:
   except (tarfile.TarError, OSError, EOFError) as e:
     raise ManualFileError(
         f"{path} is not a complete tar archive ({type(e).__name__}: {e}); its size is "
-        f"{os.path.getsize(path) / GB:.2f} GB. Download it again.") from e
+        f"{os.path.getsize(path) / GB:.2f} GB. Download it again."
+    ) from e
 
 
 def _imagenet_synsets() -> set[str]:
   import tensorflow_datasets as tfds  # lazy: loads TensorFlow (seconds); --help needs neither
+
   path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
   return set(path.read_text().split())
 
@@ -95,7 +108,8 @@ def _check_imagenet_train(path: str) -> str:
     raise ManualFileError(
         f"{path} should hold one <synset>.tar per ImageNet class (n01440764.tar, ...); found "
         f"{len(members)} members, {len(bad)} of them not a known synset's tar "
-        f"(e.g. {bad[:3]}). Is this ILSVRC2012_img_train.tar?")
+        f"(e.g. {bad[:3]}). Is this ILSVRC2012_img_train.tar?"
+    )
   note = "" if len(members) == 1000 else " (the full archive has 1000: a partial copy?)"
   return f"{len(members)} synset archives{note}"
 
@@ -106,8 +120,10 @@ def _check_imagenet_val(path: str) -> str:
   for name in members:
     match = re.fullmatch(r"ILSVRC2012_val_(\d{8})\.JPEG", name)
     if not match:
-      raise ManualFileError(f"{path} holds {name!r}; expected only ILSVRC2012_val_NNNNNNNN.JPEG "
-                            "images. Is this ILSVRC2012_img_val.tar?")
+      raise ManualFileError(
+          f"{path} holds {name!r}; expected only ILSVRC2012_val_NNNNNNNN.JPEG "
+          "images. Is this ILSVRC2012_img_val.tar?"
+      )
     numbers.append(int(match.group(1)))
   # tfds pairs the sorted file names with its list of 50,000 labels, so a gap would shift every
   # later label: refuse anything but ILSVRC2012_val_00000001 .. N.
@@ -115,7 +131,8 @@ def _check_imagenet_val(path: str) -> str:
     raise ManualFileError(
         f"{path} holds {len(numbers)} validation images whose numbers are not 1..{len(numbers)}; "
         "tfds assigns labels by position in the sorted names, so they would be wrong. Download "
-        "ILSVRC2012_img_val.tar again.")
+        "ILSVRC2012_img_val.tar again."
+    )
   note = "" if len(numbers) == 50_000 else " (the full archive has 50000: a partial copy?)"
   return f"{len(numbers)} images{note}"
 
@@ -126,13 +143,27 @@ def _check_tar(path: str) -> str:
 
 _IMAGENET_SITE = "https://image-net.org/download-images (log in, then ILSVRC2012: '{}')"
 IMAGENET_FILES = (
-    ManualFile("ILSVRC2012_img_train.tar", 147_897_477_120, True,
-               _IMAGENET_SITE.format("Training images (Task 1 & 2)"), _check_imagenet_train),
-    ManualFile("ILSVRC2012_img_val.tar", 6_744_924_160, True,
-               _IMAGENET_SITE.format("Validation images (all tasks)"), _check_imagenet_val),
-    ManualFile("ILSVRC2012_img_test.tar", 13_718_384_640, False,
-               _IMAGENET_SITE.format("Test images (all tasks)") + "; optional, unlabelled",
-               _check_tar),
+    ManualFile(
+        "ILSVRC2012_img_train.tar",
+        147_897_477_120,
+        True,
+        _IMAGENET_SITE.format("Training images (Task 1 & 2)"),
+        _check_imagenet_train,
+    ),
+    ManualFile(
+        "ILSVRC2012_img_val.tar",
+        6_744_924_160,
+        True,
+        _IMAGENET_SITE.format("Validation images (all tasks)"),
+        _check_imagenet_val,
+    ),
+    ManualFile(
+        "ILSVRC2012_img_test.tar",
+        13_718_384_640,
+        False,
+        _IMAGENET_SITE.format("Test images (all tasks)") + "; optional, unlabelled",
+        _check_tar,
+    ),
 )
 # Builders that read the ILSVRC2012 tars (the part of the name before '/').
 MANUAL_FILES = {"imagenet2012": IMAGENET_FILES, "imagenet2012_subset": IMAGENET_FILES}
@@ -147,16 +178,20 @@ def check_manual_files(name: str, manual_dir: str, instructions: str | None) -> 
   files = MANUAL_FILES.get(name.split("/")[0])
   if files is None:
     if instructions and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
-      raise ManualFileError(f"{name} needs files downloaded by hand into {manual_dir}, which "
-                            f"is missing or empty. tfds says:\n{instructions.strip()}")
+      raise ManualFileError(
+          f"{name} needs files downloaded by hand into {manual_dir}, which "
+          f"is missing or empty. tfds says:\n{instructions.strip()}"
+      )
     return []
   problems, present = [], []
   for file in files:
     path = os.path.join(manual_dir, file.name)
     if not os.path.exists(path):
       if file.required:
-        problems.append(f"  missing {file.name} ({file.official_bytes / GB:.1f} GB): expected at "
-                        f"{path}\n    get it from {file.where_to_get}")
+        problems.append(
+            f"  missing {file.name} ({file.official_bytes / GB:.1f} GB): expected at "
+            f"{path}\n    get it from {file.where_to_get}"
+        )
       else:
         print(f"  {file.name}: not there (optional; its split is skipped)")
       continue
@@ -170,8 +205,10 @@ def check_manual_files(name: str, manual_dir: str, instructions: str | None) -> 
     present.append(path)
   if problems:
     raise ManualFileError(
-        f"{name} cannot be prepared from manual_dir={manual_dir}:\n" + "\n".join(problems) +
-        "\nPut the files there (or pass --manual_dir) and rerun this command.")
+        f"{name} cannot be prepared from manual_dir={manual_dir}:\n"
+        + "\n".join(problems)
+        + "\nPut the files there (or pass --manual_dir) and rerun this command."
+    )
   return present
 
 
@@ -187,10 +224,16 @@ def _split_counts(builder) -> str:
   return ", ".join(f"{name} {info.num_examples:,}" for name, info in builder.info.splits.items())
 
 
-def prepare(name: str, data_dir: str, manual_dir: str, overwrite: bool = False,
-            ignore_disk_space: bool = False) -> None:
+def prepare(
+    name: str,
+    data_dir: str,
+    manual_dir: str,
+    overwrite: bool = False,
+    ignore_disk_space: bool = False,
+) -> None:
   """Prepares `name` in data_dir as ArrayRecord; see the module docstring."""
   import tensorflow_datasets as tfds  # lazy: loads TensorFlow (seconds); --help needs neither
+
   tfds.display_progress_bar(True)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -205,7 +248,8 @@ def prepare(name: str, data_dir: str, manual_dir: str, overwrite: bool = False,
     if not overwrite:
       raise SystemExit(
           f"{where} is prepared as {builder.info.file_format}, which tfds.data_source cannot "
-          "read. Rerun with --overwrite to delete it and prepare it as array_record.")
+          "read. Rerun with --overwrite to delete it and prepare it as array_record."
+      )
   remove_unfinished(builder.data_path)
 
   print(f"checking the manual files of {name} in {manual_dir}")
@@ -218,21 +262,31 @@ def prepare(name: str, data_dir: str, manual_dir: str, overwrite: bool = False,
     needed = GENERATED_PER_ARCHIVE_BYTE * sum(os.path.getsize(p) for p in archives)
     os.makedirs(data_dir, exist_ok=True)
     free = shutil.disk_usage(data_dir).free
-    print(f"disk: about {needed / GB:.1f} GB will be written; {free / GB:.1f} GB free in "
-          f"{data_dir}")
+    print(
+        f"disk: about {needed / GB:.1f} GB will be written; {free / GB:.1f} GB free in "
+        f"{data_dir}"
+    )
     if free < needed and not ignore_disk_space:
-      raise SystemExit(f"error: not enough free space in {data_dir}: about {needed / GB:.1f} GB "
-                       f"needed, {free / GB:.1f} GB free. Free some, choose another --data_dir, "
-                       "or pass --ignore_disk_space.")
+      raise SystemExit(
+          f"error: not enough free space in {data_dir}: about {needed / GB:.1f} GB "
+          f"needed, {free / GB:.1f} GB free. Free some, choose another --data_dir, "
+          "or pass --ignore_disk_space."
+      )
 
   print(f"preparing {where} as array_record (tfds shows progress per split) ...", flush=True)
   start = time.time()
   builder.download_and_prepare(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir, try_download_gcs=False,
-          download_mode=(tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
-                         tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)))
+          manual_dir=manual_dir,
+          try_download_gcs=False,
+          download_mode=(
+              tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+              if overwrite
+              else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+          ),
+      ),
+  )
   seconds = time.time() - start
   # Read every split back through the same path the trainers use.
   builder = tfds.builder(name, data_dir=data_dir)
@@ -240,9 +294,11 @@ def prepare(name: str, data_dir: str, manual_dir: str, overwrite: bool = False,
     source = sources.TfdsSource(name, split, data_dir)
     first = source[0]["image"]
     print(f"  {split}: {len(source):,} examples, first image {first.shape}")
-  print(f"{where} is ready ({seconds:.0f} s). Train on it with e.g.\n"
-        f"  python -m vim_jax.main --config=configs/vitvq_base.py --workdir=WORKDIR "
-        f"--config.data.name={name} --config.data.data_dir={data_dir}")
+  print(
+      f"{where} is ready ({seconds:.0f} s). Train on it with e.g.\n"
+      f"  python -m vim_jax.main --config=configs/vitvq_base.py --workdir=WORKDIR "
+      f"--config.data.name={name} --config.data.data_dir={data_dir}"
+  )
 
 
 def main(argv):

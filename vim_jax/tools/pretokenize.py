@@ -21,32 +21,47 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
 from vim_jax.data import pipeline, sources
+from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
 from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
 
-def pretokenize(config, out_dir: str, shard_size: int = 50_000,
-                splits: tuple[str, ...] = ("train", "eval")) -> dict:
+def pretokenize(
+    config, out_dir: str, shard_size: int = 50_000, splits: tuple[str, ...] = ("train", "eval")
+) -> dict:
   """Writes the token shards and meta.json; returns the meta dict."""
   tok = runs.load_tokenizer(config.tokenizer_workdir, with_decoder=False)
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
   params = parallel.replicate(tok.params, mesh)
-  encode = jax.jit(lambda p, x: tok.model.apply({"params": p}, x,
-                                                method=tokenizer_lib.ViTVQGAN.encode_to_indices))
+  encode = jax.jit(
+      lambda p, x: tok.model.apply(
+          {"params": p}, x, method=tokenizer_lib.ViTVQGAN.encode_to_indices
+      )
+  )
   fileio.makedirs(out_dir)
-  meta = {"tokenizer_workdir": config.tokenizer_workdir, "tokenizer_step": tok.step,
-          "grid": list(tok.grid), "codebook_size": tok.model.codebook_size,
-          "image_size": config.image_size, "counts": {}}
+  meta = {
+      "tokenizer_workdir": config.tokenizer_workdir,
+      "tokenizer_step": tok.step,
+      "grid": list(tok.grid),
+      "codebook_size": tok.model.codebook_size,
+      "image_size": config.image_size,
+      "counts": {},
+  }
   batch = max(parallel.data_parallel_size(mesh), config.eval_batch_size)
   for split in splits:
     source = sources.build_source(config.data, split, config.image_size, config.seed)
     meta["num_classes"] = source.num_classes
-    data = pipeline.InputPipeline(source, batch, config.image_size, config.seed, train=False,
-                                  rows=pipeline.rows_of(mesh, batch),
-                                  num_workers=config.data.num_workers)
+    data = pipeline.InputPipeline(
+        source,
+        batch,
+        config.image_size,
+        config.seed,
+        train=False,
+        rows=pipeline.rows_of(mesh, batch),
+        num_workers=config.data.num_workers,
+    )
     tokens, labels, shard, count = [], [], 0, 0
 
     def flush():
@@ -61,8 +76,9 @@ def pretokenize(config, out_dir: str, shard_size: int = 50_000,
 
     for local in data.iterate():
       device_batch = parallel.global_batch_from_local(local, mesh, batch)
-      idx, label, mask = parallel.fetch((encode(params, device_batch["image"]),
-                                         device_batch["label"], device_batch["mask"]))
+      idx, label, mask = parallel.fetch(
+          (encode(params, device_batch["image"]), device_batch["label"], device_batch["mask"])
+      )
       mask = mask.astype(bool)
       tokens.append(idx.reshape(idx.shape[0], -1)[mask].astype(np.int32))
       labels.append(label[mask])
@@ -88,8 +104,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "A stage-2 config (its data and "
-                                  "tokenizer_workdir are used).", lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "A stage-2 config (its data and tokenizer_workdir are used).",
+      lock_config=True,
+  )
   flags.DEFINE_string("out", None, "Output folder for the token shards.")
   flags.DEFINE_integer("shard_size", 50_000, "Images per shard file.", lower_bound=1)
   distributed.define_flags()

@@ -25,14 +25,16 @@ log = logging.getLogger(__name__)
 
 def build_optimizer(config):
   schedule = optax.cosine_decay_schedule(config.optimizer.lr, max(config.total_steps, 1))
-  return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay,
-                     mask=optim.decay_weights_only)
+  return optax.adamw(
+      schedule, weight_decay=config.optimizer.weight_decay, mask=optim.decay_weights_only
+  )
 
 
 def make_init_fn(model, tx, image_size: int):
   def init(rng):
     params = model.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
     return train_state.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
   return init
 
 
@@ -44,34 +46,45 @@ def make_train_step(model, tx):
       logits = model.apply({"params": params}, batch["image"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
       return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state), {"loss": loss, "accuracy": acc})
+    return (
+        state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        ),
+        {"loss": loss, "accuracy": acc},
+    )
 
   return train_step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_stop=None,
-                       devices=None) -> loop.RunResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, should_stop=None, devices=None
+) -> loop.RunResult:
   """Trains for config.total_steps; eval_metrics: {'accuracy': eval top-1, 'num_images'}."""
   run = loop.start(config, workdir, devices)
   model = classifier_lib.ConvClassifier.from_config(config, run.train_data.num_classes)
   tx = build_optimizer(config)
   state, state_shardings, abstract_state, latest = train_state.create_or_restore_state(
-      make_init_fn(model, tx, config.image_size), config.seed, run.mesh, run.rules, run.ckpt)
+      make_init_fn(model, tx, config.image_size), config.seed, run.mesh, run.rules, run.ckpt
+  )
   if run.is_main:
-    fileio.write_json(fileio.join(workdir, "num_classes.json"),
-                      {"num_classes": run.train_data.num_classes})
+    fileio.write_json(
+        fileio.join(workdir, "num_classes.json"), {"num_classes": run.train_data.num_classes}
+    )
 
   b, s = config.batch_size, config.image_size
   batch_spec = {
       "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=run.batch_sharding),
-      "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=run.batch_sharding)}
+      "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=run.batch_sharding),
+  }
   train_steps, step_flops = loop.compile_train_steps(
-      run, {"train": make_train_step(model, tx)}, state_shardings, abstract_state, batch_spec)
-  predict = jax.jit(lambda params, images: jnp.argmax(model.apply({"params": params}, images),
-                                                      -1))
+      run, {"train": make_train_step(model, tx)}, state_shardings, abstract_state, batch_spec
+  )
+  predict = jax.jit(lambda params, images: jnp.argmax(model.apply({"params": params}, images), -1))
 
   def evaluate(step: int, state, is_last: bool) -> dict | None:
     """Top-1 on the eval split, at the end."""
@@ -80,8 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
     correct = count = 0
     for local in run.eval_data.iterate():
       batch = parallel.global_batch_from_local(local, run.mesh, config.eval_batch_size)
-      pred, labels, mask = parallel.fetch((predict(state.params, batch["image"]),
-                                           batch["label"], batch["mask"]))
+      pred, labels, mask = parallel.fetch(
+          (predict(state.params, batch["image"]), batch["label"], batch["mask"])
+      )
       mask = mask.astype(bool)
       correct += int(np.sum((pred == labels)[mask]))
       count += int(mask.sum())
@@ -89,8 +103,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, should_s
     return {"accuracy": correct / count, "num_images": count}
 
   return loop.train(
-      run, state, latest, steps=train_steps, step_key=lambda step: "train",
+      run,
+      state,
+      latest,
+      steps=train_steps,
+      step_key=lambda step: "train",
       step_flops=step_flops,
       inputs=lambda local: {"image": local["image"], "label": local["label"]},
       describe=lambda s: f"loss {s['loss']:.4f}, accuracy {s['accuracy']:.3f}",
-      evaluate=evaluate, checkpoint_every=config.total_steps, should_stop=should_stop)
+      evaluate=evaluate,
+      checkpoint_every=config.total_steps,
+      should_stop=should_stop,
+  )

@@ -23,8 +23,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vim_jax.data import pipeline
-from vim_jax.infra import checkpoint, config_checks, fileio, flops, parallel, preemption, runs
-from vim_jax.infra import summaries
+from vim_jax.infra import (
+    checkpoint,
+    config_checks,
+    fileio,
+    flops,
+    parallel,
+    preemption,
+    runs,
+    summaries,
+)
 from vim_jax.infra.progress_log import Progress
 from vim_jax.models import inception
 from vim_jax.trainers import compiling
@@ -90,32 +98,52 @@ def check_divisible(mesh, **batch_sizes):
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   for name, size in batch_sizes.items():
     if size % dp:
-      raise ValueError(f"config.{name}={size} is not divisible by the data-parallel size {dp} "
-                       f"(mesh {dict(mesh.shape)}); use a multiple of {dp}.")
+      raise ValueError(
+          f"config.{name}={size} is not divisible by the data-parallel size {dp} "
+          f"(mesh {dict(mesh.shape)}); use a multiple of {dp}."
+      )
 
 
-def start(config: ml_collections.ConfigDict, workdir: str,
-          devices: list[jax.Device] | None = None) -> Run:
+def start(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> Run:
   """The workdir, mesh (over `devices`, default all), input pipelines and checkpointer of a
   run, each checked before anything compiles."""
   writer = open_workdir(workdir, config)
   if "fid" in config and config.fid.every > 0:
     inception.check_weights(config.fid.inception_weights)  # now, not after minutes of compiling
-  log.info("devices: %d x %s, processes: %d", len(devices or jax.devices()),
-           jax.devices()[0].platform, jax.process_count())
+  log.info(
+      "devices: %d x %s, processes: %d",
+      len(devices or jax.devices()),
+      jax.devices()[0].platform,
+      jax.process_count(),
+  )
   mesh = parallel.create_mesh(config.mesh, devices)
   log.info("mesh: %s", dict(mesh.shape))
   check_divisible(mesh, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size)
   train_data, eval_data = pipeline.build_pipelines(config, mesh)
-  log.info("data: %s, %d train / %d eval examples, %d classes", config.data.source,
-           train_data.num_examples, eval_data.num_examples, train_data.num_classes)
+  log.info(
+      "data: %s, %d train / %d eval examples, %d classes",
+      config.data.source,
+      train_data.num_examples,
+      eval_data.num_examples,
+      train_data.num_classes,
+  )
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-  return Run(config, workdir, writer, mesh, parallel.axis_rules(config), train_data, eval_data,
-             ckpt)
+  return Run(
+      config, workdir, writer, mesh, parallel.axis_rules(config), train_data, eval_data, ckpt
+  )
 
 
-def compile_train_steps(run: Run, step_fns: dict, state_shardings, abstract_state, batch_spec,
-                        extra_args: tuple = (), extra_shardings: tuple = ()):
+def compile_train_steps(
+    run: Run,
+    step_fns: dict,
+    state_shardings,
+    abstract_state,
+    batch_spec,
+    extra_args: tuple = (),
+    extra_shardings: tuple = (),
+):
   """Jits and compiles each of a trainer's step variants `step_fns` {key: (state, batch,
   *extra_args) -> (state, metrics)} with the state donated and sharded as state_shardings.
 
@@ -125,11 +153,15 @@ def compile_train_steps(run: Run, step_fns: dict, state_shardings, abstract_stat
   compiled, step_flops = {}, {}
   with parallel.tracing_context(run.mesh, run.rules):
     for key, step_fn in step_fns.items():
-      jitted = jax.jit(step_fn, in_shardings=(state_shardings, run.batch_sharding,
-                                              *extra_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
-      compiled[key], step_flops[key] = compiling.compile_step(jitted, abstract_state,
-                                                              batch_spec, *extra_args)
+      jitted = jax.jit(
+          step_fn,
+          in_shardings=(state_shardings, run.batch_sharding, *extra_shardings),
+          out_shardings=(state_shardings, None),
+          donate_argnums=(0,),
+      )
+      compiled[key], step_flops[key] = compiling.compile_step(
+          jitted, abstract_state, batch_spec, *extra_args
+      )
   for key, program in compiled.items():
     name = "train step" if len(compiled) == 1 else f"train step ({key})"
     log.info(compiling.describe_memory(program, name))
@@ -146,11 +178,15 @@ def mean_metrics(history: list[dict]) -> dict[str, float]:
 def check_finite(loss: float, step: int, last_checkpoint: int | None):
   """Stops a run whose loss is NaN/inf, naming the step and the checkpoint to go back to."""
   if not math.isfinite(loss):
-    where = (f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint is not None
-             else "no checkpoint was written")
+    where = (
+        f"the last good checkpoint is step {last_checkpoint}"
+        if last_checkpoint is not None
+        else "no checkpoint was written"
+    )
     raise FloatingPointError(
         f"loss is {loss} at step {step}; stopping without saving ({where}). Lower "
-        "optimizer.peak_lr or set optimizer.grad_clip_norm, then rerun to resume.")
+        "optimizer.peak_lr or set optimizer.grad_clip_norm, then rerun to resume."
+    )
 
 
 def save_if_finite(ckpt, step: int, state, last_loss, last_checkpoint: int | None) -> int:
@@ -200,20 +236,31 @@ class TrainWindows:
     check_finite(scalars["loss"], step, last_checkpoint)
     scalars.update(self.progress.update(step))
     scalars["data/skipped_images"] = skipped_images
-    self.writer.write_scalars(step, {k if "/" in k else f"train/{k}": v
-                                     for k, v in scalars.items()})
+    self.writer.write_scalars(
+        step, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()}
+    )
     self.logged.append({"step": step, **scalars})
     self.describe(step, scalars)
     return True
 
 
-def train(run: Run, state, latest: int | None, *,
-          steps: dict, step_key: Callable[[int], Any], step_flops: dict,
-          inputs: Callable[[dict], dict], extra_args: tuple = (),
-          describe: Callable[[dict], str],
-          evaluate: Callable[[int, Any, bool], dict | None],
-          checkpoint_every: int, tokens_per_example: int = 0, mean_flops=None,
-          should_stop: Callable[[int], bool] | None = None) -> RunResult:
+def train(
+    run: Run,
+    state,
+    latest: int | None,
+    *,
+    steps: dict,
+    step_key: Callable[[int], Any],
+    step_flops: dict,
+    inputs: Callable[[dict], dict],
+    extra_args: tuple = (),
+    describe: Callable[[dict], str],
+    evaluate: Callable[[int, Any, bool], dict | None],
+    checkpoint_every: int,
+    tokens_per_example: int = 0,
+    mean_flops=None,
+    should_stop: Callable[[int], bool] | None = None,
+) -> RunResult:
   """Trains from state.step to config.total_steps; the one loop of every trainer.
 
   steps: the compiled step variants {key: (state, batch, *extra_args) -> (state, metrics)};
@@ -227,29 +274,40 @@ def train(run: Run, state, latest: int | None, *,
   """
   config, writer = run.config, run.writer
   start_step = int(state.step)
-  progress = Progress(start_step, config.total_steps, config.batch_size,
-                      mean_flops or step_flops[step_key(0)], run.mesh.size,
-                      tokens_per_example=tokens_per_example, peak_flops=run.peak_flops)
+  progress = Progress(
+      start_step,
+      config.total_steps,
+      config.batch_size,
+      mean_flops or step_flops[step_key(0)],
+      run.mesh.size,
+      tokens_per_example=tokens_per_example,
+      peak_flops=run.peak_flops,
+  )
 
   def log_line(step, scalars):
-    log.info("step %d/%d: %s, %s", step, config.total_steps, describe(scalars),
-             progress.describe(step, scalars))
+    log.info(
+        "step %d/%d: %s, %s",
+        step,
+        config.total_steps,
+        describe(scalars),
+        progress.describe(step, scalars),
+    )
 
   windows = TrainWindows(writer, progress, log_line)
   last_saved, eval_metrics = latest, None
   train_iter = run.train_data.iterate(start_step)
   step = start_step
   while step < config.total_steps:
-    batch = parallel.global_batch_from_local(inputs(next(train_iter)), run.mesh,
-                                             config.batch_size)
+    batch = parallel.global_batch_from_local(inputs(next(train_iter)), run.mesh, config.batch_size)
     state, metrics = steps[step_key(step)](state, batch, *extra_args)
     if windows.close_pending():  # the previous window, now that this step is queued
       writer.flush()  # events reach TensorBoard at each log step, not only at the end
     windows.add(metrics)
     step += 1
     is_last = step == config.total_steps
-    stop_now = ((should_stop is not None and should_stop(step))
-                or preemption.preemption_requested(step))
+    stop_now = (should_stop is not None and should_stop(step)) or preemption.preemption_requested(
+        step
+    )
 
     if step % config.log_every == 0 or is_last or stop_now:
       windows.end(step, last_saved, run.train_data.skipped_images, at_once=is_last or stop_now)
@@ -260,8 +318,9 @@ def train(run: Run, state, latest: int | None, *,
     if step % checkpoint_every == 0 or is_last or stop_now:
       last_saved = save_if_finite(run.ckpt, step, state, metrics["loss"], last_saved)
     if stop_now:
-      log.warning("stop requested: saved step %d and stopping; rerun the same command to "
-                  "resume", step)
+      log.warning(
+          "stop requested: saved step %d and stopping; rerun the same command to resume", step
+      )
       break
 
   run.ckpt.close()

@@ -29,8 +29,9 @@ def squash_to_unit_interval(images: jax.Array, eps: float) -> jax.Array:
   return eps + (1.0 - 2.0 * eps) * x01
 
 
-def logit_laplace_nll(mu: jax.Array, log_scale: jax.Array, target: jax.Array,
-                      eps: float) -> jax.Array:
+def logit_laplace_nll(
+    mu: jax.Array, log_scale: jax.Array, target: jax.Array, eps: float
+) -> jax.Array:
   """Mean negative log-likelihood of the logit-Laplace distribution, per pixel channel.
 
   The density on x in (0, 1) is  p(x) = exp(-|logit(x) - mu| / b) / (2 b x (1 - x)),
@@ -46,13 +47,15 @@ def logit_laplace_nll(mu: jax.Array, log_scale: jax.Array, target: jax.Array,
   y = jnp.log(x) - jnp.log1p(-x)
   mu = mu.astype(jnp.float32)
   log_scale = log_scale.astype(jnp.float32)
-  nll = (jnp.abs(y - mu) * jnp.exp(-log_scale) + log_scale + math.log(2.0)
-         + jnp.log(x) + jnp.log1p(-x))
+  nll = (
+      jnp.abs(y - mu) * jnp.exp(-log_scale) + log_scale + math.log(2.0) + jnp.log(x) + jnp.log1p(-x)
+  )
   return jnp.mean(nll)
 
 
-def reconstruction_terms(outputs: Mapping[str, jax.Array], images: jax.Array,
-                         logit_laplace_eps: float) -> dict[str, jax.Array]:
+def reconstruction_terms(
+    outputs: Mapping[str, jax.Array], images: jax.Array, logit_laplace_eps: float
+) -> dict[str, jax.Array]:
   """The stage-1 terms available from a ViTVQGAN forward pass.
 
   Args:
@@ -62,8 +65,9 @@ def reconstruction_terms(outputs: Mapping[str, jax.Array], images: jax.Array,
   """
   terms = {"l2": l2_loss(outputs["reconstruction"], images), "vq": outputs["vq_loss"]}
   if "mu" in outputs:
-    terms["logit_laplace"] = logit_laplace_nll(outputs["mu"], outputs["log_scale"], images,
-                                               logit_laplace_eps)
+    terms["logit_laplace"] = logit_laplace_nll(
+        outputs["mu"], outputs["log_scale"], images, logit_laplace_eps
+    )
   return terms
 
 
@@ -71,8 +75,10 @@ def weighted_total(terms: Mapping[str, jax.Array], weights: Mapping[str, float])
   """sum_k weights[k] * terms[k]; a term without a weight is an error, not silently dropped."""
   missing = sorted(set(terms) - set(weights))
   if missing:
-    raise KeyError(f"loss terms {missing} have no weight in config.loss (has {sorted(weights)}); "
-                   "add e.g. --config.loss.<name>=1.0")
+    raise KeyError(
+        f"loss terms {missing} have no weight in config.loss (has {sorted(weights)}); "
+        "add e.g. --config.loss.<name>=1.0"
+    )
   return sum(weights[name] * value for name, value in terms.items())
 
 
@@ -87,19 +93,24 @@ def _check_gan_loss(kind: str):
     raise ValueError(f"discriminator.loss={kind!r}; expected one of {GAN_LOSSES}.")
 
 
-def adaptive_adversarial_weight(reconstruction_grad, adversarial_grad,
-                                max_weight: float = 1e4) -> jax.Array:
+def adaptive_adversarial_weight(
+    reconstruction_grad, adversarial_grad, max_weight: float = 1e4
+) -> jax.Array:
   """||reconstruction_grad|| / (||adversarial_grad|| + 1e-4), clipped to [0, max_weight] and
   without gradient (taming VQGAN's balance). Arguments are pytrees of gradients with respect
   to the same tensors (here the tokenizer's image outputs)."""
-  norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                                   for x in jax.tree.leaves(tree)))
+  norm = lambda tree: jnp.sqrt(
+      sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+  )
   weight = norm(reconstruction_grad) / (norm(adversarial_grad) + 1e-4)
   return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
 
 
 def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str) -> jax.Array:
-  """Non-saturating: softplus(-D(x)) + softplus(D(G(z))); hinge: relu(1 - D(x)) + relu(1 + D(G(z)))."""
+  """The discriminator's loss.
+
+  Non-saturating: softplus(-D(x)) + softplus(D(G(z))); hinge: relu(1 - D(x)) + relu(1 + D(G(z))).
+  """
   _check_gan_loss(kind)
   if kind == "hinge":
     return jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits))
@@ -125,8 +136,8 @@ def r1_penalty(discriminator_fn, real_images: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(jnp.square(grads.astype(jnp.float32)), axis=(1, 2, 3)))
 
 
-def lecam_regularizer(real_logits: jax.Array, fake_logits: jax.Array, ema_real: jax.Array,
-                      ema_fake: jax.Array) -> jax.Array:
+def lecam_regularizer(
+    real_logits: jax.Array, fake_logits: jax.Array, ema_real: jax.Array, ema_fake: jax.Array
+) -> jax.Array:
   """LeCam (Tseng et al. 2021): E||D(x) - ema_fake||^2 + E||D(G(z)) - ema_real||^2."""
-  return (jnp.mean(jnp.square(real_logits - ema_fake))
-          + jnp.mean(jnp.square(fake_logits - ema_real)))
+  return jnp.mean(jnp.square(real_logits - ema_fake)) + jnp.mean(jnp.square(fake_logits - ema_real))

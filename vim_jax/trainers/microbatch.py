@@ -30,7 +30,8 @@ def check(config, data_parallel: int):
   if k < 1 or config.batch_size % (k * data_parallel):
     raise ValueError(
         f"config.batch_size={config.batch_size} must be a multiple of grad_accum_steps={k} x "
-        f"the data-parallel size {data_parallel}; change one of them (grad_accum_steps >= 1).")
+        f"the data-parallel size {data_parallel}; change one of them (grad_accum_steps >= 1)."
+    )
 
 
 def split(batch, k: int, data_parallel: int):
@@ -60,8 +61,9 @@ def mean_over_microbatches(fn: Callable, batch, k: int, data_parallel: int):
   micro = split(batch, k, data_parallel)
   first = jax.tree.map(lambda x: x[0], micro)
   shapes = jax.eval_shape(fn, first, jnp.zeros((), jnp.int32))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
-                       shapes)
+  zeros = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes
+  )
 
   def body(total, xs):
     out = fn(*xs)

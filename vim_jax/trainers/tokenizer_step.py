@@ -18,14 +18,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from vim_jax.data import pipeline, preprocess
 from vim_jax.evaluators import image_metrics
 from vim_jax.infra import fileio, parallel, prng
-from vim_jax.trainers import losses, microbatch, optim
-from vim_jax.trainers.train_state import TrainState
-from vim_jax.data import pipeline, preprocess
 from vim_jax.models import discriminator as discriminator_lib
 from vim_jax.models import lpips as lpips_lib
 from vim_jax.models import tokenizer as tokenizer_lib
+from vim_jax.trainers import losses, microbatch, optim
+from vim_jax.trainers.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,20 @@ def build_models(config: ml_collections.ConfigDict) -> TokenizerModels:
   disc = None
   if config.loss.adversarial > 0:
     disc = discriminator_lib.StyleGANDiscriminator(
-        config.image_size, d.channel_base, d.max_channels, d.mbstd_group_size,
-        jnp.dtype(config.model.dtype))
-  wants_lpips = config.loss.perceptual > 0 or (
-      fileio.exists(config.perceptual_weights))
+        config.image_size,
+        d.channel_base,
+        d.max_channels,
+        d.mbstd_group_size,
+        jnp.dtype(config.model.dtype),
+    )
+  wants_lpips = config.loss.perceptual > 0 or (fileio.exists(config.perceptual_weights))
   # LPIPS in float32 whatever the tokenizer's dtype: the loss and eval/lpips are the published
   # network's distance, not a bf16 approximation of it.
-  return TokenizerModels(tokenizer_lib.ViTVQGAN.from_config(config), disc,
-                      lpips_lib.LPIPS(jnp.float32) if wants_lpips else None)
+  return TokenizerModels(
+      tokenizer_lib.ViTVQGAN.from_config(config),
+      disc,
+      lpips_lib.LPIPS(jnp.float32) if wants_lpips else None,
+  )
 
 
 def build_optimizers(config: ml_collections.ConfigDict):
@@ -114,8 +120,15 @@ def is_r1_step(config, step: int) -> bool:
   return bool(interval) and step % interval == 0
 
 
-def make_train_step(models: TokenizerModels, tx, schedule, disc_tx, config,
-                    data_parallel: int = 1, with_r1: bool = False) -> Callable:
+def make_train_step(
+    models: TokenizerModels,
+    tx,
+    schedule,
+    disc_tx,
+    config,
+    data_parallel: int = 1,
+    with_r1: bool = False,
+) -> Callable:
   """(state, batch, lpips_params) -> (state, metrics).
 
   batch['image']: [B, S, S, 3] in [-1, 1]. The tokenizer and the discriminator are updated in
@@ -148,17 +161,21 @@ def make_train_step(models: TokenizerModels, tx, schedule, disc_tx, config,
       def forward(params):
         """The tokenizer's differentiable outputs (images, logit-Laplace params, vq_loss) and
         the rest (indices, statistics)."""
-        outputs = tokenizer.apply({"params": params}, images, deterministic=False,
-                                  rngs={"dropout": g_rng})
-        return ({k: v for k, v in outputs.items() if k in DIFFERENTIABLE_OUTPUTS},
-                {k: v for k, v in outputs.items() if k not in DIFFERENTIABLE_OUTPUTS})
+        outputs = tokenizer.apply(
+            {"params": params}, images, deterministic=False, rngs={"dropout": g_rng}
+        )
+        return (
+            {k: v for k, v in outputs.items() if k in DIFFERENTIABLE_OUTPUTS},
+            {k: v for k, v in outputs.items() if k not in DIFFERENTIABLE_OUTPUTS},
+        )
 
       def reconstruction_loss(diff):
         terms = losses.reconstruction_terms(diff, images, tokenizer.logit_laplace_eps)
         if config.loss.perceptual > 0:
           frozen = jax.lax.stop_gradient(lpips_params)
-          terms["perceptual"] = jnp.mean(lpips.apply({"params": frozen}, images,
-                                                     diff["reconstruction"]))
+          terms["perceptual"] = jnp.mean(
+              lpips.apply({"params": frozen}, images, diff["reconstruction"])
+          )
         return losses.weighted_total(terms, weights), terms
 
       def adversarial_loss(diff):
@@ -176,15 +193,22 @@ def make_train_step(models: TokenizerModels, tx, schedule, disc_tx, config,
         adv_weight = jnp.float32(weights["adversarial"])
         if d_cfg.adaptive_weight:
           adv_weight = adv_weight * losses.adaptive_adversarial_weight(
-              _image_cotangents(cotangent), _image_cotangents(adv_cotangent))
+              _image_cotangents(cotangent), _image_cotangents(adv_cotangent)
+          )
         adv_weight = jnp.where(disc_active, adv_weight, 0.0)  # an option delays the game
         terms["adversarial"] = jnp.where(disc_active, adversarial, 0.0)
         total = total + adv_weight * adversarial
         cotangent = jax.tree.map(lambda a, b: a + adv_weight * b, cotangent, adv_cotangent)
         metrics["adversarial_weight"] = adv_weight
       (grads,) = pullback(cotangent)
-      metrics.update({"loss": total, **{f"loss_{name}": value for name, value in terms.items()},
-                      "codebook_usage": aux["codebook_usage"], "perplexity": aux["perplexity"]})
+      metrics.update(
+          {
+              "loss": total,
+              **{f"loss_{name}": value for name, value in terms.items()},
+              "codebook_usage": aux["codebook_usage"],
+              "perplexity": aux["perplexity"],
+          }
+      )
       if disc is None:
         return grads, None, metrics
 
@@ -198,60 +222,85 @@ def make_train_step(models: TokenizerModels, tx, schedule, disc_tx, config,
         real_logits, fake_logits = d_fn(images), d_fn(fakes)
         adversarial = losses.discriminator_loss(real_logits, fake_logits, d_cfg.loss)
         # Lazy R1 (StyleGAN2): in the R1 variant only, scaled by the interval.
-        r1 = (losses.r1_penalty(d_fn, r1_images) * d_cfg.r1_interval if with_r1
-              else jnp.zeros((), jnp.float32))
+        r1 = (
+            losses.r1_penalty(d_fn, r1_images) * d_cfg.r1_interval
+            if with_r1
+            else jnp.zeros((), jnp.float32)
+        )
         d_total = adversarial + 0.5 * d_cfg.r1_gamma * r1
         lecam = jnp.zeros(())
         if state.lecam_ema is not None:
-          lecam = losses.lecam_regularizer(real_logits, fake_logits, state.lecam_ema["real"],
-                                           state.lecam_ema["fake"])
+          lecam = losses.lecam_regularizer(
+              real_logits, fake_logits, state.lecam_ema["real"], state.lecam_ema["fake"]
+          )
           d_total = d_total + d_cfg.lecam_weight * lecam
         # Window means of r1_penalty are mean R1 values: it is interval x R1 on R1 steps.
-        return d_total, {"disc/loss_adversarial": adversarial, "disc/r1_penalty": r1,
-                         "disc/lecam": lecam, "disc/logits_real": jnp.mean(real_logits),
-                         "disc/logits_fake": jnp.mean(fake_logits)}
+        return d_total, {
+            "disc/loss_adversarial": adversarial,
+            "disc/r1_penalty": r1,
+            "disc/lecam": lecam,
+            "disc/logits_real": jnp.mean(real_logits),
+            "disc/logits_fake": jnp.mean(fake_logits),
+        }
 
       (d_total, d_metrics), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-          state.disc_params)
+          state.disc_params
+      )
       return grads, d_grads, {**metrics, "disc/loss": d_total, **d_metrics}
 
     grads, d_grads, metrics = microbatch.mean_over_microbatches(
-        microbatch_gradients, batch, k, data_parallel)
+        microbatch_gradients, batch, k, data_parallel
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics.update({"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
-                    "learning_rate": schedule(state.step)})
+    metrics.update(
+        {
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "learning_rate": schedule(state.step),
+        }
+    )
 
     if disc is not None:
       d_updates, d_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(disc_active, a, b), new, old)
       new_state = new_state.replace(
           disc_params=keep(optax.apply_updates(state.disc_params, d_updates), state.disc_params),
-          disc_opt_state=keep(d_opt_state, state.disc_opt_state))
+          disc_opt_state=keep(d_opt_state, state.disc_opt_state),
+      )
       if state.lecam_ema is not None:
         decay = d_cfg.lecam_ema_decay
-        new_state = new_state.replace(lecam_ema={
-            "real": decay * state.lecam_ema["real"] + (1 - decay) * metrics["disc/logits_real"],
-            "fake": decay * state.lecam_ema["fake"] + (1 - decay) * metrics["disc/logits_fake"]})
+        new_state = new_state.replace(
+            lecam_ema={
+                "real": decay * state.lecam_ema["real"] + (1 - decay) * metrics["disc/logits_real"],
+                "fake": decay * state.lecam_ema["fake"] + (1 - decay) * metrics["disc/logits_fake"],
+            }
+        )
       metrics["disc/grad_norm"] = optax.tree.norm(d_grads)
 
     if state.ema_params is not None:
       decay = config.ema_decay
-      new_state = new_state.replace(ema_params=jax.tree.map(
-          lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params))
+      new_state = new_state.replace(
+          ema_params=jax.tree.map(
+              lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params
+          )
+      )
     return new_state, metrics
 
   return train_step
 
 
-def make_train_steps(models: TokenizerModels, tx, schedule, disc_tx, config,
-                     data_parallel: int = 1) -> dict[bool, Callable]:
+def make_train_steps(
+    models: TokenizerModels, tx, schedule, disc_tx, config, data_parallel: int = 1
+) -> dict[bool, Callable]:
   """The step variants a run uses, keyed by with_r1: the regular step, and the R1 step when
   the run has R1 (r1_interval > 0). The loop picks steps[is_r1_step(config, step)]."""
   variants = (False, True) if r1_interval(config) else (False,)
-  return {with_r1: make_train_step(models, tx, schedule, disc_tx, config, data_parallel,
-                                   with_r1) for with_r1 in variants}
+  return {
+      with_r1: make_train_step(models, tx, schedule, disc_tx, config, data_parallel, with_r1)
+      for with_r1 in variants
+  }
 
 
 def make_eval_step(models: TokenizerModels) -> Callable:
@@ -272,8 +321,9 @@ def make_eval_step(models: TokenizerModels) -> Callable:
         "reconstruction": recon,
     }
     if models.lpips is not None:  # the reported number at full float32 precision on TPU too
-      out["lpips"] = models.lpips.clone(precision="highest").apply({"params": lpips_params},
-                                                                  images, recon)
+      out["lpips"] = models.lpips.clone(precision="highest").apply(
+          {"params": lpips_params}, images, recon
+      )
     return out
 
   return eval_step
@@ -287,13 +337,20 @@ def usage_per_chunk(indices: np.ndarray, codebook_size: int, chunk: int) -> floa
   (all images as one chunk when there are fewer than `chunk`). indices: [N, h, w]."""
   n = indices.shape[0]
   starts = range(0, max(n - chunk + 1, 1), chunk)
-  used = [np.unique(indices[s:s + chunk]).size / codebook_size for s in starts]
+  used = [np.unique(indices[s : s + chunk]).size / codebook_size for s in starts]
   return float(np.mean(used))
 
 
-def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipeline, mesh,
-             codebook_size: int, usage_chunk: int = 256,
-             consume: Callable[[np.ndarray, np.ndarray], None] | None = None):
+def evaluate(
+    eval_fn,
+    params,
+    lpips_params,
+    eval_pipeline: pipeline.InputPipeline,
+    mesh,
+    codebook_size: int,
+    usage_chunk: int = 256,
+    consume: Callable[[np.ndarray, np.ndarray], None] | None = None,
+):
   """Runs one pass over the eval split.
 
   consume(images, reconstructions), both uint8 [n, S, S, 3] (padding removed), sees every
@@ -305,7 +362,8 @@ def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipelin
   count = 0
   for local in eval_pipeline.iterate():
     batch = parallel.global_batch_from_local(
-        {"image": local["image"], "mask": local["mask"]}, mesh, eval_pipeline.global_batch_size)
+        {"image": local["image"], "mask": local["mask"]}, mesh, eval_pipeline.global_batch_size
+    )
     out = eval_fn(params, {"image": batch["image"]}, lpips_params)
     mask = parallel.fetch(batch["mask"]).astype(bool)
     if first is None or consume is not None:  # images travel to the host only when needed
@@ -325,10 +383,12 @@ def evaluate(eval_fn, params, lpips_params, eval_pipeline: pipeline.InputPipelin
   probs = counts / counts.sum()
   nz = probs[probs > 0]
   metrics = {k: v / count for k, v in sums.items()}
-  metrics.update({
-      "codebook_usage": float(np.mean(counts > 0)),
-      f"codebook_usage_per_{usage_chunk}": usage_per_chunk(indices, codebook_size, usage_chunk),
-      "perplexity": float(np.exp(-np.sum(nz * np.log(nz)))),
-      "num_images": count,
-  })
+  metrics.update(
+      {
+          "codebook_usage": float(np.mean(counts > 0)),
+          f"codebook_usage_per_{usage_chunk}": usage_per_chunk(indices, codebook_size, usage_chunk),
+          "perplexity": float(np.exp(-np.sum(nz * np.log(nz)))),
+          "num_images": count,
+      }
+  )
   return metrics, first

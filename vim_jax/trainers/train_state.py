@@ -45,7 +45,8 @@ def create_or_restore_state(init_fn, seed: int, mesh, rules, ckpt):
   if state is None:
     with parallel.tracing_context(mesh, rules):
       state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(
-          jax.random.key(seed))
+          jax.random.key(seed)
+      )
   log.info("%s at step %d", "starting" if latest is None else "resumed", int(state.step))
   return state, shardings, abstract, latest
 
@@ -53,6 +54,7 @@ def create_or_restore_state(init_fn, seed: int, mesh, rules, ckpt):
 def log_parameter_overview(params) -> None:
   """clu's table of parameter shapes, with each one's mean and std when this process can read
   every value (a tensor-parallel group across hosts holds parts of some arrays elsewhere)."""
-  readable = all(x.is_fully_addressable for x in jax.tree.leaves(params)
-                 if isinstance(x, jax.Array))
+  readable = all(
+      x.is_fully_addressable for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
+  )
   parameter_overview.log_parameter_overview(params, include_stats=readable)
