@@ -201,7 +201,7 @@ def test_the_pipeline_keeps_everything_in_the_bucket(gcs, fake_imagenet, incepti
 _PARAMS_DIGEST = textwrap.dedent("""
     import hashlib, sys
     import jax, numpy as np
-    from vim_jax import runs
+    from vim_jax.infra import runs
     run = runs.load_tokenizer(sys.argv[1])
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(run.params):

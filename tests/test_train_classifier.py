@@ -1,6 +1,6 @@
-"""The sample classifier's trainer (train_classifier) run directly on a tiny shapes set, and the
-class probabilities and accuracy that sampling reports with it, against the classifier applied
-here to images scaled as it was trained."""
+"""The sample classifier's trainer (trainers/classifier.py) run directly on a tiny shapes set,
+and the class probabilities and accuracy that sampling reports with it, against the classifier
+applied here to images scaled as it was trained."""
 
 import functools
 import json

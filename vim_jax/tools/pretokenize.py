@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import jax
 import numpy as np
@@ -22,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vim_jax.data import pipeline, sources
-from vim_jax.infra import distributed, fileio, log_filters, parallel, runs
+from vim_jax.infra import config_files, distributed, fileio, log_filters, parallel, runs
 from vim_jax.models import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -114,4 +115,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("shard_size", 50_000, "Images per shard file.", lower_bound=1)
   distributed.define_flags()
   flags.mark_flags_as_required(["config", "out"])
+  config_files.add_config_roots(sys.argv)  # `from configs import common`, from any folder
   app.run(main)

@@ -86,10 +86,7 @@ def train_and_evaluate(
   )
   predict = jax.jit(lambda params, images: jnp.argmax(model.apply({"params": params}, images), -1))
 
-  def evaluate(step: int, state, is_last: bool) -> dict | None:
-    """Top-1 on the eval split, at the end."""
-    if not is_last:
-      return None
+  def top1(state) -> dict:
     correct = count = 0
     for local in run.eval_data.iterate():
       batch = parallel.global_batch_from_local(local, run.mesh, config.eval_batch_size)
@@ -102,7 +99,7 @@ def train_and_evaluate(
     log.info("classifier eval top-1 %.4f on %d images", correct / count, count)
     return {"accuracy": correct / count, "num_images": count}
 
-  return loop.train(
+  result = loop.train(
       run,
       state,
       latest,
@@ -111,7 +108,16 @@ def train_and_evaluate(
       step_flops=step_flops,
       inputs=lambda local: {"image": local["image"], "label": local["label"]},
       describe=lambda s: f"loss {s['loss']:.4f}, accuracy {s['accuracy']:.3f}",
-      evaluate=evaluate,
+      evaluate=lambda step, state, is_last: top1(state) if is_last else None,
       checkpoint_every=config.total_steps,
       should_stop=should_stop,
   )
+  if result.eval_metrics is None:
+    # Stopped early, or restored at its last step (a rerun quickstart): callers still read
+    # the accuracy of the state they get.
+    result.eval_metrics = top1(result.state)
+    run.writer.write_scalars(
+        int(result.state.step), {f"eval/{k}": v for k, v in result.eval_metrics.items()}
+    )
+    run.writer.flush()
+  return result

@@ -313,7 +313,7 @@ def train(
       windows.end(step, last_saved, run.train_data.skipped_images, at_once=is_last or stop_now)
     evaluated = evaluate(step, state, is_last)
     if evaluated is not None:
-      eval_metrics = evaluated
+      eval_metrics = {**(eval_metrics or {}), **evaluated}  # FID-only steps keep the rest
       writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluated.items()})
     if step % checkpoint_every == 0 or is_last or stop_now:
       last_saved = save_if_finite(run.ckpt, step, state, metrics["loss"], last_saved)

@@ -98,16 +98,24 @@ def train_and_evaluate(
     eval_step, _ = compiling.compile_step(
         eval_step, abstract_state.params, spec(config.eval_batch_size), tok.params
     )
-  sampler = generation.Sampler.for_training(
-      model,
-      tok.model,
-      decoder_params,
-      vim_step.sampling_config_from(config),
-      config.eval_batch_size,
-      run.mesh,
-      run.rules,
-      state_shardings.params,
-  )
+  # Two batch sizes of one sampler program: the grid's few images (rounded up to the data-parallel
+  # size) at every eval, and eval_batch_size for gFID's many.
+  samplers = {
+      name: generation.Sampler.for_training(
+          model,
+          tok.model,
+          decoder_params,
+          vim_step.sampling_config_from(config),
+          batch_size,
+          run.mesh,
+          run.rules,
+          state_shardings.params,
+      )
+      for name, batch_size in (
+          ("grid", -(-config.num_grid_images // run.data_parallel) * run.data_parallel),
+          ("fid", config.eval_batch_size),
+      )
+  }
   class_cycle = np.arange(max(model.num_classes, 1), dtype=np.int32)
 
   # --- Evaluation ---------------------------------------------------------------------------------
@@ -129,7 +137,8 @@ def train_and_evaluate(
     with_eval = step % config.eval_every == 0 or is_last
     with_fid = extractor is not None and (step % config.fid.every == 0 or is_last)
     metrics = {}
-    sampler.params = state.params
+    for sampler in samplers.values():
+      sampler.params = state.params
     if with_eval:
       metrics = vim_step.evaluate(eval_step, state.params, tok.params, run.eval_data, run.mesh)
       log.info(
@@ -138,7 +147,7 @@ def train_and_evaluate(
           metrics["num_images"],
           ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
       )
-      images = sampler.generate(np.resize(class_cycle, config.num_grid_images), seed=step)
+      images = samplers["grid"].generate(np.resize(class_cycle, config.num_grid_images), seed=step)
       grid = visualize.tile(images, columns=max(model.num_classes, 4))
       run.writer.write_images(step, {"samples": grid[None]})
       if run.is_main:
@@ -146,7 +155,7 @@ def train_and_evaluate(
     if with_fid:
       labels = np.resize(class_cycle, config.fid.num_images)
       feats = extractor.extract(
-          sampler.batches(labels, seed=step), "samples", config.fid.num_images
+          samplers["fid"].batches(labels, seed=step), "samples", config.fid.num_images
       )
       against = f"{reference.description} ({reference.num_images or '?'} images)"
       results = paper_metrics.generator_metrics(feats, reference, reference_label, against, "")
