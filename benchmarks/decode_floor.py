@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import common  # noqa: E402
 from vim_jax.models import transformer  # noqa: E402
 from vim_jax.models import vim as vim_lib  # noqa: E402
 from vim_jax.sampling import autoregressive
@@ -47,13 +48,15 @@ def median_time(fn, *args, repeats: int) -> float:
 
 def measure(args, scan_layers: bool) -> dict:
   stack = transformer.StackConfig(
-      args.layers,
-      args.width,
-      args.heads,
-      args.head_dim,
-      4 * args.width,
+      num_layers=args.layers,
+      width=args.width,
+      num_heads=args.heads,
+      head_dim=args.head_dim,
+      mlp_dim=4 * args.width,
+      dropout=0.0,
       causal=True,
-      scan_layers=scan_layers,
+      **{**common.stack_kernels(), "scan_layers": scan_layers},
+      **common.block_options(),
   )
   model = vim_lib.VIM(stack, vocab_size=args.vocab, num_tokens=args.tokens, num_classes=10)
   labels = jnp.arange(args.batch, dtype=jnp.int32) % 10

@@ -66,7 +66,10 @@ def get_config(arg=None):
   # FFHQ from a folder of its 70k images (README "CelebA-HQ and FFHQ"), split as
   # taming-transformers' VQGAN does: the 10k files their data/ffhqvalidation.txt names are the
   # eval split, the other 60k train. Set both paths.
-  c.data = common.data_config(source="folder", folder="", folder_eval_list="")
+  # folder_eval_fraction 0: no split by path hash; a run without the list stops at start.
+  c.data = common.data_config(
+      source="folder", folder="", folder_eval_list="", folder_eval_fraction=0.0
+  )
   c.batch_size = 1024
   # Microbatches per optimizer step (gradient accumulation, as in configs/vitvq_base.py): the
   # fewest that leave 30% of a v4 chip's 32 GiB free at batch 1024 on a v4-128

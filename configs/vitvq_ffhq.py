@@ -100,7 +100,10 @@ def get_config(arg=None):
   # FFHQ from a folder of its 70k images (README "CelebA-HQ and FFHQ"), split as
   # taming-transformers' VQGAN does: the 10k files their data/ffhqvalidation.txt names are the
   # eval split, the other 60k train. Set both paths.
-  c.data = common.data_config(source="folder", folder="", folder_eval_list="")
+  # folder_eval_fraction 0: no split by path hash; a run without the list stops at start.
+  c.data = common.data_config(
+      source="folder", folder="", folder_eval_list="", folder_eval_fraction=0.0
+  )
 
   c.batch_size = 256  # global
   # Microbatches per optimizer step (gradient accumulation): the same update as one batch of

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import stacks
 
 from vim_jax.infra import parallel
 from vim_jax.models import attention, transformer
@@ -75,7 +76,7 @@ def test_splash_under_shard_map_on_a_mesh_equals_xla():
 
 
 def test_a_transformer_with_splash_equals_one_with_xla():
-  config = transformer.StackConfig(
+  config = stacks.stack(
       num_layers=2,
       width=64,
       num_heads=2,
@@ -118,9 +119,7 @@ def test_a_kernel_the_backend_lacks_is_a_clear_error():
   with pytest.raises(ValueError, match="expected one of"):
     attention.resolve("flash", jnp.bfloat16, "cpu")
   with pytest.raises(ValueError, match="expected one of"):
-    transformer.StackConfig(
-        num_layers=1, width=8, num_heads=1, head_dim=8, mlp_dim=8, attention="flash"
-    )
+    stacks.stack(num_layers=1, width=8, num_heads=1, head_dim=8, mlp_dim=8, attention="flash")
 
 
 def test_splash_tiles_divide_the_sequence():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import vim_ffhq, vitvq_ffhq
 from vim_jax.data import pipeline, preprocess, shapes, sources
 
 
@@ -127,6 +128,12 @@ def test_folder_eval_list_names_the_eval_files(tmp_path):
     sources.FolderSource(folder, "train", eval_list=str(listing))
   with pytest.raises(FileNotFoundError, match="folder_eval_list"):
     sources.FolderSource(folder, "train", eval_list=str(tmp_path / "missing.txt"))
+  # The FFHQ configs hold out nothing by path hash (folder_eval_fraction 0): without the list
+  # the run stops at start instead of evaluating on a split the paper's numbers do not use.
+  with pytest.raises(ValueError, match="folder_eval_fraction=0 .*folder_eval_list.*empty"):
+    sources.FolderSource(folder, "eval", eval_fraction=0.0)
+  for module in (vitvq_ffhq, vim_ffhq):
+    assert module.get_config().data.folder_eval_fraction == 0.0
 
 
 def test_shapes_are_deterministic_and_labelled():

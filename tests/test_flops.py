@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+import stacks
 
 from vim_jax.infra import flops
 from vim_jax.models import transformer
@@ -34,9 +35,7 @@ def test_a_scanned_stack_counts_every_layer():
   forward. Rematerialisation adds its recomputed forward (less the last matmul, whose output
   no gradient needs) to the hardware FLOPs only: the model FLOPs are the same for every
   policy."""
-  config = transformer.StackConfig(
-      num_layers=4, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True
-  )
+  config = stacks.stack(num_layers=4, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True)
   x = jnp.zeros((2, 8, 32))
   tokens = 2 * 8
   linear = 2 * tokens * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64)  # q, k, v, out; fc1, fc2
@@ -69,7 +68,7 @@ def test_vim_training_flops_are_the_literature_closed_form():
 
   layers, width, heads, head_dim, mlp, vocab, length, batch = 3, 32, 2, 16, 64, 48, 16, 4
   for policy in ("none", "minimal", "full"):
-    stack = transformer.StackConfig(
+    stack = stacks.stack(
         num_layers=layers,
         width=width,
         num_heads=heads,

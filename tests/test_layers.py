@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import stacks
 
 from vim_jax.infra import checkpoint, parallel
 from vim_jax.models import transformer
 
-CONFIG = transformer.StackConfig(
-    num_layers=3, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True
-)
+CONFIG = stacks.stack(num_layers=3, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True)
 
 
 def scanned_params(unrolled: dict, num_layers: int) -> dict:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import stacks
 from run_compare import assert_states_close
 
 from vim_jax.models import vim as vim_lib
@@ -65,7 +66,7 @@ def test_stage1_accumulated_update_equals_one_large_batch(tiny_config):
 
 def _tiny_vim(**overrides):
   return vim_lib.VIM(
-      stack=vim_lib.transformer.StackConfig(
+      stack=stacks.stack(
           num_layers=2,
           width=32,
           num_heads=2,

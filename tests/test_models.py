@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import stacks
 
 from vim_jax.infra import parallel
 from vim_jax.models import tokenizer as tokenizer_lib
@@ -20,7 +21,7 @@ def test_patchify_round_trip_and_raster_order():
 
 
 def test_attention_width_is_independent_of_model_width():
-  cfg = transformer.StackConfig(num_layers=1, width=40, num_heads=3, head_dim=16, mlp_dim=64)
+  cfg = stacks.stack(num_layers=1, width=40, num_heads=3, head_dim=16, mlp_dim=64)
   stack = transformer.Transformer(cfg)
   x = jnp.ones((2, 5, 40))
   params = nn.meta.unbox(stack.init(jax.random.key(0), x))["params"]
@@ -31,9 +32,7 @@ def test_attention_width_is_independent_of_model_width():
 
 
 def test_causal_attention_ignores_the_future():
-  cfg = transformer.StackConfig(
-      num_layers=2, width=16, num_heads=2, head_dim=8, mlp_dim=32, causal=True
-  )
+  cfg = stacks.stack(num_layers=2, width=16, num_heads=2, head_dim=8, mlp_dim=32, causal=True)
   stack = transformer.Transformer(cfg)
   x = jax.random.normal(jax.random.key(0), (1, 6, 16))
   params = jax.jit(stack.init)(jax.random.key(1), x)

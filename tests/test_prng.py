@@ -12,12 +12,12 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import stacks
 from conftest import tiny_vim_config
 from run_compare import assert_same_metrics, assert_states_close
 from test_train_vim import _NUM_CLASSES, _TOKENS, _VOCAB, _tiny_vim_params, _token_batch
 
 from vim_jax.infra import prng
-from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 from vim_jax.trainers import train_state, vim_step
 from vim_jax.trainers import vim as vim_trainer
@@ -105,7 +105,7 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
   """The train step (dropout 0.5, label dropout 0.3) keyed by config.dropout_rng: the same step
   gives the same loss under each setting, the next step another, and rbg another than threefry.
   The parameters' init key is not the dropout key: they are the same under every setting."""
-  stack = transformer.StackConfig(
+  stack = stacks.stack(
       num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, dropout=0.5, causal=True
   )
   model = vim_lib.VIM(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)

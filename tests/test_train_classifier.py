@@ -126,3 +126,12 @@ def test_class_probabilities_and_accuracy_score_images_as_the_classifier_was_tra
   np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
   accuracy = generation.class_accuracy(model, params, images, labels)
   assert accuracy == np.mean(np.argmax(expected, -1) == labels) == result["accuracy"]
+
+
+def test_a_rerun_of_a_finished_run_restores_it_and_reports_the_same_accuracy(run):
+  """The quickstart reruns every stage after a stop; a finished classifier trains no step then,
+  and still reports its accuracy (of the restored state: the same as the first run's)."""
+  config, workdir, result = run
+  again = classifier_trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  assert int(again.state.step) == STEPS and again.train_metrics == []
+  assert again.eval_metrics == result

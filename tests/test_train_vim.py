@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import stacks
 from conftest import REPO_ROOT, tiny_vim_config
 from run_compare import assert_same_metrics, assert_states_close
 from run_files import cli_env
@@ -22,7 +23,6 @@ from configs import vim_base
 from vim_jax import probe
 from vim_jax.data import preprocess
 from vim_jax.infra import parallel, runs
-from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 from vim_jax.sampling import autoregressive, generation
 from vim_jax.trainers import optim, train_state, vim_step
@@ -347,7 +347,7 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
   """(model, fresh train state, jitted train step, jitted eval step) on tokens int [B, 8]; built
   once per argument set (the tests share compiled steps). Dropout has no params: every variant
   starts from the same ones."""
-  stack = transformer.StackConfig(
+  stack = stacks.stack(
       num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, dropout=dropout, causal=True
   )
   cls = _LabelRecordingVIM if recording else vim_lib.VIM
@@ -365,9 +365,7 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
 
 @functools.lru_cache(maxsize=None)
 def _tiny_vim_params():
-  stack = transformer.StackConfig(
-      num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True
-  )
+  stack = stacks.stack(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True)
   model = vim_lib.VIM(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
   init = jax.jit(
       lambda: model.init(

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import stacks
 
 from vim_jax.infra import hlo_stats
-from vim_jax.models import transformer
 from vim_jax.models import vim as vim_lib
 from vim_jax.sampling import autoregressive
 
@@ -15,7 +15,7 @@ V, N, C = 32, 12, 3
 
 
 def _model(num_classes=C, condition_every_position=False, scan_layers=False):
-  stack = transformer.StackConfig(
+  stack = stacks.stack(
       num_layers=2,
       width=32,
       num_heads=2,
@@ -301,9 +301,7 @@ def test_a_bfloat16_vim_computes_its_logits_in_float32():
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
 
-  stack = transformer.StackConfig(
-      num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True
-  )
+  stack = stacks.stack(num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True)
   model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=C, dtype=jnp.bfloat16)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([0, 2])

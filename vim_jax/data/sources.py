@@ -87,6 +87,13 @@ class FolderSource:
       )
     if split not in ("train", "eval"):
       raise ValueError(f"folder split {split!r}: expected 'train' or 'eval'.")
+    if split == "eval" and not eval_list and eval_fraction == 0:
+      raise ValueError(
+          "data.folder_eval_fraction=0 takes the eval split from data.folder_eval_list, which is "
+          "empty; pass --config.data.folder_eval_list=FILE (one image name per line, e.g. "
+          "taming-transformers' ffhqvalidation.txt; README 'CelebA-HQ and FFHQ'), or set "
+          "data.folder_eval_fraction > 0."
+      )
     listed = read_eval_list(eval_list) if eval_list else None
     found = set()
     class_names = sorted(d.name for d in os.scandir(folder) if d.is_dir())

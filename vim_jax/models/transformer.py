@@ -53,22 +53,24 @@ class StackConfig:
   num_heads * head_dim is the attention width; it need not equal `width`.
   """
 
+  # Every option is the config's (configs/common.py: stack_kernels, block_options), with no
+  # default here: one default per setting.
   num_layers: int
   width: int
   num_heads: int
   head_dim: int
   mlp_dim: int
-  dropout: float = 0.0
-  causal: bool = False
-  remat_policy: str = "none"  # see REMAT_POLICIES
-  scan_layers: bool = False  # blocks under nn.scan (see the module docstring)
-  attention: str = "auto"  # kernel, see vim_jax/models/attention.py
-  attention_block: int = 512  # splash attention's tile size
+  dropout: float
+  remat_policy: str  # see REMAT_POLICIES
+  scan_layers: bool  # blocks under nn.scan (see the module docstring)
+  attention: str  # kernel, see vim_jax/models/attention.py
+  attention_block: int  # splash attention's tile size
   # Options that describe other published ViTs (e.g. enhancing-transformers' ViT-VQGAN, see
-  # configs/enhancing_vitvq_*.py); the defaults are ours.
-  mlp_activation: str = "gelu"  # 'gelu' (tanh approximation) or 'tanh'
-  qkv_bias: bool = True  # biases on the query/key/value projections (the output's is kept)
-  layer_norm_eps: float = 1e-6  # flax's default; PyTorch's is 1e-5
+  # configs/enhancing_vitvq_*.py).
+  mlp_activation: str  # 'gelu' (tanh approximation) or 'tanh'
+  qkv_bias: bool  # biases on the query/key/value projections (the output's is kept)
+  layer_norm_eps: float  # flax's default is 1e-6; PyTorch's is 1e-5
+  causal: bool = False  # set by the model (VIM), not by a config
 
   def __post_init__(self):
     if self.remat_policy not in REMAT_POLICIES:
