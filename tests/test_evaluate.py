@@ -124,7 +124,7 @@ def test_stage1_evaluate_cli_writes_every_metric(tokenizer_dir, inception_files,
   ), (proc.stdout + proc.stderr[-2000:])
 
 
-def test_stage2_evaluate_cli_with_and_without_rejection(
+def test_vim_step_evaluate_cli_with_and_without_rejection(
     vim_dir, classifier_dir, inception_files, tmp_path
 ):
   """The README's stage-2 evaluate command, read from README.md and run from the root of a

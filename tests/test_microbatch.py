@@ -82,7 +82,7 @@ def _tiny_vim(**overrides):
   )
 
 
-def test_stage2_accumulated_update_equals_one_large_batch():
+def test_vim_step_accumulated_update_equals_one_large_batch():
   from configs import vim_base
 
   config = vim_base.get_config("tiny")

@@ -222,7 +222,7 @@ def test_a_dead_process_stops_the_others_which_say_so_and_a_rerun_resumes(stage1
   )
 
 
-def test_stage2_two_nodes_of_two_processes_stopped_by_sigterm_and_rerun_match_one(
+def test_vim_step_two_nodes_of_two_processes_stopped_by_sigterm_and_rerun_match_one(
     stage1_runs, tmp_path
 ):
   """A GPU cluster's layout: 2 nodes (SLURM_NODEID) of 2 processes, one device each (one

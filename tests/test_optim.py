@@ -168,7 +168,7 @@ def test_stage1_schedule_is_linear_warmup_then_cosine_to_end_lr():
 
 
 @pytest.mark.parametrize("arg", ["", "tiny"], ids=["paper", "tiny"])
-def test_stage2_schedule_against_its_closed_form(arg):
+def test_vim_step_schedule_against_its_closed_form(arg):
   """VIM's learning rate at every phase boundary and between, against the closed form written
   out here in float64: lr(t) = peak t / w for t < w (linear warmup from 0), peak until the decay
   starts at d, peak (end / peak)^((t - d) / (T - d)) from d to T, end after. The paper's config

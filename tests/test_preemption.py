@@ -1,6 +1,6 @@
 """Preemption through `python -m vim_jax.main`: SIGTERM saves and exits 0, SIGKILL mid-save
 keeps the previous checkpoint. Each interrupted run, resumed, must end with exactly the
-parameters of an uninterrupted run. (Corrupt checkpoints: tests/test_train_vitvq.py.)"""
+parameters of an uninterrupted run. (Corrupt checkpoints: tests/test_tokenizer_trainer.py.)"""
 
 import glob
 import os

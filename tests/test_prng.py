@@ -15,7 +15,7 @@ import pytest
 import stacks
 from conftest import tiny_vim_config
 from run_compare import assert_same_metrics, assert_states_close
-from test_train_vim import _NUM_CLASSES, _TOKENS, _VOCAB, _tiny_vim_params, _token_batch
+from test_vim_trainer import _NUM_CLASSES, _TOKENS, _VOCAB, _tiny_vim_params, _token_batch
 
 from vim_jax.infra import prng
 from vim_jax.models import vim as vim_lib

@@ -1,5 +1,5 @@
 """The linear probe's classifier (vim_jax/probe.py) against a float64 numpy solution; the probe
-on a trained VIM: test_train_vim.py."""
+on a trained VIM: test_vim_trainer.py."""
 
 import numpy as np
 

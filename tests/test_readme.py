@@ -93,7 +93,7 @@ PLAN = {
     "python -m vim_jax.evaluate --workdir=workdirs/vim_large "
     "--reference_stats=VIRTUAL_imagenet256_labeled.npz --num_samples=50000 "
     "--classifier_workdir=workdirs/classifier --acceptance=0.5": Covered(
-        "tests/test_evaluate.py::test_stage2_evaluate_cli_with_and_without_rejection "
+        "tests/test_evaluate.py::test_vim_step_evaluate_cli_with_and_without_rejection "
         "(from a scratch repository root, read from README.md, every value "
         "recomputed)"
     ),

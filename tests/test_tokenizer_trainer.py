@@ -86,7 +86,7 @@ def test_paper_precision_bf16_and_remat_trains_close_to_float32(
   )
   assert {leaf.dtype for leaf in jax.tree.leaves(run.state.params)} == {np.dtype("float32")}
   first, reference = run.train_metrics[0], one_device_run.train_metrics[0]
-  # As test_train_vim's bf16 test argues (u = 2^-8, bf16's unit roundoff): the tiny
+  # As test_vim_trainer's bf16 test argues (u = 2^-8, bf16's unit roundoff): the tiny
   # tokenizer's deepest path (patch embedding, 2 + 2 blocks of about 11 rounded ops, the head)
   # has some k = 48 roundings, which compound as a random walk to u sqrt(k / 3) = 4u on a pixel
   # of the reconstruction or a cotangent. The losses are means over 16 x 32 x 32 x 3 pixels

@@ -1,5 +1,6 @@
 """Stage 2's step functions (vim_jax/trainers/vim_step.py) at unit level: the reported bits per
-token against a float64 numpy negative log-likelihood. The trainer end to end: test_train_vim.py."""
+token against a float64 numpy negative log-likelihood. The trainer end to end:
+test_vim_trainer.py."""
 
 import flax.linen as nn
 import jax
