@@ -58,7 +58,15 @@ def measure(args, scan_layers: bool) -> dict:
       **{**common.stack_kernels(), "scan_layers": scan_layers},
       **common.block_options(),
   )
-  model = vim_lib.VIM(stack, vocab_size=args.vocab, num_tokens=args.tokens, num_classes=10)
+  model = vim_lib.VIM(
+      stack,
+      vocab_size=args.vocab,
+      num_tokens=args.tokens,
+      num_classes=10,
+      condition_every_position=False,
+      loss_chunk=256,
+      dtype=jnp.float32,
+  )
   labels = jnp.arange(args.batch, dtype=jnp.int32) % 10
   params = nn.meta.unbox(
       jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, args.tokens), jnp.int32), labels[:1])

@@ -64,7 +64,6 @@ def test_vim_training_flops_are_the_literature_closed_form():
   attention's forward, 2 x L x B x T^2 x H x K (half of q.k and p.v: MaxText's count);
   the same for every remat policy. Hardware FLOPs add the recompute: with remat off, only the
   loss head's chunked forward (2 x tokens x width x vocab)."""
-  from vim_jax.models import vim as vim_lib
 
   layers, width, heads, head_dim, mlp, vocab, length, batch = 3, 32, 2, 16, 64, 48, 16, 4
   for policy in ("none", "minimal", "full"):
@@ -78,7 +77,7 @@ def test_vim_training_flops_are_the_literature_closed_form():
         remat_policy=policy,
         scan_layers=True,
     )
-    model = vim_lib.VIM(
+    model = stacks.vim(
         stack=stack, vocab_size=vocab, num_tokens=length, num_classes=3, loss_chunk=8
     )
     tokens, labels = jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), jnp.int32)

@@ -65,7 +65,7 @@ def test_stage1_accumulated_update_equals_one_large_batch(tiny_config):
 
 
 def _tiny_vim(**overrides):
-  return vim_lib.VIM(
+  return stacks.vim(
       stack=stacks.stack(
           num_layers=2,
           width=32,

@@ -18,7 +18,6 @@ from run_compare import assert_same_metrics, assert_states_close
 from test_vim_trainer import _NUM_CLASSES, _TOKENS, _VOCAB, _tiny_vim_params, _token_batch
 
 from vim_jax.infra import prng
-from vim_jax.models import vim as vim_lib
 from vim_jax.trainers import train_state, vim_step
 from vim_jax.trainers import vim as vim_trainer
 
@@ -108,7 +107,7 @@ def test_the_stage2_train_step_draws_dropout_from_the_configs_prng():
   stack = stacks.stack(
       num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, dropout=0.5, causal=True
   )
-  model = vim_lib.VIM(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
+  model = stacks.vim(stack=stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
   params = _tiny_vim_params()
   tx, schedule = optax.sgd(1e-2), optax.constant_schedule(1e-2)
   state = train_state.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))

@@ -24,8 +24,8 @@ def _model(num_classes=C, condition_every_position=False, scan_layers=False):
       causal=True,
       scan_layers=scan_layers,
   )
-  model = vim_lib.VIM(
-      stack,
+  model = stacks.vim(
+      stack=stack,
       vocab_size=V,
       num_tokens=N,
       num_classes=num_classes,
@@ -302,7 +302,7 @@ def test_a_bfloat16_vim_computes_its_logits_in_float32():
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
 
   stack = stacks.stack(num_layers=1, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True)
-  model = vim_lib.VIM(stack, vocab_size=V, num_tokens=N, num_classes=C, dtype=jnp.bfloat16)
+  model = stacks.vim(stack=stack, vocab_size=V, num_tokens=N, num_classes=C, dtype=jnp.bfloat16)
   tokens = jax.random.randint(jax.random.key(1), (2, N), 0, V)
   labels = jnp.array([0, 2])
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens, labels))["params"]

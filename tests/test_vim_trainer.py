@@ -351,7 +351,9 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
       num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, dropout=dropout, causal=True
   )
   cls = _LabelRecordingVIM if recording else vim_lib.VIM
-  model = cls(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
+  model = stacks.vim(
+      cls, stack=stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES
+  )
   params = _tiny_vim_params()
   config = ml_collections.ConfigDict(
       dict(seed=0, dropout_rng="auto", label_dropout=label_dropout, grad_accum_steps=1)
@@ -366,7 +368,7 @@ def _tiny_stage2(dropout=0.0, label_dropout=0.0, recording=False):
 @functools.lru_cache(maxsize=None)
 def _tiny_vim_params():
   stack = stacks.stack(num_layers=2, width=32, num_heads=2, head_dim=16, mlp_dim=64, causal=True)
-  model = vim_lib.VIM(stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
+  model = stacks.vim(stack=stack, vocab_size=_VOCAB, num_tokens=_TOKENS, num_classes=_NUM_CLASSES)
   init = jax.jit(
       lambda: model.init(
           jax.random.key(0), jnp.zeros((2, _TOKENS), jnp.int32), jnp.zeros((2,), jnp.int32)

@@ -90,13 +90,14 @@ class VIM(nn.Module):
     num_classes: 0 for an unconditional model.
   """
 
+  # No defaults: every field is the config's (configs/vim_*.py), one default per setting.
   stack: transformer.StackConfig
   vocab_size: int
   num_tokens: int
-  num_classes: int = 0
-  condition_every_position: bool = False
-  loss_chunk: int = 256  # tokens per chunk of the training loss (see OutputHead)
-  dtype: jnp.dtype = jnp.float32
+  num_classes: int
+  condition_every_position: bool
+  loss_chunk: int  # tokens per chunk of the training loss (see OutputHead)
+  dtype: jnp.dtype
 
   @classmethod
   def from_config(

@@ -305,9 +305,8 @@ def train(
     windows.add(metrics)
     step += 1
     is_last = step == config.total_steps
-    stop_now = (should_stop is not None and should_stop(step)) or preemption.preemption_requested(
-        step
-    )
+    asked = should_stop is not None and should_stop(step)
+    stop_now = preemption.preemption_requested(step) or asked  # asked at every step
 
     if step % config.log_every == 0 or is_last or stop_now:
       windows.end(step, last_saved, run.train_data.skipped_images, at_once=is_last or stop_now)
