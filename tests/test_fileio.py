@@ -199,10 +199,12 @@ def test_local_paths_come_out_absolute_and_urls_unchanged(tmp_path, monkeypatch)
   config.stage2.tokenizer_workdir = "workdirs/q/tokenizer"
   config.stage2.fid.reference_stats = "gs://b/ref.npz"
   config.stage1.data.folder = "my_images"
+  config.stage1.data.folder_eval_list = "ffhqvalidation.txt"
   resolved = fileio.with_absolute_paths(config)
   assert resolved.stage2.tokenizer_workdir == str(tmp_path / "workdirs/q/tokenizer")
   assert resolved.stage2.fid.reference_stats == "gs://b/ref.npz"
   assert resolved.stage1.data.folder == str(tmp_path / "my_images")
+  assert resolved.stage1.data.folder_eval_list == str(tmp_path / "ffhqvalidation.txt")
   assert resolved.stage1.perceptual_weights == str(tmp_path / "weights/lpips_vgg16_v0.1.msgpack")
   assert resolved.stage1.data.data_dir == "" and resolved.stage1.data.folder_eval_fraction == 0.02
   assert config.stage2.tokenizer_workdir == "workdirs/q/tokenizer"  # a copy; the input stays

@@ -141,13 +141,12 @@ class FolderSource:
 
 def read_eval_list(path: str) -> set[str]:
   """The file names a data.folder_eval_list file holds, one per line (blank lines skipped)."""
-  if not os.path.isfile(path):
+  if not fileio.exists(path) or fileio.path(path).is_dir():
     raise FileNotFoundError(
         f"data.folder_eval_list={path!r} is not a file; point it at a text "
         "file naming the eval images, one per line."
     )
-  with open(path, encoding="utf-8") as f:
-    return {line.strip() for line in f if line.strip()}
+  return {line.strip() for line in fileio.read_text(path).splitlines() if line.strip()}
 
 
 def tfds_data_dir(data_dir: str | None = None) -> str:

@@ -41,8 +41,9 @@ def absolute(p: str | epath.Path) -> str:
 
 
 # A config field holds a path when its name ends so (data_dir, tokens_dir, folder,
-# tokenizer_workdir, perceptual_weights, fid.inception_weights, fid.reference_stats).
-PATH_FIELD_ENDINGS = ("_dir", "_workdir", "folder", "_weights", "_stats")
+# folder_eval_list, tokenizer_workdir, perceptual_weights, fid.inception_weights,
+# fid.reference_stats).
+PATH_FIELD_ENDINGS = ("_dir", "_workdir", "folder", "_list", "_weights", "_stats")
 
 
 def with_absolute_paths(config):
