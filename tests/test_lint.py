@@ -20,7 +20,8 @@ MAX_REPORT_LINES = 300
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
   if importlib.util.find_spec(tool) is None:
-    pytest.skip(f"{tool} is not installed (it comes with the test extra: pip install '.[test]')")
+    # A failure, not a skip: a suite without the tool would pass with the repository unchecked.
+    pytest.fail(f"{tool} is not installed (it comes with the test extra: pip install '.[test]')")
   return subprocess.run(
       [sys.executable, "-m", tool, *args, *PATHS],
       cwd=ROOT,
