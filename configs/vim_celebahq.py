@@ -5,9 +5,10 @@
   python -m vim_jax.main --config=configs/vim_celebahq.py:tiny --workdir=/tmp/vim_celebahq_tiny \
       --config.tokenizer_workdir=/tmp/celebahq_tiny  # CPU smoke, on a :tiny stage-1 run
 
-Paper: unconditional FID 7.0 on CelebA-HQ [paper?]; the paper does not say which VIM size or
-schedule: VIM-Base with the ImageNet recipe (configs/vim_base.py, whose comments document
-every field) is our choice, without classes (num_classes=0, no label dropout).
+Paper: unconditional FID 7.0 on CelebA-HQ (secondary summaries, [paper?] in vim_jax/paper.py);
+the paper does not say which VIM size or schedule: VIM-Base with the ImageNet recipe
+(configs/vim_base.py, whose comments document every field) is our choice, without classes
+(num_classes=0, no label dropout).
 """
 
 import ml_collections

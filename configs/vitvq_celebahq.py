@@ -4,9 +4,10 @@
   python -m vim_jax.main --config=configs/vitvq_celebahq.py:tiny \
       --workdir=/tmp/celebahq_tiny  # CPU smoke
 
-Paper: rFID 4.66 on CelebA-HQ [paper?]; the paper does not say which stage-1 size or schedule
-it used there: Base-Base and the ImageNet recipe (configs/vitvq_base.py, whose comments
-document every field) are our choice. Stage 2: configs/vim_celebahq.py.
+Paper: rFID 4.66 on CelebA-HQ (secondary summaries, [paper?] in vim_jax/paper.py); the paper
+does not say which stage-1 size or schedule it used there: Base-Base and the ImageNet recipe
+(configs/vitvq_base.py, whose comments document every field) are our choice. Stage 2:
+configs/vim_celebahq.py.
 """
 
 import ml_collections

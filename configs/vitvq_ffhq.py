@@ -4,9 +4,10 @@
       --config.data.folder=/data/ffhq --config.data.folder_eval_list=ffhqvalidation.txt
   python -m vim_jax.main --config=configs/vitvq_ffhq.py:tiny --workdir=/tmp/ffhq_tiny  # CPU smoke
 
-Paper: rFID 3.13 on FFHQ [paper?]; the paper does not say which stage-1 size or schedule
-it used there: Base-Base and the ImageNet recipe (configs/vitvq_base.py, whose comments
-document every field) are our choice. Stage 2: configs/vim_ffhq.py.
+Paper: rFID 3.13 on FFHQ (secondary summaries, [paper?] in vim_jax/paper.py); the paper does not
+say which stage-1 size or schedule it used there: Base-Base and the ImageNet recipe
+(configs/vitvq_base.py, whose comments document every field) are our choice. Stage 2:
+configs/vim_ffhq.py.
 """
 
 import ml_collections
