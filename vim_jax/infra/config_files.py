@@ -14,7 +14,7 @@ import os
 import sys
 
 # Flags whose value is a config file path, optionally with ':variant'.
-CONFIG_FLAGS = ("--config=", "--tokenizer_config=")
+CONFIG_FLAGS = ("--config", "--tokenizer_config")
 
 
 def add_config_root(path: str) -> None:
@@ -25,10 +25,16 @@ def add_config_root(path: str) -> None:
 
 
 def add_config_roots(argv: list[str]) -> None:
-  for arg in argv:
-    for flag in CONFIG_FLAGS:
-      if arg.startswith(flag):
-        add_config_root(arg[len(flag) :])
+  """add_config_root for each CONFIG_FLAGS value in argv, written `--config=PATH` or, as absl
+  also accepts, `--config PATH`."""
+  for i, arg in enumerate(argv):
+    name, equals, value = arg.partition("=")
+    if name not in CONFIG_FLAGS:
+      continue
+    if not equals:
+      value = argv[i + 1] if i + 1 < len(argv) else ""
+    if value:
+      add_config_root(value)
 
 
 def load(spec: str):
