@@ -95,7 +95,7 @@ def open_workdir(workdir: str, config):
 
 def check_divisible(mesh, **batch_sizes):
   """Every batch size must split evenly over the data-parallel devices."""
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  dp = parallel.data_parallel_size(mesh)
   for name, size in batch_sizes.items():
     if size % dp:
       raise ValueError(
